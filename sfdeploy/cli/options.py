@@ -1,0 +1,49 @@
+"""Shared click option types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+class GreedyOption(click.Option):
+    """An option that takes every following token up to the next option, like argparse's
+    ``nargs='+'``: ``--cfg-options a=1 b=2`` (the CLI contract MMAction2 users know).
+    Use with ``multiple=True``; repeating the option also works."""
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> Any:
+        result = super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None:
+                continue
+            previous = option.process
+            prefixes = parser._opt_prefixes
+
+            def process(value: Any, state: Any, previous: Any = previous, prefixes: Any = prefixes) -> None:
+                values = [value]
+                while state.rargs and not any(state.rargs[0].startswith(p) for p in prefixes):
+                    values.append(state.rargs.pop(0))
+                for item in values:
+                    previous(item, state)
+
+            option.process = process
+        return result
+
+
+def parse_cfg_options(items: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> a dict for ``Config.merge_from_dict``, values parsed the way
+    MMAction2's ``--cfg-options`` parses them (numbers, bools, lists, tuples)."""
+    from mmengine.config import DictAction
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"'{item}' is not KEY=VALUE (put positional arguments before --cfg-options)",
+                param_hint="--cfg-options",
+            )
+        options[key] = DictAction._parse_iterable(value)
+    return options

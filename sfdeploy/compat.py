@@ -1,0 +1,243 @@
+"""MMAction2 / mmengine compatibility with this stack, handled once, here.
+
+Every sfdeploy entry point that touches MMAction2 calls :func:`ensure_mmaction` first; nothing
+else in sfdeploy works around these traps. Each fix is small, checks whether it is needed, and
+leaves a correct installation alone.
+
+1. **The mmaction2 1.2.0 wheel lacks** ``mmaction/models/localizers/drn`` although
+   ``mmaction.models.localizers`` imports it, so ``import mmaction.models`` fails. A placeholder
+   module (whose ``DRN`` raises when built) is registered in ``sys.modules`` before the import.
+   SlowFast never uses DRN.
+
+2. **Checkpoints and torch >= 2.6.** ``torch.load`` now defaults to ``weights_only=True``, and
+   checkpoints written by a plain mmengine Runner stop loading: their message hub holds
+   ``HistoryBuffer`` objects whose bound methods are pickled through ``builtins.getattr``, which
+   no safe unpickler may allow (``getattr`` on an allowed class reaches methods that write files).
+   Meanwhile mmengine's URL loader calls ``torch.hub.load_state_dict_from_url`` whose default is
+   ``weights_only=False``: a downloaded file could run code. sfdeploy therefore
+   (a) re-registers mmengine's local and http(s) checkpoint loaders (through mmengine's own
+   ``CheckpointLoader.register_scheme``) with :func:`load_checkpoint_file`, which *always* uses
+   ``weights_only=True`` and allows only numpy's plain array/scalar types (published OpenMMLab
+   checkpoints may hold numpy values in ``meta``), and (b) writes its own training checkpoints as
+   plain data (:mod:`sfdeploy.train.hooks` turns the message hub into lists on save and back into
+   ``HistoryBuffer`` on resume), so they load with ``weights_only=True`` anywhere, MMAction2's
+   own ``init_recognizer`` included. Nothing is ever fully unpickled.
+
+3. **``mmaction::`` config paths** make mmengine import ``pkg_resources``, which setuptools >= 82
+   removed. sfdeploy pins ``setuptools<82``; if ``pkg_resources`` is missing anyway,
+   :func:`load_config` resolves ``mmaction::<path>`` to the file under
+   ``mmaction/.mim/configs/`` itself, so presets keep the portable form users copy.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+import tempfile
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+from sfdeploy.errors import EnvironmentProblem, InputError
+
+_APPLIED = False
+
+
+def _mmaction_root() -> Path:
+    spec = importlib.util.find_spec("mmaction")
+    if spec is None or spec.origin is None:
+        raise EnvironmentProblem(
+            "MMAction2 is not installed", fix="pip install 'mmaction2==1.2.0' (or reinstall sfdeploy)"
+        )
+    return Path(spec.origin).parent
+
+
+def missing_drn_module() -> bool:
+    """True when the installed mmaction lacks the DRN localizer package (the 1.2.0 wheel bug)."""
+    return not (_mmaction_root() / "models" / "localizers" / "drn").is_dir()
+
+
+def _install_drn_placeholder() -> None:
+    if not missing_drn_module() or "mmaction.models.localizers.drn.drn" in sys.modules:
+        return
+
+    class DRN:  # noqa: D401 - placeholder with the name mmaction imports
+        """Placeholder for the DRN localizer that the mmaction2 1.2.0 wheel does not ship."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise EnvironmentProblem(
+                "DRN is not part of the installed mmaction2 wheel",
+                fix="install mmaction2 from source if you need the DRN localizer",
+            )
+
+    package = types.ModuleType("mmaction.models.localizers.drn")
+    package.__path__ = []  # a package, so that ``from .drn.drn import DRN`` resolves
+    module = types.ModuleType("mmaction.models.localizers.drn.drn")
+    module.DRN = DRN  # type: ignore[attr-defined]
+    package.drn = module  # type: ignore[attr-defined]
+    sys.modules[package.__name__] = package
+    sys.modules[module.__name__] = module
+
+
+def _safe_globals() -> list[Any]:
+    """numpy's plain-data types, allowed under ``weights_only=True`` (arrays, scalars, dtypes).
+
+    These rebuild arrays from bytes and call nothing else; ``builtins.getattr`` and mmengine's
+    ``HistoryBuffer`` are deliberately absent (see the module docstring).
+    """
+    import numpy as np
+
+    dtype_classes = [
+        type(np.dtype(name))
+        for name in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+    ]
+    return [np.core.multiarray._reconstruct, np.core.multiarray.scalar, np.ndarray, np.dtype, *dtype_classes]
+
+
+def load_checkpoint_file(source: str | Path, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint from a path or http(s) URL with ``weights_only=True``.
+
+    Files that need anything beyond tensors, containers, numbers, strings and the mmengine types in
+    :func:`_safe_globals` are refused with an explanation instead of being unpickled.
+    """
+    import torch
+
+    source = str(source)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            if source.startswith(("http://", "https://")):
+                return torch.hub.load_state_dict_from_url(
+                    source, map_location=map_location, progress=sys.stderr.isatty(), weights_only=True
+                )
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise InputError("checkpoint not found", path=path, fix="pass an existing .pth file")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except InputError:
+        raise
+    except OSError as exc:
+        if source.startswith(("http://", "https://")):
+            raise InputError(
+                f"cannot download checkpoint ({exc})",
+                path=source,
+                fix="download it on a machine with internet access and pass the local .pth path",
+            ) from exc
+        raise InputError(f"cannot read checkpoint ({exc})", path=source, fix="check the file") from exc
+    except Exception as exc:  # torch raises UnpicklingError / RuntimeError for unsafe content
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise InputError(
+                "checkpoint holds Python objects that could run code when loaded (a plain mmengine "
+                "Runner writes its training state so); sfdeploy loads checkpoints with "
+                "torch.load(weights_only=True) only",
+                path=source,
+                fix="in an environment you trust, keep only the weights: "
+                "torch.save({'state_dict': torch.load(p, weights_only=False)['state_dict']}, p2)",
+            ) from exc
+        raise InputError(
+            f"not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})",
+            path=source,
+            fix="pass a .pth file written by torch.save / MMAction2",
+        ) from exc
+
+
+def _install_checkpoint_loaders() -> None:
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    def load_local_weights_only(filename: str, map_location: Any = None) -> Any:
+        return load_checkpoint_file(filename, map_location)
+
+    def load_http_weights_only(filename: str, map_location: Any = None) -> Any:
+        return load_checkpoint_file(filename, map_location)
+
+    # mmengine reports the loader by name (``name[10:]``): keep the ``load_from_`` prefix.
+    load_local_weights_only.__name__ = "load_from_local_weights_only"
+    load_http_weights_only.__name__ = "load_from_http_weights_only"
+    CheckpointLoader.register_scheme(prefixes="", loader=load_local_weights_only, force=True)
+    CheckpointLoader.register_scheme(
+        prefixes=("http://", "https://"), loader=load_http_weights_only, force=True
+    )
+
+
+def ensure_mmaction() -> None:
+    """Make ``mmaction`` importable and its checkpoint loading safe; idempotent, cheap after once."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _install_drn_placeholder()
+    with warnings.catch_warnings():
+        # mmcv-lite has no compiled ops; SlowFast needs none, so its import-time warning is noise.
+        warnings.filterwarnings("ignore", message=".*MultiScaleDeformableAttention.*")
+        import mmaction.models  # noqa: F401 - registers the model classes
+    from mmaction.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    _install_checkpoint_loaders()
+    _APPLIED = True
+
+
+def has_pkg_resources() -> bool:
+    return importlib.util.find_spec("pkg_resources") is not None
+
+
+def mmaction_config_path(relative: str) -> Path:
+    """Absolute path of an MMAction2 config shipped in the package (``mmaction/.mim/configs``)."""
+    path = _mmaction_root() / ".mim" / "configs" / relative
+    if not path.is_file():
+        raise InputError(
+            "MMAction2 config not found in the installed package",
+            path=path,
+            fix="check the config name, or reinstall mmaction2==1.2.0",
+        )
+    return path
+
+
+def _bases(tree: ast.Module) -> list[ast.Constant]:
+    """The string constants of the top-level ``_base_ = ...`` assignment."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_base_" for t in node.targets):
+            return [n for n in ast.walk(node.value) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    return []
+
+
+def _resolved_copy(path: Path, tmp: Path) -> Path:
+    """A copy of the config at ``path`` in ``tmp`` whose ``_base_`` entries are absolute paths:
+    ``mmaction::x`` -> the file in the mmaction package, local bases -> their resolved copies."""
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    edits = []
+    for node in _bases(ast.parse(text)):
+        if node.value.startswith("mmaction::"):
+            target = mmaction_config_path(node.value.removeprefix("mmaction::"))
+        else:
+            target = _resolved_copy((path.parent / node.value).resolve(), tmp)
+        start = offsets[node.lineno - 1] + node.col_offset
+        end = offsets[node.end_lineno - 1] + node.end_col_offset
+        edits.append((start, end, repr(str(target))))
+    for start, end, new in sorted(edits, reverse=True):
+        text = text[:start] + new + text[end:]
+    copy = tmp / f"{len(list(tmp.iterdir()))}_{path.name}"
+    copy.write_text(text)
+    return copy
+
+
+def load_config(path: str | Path) -> Any:
+    """``mmengine.Config.fromfile`` that also works where ``pkg_resources`` is unavailable."""
+    from mmengine.config import Config
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("config file not found", path=path, fix="pass an existing MMAction2 config")
+    with warnings.catch_warnings():
+        # setuptools 81 warns on every pkg_resources import mmengine makes; not actionable here.
+        warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+        if has_pkg_resources():
+            return Config.fromfile(str(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = Config.fromfile(str(_resolved_copy(path.resolve(), Path(tmp))))
+    object.__setattr__(cfg, "_filename", str(path))  # report the user's file, not the temp copy
+    return cfg

@@ -1,0 +1,267 @@
+"""``sfdeploy data prepare``: a folder of labelled videos -> MMAction2 annotation lists.
+
+Accepted layouts::
+
+    VIDEO_ROOT/<class>/*.mp4                       split here, stratified by class, by seed
+    VIDEO_ROOT/train/<class>/*.mp4 + val/<class>/  already split: kept as it is
+
+Every video is probed with decord in parallel worker processes. Nothing is dropped silently:
+each file that is not used appears in ``prepare_report.json`` with the reason and the fix, and so
+does each class folder that ends up without videos. The run fails (and still writes the report)
+only when what is left cannot train a classifier: no videos, or fewer than two classes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sfdeploy.data import layout
+from sfdeploy.data.probe import VIDEO_EXTENSIONS, VideoProbe, probe_videos
+from sfdeploy.data.synth import HINTS_JSON
+from sfdeploy.errors import InputError
+
+
+@dataclass
+class Candidate:
+    path: Path
+    class_name: str
+    split: str | None  # "train"/"val" when the root is already split
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    classes: list[str]
+    train: int
+    val: int
+    rejected: list[dict] = field(default_factory=list)
+    ignored: list[dict] = field(default_factory=list)
+    skipped_classes: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / layout.REPORT_JSON
+
+
+def _is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _scan_class_folders(root: Path, split: str | None, ignored: list[dict],
+                        empty: list[dict]) -> list[Candidate]:
+    candidates: list[Candidate] = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_file():
+            if entry.name != HINTS_JSON or split is not None:
+                ignored.append({"path": str(entry), "reason": "not inside a class folder"})
+            continue
+        if not entry.is_dir():
+            continue
+        videos = []
+        for item in sorted(entry.iterdir()):
+            if item.is_file() and _is_video(item):
+                videos.append(item)
+            else:
+                ignored.append({"path": str(item), "reason": "nested folder" if item.is_dir()
+                                else f"extension is not one of {', '.join(VIDEO_EXTENSIONS)}"})
+        if not videos:
+            empty.append({"class": entry.name, "folder": str(entry), "split": split,
+                          "reason": "no video files",
+                          "fix": f"add {'/'.join(VIDEO_EXTENSIONS)} files or remove the folder"})
+        candidates += [Candidate(v, entry.name, split) for v in videos]
+    return candidates
+
+
+def scan(root: Path) -> tuple[list[Candidate], list[dict], list[dict], bool]:
+    """Find candidate videos; returns (candidates, ignored files, empty class folders, presplit)."""
+    if not root.exists():
+        raise InputError("video folder not found", path=root, fix="pass the folder that holds "
+                         "one sub-folder per class (or train/ and val/ with class sub-folders)")
+    if not root.is_dir():
+        raise InputError("not a folder", path=root, fix="pass the folder holding the class folders")
+    ignored: list[dict] = []
+    empty: list[dict] = []
+    presplit = (root / "train").is_dir() and (root / "val").is_dir()
+    if presplit:
+        candidates = []
+        for split in ("train", "val"):
+            candidates += _scan_class_folders(root / split, split, ignored, empty)
+        for entry in sorted(root.iterdir()):
+            if entry.name not in ("train", "val"):
+                ignored.append({"path": str(entry), "reason": "pre-split root: only train/ and val/ are used"})
+    else:
+        candidates = _scan_class_folders(root, None, ignored, empty)
+    return candidates, ignored, empty, presplit
+
+
+def _stratified_split(by_class: dict[str, list[Path]], val_ratio: float, seed: int
+                      ) -> tuple[dict[str, list[Path]], dict[str, list[Path]], list[str]]:
+    train: dict[str, list[Path]] = {}
+    val: dict[str, list[Path]] = {}
+    warnings: list[str] = []
+    rng = random.Random(seed)
+    for name in sorted(by_class):
+        videos = sorted(by_class[name])
+        rng.shuffle(videos)
+        n = len(videos)
+        n_val = min(max(round(n * val_ratio), 1), n - 1) if n >= 2 else 0
+        if n_val == 0:
+            warnings.append(f"class '{name}' has a single usable video: it is used for training "
+                            "and the val split has none of this class")
+        val[name], train[name] = sorted(videos[:n_val]), sorted(videos[n_val:])
+    return train, val, warnings
+
+
+def prepare(
+    video_root: Path,
+    out: Path,
+    *,
+    val_ratio: float = 0.2,
+    seed: int = 0,
+    min_frames: int = 1,
+    workers: int | None = None,
+    show_progress: bool = True,
+) -> PrepareResult:
+    """Scan, probe, split and write ``out`` (see :mod:`sfdeploy.data.layout`)."""
+    video_root = Path(video_root).resolve()
+    out = Path(out).resolve()
+    if not 0.0 < val_ratio < 1.0:
+        raise InputError(f"--val-ratio must be between 0 and 1, got {val_ratio}", fix="use e.g. 0.2")
+    candidates, ignored, empty, presplit = scan(video_root)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / ".write_test"
+        probe_file.write_text("")
+        probe_file.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write the output folder ({exc.strerror})", path=out,
+                         fix="choose a writable --out folder") from exc
+    if not candidates:
+        raise InputError(
+            "no videos found" + (f" ({len(ignored)} other files ignored)" if ignored else ""),
+            path=video_root,
+            fix=f"put videos ({', '.join(VIDEO_EXTENSIONS)}) in one sub-folder per class: "
+            "VIDEO_ROOT/<class>/<video>",
+        )
+
+    probes = probe_videos([c.path for c in candidates], min_frames=min_frames, workers=workers,
+                          show_progress=show_progress)
+    rejected = [p.to_dict() for p in probes if not p.ok]
+    usable: list[tuple[Candidate, VideoProbe]] = []
+    for cand, probe in zip(candidates, probes, strict=True):
+        if not probe.ok:
+            continue
+        relative = cand.path.relative_to(video_root).as_posix()
+        if any(ch.isspace() for ch in relative):
+            rejected.append({**probe.to_dict(), "reason": "whitespace_in_path",
+                             "detail": "MMAction2 annotation lists are space-separated",
+                             "fix": "rename the file/folder without spaces"})
+            continue
+        usable.append((cand, probe))
+
+    by_split: dict[str, dict[str, list[Path]]] = {"train": defaultdict(list), "val": defaultdict(list)}
+    probe_of: dict[Path, VideoProbe] = {}
+    warnings: list[str] = []
+    if presplit:
+        for cand, probe in usable:
+            by_split[cand.split or "train"][cand.class_name].append(cand.path)
+            probe_of[cand.path] = probe
+    else:
+        by_class: dict[str, list[Path]] = defaultdict(list)
+        for cand, probe in usable:
+            by_class[cand.class_name].append(cand.path)
+            probe_of[cand.path] = probe
+        train, val, warnings = _stratified_split(by_class, val_ratio, seed)
+        by_split = {"train": train, "val": val}
+
+    classes = sorted(name for name, vids in by_split["train"].items() if vids)
+    # An empty val/<class> folder only means no val videos for that class (warned below).
+    skipped = [e for e in empty if e["split"] != "val"]
+    folder_classes = {c.class_name for c in candidates if c.split in (None, "train")}
+    for name in sorted(folder_classes - set(classes) - {e["class"] for e in skipped}):
+        skipped.append({"class": name, "reason": "no usable videos (all rejected, see 'rejected')",
+                        "fix": "fix or replace the rejected videos of this class"})
+    for name, vids in sorted(by_split["val"].items()):
+        if vids and name not in classes:
+            for path in vids:
+                rejected.append({**probe_of[path].to_dict(), "reason": "unknown_class",
+                                 "detail": f"class '{name}' has no training videos",
+                                 "fix": f"add training videos to train/{name}/ or remove val/{name}/"})
+    for name in classes:
+        if presplit and not by_split["val"].get(name):
+            warnings.append(f"class '{name}' has no val videos")
+    warnings += [f"class '{s['class']}' skipped: {s['reason']}" for s in skipped]
+
+    label = {name: i for i, name in enumerate(classes)}
+    entries = {split: [(p, label[name]) for name, vids in sorted(by_split[split].items())
+                       if name in label for p in vids] for split in ("train", "val")}
+    report = {
+        "video_root": str(video_root),
+        "layout": "train/val folders" if presplit else "class folders",
+        "val_ratio": None if presplit else val_ratio,
+        "seed": seed,
+        "min_frames": min_frames,
+        "classes": classes,
+        "counts": {split: {name: sum(1 for _, lab in entries[split] if lab == label[name])
+                           for name in classes} for split in ("train", "val")},
+        "found": len(candidates),
+        "accepted": len(entries["train"]) + len(entries["val"]),
+        "rejected": sorted(rejected, key=lambda r: r["path"]),
+        "ignored": ignored,
+        "skipped_classes": skipped,
+        "warnings": warnings,
+        "videos": [
+            {"path": str(p), "split": split, "label": lab, **{k: v for k, v in probe_of[p].to_dict().items()
+                                                           if k in ("frames", "fps", "width", "height")}}
+            for split in ("train", "val") for p, lab in entries[split]
+        ],
+    }
+    (out / layout.REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    result = PrepareResult(out=out, classes=classes, train=len(entries["train"]), val=len(entries["val"]),
+                           rejected=report["rejected"], ignored=ignored, skipped_classes=skipped,
+                           warnings=warnings)
+    if len(classes) < 2:
+        raise InputError(
+            f"{len(classes)} class(es) with usable training videos ({', '.join(classes) or 'none'}); "
+            f"a classifier needs at least 2 (details in {out / layout.REPORT_JSON})",
+            path=video_root,
+            fix="add a sub-folder with videos for each class: VIDEO_ROOT/<class>/<video>",
+        )
+    if not entries["val"]:
+        raise InputError(f"the val split is empty (details in {out / layout.REPORT_JSON})", path=video_root,
+                         fix="add more videos per class, or pre-split the root into train/ and val/")
+
+    (out / "annotations").mkdir(exist_ok=True)
+    for split, name in (("train", layout.TRAIN_LIST), ("val", layout.VAL_LIST)):
+        lines = [f"{p.relative_to(video_root).as_posix()} {lab}\n" for p, lab in entries[split]]
+        (out / name).write_text("".join(lines))
+    layout.write_class_index(out / layout.CLASS_INDEX, classes)
+    (out / layout.DATASET_JSON).write_text(json.dumps({
+        "video_root": str(video_root),
+        "format": "video",
+        "direction_sensitive": _direction_sensitive(video_root),
+        "min_frames": min_frames,
+        "classes": classes,
+        "train": len(entries["train"]),
+        "val": len(entries["val"]),
+    }, indent=2) + "\n")
+    return result
+
+
+def _direction_sensitive(video_root: Path) -> bool:
+    """True when the video folder has a ``sfdeploy_dataset.json`` saying that flipping changes the
+    class (``{"direction_sensitive": true}``; the synthetic motion set has one); finetune then
+    turns horizontal flips off."""
+    meta = video_root / HINTS_JSON
+    if not meta.is_file():
+        return False
+    try:
+        return bool(json.loads(meta.read_text()).get("direction_sensitive", False))
+    except (OSError, ValueError):
+        return False
+

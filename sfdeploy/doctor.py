@@ -1,0 +1,206 @@
+"""``sfdeploy doctor``: is this environment able to run the whole toolchain?
+
+Each check returns a :class:`Check` with a status (ok / warn / fail), what was seen, and for
+anything not ok the fix. The known install traps of this stack (see README "Installing") each have
+a check, so a broken environment is diagnosed in one command instead of deep in a training run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _parse(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_python() -> Check:
+    v = sys.version_info
+    ok = (3, 10) <= (v.major, v.minor) <= (3, 13)
+    return Check("python", OK if ok else FAIL, sys.version.split()[0],
+                 "" if ok else "use Python 3.10-3.13 (tritonserver's python backend stubs)")
+
+
+def check_torch() -> Check:
+    version = _version("torch")
+    if version is None:
+        return Check("torch", FAIL, "not installed", "pip install torch==2.13.0 (before sfdeploy)")
+    import torch
+
+    if torch.cuda.is_available():
+        detail = f"{version}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}"
+    else:
+        detail = f"{version}, CPU only (no CUDA device visible)"
+    return Check("torch", OK, detail)
+
+
+def check_numpy() -> Check:
+    version = _version("numpy")
+    if version is None:
+        return Check("numpy", FAIL, "not installed", "pip install numpy==1.26.4")
+    ok = _parse(version) < (2,)
+    return Check("numpy", OK if ok else FAIL, version,
+                 "" if ok else "pip install numpy==1.26.4 (nvidia-pytriton and decord need numpy<2)")
+
+
+def check_openmmlab() -> Check:
+    versions = {d: _version(d) for d in ("mmengine", "mmcv-lite", "mmcv", "mmaction2")}
+    missing = [d for d in ("mmengine", "mmaction2") if versions[d] is None]
+    mmcv = versions["mmcv-lite"] or versions["mmcv"]
+    if missing or mmcv is None:
+        return Check("mmaction2 stack", FAIL, f"missing: {', '.join(missing + ([] if mmcv else ['mmcv-lite']))}",
+                     "pip install mmengine==0.10.7 mmcv-lite==2.1.0 mmaction2==1.2.0")
+    detail = f"mmaction2 {versions['mmaction2']}, mmengine {versions['mmengine']}, mmcv {mmcv}"
+    if _parse(mmcv) >= (2, 2):
+        return Check("mmaction2 stack", FAIL, detail, "pip install mmcv-lite==2.1.0 (mmaction2 needs mmcv<2.2)")
+    from sfdeploy.compat import missing_drn_module
+
+    if missing_drn_module():
+        detail += "; wheel lacks localizers/drn (patched by sfdeploy.compat)"
+    if importlib.util.find_spec("importlib_metadata") is None:
+        return Check("mmaction2 stack", FAIL, detail + "; importlib_metadata missing",
+                     "pip install importlib_metadata (mmaction2 imports it)")
+    try:
+        from sfdeploy.compat import ensure_mmaction
+
+        ensure_mmaction()
+    except Exception as exc:  # reported, not raised: doctor shows every problem at once
+        return Check("mmaction2 stack", FAIL, f"{detail}; import failed: {exc}", "reinstall sfdeploy")
+    return Check("mmaction2 stack", OK, detail)
+
+
+def check_pkg_resources() -> Check:
+    version = _version("setuptools")
+    ok = importlib.util.find_spec("pkg_resources") is not None
+    return Check("setuptools/pkg_resources", OK if ok else WARN, f"setuptools {version}",
+                 "" if ok else "pip install 'setuptools<82' (sfdeploy resolves mmaction:: configs itself, "
+                 "MMAction2's own tools need it)")
+
+
+def check_opencv() -> Check:
+    a, b = _version("opencv-python"), _version("opencv-contrib-python")
+    detail = f"opencv-python {a}, opencv-contrib-python {b}"
+    if a and b and a != b:
+        return Check("opencv", FAIL, detail, f"pip install opencv-python=={b} (same version as contrib)")
+    try:
+        import cv2
+
+        detail += f", cv2 {cv2.__version__}"
+    except ImportError as exc:
+        return Check("opencv", FAIL, f"{detail}; import cv2 failed: {exc}",
+                     "pip install --force-reinstall opencv-python==4.11.0.86 opencv-contrib-python==4.11.0.86")
+    return Check("opencv", OK, detail)
+
+
+def check_decord() -> Check:
+    if importlib.util.find_spec("decord") is None:
+        return Check("decord", FAIL, "not installed", "pip install decord==0.6.0")
+    import numpy as np
+
+    from sfdeploy.data.synth import write_mp4
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.mp4"
+        try:
+            write_mp4(path, np.zeros((8, 32, 32, 3), dtype=np.uint8))
+            import decord
+
+            frames = len(decord.VideoReader(str(path)))
+        except Exception as exc:  # reported, not raised
+            return Check("decord", FAIL, f"cannot write+decode a test video: {exc}",
+                         "pip install --force-reinstall decord==0.6.0")
+    return Check("decord", OK if frames == 8 else FAIL, f"{_version('decord')}, decoded {frames}/8 frames")
+
+
+def check_onnx() -> Check:
+    cpu, gpu = _version("onnxruntime"), _version("onnxruntime-gpu")
+    if cpu and gpu:
+        return Check("onnxruntime", FAIL, f"both onnxruntime {cpu} and onnxruntime-gpu {gpu} installed",
+                     "pip uninstall -y onnxruntime onnxruntime-gpu, then install sfdeploy[cpu] or sfdeploy[gpu]")
+    if not (cpu or gpu):
+        return Check("onnxruntime", FAIL, "not installed", "pip install 'sfdeploy[cpu]' (or [gpu])")
+    import onnxruntime
+
+    detail = f"{'onnxruntime-gpu ' + gpu if gpu else 'onnxruntime ' + cpu}, onnx {_version('onnx')}, " \
+             f"providers {', '.join(onnxruntime.get_available_providers())}"
+    return Check("onnxruntime", OK, detail)
+
+
+def check_tritonclient() -> Check:
+    version = _version("tritonclient")
+    if version is None:
+        return Check("tritonclient", FAIL, "not installed", "pip install 'tritonclient[http,grpc]==2.73.0'")
+    try:
+        import tritonclient.grpc  # noqa: F401
+        import tritonclient.http  # noqa: F401
+    except ImportError as exc:
+        return Check("tritonclient", FAIL, f"{version}: {exc}", "pip install 'tritonclient[http,grpc]==2.73.0'")
+    return Check("tritonclient", OK, f"{version}, protobuf {_version('protobuf')}")
+
+
+def check_tritonserver() -> Check:
+    from sfdeploy.errors import SfdeployError
+    from sfdeploy.serving.install import find_tritonserver
+
+    try:
+        install = find_tritonserver()
+    except SfdeployError as exc:
+        return Check("tritonserver", FAIL, exc.message, exc.fix or "")
+    import os
+
+    env = {**os.environ, **install.env()}
+    try:
+        out = subprocess.run([str(install.binary), "--help"], capture_output=True, text=True, env=env, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("tritonserver", FAIL, f"{install.binary}: {exc}",
+                     "pip install --force-reinstall nvidia-pytriton==0.7.0")
+    if "Usage: tritonserver" not in out.stdout + out.stderr:
+        return Check("tritonserver", FAIL, f"{install.binary} does not run: {(out.stderr or out.stdout)[:200]}",
+                     "pip install --force-reinstall nvidia-pytriton==0.7.0")
+    return Check("tritonserver", OK, f"nvidia-pytriton {_version('nvidia-pytriton')}, python backend stub for "
+                 f"{install.stub.parent.name}")
+
+
+CHECKS: list[Callable[[], Check]] = [
+    check_python, check_torch, check_numpy, check_openmmlab, check_pkg_resources, check_opencv,
+    check_decord, check_onnx, check_tritonclient, check_tritonserver,
+]
+
+
+def run_checks() -> list[Check]:
+    results = []
+    for check in CHECKS:
+        try:
+            results.append(check())
+        except Exception as exc:  # a check that breaks is itself a finding, shown with the rest
+            results.append(Check(check.__name__.removeprefix("check_"), FAIL, f"check crashed: {exc!r}",
+                                 "report this with `sfdeploy doctor -v` output"))
+    return results

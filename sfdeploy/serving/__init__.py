@@ -1,0 +1,1 @@
+"""Triton serving: the model repository, the local tritonserver, and its python backend."""

@@ -1,0 +1,173 @@
+"""Build the full MMAction2 training config from a preset and a dataset.
+
+The preset says *what model and recipe*; this module fills in what depends on the data and the
+machine, each in one place: number of classes, annotation files, flip for direction-sensitive
+classes, a warm-up + cosine schedule sized to the run, learning rate scaled to the total batch,
+checkpointing by val top-1, workers, distributed backend, TensorBoard. The result is written to
+``WORK/config.py``, which is the single source for everything downstream (export reads its test
+pipeline to derive the clip spec).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sfdeploy.data.layout import PreparedData
+from sfdeploy.errors import EnvironmentProblem, InputError
+
+WARMUP_FRACTION = 0.1  # of all iterations, linear from 10% of the LR
+ETA_MIN_RATIO = 0.01  # cosine ends at 1% of the peak LR
+CHECKPOINT_METRIC = "acc/top1"
+
+
+@dataclass
+class FinetuneOptions:
+    """What ``sfdeploy finetune`` was asked for; None means "the preset's value"."""
+
+    work_dir: Path
+    preset: str = "slowfast_r50_4x16"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    pretrained: str | None = "default"  # "default" (the preset's load_from), "none", path or URL
+    amp: bool = False
+    resume: bool = False
+    gpus: int = 1
+    flip: bool | None = None  # None: off when the data is direction-sensitive, else the preset's
+    seed: int = 0
+    deterministic: bool = False
+    balanced: bool = False
+    patience: int | None = None
+    workers: int | None = None
+    cfg_options: dict[str, Any] = field(default_factory=dict)
+
+
+def use_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def iters_per_epoch(num_videos: int, batch_size: int, world_size: int) -> int:
+    """Iterations per epoch under mmengine's DefaultSampler (each rank pads to ceil(n / world))."""
+    return math.ceil(math.ceil(num_videos / world_size) / batch_size)
+
+
+def schedule(total_iters: int) -> list[dict[str, Any]]:
+    """Linear warm-up over the first 10% of iterations, then cosine to 1% of the peak LR."""
+    warmup = min(max(1, round(total_iters * WARMUP_FRACTION)), max(1, total_iters - 1))
+    return [
+        dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=warmup),
+        dict(type="CosineAnnealingLR", T_max=max(1, total_iters - warmup), eta_min_ratio=ETA_MIN_RATIO,
+             by_epoch=False, begin=warmup, end=max(total_iters, warmup + 1)),
+    ]
+
+
+def _video_to_rawframes(pipeline: list[dict]) -> list[dict]:
+    out = []
+    for step in pipeline:
+        if step["type"] in ("DecordInit", "OpenCVInit", "PyAVInit"):
+            continue
+        if step["type"] in ("DecordDecode", "OpenCVDecode", "PyAVDecode"):
+            out.append(dict(type="RawFrameDecode", io_backend="disk"))
+            continue
+        out.append(step)
+    return out
+
+
+def _loader_workers(opts: FinetuneOptions, preset_workers: int, world_size: int) -> int:
+    if opts.workers is not None:
+        return opts.workers
+    cpus = os.cpu_count() or 1
+    # Leave the compute threads most of a small machine; decoding 16-64 frames is cheap.
+    return max(1, min(preset_workers, cpus // (2 * world_size)))
+
+
+def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
+    """Apply the data- and machine-dependent settings to a loaded preset config (in place)."""
+    cuda = use_cuda()
+    world = max(1, opts.gpus)
+    if opts.amp and not cuda:
+        raise EnvironmentProblem("--amp needs a CUDA GPU; none is visible to torch",
+                                 fix="drop --amp on CPU (it trains in fp32)")
+    if opts.gpus > 1 and cuda:
+        import torch
+
+        if torch.cuda.device_count() < opts.gpus:
+            raise EnvironmentProblem(f"--gpus {opts.gpus} but torch sees {torch.cuda.device_count()} GPU(s)",
+                                     fix=f"use --gpus {torch.cuda.device_count()}")
+
+    cfg.model.cls_head.num_classes = len(data.classes)
+    dataset_type = "VideoDataset" if data.format == "video" else "RawframeDataset"
+    prefix_key = "video" if data.format == "video" else "img"
+    flip = opts.flip if opts.flip is not None else (False if data.direction_sensitive else None)
+    for split, ann in (("train", data.train), ("val", data.val), ("test", data.val)):
+        loader = cfg[f"{split}_dataloader"]
+        pipeline = list(cfg.get(f"{split}_pipeline") or loader.dataset.pipeline)
+        if data.format == "rawframes":
+            pipeline = _video_to_rawframes(pipeline)
+        if flip is False:
+            pipeline = [step for step in pipeline if step["type"] != "Flip"]
+        cfg[f"{split}_pipeline"] = pipeline
+        loader.dataset = dict(
+            type=dataset_type,
+            ann_file=str(ann.path.resolve()),
+            data_prefix={prefix_key: str(data.media_root)},
+            pipeline=pipeline,
+            **({"test_mode": True} if split != "train" else {}),
+        )
+    batch = opts.batch_size or cfg.train_dataloader.batch_size
+    if batch < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch}", fix="use e.g. --batch-size 8")
+    cfg.train_dataloader.batch_size = batch
+    cfg.val_dataloader.batch_size = batch
+    workers = _loader_workers(opts, cfg.train_dataloader.get("num_workers", 2), world)
+    for split in ("train", "val", "test"):
+        cfg[f"{split}_dataloader"].num_workers = workers
+        cfg[f"{split}_dataloader"].persistent_workers = workers > 0
+    if opts.balanced:
+        cfg.custom_imports = dict(imports=["sfdeploy.train.sampler"], allow_failed_imports=False)
+        cfg.train_dataloader.sampler = dict(type="BalancedClassSampler", seed=opts.seed)
+
+    epochs = opts.epochs or cfg.train_cfg.max_epochs
+    if epochs < 1:
+        raise InputError(f"--epochs must be >= 1, got {epochs}", fix="use e.g. --epochs 15")
+    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_begin=1, val_interval=1)
+    per_epoch = iters_per_epoch(len(data.train), batch, world)
+    cfg.param_scheduler = schedule(epochs * per_epoch)
+    if opts.lr is not None:
+        if opts.lr <= 0:
+            raise InputError(f"--lr must be positive, got {opts.lr}", fix="use e.g. --lr 1e-3")
+        cfg.optim_wrapper.optimizer.lr = opts.lr  # an explicit LR is used as given
+        cfg.auto_scale_lr = dict(enable=False, base_batch_size=batch * world)
+    if opts.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, save_best=CHECKPOINT_METRIC,
+                                        rule="greater", max_keep_ckpts=2, save_last=True)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(1, min(50, per_epoch // 4)),
+                                    ignore_last=False)
+    hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") != "EarlyStoppingHook"]
+    if opts.patience:
+        hooks.append(dict(type="EarlyStoppingHook", monitor=CHECKPOINT_METRIC, rule="greater",
+                          min_delta=1e-4, patience=opts.patience))
+    cfg.custom_hooks = hooks
+    cfg.visualizer = dict(type="ActionVisualizer", vis_backends=[dict(type="LocalVisBackend"),
+                                                                  dict(type="TensorboardVisBackend")])
+    cfg.env_cfg.dist_cfg = dict(backend="nccl" if cuda else "gloo")
+    cfg.env_cfg.cudnn_benchmark = cuda and not opts.deterministic
+    cfg.randomness = dict(seed=opts.seed, deterministic=opts.deterministic)
+    cfg.launcher = "pytorch" if world > 1 else "none"
+    if world > 1 and not cuda:
+        # CPU DDP: mmengine's default wrapper pins device_ids=[LOCAL_RANK], a CUDA device.
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None,
+                                     broadcast_buffers=False)
+    cfg.work_dir = str(Path(opts.work_dir).resolve())
+    if opts.cfg_options:
+        cfg.merge_from_dict(opts.cfg_options)
+    return cfg

@@ -1,0 +1,139 @@
+"""mmengine hooks that sfdeploy registers on its Runner (in code, not in WORK/config.py).
+
+* :class:`PlainCheckpointHook` makes checkpoints loadable with ``torch.load(weights_only=True)``
+  (see :mod:`sfdeploy.compat`, trap 2): on save it turns the message hub's ``HistoryBuffer``
+  objects and numpy values into lists, numbers and tensors; on load (resume) it turns them back.
+* :class:`SummaryHook` records val accuracy per epoch (in ``WORK/val_history.json``: the epoch
+  checkpoint is written before that epoch's validation, so the message hub would miss it) and
+  the elapsed time (in the message hub, so it survives ``--resume``), and writes
+  ``WORK/finetune_summary.json`` when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mmengine.hooks import Hook
+from mmengine.logging import HistoryBuffer
+
+_BUFFER_TAG = "__sfdeploy_history_buffer__"
+SUMMARY_FILE = "finetune_summary.json"
+HISTORY_FILE = "val_history.json"
+
+
+def to_plain(value: Any) -> Any:
+    """numpy arrays -> tensors, numpy scalars -> Python numbers, recursively through containers."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return type(value)((k, to_plain(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
+    return value
+
+
+class PlainCheckpointHook(Hook):
+    priority = "VERY_LOW"  # after other hooks have added to the checkpoint
+
+    def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        hub = checkpoint.get("message_hub")
+        if hub and "log_scalars" in hub:
+            hub["log_scalars"] = {
+                key: {_BUFFER_TAG: True, "log": buf._log_history.tolist(),
+                      "count": buf._count_history.tolist(), "max_length": int(buf.max_length)}
+                for key, buf in hub["log_scalars"].items()
+            }
+        for key in list(checkpoint):
+            checkpoint[key] = to_plain(checkpoint[key])
+
+    def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        hub = checkpoint.get("message_hub")
+        if not hub or "log_scalars" not in hub:
+            return
+        hub["log_scalars"] = {
+            key: HistoryBuffer(value["log"], value["count"], value["max_length"])
+            if isinstance(value, dict) and value.get(_BUFFER_TAG) else value
+            for key, value in hub["log_scalars"].items()
+        }
+
+
+class SummaryHook(Hook):
+    """Writes ``finetune_summary.json``; ``run_info`` holds what the Runner does not know
+    (preset, class names, pretrained report)."""
+
+    priority = "LOW"
+
+    def __init__(self, run_info: dict[str, Any]):
+        self.run_info = run_info
+        self._segment_start = 0.0
+        self._resumed = False
+        self._validate_resumed = False
+
+    def before_train(self, runner: Any) -> None:
+        # Runs after a resume has loaded the checkpoint: runner.epoch is where training restarts.
+        self._segment_start = time.monotonic()
+        self._resumed = runner.epoch > 0
+        self._base = float(runner.message_hub.get_info("sfdeploy_elapsed_s", 0.0)) if self._resumed else 0.0
+        self._history_path = Path(runner.work_dir) / HISTORY_FILE
+        self._history: list[dict[str, Any]] = []
+        if self._resumed and self._history_path.is_file():
+            kept = json.loads(self._history_path.read_text())
+            self._history = [h for h in kept if h["epoch"] <= runner.epoch]
+        self._validate_resumed = self._resumed and not any(h["epoch"] == runner.epoch for h in self._history)
+
+    def before_train_epoch(self, runner: Any) -> None:
+        # The epoch checkpoint is written before that epoch's validation; a run killed in between
+        # would never validate (nor consider as best) the weights it resumes from. Done here, not
+        # in before_train, so that every hook (CheckpointHook's best tracking) is set up.
+        if self._validate_resumed and runner.val_loop is not None:
+            self._validate_resumed = False
+            runner.logger.info(f"validating resumed epoch {runner.epoch}: its validation was interrupted")
+            runner.val_loop.run()
+
+    def _elapsed(self) -> float:
+        return self._base + time.monotonic() - self._segment_start
+
+    def after_train_epoch(self, runner: Any) -> None:
+        # Before the checkpoint of this epoch is written (CheckpointHook runs after, priority
+        # VERY_LOW), so a resumed run continues the clock from here.
+        runner.message_hub.update_info("sfdeploy_elapsed_s", self._elapsed(), resumed=True)
+
+    def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
+        if not metrics or runner.rank != 0:
+            return
+        self._history.append({"epoch": runner.epoch, **{k: float(v) for k, v in metrics.items()}})
+        self._history_path.write_text(json.dumps(self._history, indent=1) + "\n")
+
+    def after_run(self, runner: Any) -> None:
+        if runner.rank != 0:
+            return
+        hub = runner.message_hub
+        history = self._history
+        best = hub.get_info("best_ckpt")
+        best_score = hub.get_info("best_score")
+        top1 = [h.get("acc/top1") for h in history if "acc/top1" in h]
+        max_epochs = runner.max_epochs
+        summary = {
+            **self.run_info,
+            "best_top1": float(best_score) if best_score is not None else (max(top1) if top1 else None),
+            "best_checkpoint": str(Path(best).resolve()) if best else None,
+            "last_top1": top1[-1] if top1 else None,
+            "epochs": max_epochs,
+            "epochs_run": runner.epoch,
+            "stopped_early": runner.epoch < max_epochs,
+            "resumed": self._resumed,
+            "world_size": runner.world_size,
+            "wall_time_s": round(self._elapsed(), 2),
+            "val_history": history,
+            "work_dir": str(Path(runner.work_dir).resolve()),
+        }
+        path = Path(runner.work_dir) / SUMMARY_FILE
+        path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,53 @@
+"""Shared fixtures: the synthetic dataset and one trained slowfast_tiny run, made once per session
+through the real CLI (as a user would), and reused by every test that needs a trained model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run ``sfdeploy ARGS`` in a fresh process (the real entry point, isolated global state)."""
+    command = [sys.executable, "-m", "sfdeploy", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"sfdeploy {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth") / "videos"
+    run_cli("data", "synth", str(root), "--classes", "4", "--per-class", "16", "--seed", "0")
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "DATA"
+    run_cli("data", "prepare", str(synth_root), "--out", str(out), "--preset", "slowfast_tiny")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """WORK of `sfdeploy finetune --preset slowfast_tiny` on the synthetic data."""
+    work = tmp_path_factory.mktemp("work") / "WORK"
+    run_cli("finetune", str(prepared), "--work-dir", str(work), "--preset", "slowfast_tiny", "--seed", "0")
+    return work
+
+
+@pytest.fixture(scope="session")
+def tiny_summary(tiny_run: Path) -> dict:
+    return json.loads((tiny_run / "finetune_summary.json").read_text())

@@ -1,0 +1,101 @@
+"""sfdeploy.compat: the three MMAction2 / mmengine traps, each handled and each tested."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sfdeploy import compat
+from sfdeploy.errors import EnvironmentProblem, InputError
+
+
+class _Boom:
+    """Unpickling this object would create a file: the proof that code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_mmaction_imports_and_builds_slowfast() -> None:
+    compat.ensure_mmaction()
+    from mmaction.registry import MODELS
+
+    assert MODELS.get("Recognizer3D") is not None
+    assert MODELS.get("ResNet3dSlowFast") is not None
+
+
+def test_drn_placeholder_refuses_to_build_when_the_wheel_lacks_it() -> None:
+    compat.ensure_mmaction()
+    if not compat.missing_drn_module():
+        pytest.skip("this mmaction2 install ships DRN")
+    from mmaction.models.localizers import DRN
+
+    with pytest.raises(EnvironmentProblem, match="DRN"):
+        DRN()
+
+
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": _Boom(str(marker))}, path)
+    with pytest.raises(InputError, match="weights_only"):
+        compat.load_checkpoint_file(path)
+    assert not marker.exists()
+    # mmengine's own loader (used by load_from, resume, init_recognizer) goes through the same gate
+    compat.ensure_mmaction()
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    with pytest.raises(InputError):
+        _load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_plain_pickle_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.pth"
+    path.write_bytes(pickle.dumps({"state_dict": {"w": [1, 2]}, "x": _Boom(str(tmp_path / "m"))}))
+    with pytest.raises(InputError):
+        compat.load_checkpoint_file(path)
+    assert not (tmp_path / "m").exists()
+
+
+def test_numpy_values_in_meta_load(tmp_path: Path) -> None:
+    path = tmp_path / "published.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "meta": {"seed": np.int64(3), "arr": np.arange(3.0)}}, path)
+    loaded = compat.load_checkpoint_file(path)
+    assert loaded["meta"]["seed"] == 3
+    assert np.array_equal(loaded["meta"]["arr"], np.arange(3.0))
+
+
+def test_missing_file_and_unreachable_url_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not found") as info:
+        compat.load_checkpoint_file(tmp_path / "nope.pth")
+    assert info.value.fix
+    with pytest.raises(InputError, match="download") as info:
+        compat.load_checkpoint_file("http://127.0.0.1:9/weights.pth")
+    assert "local .pth" in info.value.fix
+
+
+def test_scoped_config_paths_resolve_without_pkg_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfdeploy.train.presets import preset_path
+
+    monkeypatch.setattr(compat, "has_pkg_resources", lambda: False)
+    for name in ("slowfast_r50_4x16", "slowfast_r50_8x8", "slowfast_tiny"):  # 8x8: a local base too
+        cfg = compat.load_config(preset_path(name))
+        assert cfg.model.backbone.type == "ResNet3dSlowFast"
+        assert cfg.default_scope == "mmaction"  # from the mmaction:: runtime base
+        assert cfg.filename == str(preset_path(name))
+    assert cfg.optim_wrapper.optimizer.type == "AdamW"
+    eight = compat.load_config(preset_path("slowfast_r50_8x8"))
+    assert eight.model.backbone.speed_ratio == 4 and eight.optim_wrapper.optimizer.lr == 1e-3
+
+
+def test_unknown_mmaction_config_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="not found"):
+        compat.mmaction_config_path("recognition/nope.py")

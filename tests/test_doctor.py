@@ -1,0 +1,32 @@
+"""`sfdeploy doctor`: every check passes in the environment the README installs, and a failure
+is shown with its fix and a non-zero exit code."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from sfdeploy import doctor
+from sfdeploy.cli import cli
+
+
+def test_all_checks_pass_in_the_installed_environment() -> None:
+    results = doctor.run_checks()
+    assert [c.name for c in results if c.status == doctor.FAIL] == []
+    names = {c.name for c in results}
+    assert {"torch", "decord", "tritonserver", "mmaction2 stack", "onnxruntime"} <= names
+
+
+def test_a_failing_check_prints_its_fix_and_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> doctor.Check:
+        return doctor.Check("numpy", doctor.FAIL, "2.1.0", "pip install numpy==1.26.4")
+
+    def crashing() -> doctor.Check:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(doctor, "CHECKS", [doctor.check_python, broken, crashing])
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 1
+    assert "FAIL  numpy" in result.output and "fix: pip install numpy==1.26.4" in result.output
+    assert "check crashed" in result.output
+    assert "2 check(s) failed" in result.output
