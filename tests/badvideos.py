@@ -33,3 +33,37 @@ def truncated(path: Path, source: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+def encoded_video(path: Path, width: int, height: int, frames: int = 40, *, codec: str = "libx264",
+                  pix_fmt: str = "yuv444p", vfr: bool = False, gray: bool = False, seed: int = 0) -> Path:
+    """A video in any size (odd too), optionally with variable frame timing or grey frames, encoded
+    with PyAV (OpenCV's writer rounds sizes down to even)."""
+    import fractions
+
+    import av
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    container = av.open(str(path), "w")
+    stream = container.add_stream(codec, rate=25)
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "gray" if gray and codec == "ffv1" else pix_fmt
+    stream.codec_context.time_base = fractions.Fraction(1, 1000)
+    background = rng.integers(20, 80, size=(height, width, 3), dtype=np.uint8)
+    pts = 0
+    for i in range(frames):
+        frame = background.copy()
+        x = int(i * (width - 20) / max(1, frames - 1))
+        frame[height // 3: height // 3 + 16, x: x + 20] = 220
+        if gray:
+            frame[:] = frame.mean(axis=2, keepdims=True).astype(np.uint8)
+        out = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        out.pts, out.time_base = pts, fractions.Fraction(1, 1000)
+        pts += 20 if (vfr and i % 3 == 1) else 40  # VFR: some frames 20 ms apart, others 40
+        for packet in stream.encode(out):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path

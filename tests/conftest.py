@@ -51,3 +51,11 @@ def tiny_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_summary(tiny_run: Path) -> dict:
     return json.loads((tiny_run / "finetune_summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """EXPORT of `sfdeploy export WORK --fp16` (TorchScript + ONNX, fp32 + fp16, one view)."""
+    out = tmp_path_factory.mktemp("export") / "EXPORT"
+    run_cli("export", str(tiny_run), "--out", str(out), "--fp16")
+    return out

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
 from sfdeploy.data.layout import PreparedData
+
+from conftest import run_cli
 
 
 def test_tiny_preset_learns_the_synthetic_set(tiny_summary: dict, tiny_run: Path) -> None:

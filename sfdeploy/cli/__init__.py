@@ -56,10 +56,12 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from sfdeploy.cli import data, doctor, finetune
+    from sfdeploy.cli import data, doctor, evaluate, export, finetune
 
     cli.add_command(data.data)
     cli.add_command(finetune.finetune)
+    cli.add_command(export.export)
+    cli.add_command(evaluate.evaluate)
     cli.add_command(doctor.doctor)
 
 

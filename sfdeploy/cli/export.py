@@ -1,0 +1,58 @@
+"""``sfdeploy export``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+FORMATS = ("torchscript", "onnx")
+
+
+def _formats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    chosen = tuple(f.strip() for f in value.split(",") if f.strip())
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown format(s) {', '.join(unknown) or '(none)'}; choose from "
+                                 f"{', '.join(FORMATS)} (comma-separated)")
+    return chosen
+
+
+@click.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for model.pt / model.onnx / manifest.json.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint to export [default: the best one of WORK/finetune_summary.json].")
+@click.option("--formats", default="torchscript,onnx", show_default=True, callback=_formats,
+              help="Comma-separated: torchscript, onnx.")
+@click.option("--fp16", is_flag=True, help="Also write fp16 variants (uint8 in, float32 out).")
+@click.option("--views", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Views per video: 1 = the centre clip and crop (the val pipeline); more = clips x "
+                   "crops of the config's test pipeline (e.g. 30 for R50: 10 clips x 3 crops).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the parity gate and the fp16 trace run.")
+@click.option("--parity-videos", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Val videos the parity gate compares on (spread over the classes).")
+@click.option("--parity-data", type=click.Path(file_okay=False, path_type=Path),
+              help="Take the parity videos from this prepared DATA instead of the training config's val list.")
+def export(work: Path, out: Path, checkpoint: Path | None, formats: tuple[str, ...], fp16: bool, views: int,
+           device: str, parity_videos: int, parity_data: Path | None) -> None:
+    """Export the model trained in WORK to TorchScript and ONNX with preprocessing baked in.
+
+    Each artifact takes uint8 RGB frames [N, V, T, H, W, 3] and returns class probabilities
+    [N, classes]; the clip spec travels inside it. Before it is written as done, every artifact
+    is compared with the eager MMAction2 model on val clips (the parity gate): the command fails
+    if an fp32 artifact differs by more than 1e-4 or an fp16 one agrees on top-1 for < 99%.
+    """
+    from sfdeploy.export.run import ExportOptions, export_work
+
+    manifest = export_work(work, ExportOptions(out=out, checkpoint=checkpoint, formats=formats, fp16=fp16,
+                                               views=views, device=device, parity_videos=parity_videos,
+                                               parity_data=parity_data))
+    for key, result in manifest.parity["artifacts"].items():
+        click.echo(f"{key:<18} {manifest.artifacts[key].file:<16} max |diff| {result['max_abs_diff']:.1e}  "
+                   f"top-1 agreement {result['top1_agreement']:.1%}  ({result['videos']} val videos)", err=True)
+    click.echo(json.dumps({"out": str(out), "artifacts": {k: a.file for k, a in manifest.artifacts.items()},
+                           "parity_passed": manifest.parity_passed}))

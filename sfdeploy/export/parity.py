@@ -1,0 +1,129 @@
+"""The parity gate: does each artifact behave exactly like the trained MMAction2 model?
+
+On real clips from the val set (not noise: a near-flat softmax on noise hides differences), the
+reference is the eager MMAction2 recognizer fed by MMAction2's *own* test pipeline for the clip
+spec, and each artifact is fed by sfdeploy's client preprocessing. So the gate checks the whole
+deployed path (decode, sampling, resize, crop, normalisation, layout, model, view averaging)
+against MMAction2, and records separately whether the two preprocessings gave identical pixels.
+
+Tolerances: fp32 artifacts agree within 1e-4 on every probability; fp16 artifacts agree on the
+top-1 class for at least 99% of the clips.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfdeploy.clipspec import ClipSpec
+from sfdeploy.errors import InputError
+from sfdeploy.preprocess import load_video
+from sfdeploy.progress import progress
+from sfdeploy.runtime import Predictor
+
+log = logging.getLogger("sfdeploy")
+
+FP32_MAX_ABS_DIFF = 1e-4
+FP16_MIN_TOP1_AGREEMENT = 0.99
+
+
+@dataclass
+class ParityResult:
+    artifact: str
+    precision: str
+    device: str
+    videos: int
+    max_abs_diff: float
+    top1_agreement: float
+    passed: bool
+    criterion: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def val_videos(cfg: Any, limit: int, seed: int = 0) -> list[tuple[Path, int]]:
+    """Up to ``limit`` val videos of the training config, spread over the classes (round robin
+    over classes, so that every class is represented before any has two)."""
+    dataset = cfg.val_dataloader.dataset
+    ann = Path(dataset.ann_file)
+    if dataset.get("type", "VideoDataset") != "VideoDataset":
+        raise InputError("the parity gate decodes videos; this run was trained on rawframes", path=ann,
+                         fix="pass --parity-data DATA with a video val list (`sfdeploy data prepare`)")
+    if not ann.is_file():
+        raise InputError("the val list of the training config is gone", path=ann,
+                         fix="restore it, or pass --parity-data DATA (a folder from `sfdeploy data prepare`)")
+    prefix = Path(dataset.get("data_prefix", {}).get("video") or "")
+    by_label: dict[int, list[Path]] = defaultdict(list)
+    for line in ann.read_text().splitlines():
+        if line.strip():
+            name, label = line.split()
+            by_label[int(label)].append(prefix / name)
+    rng = random.Random(seed)
+    for paths in by_label.values():
+        rng.shuffle(paths)
+    chosen: list[tuple[Path, int]] = []
+    while len(chosen) < limit and any(by_label.values()):
+        for label in sorted(by_label):
+            if by_label[label] and len(chosen) < limit:
+                chosen.append((by_label[label].pop(), label))
+    return chosen
+
+
+def mmaction_reference(recognizer: Any, spec: ClipSpec, videos: list[Path], show_progress: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of the eager recognizer on MMAction2's own pipeline, and that pipeline's
+    uint8 input as ``[n, V, T, H, W, 3]``."""
+    import torch
+    from mmengine.dataset import Compose, pseudo_collate
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmaction")
+    pipeline = Compose(spec.mmaction_pipeline())
+    probs, inputs = [], []
+    for path in progress(videos, desc="parity: mmaction2", unit="video", enabled=show_progress):
+        data = pipeline(dict(filename=str(path), label=-1, start_index=0, modality="RGB"))
+        inputs.append(data["inputs"].permute(0, 2, 3, 4, 1).numpy())  # [V, 3, T, H, W] -> [V, T, H, W, 3]
+        with torch.no_grad():
+            score = recognizer.test_step(pseudo_collate([data]))[0].pred_score.float()
+        if recognizer.cls_head.average_clips == "score":  # MMAction2 returns mean logits then
+            score = torch.softmax(score, dim=0)
+        probs.append(score.numpy())
+    return np.stack(probs), np.stack(inputs)
+
+
+def run_gate(recognizer: Any, spec: ClipSpec, predictors: dict[str, tuple[Predictor, str]],
+             videos: list[Path], *, device: str, batch_size: int = 4,
+             show_progress: bool = True) -> dict[str, Any]:
+    """Compare every predictor with MMAction2 on ``videos``; returns the manifest's parity entry."""
+    reference, mm_inputs = mmaction_reference(recognizer, spec, videos, show_progress)
+    clips = np.stack([load_video(str(p), spec) for p in videos])
+    pixel_diff = int(np.abs(clips.astype(np.int16) - mm_inputs.astype(np.int16)).max())
+    if pixel_diff:
+        log.warning("client preprocessing differs from MMAction2's pipeline by up to %d grey levels", pixel_diff)
+    results = {}
+    for key, (predictor, precision) in predictors.items():
+        probs = np.concatenate([predictor.predict(clips[i:i + batch_size])
+                                for i in range(0, len(clips), batch_size)])
+        diff = float(np.abs(probs - reference).max())
+        agreement = float((probs.argmax(1) == reference.argmax(1)).mean())
+        if precision == "fp32":
+            passed, criterion = diff <= FP32_MAX_ABS_DIFF, f"max_abs_diff <= {FP32_MAX_ABS_DIFF:g}"
+        else:
+            passed, criterion = agreement >= FP16_MIN_TOP1_AGREEMENT, \
+                f"top1_agreement >= {FP16_MIN_TOP1_AGREEMENT:g}"
+        results[key] = ParityResult(key, precision, device, len(videos), diff, agreement, bool(passed),
+                                    criterion).to_dict()
+    return {
+        "reference": "MMAction2 eager recognizer on MMAction2's test pipeline for the clip spec",
+        "videos": [str(p) for p in videos],
+        "reference_top1": [int(i) for i in reference.argmax(1)],
+        "preprocess_max_pixel_diff": pixel_diff,
+        "artifacts": results,
+    }

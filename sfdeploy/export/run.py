@@ -1,0 +1,168 @@
+"""``sfdeploy export``: a trained work dir -> artifacts + manifest, gated by parity.
+
+Stages (each logged): load the trained model, derive the clip spec, export each artifact and
+check it reloads and matches its module, run the parity gate against MMAction2 on val clips,
+write ``manifest.json``. The manifest is written even when the gate fails (with the numbers),
+and then export raises, so the failure can be inspected and nothing is silently shipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfdeploy.clipspec import ClipSpec
+from sfdeploy.errors import EnvironmentProblem, ExportError, InputError
+from sfdeploy.export.manifest import ARTIFACTS, FORMATS, Artifact, Manifest, sha256
+
+log = logging.getLogger("sfdeploy")
+
+
+@dataclass
+class ExportOptions:
+    out: Path
+    checkpoint: Path | None = None
+    formats: tuple[str, ...] = FORMATS
+    fp16: bool = False
+    views: int = 1
+    device: str = "auto"  # where the parity gate (and fp16 tracing) runs: auto, cpu, cuda
+    parity_videos: int = 64
+    parity_data: Path | None = None  # a prepared DATA folder to take parity clips from
+    show_progress: bool = True
+
+
+def _device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem("--device cuda but torch sees no GPU", fix="use --device cpu (or auto)")
+    return requested
+
+
+def _writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".sfdeploy_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write the export folder ({exc.strerror})", path=out,
+                         fix="choose a writable --out folder") from exc
+
+
+def _parity_cfg(trained_cfg: object, parity_data: Path | None) -> object:
+    if parity_data is None:
+        return trained_cfg
+    from sfdeploy.data.layout import PreparedData
+
+    data = PreparedData.from_dir(parity_data)
+    cfg = copy.deepcopy(trained_cfg)
+    cfg.val_dataloader.dataset = dict(type="VideoDataset", ann_file=str(data.val.path),
+                                      data_prefix=dict(video=str(data.media_root)))
+    return cfg
+
+
+def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
+    import torch
+
+    from sfdeploy.export.deploy import SlowFastDeploy
+    from sfdeploy.export.onnx_export import export_onnx
+    from sfdeploy.export.parity import run_gate, val_videos
+    from sfdeploy.export.source import load_trained
+    from sfdeploy.export.torchscript import export_torchscript
+    from sfdeploy.runtime import open_local
+
+    unknown = [f for f in opts.formats if f not in FORMATS]
+    if unknown or not opts.formats:
+        raise InputError(f"unknown export format(s): {', '.join(unknown) or '(none)'}",
+                         fix=f"use --formats with any of: {', '.join(FORMATS)}")
+    out = Path(opts.out)
+    _writable(out)
+    device = _device(opts.device)
+    started = time.monotonic()
+
+    log.info("[1/5] loading the trained model from %s", work_dir)
+    trained = load_trained(work_dir, opts.checkpoint)
+    log.info("[2/5] clip spec from %s (%d view(s))", trained.config_path.name, opts.views)
+    spec = ClipSpec.from_config(trained.cfg, trained.class_names, views=opts.views)
+    spec_json = spec.to_json()
+    videos = val_videos(_parity_cfg(trained.cfg, opts.parity_data), opts.parity_videos)
+    if not videos:
+        raise InputError("no val videos to check parity on", path=trained.config_path,
+                         fix="pass --parity-data DATA (a folder from `sfdeploy data prepare`)")
+
+    variants = [("fp32", torch.float32)] + ([("fp16", torch.float16)] if opts.fp16 else [])
+    recognizer = trained.recognizer
+    example_cpu = torch.from_numpy(_example_batch(videos[0][0], spec))
+    artifacts: dict[str, Artifact] = {}
+    for precision, dtype in variants:
+        model = copy.deepcopy(recognizer) if dtype != torch.float32 else recognizer
+        # fp16 runs where it will be served (CUDA when present); fp32 traces on CPU.
+        where = device if precision == "fp16" else "cpu"
+        model = model.to(device=where, dtype=dtype)
+        module = SlowFastDeploy(model, spec.mean, spec.std, compute_dtype=dtype).eval().to(where)
+        example = example_cpu.to(where)
+        for fmt in opts.formats:
+            key = fmt if precision == "fp32" else f"{fmt}_{precision}"
+            _, _, filename = ARTIFACTS[key]
+            path = out / filename
+            log.info("[3/5] exporting %s (%s) -> %s", fmt, precision, path)
+            (export_onnx if fmt == "onnx" else export_torchscript)(module, example, path, spec_json, precision)
+            artifacts[key] = Artifact(format=fmt, precision=precision, file=filename,
+                                      size_bytes=path.stat().st_size, sha256=sha256(path))
+
+    manifest = Manifest(
+        clip_spec=spec,
+        artifacts=artifacts,
+        averaging=recognizer.cls_head.average_clips,
+        source={
+            "work_dir": str(trained.work_dir.resolve()),
+            "config": str(trained.config_path.resolve()),
+            "checkpoint": str(trained.checkpoint.resolve()),
+            "checkpoint_sha256": sha256(trained.checkpoint),
+            "preset": trained.preset,
+        },
+    )
+    manifest.write(out)  # the predictors open the artifacts through it
+
+    log.info("[4/5] parity gate: %d val video(s) on %s", len(videos), device)
+    predictors = {
+        key: (open_local("onnxruntime" if a.format == "onnx" else "torchscript", out, precision=a.precision,
+                         device=_run_device(a.format, device)), a.precision)
+        for key, a in artifacts.items()
+    }
+    manifest.parity = run_gate(recognizer.to(device=device, dtype=torch.float32), spec, predictors,
+                               [p for p, _ in videos], device=device, show_progress=opts.show_progress)
+    manifest.parity["wall_time_s"] = round(time.monotonic() - started, 1)
+    log.info("[5/5] writing %s", out / "manifest.json")
+    manifest.write(out)
+    failed = {k: r for k, r in manifest.parity["artifacts"].items() if not r["passed"]}
+    if failed:
+        detail = "; ".join(f"{k}: max_abs_diff {r['max_abs_diff']:.2e}, top-1 agreement "
+                           f"{r['top1_agreement']:.1%} (needs {r['criterion']})" for k, r in failed.items())
+        raise ExportError(f"parity gate failed: {detail}", path=out / "manifest.json",
+                          fix="do not deploy these artifacts; the numbers are in manifest.json 'parity'")
+    return manifest
+
+
+def _run_device(fmt: str, device: str) -> str:
+    """ONNX Runtime is the CPU build unless sfdeploy[gpu] is installed: run it where it can."""
+    import onnxruntime
+
+    return device if fmt == "torchscript" or "CUDAExecutionProvider" in onnxruntime.get_available_providers() \
+        else "cpu"
+
+
+def _example_batch(video: Path, spec: ClipSpec):
+    """Two real clips (the same video twice) to trace with: batch 2 keeps the batch axis honest."""
+    import numpy as np
+
+    from sfdeploy.preprocess import load_video
+
+    clip = load_video(str(video), spec)
+    return np.stack([clip, clip])

@@ -1,0 +1,40 @@
+"""TorchScript export: ``torch.jit.trace`` of the deploy module, clip spec as an extra file.
+
+``torch.jit.script`` cannot compile mmcv's ``Conv3d.forward``; tracing records the graph with the
+batch size read from the input (``aten::size``), so any batch size works. The trace is reloaded
+with plain ``torch.jit.load`` and compared with the module it came from before export returns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from sfdeploy.errors import ExportError
+from sfdeploy.runtime.torchscript import SPEC_FILE, load_torchscript
+
+SELF_CHECK_TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3}
+
+
+def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path, spec_json: str,
+                       precision: str = "fp32") -> None:
+    with warnings.catch_warnings():
+        # "torch.jit.trace is deprecated": it is still the exporter that handles mmcv's layers.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.trace.*")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        with torch.no_grad():
+            traced = torch.jit.trace(module, (example,), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={SPEC_FILE: spec_json})
+        reloaded, _ = load_torchscript(path, str(example.device))
+        # A batch size other than the traced one proves the batch axis stayed dynamic.
+        probe = torch.cat([example, example[:1]])
+        with torch.no_grad():
+            expected, got = module(probe), reloaded(probe)
+    diff = float((expected - got).abs().max())
+    if got.shape != expected.shape or diff > SELF_CHECK_TOLERANCE[precision]:
+        raise ExportError(f"the reloaded TorchScript model differs from the module it was traced from "
+                          f"(shape {tuple(got.shape)}, max abs diff {diff:.2e})", path=path,
+                          fix="report this with the model config; export --formats onnx meanwhile")

@@ -1,0 +1,62 @@
+"""Exporting the real model (SlowFast R50 4x16) on CPU, with non-degenerate weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfdeploy.export.manifest import Manifest
+
+from conftest import run_cli
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights that give a peaked softmax. A freshly initialised SlowFast zero-inits the last BN
+    of every residual block and has a tiny fc: its near-flat output would hide export errors."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 0.5 + 0.75)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.2)
+
+
+@pytest.mark.slow
+def test_r50_4x16_exports_on_cpu_and_passes_parity(prepared: Path, tmp_path: Path) -> None:
+    from sfdeploy.compat import ensure_mmaction, load_config
+    from sfdeploy.data.layout import PreparedData
+    from sfdeploy.train.config import FinetuneOptions, build_config
+    from sfdeploy.train.presets import preset_path
+
+    ensure_mmaction()
+    from mmaction.registry import MODELS
+
+    work = tmp_path / "WORK"
+    work.mkdir()
+    data = PreparedData.from_dir(prepared)
+    cfg = build_config(load_config(preset_path("slowfast_r50_4x16")), data,
+                       FinetuneOptions(work_dir=work, preset="slowfast_r50_4x16"))
+    cfg.load_from = None
+    cfg.dump(str(work / "config.py"))
+    (work / "class_index.txt").write_text("\n".join(data.classes) + "\n")
+    model = MODELS.build(cfg.model)
+    randomise(model)
+    torch.save({"state_dict": model.state_dict()}, work / "best_acc_top1_epoch_1.pth")
+
+    out = tmp_path / "EXPORT"
+    run_cli("export", str(work), "--out", str(out), "--parity-videos", "4", timeout=1500)
+    manifest = Manifest.read(out)
+    assert manifest.clip_spec.input_shape == (1, 32, 224, 224, 3)  # the val pipeline's centre 224 crop
+    assert manifest.artifacts["onnx"].size_bytes > 100e6  # one file, weights inside
+    for key, result in manifest.parity["artifacts"].items():
+        assert result["passed"] and result["max_abs_diff"] <= 1e-4, (key, result)
+    # the parity clips have a peaked reference (so agreement means something)
+    assert len(set(manifest.parity["reference_top1"])) > 1
+    print(json.dumps(manifest.parity["artifacts"]))
