@@ -4,32 +4,25 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-def progress(
-    items: Iterable[T],
-    *,
-    desc: str,
-    unit: str = "it",
-    total: int | None = None,
-    enabled: bool = True,
-) -> Iterator[T]:
-    """Iterate ``items`` with a tqdm bar (hidden when disabled or when stderr is not a terminal
-    and the work is short), so library calls from tests or scripts stay quiet."""
+def bar(total: int | None, *, desc: str, unit: str = "it", enabled: bool = True) -> Any:
+    """A tqdm bar to ``update()`` by hand (when items finish out of order or in groups)."""
     from tqdm import tqdm
 
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5)
+
+
+def progress(items: Iterable[T], *, desc: str, unit: str = "it", total: int | None = None,
+             enabled: bool = True) -> Iterator[T]:
+    """Iterate ``items`` with a tqdm bar (disabled for quiet library calls from tests or scripts)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    yield from tqdm(
-        items,
-        desc=desc,
-        unit=unit,
-        total=total,
-        disable=not enabled,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
+    with bar(total, desc=desc, unit=unit, enabled=enabled) as shown:
+        for item in items:
+            yield item
+            shown.update(1)

@@ -59,3 +59,22 @@ def tiny_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("export") / "EXPORT"
     run_cli("export", str(tiny_run), "--out", str(out), "--fp16")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`sfdeploy repo EXPORT --device cpu` (python backend + native configs)."""
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_repo: Path):
+    """The real tritonserver on free 127.0.0.1 ports, serving the tiny model."""
+    from sfdeploy.serving.server import TritonServer, free_port
+
+    server = TritonServer(tiny_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server.start()
+    yield server
+    server.stop()

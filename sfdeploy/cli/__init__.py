@@ -56,12 +56,15 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from sfdeploy.cli import data, doctor, evaluate, export, finetune
+    from sfdeploy.cli import data, doctor, evaluate, export, finetune, serving
 
     cli.add_command(data.data)
     cli.add_command(finetune.finetune)
     cli.add_command(export.export)
     cli.add_command(evaluate.evaluate)
+    cli.add_command(serving.repo)
+    cli.add_command(serving.serve)
+    cli.add_command(serving.infer)
     cli.add_command(doctor.doctor)
 
 

@@ -26,13 +26,14 @@ class OrtPredictor:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
+        providers: list = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EnvironmentProblem(
                     "onnxruntime has no CUDA provider here",
                     fix="install sfdeploy[gpu] (onnxruntime-gpu) on a CUDA machine, or use --device cpu")
-            providers.insert(0, "CUDAExecutionProvider")
+            device_id = int(device.partition(":")[2] or 0)
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.spec = read_onnx_spec(self.session, Path(path))
         self.input_name = self.session.get_inputs()[0].name

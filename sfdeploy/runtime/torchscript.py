@@ -28,7 +28,7 @@ class TorchScriptPredictor:
     def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> None:
         import torch
 
-        if device == "cuda" and not torch.cuda.is_available():
+        if device.startswith("cuda") and not torch.cuda.is_available():
             raise EnvironmentProblem("--device cuda but torch sees no GPU", fix="use --device cpu")
         if threads:
             torch.set_num_threads(threads)

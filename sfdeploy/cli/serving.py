@@ -1,0 +1,145 @@
+"""``sfdeploy repo``, ``sfdeploy serve`` and ``sfdeploy infer``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from sfdeploy.cli.options import GreedyOption
+
+
+@click.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--repo", "repo_dir", default="model_repository", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="The Triton model repository to write into.")
+@click.option("--name", default="slowfast", show_default=True,
+              help="Model name (native variants add _onnx, _torchscript).")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="max_batch_size.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances.")
+@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Version folder to write (a new number keeps the older versions).")
+@click.option("--runtime", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torchscript"]),
+              help="What the python-backend model runs.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="Which artifact of the export to serve (fp16 needs `export --fp16`).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
+              help="Instance kind: GPU or CPU; auto = GPU if torch sees one here.")
+@click.option("--queue-delay-us", default=5000, show_default=True, type=click.IntRange(min=0),
+              help="How long the dynamic batcher waits to fill a batch.")
+@click.option("--tensorrt", is_flag=True, help="Add the TensorRT fp16 accelerator to <name>_onnx (NVIDIA's container).")
+@click.option("--native/--no-native", default=True, show_default=True,
+              help="Also write <name>_onnx and <name>_torchscript for NVIDIA's Triton container.")
+def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances: int, version: int, runtime: str,
+         precision: str, device: str, queue_delay_us: int, tensorrt: bool, native: bool) -> None:
+    """Write a Triton model repository for EXPORT (an `sfdeploy export` folder).
+
+    <name> runs the artifact in Triton's python backend (what `sfdeploy serve` serves here);
+    <name>_onnx and <name>_torchscript use Triton's onnxruntime and pytorch backends. Each has
+    dynamic batching, instance groups, labels.txt and the clip spec in its parameters. Safe to
+    re-run: unchanged files are left alone.
+    """
+    from sfdeploy.serving.repo import RepoOptions, write_repository
+
+    folders = write_repository(export_dir, RepoOptions(
+        repo=repo_dir, name=name, max_batch=max_batch, instances=instances, version=version, runtime=runtime,
+        precision=precision, device=device, queue_delay_us=queue_delay_us, tensorrt=tensorrt, native=native))
+    click.echo(json.dumps({"repo": str(repo_dir), "models": [f.name for f in folders], "version": version}))
+
+
+@click.command()
+@click.option("--repo", "repo_dir", default="model_repository", show_default=True,
+              type=click.Path(path_type=Path), help="The model repository to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 exposes the server to the network.")
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--models", cls=GreedyOption, multiple=True, metavar="NAME ...",
+              help="Models to load [default: every python-backend model of the repository].")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Server log [default: a temp file].")
+@click.option("--startup-timeout", default=180, show_default=True, type=click.IntRange(min=1),
+              help="Seconds to wait for the models to be ready.")
+def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, models: tuple[str, ...],
+          log_file: Path | None, startup_timeout: int) -> None:
+    """Run the tritonserver shipped in nvidia-pytriton on a model repository until Ctrl-C.
+
+    Binds 127.0.0.1 unless --host says otherwise, waits until the models are ready, prints the
+    endpoints, and shuts the server down cleanly on Ctrl-C or SIGTERM.
+    """
+    from sfdeploy.serving.server import TritonServer
+
+    server = TritonServer(repo_dir, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          models=list(models) or None, log_file=log_file, startup_timeout_s=startup_timeout)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    try:
+        click.echo(f"ready: http {server.http_url}  grpc {server.grpc_url}  metrics {host}:{metrics_port}", err=True)
+        click.echo(f"models: {', '.join(server.loaded)}", err=True)
+        for name, why in server.skipped.items():
+            click.echo(f"not loaded: {name} ({why})", err=True)
+        click.echo(f"log: {server.log_file}", err=True)
+        click.echo(json.dumps({"http": server.http_url, "grpc": server.grpc_url, "models": server.loaded}))
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                raise click.ClickException(f"tritonserver exited unexpectedly (code {server.process.returncode}); "
+                                           f"see {server.log_file}")
+        click.echo("stopping tritonserver", err=True)
+    finally:
+        server.stop()
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="VIDEO_OR_DIR...")
+@click.option("--backend", default="triton", show_default=True,
+              type=click.Choice(["triton", "onnxruntime", "torchscript"]),
+              help="triton: a served model; onnxruntime / torchscript: --export in this process.")
+@click.option("--url", default="127.0.0.1:8000", show_default=True, help="Triton server (http or grpc port).")
+@click.option("--protocol", default="http", show_default=True, type=click.Choice(["http", "grpc"]))
+@click.option("--model", "model_name", default="slowfast", show_default=True, help="Served model name.")
+@click.option("--shm", is_flag=True, help="Send inputs through system shared memory (server on this machine).")
+@click.option("--export", "export_dir", type=click.Path(path_type=Path), help="Export folder (local backends).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Videos per request.")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1), help="Requests in flight.")
+@click.option("--workers", type=click.IntRange(min=1), help="Decode processes [default: one per CPU core].")
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per row.")
+@click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output: .csv or .jsonl, one row per input.")
+@click.option("--resume", is_flag=True, help="Skip inputs already in --out and append the rest.")
+def infer(inputs: tuple[str, ...], backend: str, url: str, protocol: str, model_name: str, shm: bool,
+          export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int, workers: int | None,
+          topk: int, out: Path, resume: bool) -> None:
+    """Classify videos (files and folders) with a served or exported model.
+
+    Decoding runs in parallel worker processes; batches go to the backend with --concurrency
+    requests in flight. Every input gets one row in --out: a video that fails has its error in
+    its row and the others are classified. Exits 1 if any input failed.
+    """
+    from sfdeploy.client import Classifier
+    from sfdeploy.client import infer as run_infer
+    from sfdeploy.runtime import open_predictor
+
+    if backend == "triton":
+        classifier = Classifier.from_triton(url, model=model_name, protocol=protocol, shm=shm)
+    else:
+        classifier = Classifier(open_predictor(backend, export_dir=export_dir, precision=precision, device=device))
+    with classifier:
+        summary = run_infer(list(inputs), out, classifier, batch_size=batch_size, concurrency=concurrency,
+                            topk=topk, workers=workers, resume=resume)
+    for failure in summary.failures:
+        click.echo(f"failed: {failure['path']}: {failure['error']}", err=True)
+    click.echo(f"{summary.ok} classified, {summary.failed} failed, {summary.skipped} already in {out}; "
+               f"{summary.videos_per_s:.1f} videos/s", err=True)
+    click.echo(json.dumps({"out": str(out), "ok": summary.ok, "failed": summary.failed, "skipped": summary.skipped,
+                           "wall_time_s": summary.wall_time_s}))
+    if summary.failed:
+        raise SystemExit(1)

@@ -1,0 +1,276 @@
+"""Classify videos with an exported or a served model: the Python API behind ``sfdeploy infer``.
+
+::
+
+    from sfdeploy.client import Classifier
+
+    with Classifier.from_triton("127.0.0.1:8000", model="slowfast") as clf:   # or from_export(...)
+        for p in clf.classify(["videos/"], batch_size=8, concurrency=8):
+            print(p.path, p.label, p.score)
+
+The pipeline: worker processes decode and preprocess (a file that crashes or hangs its decoder
+fails alone), the main thread packs clips into batches, and up to ``concurrency`` batches are in
+flight at once on a thread pool. Every input yields exactly one :class:`Prediction`, failed ones
+with their error. :func:`infer` writes them to CSV or JSON Lines as they arrive and can resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sfdeploy.clipspec import ClipSpec
+from sfdeploy.data.probe import VIDEO_EXTENSIONS
+from sfdeploy.errors import InputError, ServingError
+from sfdeploy.preprocess import DecodeFailure, decode_many
+from sfdeploy.progress import bar
+from sfdeploy.runtime import Predictor, open_predictor
+
+log = logging.getLogger("sfdeploy")
+
+OUTPUT_FIELDS = ("path", "status", "label", "score", "top_k", "error")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    status: str  # "ok" or "error"
+    label: str | None = None
+    score: float | None = None
+    top_k: tuple[tuple[str, float], ...] = ()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def collect_inputs(items: Iterable[str | Path]) -> list[tuple[str, str | None]]:
+    """Expand folders into their videos (recursively, sorted); ``(path, error or None)`` per input.
+    A missing path or a folder without videos is an input with an error, not a silent skip."""
+    found: list[tuple[str, str | None]] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            videos = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+            if not videos:
+                found.append((str(path), f"folder has no videos ({', '.join(VIDEO_EXTENSIONS)}); "
+                                         "pass a folder with videos, or the video files"))
+            found += [(str(v), None) for v in videos]
+        elif path.is_file():
+            found.append((str(path), None))
+        else:
+            found.append((str(path), "file not found; check the path"))
+    return found
+
+
+def top_k(probs: np.ndarray, classes: Sequence[str], k: int) -> tuple[tuple[str, float], ...]:
+    order = np.argsort(-probs)[: max(1, k)]
+    return tuple((classes[i], float(probs[i])) for i in order)
+
+
+class Classifier:
+    """A predictor plus the batching/concurrency pipeline around it."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    @classmethod
+    def from_triton(cls, url: str = "127.0.0.1:8000", model: str = "slowfast", protocol: str = "http",
+                    shm: bool = False) -> Classifier:
+        from sfdeploy.runtime.triton import TritonPredictor
+
+        return cls(TritonPredictor(url=url, model=model, protocol=protocol, shm=shm))
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
+                    device: str = "cpu") -> Classifier:
+        return cls(open_predictor(backend, export_dir=Path(export_dir), precision=precision, device=device))
+
+    @property
+    def spec(self) -> ClipSpec:
+        return self.predictor.spec
+
+    def predict_clips(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, V, T, H, W, 3]`` (see :func:`sfdeploy.preprocess.load_video`) -> probabilities."""
+        return self.predictor.predict(frames)
+
+    def classify(self, inputs: Iterable[str | Path], *, batch_size: int = 8, concurrency: int = 1, topk: int = 5,
+                 workers: int | None = None, show_progress: bool = False) -> Iterator[Prediction]:
+        """One :class:`Prediction` per input (folders expanded), in completion order.
+
+        Raises :class:`ServingError` if the backend stops answering; the predictions yielded
+        before that stay valid.
+        """
+        if batch_size < 1 or concurrency < 1:
+            raise InputError("batch size and concurrency must be >= 1", fix="use e.g. --batch-size 8 --concurrency 4")
+        items = collect_inputs(inputs)
+        classes = self.spec.class_names
+        for path, error in items:
+            if error:
+                yield Prediction(path, "error", error=error)
+        paths = [path for path, error in items if not error]
+        shown = bar(len(paths), desc=f"infer {self.predictor.name}", unit="video", enabled=show_progress)
+        inflight: dict[Future, list[str]] = {}
+        failure: BaseException | None = None
+
+        def finished(futures: Iterable[Future]) -> Iterator[Prediction]:
+            nonlocal failure
+            for future in futures:
+                batch_paths = inflight.pop(future)
+                try:
+                    probs = future.result()
+                except ServingError as exc:
+                    failure = failure or exc
+                    continue
+                for path, row in zip(batch_paths, probs, strict=True):
+                    best = top_k(row, classes, topk)
+                    shown.update(1)
+                    yield Prediction(path, "ok", label=best[0][0], score=best[0][1], top_k=best)
+
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sfdeploy-infer") as pool:
+            batch: list[tuple[str, np.ndarray]] = []
+
+            def submit() -> None:
+                clips = np.stack([clip for _, clip in batch])
+                inflight[pool.submit(self.predictor.predict, clips)] = [p for p, _ in batch]
+                batch.clear()
+
+            stream = decode_many(paths, self.spec, workers=workers)
+            try:
+                for index, clip in stream:
+                    if isinstance(clip, DecodeFailure):
+                        shown.update(1)
+                        yield Prediction(paths[index], "error", error=clip.error)
+                        continue
+                    batch.append((paths[index], clip))
+                    if len(batch) >= batch_size:
+                        submit()
+                    done = [f for f in inflight if f.done()]
+                    yield from finished(done)
+                    while len(inflight) >= concurrency and failure is None:
+                        yield from finished(wait(inflight, return_when=FIRST_COMPLETED).done)
+                    if failure is not None:
+                        break
+                if batch and failure is None:
+                    submit()
+            finally:
+                stream.close()  # stops the decode workers if we leave early
+            while inflight:
+                yield from finished(wait(inflight, return_when=FIRST_COMPLETED).done)
+        shown.close()
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        self.predictor.close()
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PredictionWriter:
+    """Appends predictions to ``.csv`` or ``.jsonl`` as they arrive (flushed per row), so a
+    killed run keeps every finished row; with ``resume`` the paths already written are skipped."""
+
+    def __init__(self, path: Path, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.format = {".csv": "csv", ".jsonl": "jsonl"}.get(self.path.suffix.lower())
+        if self.format is None:
+            raise InputError(f"unsupported output type '{self.path.suffix}'", path=self.path,
+                             fix="name the output .csv or .jsonl (JSON Lines: one JSON object per input)")
+        self.done: set[str] = set()
+        if self.path.exists():
+            if not resume:
+                raise InputError("the output file exists", path=self.path,
+                                 fix="pass --resume to continue it, or choose another --out")
+            self.done = self._read_done()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a", newline="")
+        except OSError as exc:
+            raise InputError(f"cannot write the output ({exc.strerror})", path=self.path,
+                             fix="choose a writable --out") from exc
+        self.csv = csv.DictWriter(self.handle, fieldnames=OUTPUT_FIELDS) if self.format == "csv" else None
+        if self.csv and self.handle.tell() == 0:
+            self.csv.writeheader()
+            self.handle.flush()
+
+    def _read_done(self) -> set[str]:
+        """Paths of the complete rows; a row cut off by a kill (no final newline) is dropped."""
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            self.path.write_text(text)
+        if self.format == "jsonl":
+            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+        return {row["path"] for row in csv.DictReader(text.splitlines())}
+
+    def write(self, prediction: Prediction) -> None:
+        row = asdict(prediction)
+        if self.csv:
+            row["top_k"] = json.dumps([list(pair) for pair in prediction.top_k]) if prediction.top_k else ""
+            self.csv.writerow({k: ("" if row[k] is None else row[k]) for k in OUTPUT_FIELDS})
+        else:
+            row["top_k"] = [list(pair) for pair in prediction.top_k]
+            self.handle.write(json.dumps(row) + "\n")
+        self.handle.flush()
+        self.done.add(prediction.path)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+@dataclass
+class InferSummary:
+    out: str
+    inputs: int
+    skipped: int  # already in the output (--resume)
+    ok: int = 0
+    failed: int = 0
+    wall_time_s: float = 0.0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def videos_per_s(self) -> float:
+        return (self.ok + self.failed) / self.wall_time_s if self.wall_time_s else 0.0
+
+
+def infer(inputs: Sequence[str | Path], out: str | Path, classifier: Classifier, *, batch_size: int = 8,
+          concurrency: int = 4, topk: int = 5, workers: int | None = None, resume: bool = False,
+          show_progress: bool = True) -> InferSummary:
+    """Classify ``inputs`` into ``out``; on a backend failure the rows so far are kept and a
+    :class:`ServingError` says how to continue."""
+    writer = PredictionWriter(Path(out), resume=resume)
+    started = time.monotonic()
+    expanded = [path for path, _ in collect_inputs(inputs)]
+    todo = [path for path in expanded if path not in writer.done]
+    summary = InferSummary(out=str(out), inputs=len(expanded), skipped=len(expanded) - len(todo))
+    try:
+        for prediction in classifier.classify(todo, batch_size=batch_size, concurrency=concurrency, topk=topk,
+                                              workers=workers, show_progress=show_progress):
+            writer.write(prediction)
+            if prediction.ok:
+                summary.ok += 1
+            else:
+                summary.failed += 1
+                summary.failures.append({"path": prediction.path, "error": prediction.error or ""})
+    except ServingError as exc:
+        raise ServingError(f"{exc.message}; {summary.ok + summary.failed} of {len(todo)} rows were written "
+                           f"before it", path=out, fix="restart the server, then run the same command with "
+                           "--resume (finished rows are kept and skipped)") from exc
+    finally:
+        writer.close()
+        summary.wall_time_s = round(time.monotonic() - started, 3)
+    return summary

@@ -1,0 +1,69 @@
+"""The Triton python-backend model that serves an sfdeploy export.
+
+``model_repository/<name>/1/model.py`` only re-exports :class:`TritonPythonModel` from here, so
+the logic is tested and versioned with sfdeploy. Each model instance runs the artifact named in
+the config's parameters (ONNX through onnxruntime, or TorchScript through torch) on the instance's
+device (a ``KIND_GPU`` instance on its GPU, else the CPU). Triton's dynamic batcher hands
+``execute`` several requests at once: their inputs are concatenated into one batch, run once,
+and split back, so batching across clients costs one model call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfdeploy.clipspec import SPEC_KEY, ClipSpec
+
+
+def _open(runtime: str, artifact: Path, device: str, threads: int | None) -> Any:
+    if runtime == "onnxruntime":
+        from sfdeploy.runtime.ort import OrtPredictor
+
+        return OrtPredictor(artifact, device=device, threads=threads)
+    if runtime == "torchscript":
+        from sfdeploy.runtime.torchscript import TorchScriptPredictor
+
+        return TorchScriptPredictor(artifact, device=device, threads=threads)
+    raise ValueError(f"unknown runtime {runtime!r} in the model config parameters")
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        artifact = Path(args["model_repository"]) / args["model_version"] / params["artifact"]
+        if args["model_instance_kind"] == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        else:
+            device = "cpu"
+        threads = int(params["threads"]) if params.get("threads") else None
+        self.predictor = _open(params["runtime"], artifact, device, threads)
+        configured = ClipSpec.from_json(params[SPEC_KEY])
+        if self.predictor.spec != configured:
+            raise ValueError(f"{artifact} carries another clip spec than config.pbtxt: regenerate the "
+                             "repository with `sfdeploy repo`")
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        import triton_python_backend_utils as pb_utils
+
+        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        try:
+            probs = self.predictor.predict(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+        except Exception as exc:  # every request of the failed batch gets the error, the server lives on
+            error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        responses, start = [], 0
+        for array in arrays:
+            part = probs[start:start + len(array)]
+            start += len(array)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)]))
+        return responses
+
+    def finalize(self) -> None:
+        self.predictor.close()

@@ -1,0 +1,248 @@
+"""Triton repository, the real tritonserver, and the batched client."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sfdeploy.client import Classifier
+from sfdeploy.data.layout import PreparedData
+from sfdeploy.errors import ServingError
+from sfdeploy.preprocess import load_video
+from sfdeploy.runtime.ort import OrtPredictor
+from sfdeploy.runtime.triton import TritonPredictor
+from sfdeploy.serving.config import parse_config, spec_of
+from sfdeploy.serving.repo import PYTHON_MODEL
+
+from badvideos import not_a_video, truncated
+from conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def clips(tiny_export: Path, prepared: Path) -> np.ndarray:
+    from sfdeploy.export.manifest import Manifest
+
+    data = PreparedData.from_dir(prepared)
+    paths = [data.media_root / line.split()[0] for line in data.val.path.read_text().splitlines()]
+    return np.stack([load_video(str(p), Manifest.read(tiny_export).clip_spec) for p in paths])
+
+
+def test_every_config_parses_and_carries_the_clip_spec(tiny_repo: Path, tiny_export: Path) -> None:
+    from sfdeploy.export.manifest import Manifest
+
+    spec = Manifest.read(tiny_export).clip_spec
+    configs = {p.parent.name: parse_config(p.read_text()) for p in tiny_repo.glob("*/config.pbtxt")}
+    assert {name: c.backend for name, c in configs.items()} == {
+        "slowfast": "python", "slowfast_onnx": "onnxruntime", "slowfast_torchscript": "pytorch"}
+    for name, config in configs.items():
+        assert spec_of(config) == spec
+        assert list(config.input[0].dims) == list(spec.input_shape)
+        assert list(config.output[0].dims) == [4] and config.output[0].label_filename == "labels.txt"
+        assert config.max_batch_size == 32 and config.dynamic_batching.max_queue_delay_microseconds == 5000
+        assert (tiny_repo / name / "labels.txt").read_text().split() == list(spec.class_names)
+    assert (tiny_repo / "slowfast/1/model.py").read_text() == PYTHON_MODEL
+
+
+def test_native_configs_name_tensors_that_exist_in_the_artifacts(tiny_repo: Path) -> None:
+    import onnx
+    import torch
+
+    onnx_config = parse_config((tiny_repo / "slowfast_onnx/config.pbtxt").read_text())
+    graph = onnx.load(str(tiny_repo / "slowfast_onnx/1/model.onnx")).graph
+    assert [i.name for i in graph.input] == [i.name for i in onnx_config.input]
+    assert [o.name for o in graph.output] == [o.name for o in onnx_config.output]
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]
+    assert dims == list(onnx_config.input[0].dims)
+
+    ts_config = parse_config((tiny_repo / "slowfast_torchscript/config.pbtxt").read_text())
+    module = torch.jit.load(str(tiny_repo / "slowfast_torchscript/1/model.pt"))
+    arguments = [a.name for a in module.forward.schema.arguments if a.name != "self"]
+    assert [i.name for i in ts_config.input] == arguments  # pytorch backend: forward argument names
+    outputs = module.forward.schema.returns
+    assert len(outputs) == 1 and [o.name for o in ts_config.output] == ["probs__0"]  # <name>__<index>
+
+
+def test_repo_is_idempotent_and_versions_add_folders(tiny_export: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu")
+    files = {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()}
+    time.sleep(0.05)
+    run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu")
+    assert {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()} == files
+    run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu", "--version", "2")
+    assert (repo / "slowfast/1/model.onnx").is_file() and (repo / "slowfast/2/model.onnx").is_file()
+
+
+def test_committed_model_repository_is_what_repo_writes(tiny_repo: Path) -> None:
+    """model_repository/ in git holds the generated configs of the demo model (tiny, synthetic,
+    CPU) and the python-backend code, exactly as `sfdeploy repo` writes them."""
+    committed = REPO / "model_repository"
+    for name in ("slowfast", "slowfast_onnx", "slowfast_torchscript"):
+        for filename in ("config.pbtxt", "labels.txt"):
+            assert (committed / name / filename).read_text() == (tiny_repo / name / filename).read_text()
+    assert (committed / "slowfast/1/model.py").read_text() == PYTHON_MODEL
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("shm", [False, True])
+def test_served_predictions_equal_in_process_onnxruntime(triton, tiny_export: Path, clips: np.ndarray,
+                                                         protocol: str, shm: bool) -> None:
+    local = OrtPredictor(tiny_export / "model.onnx")
+    url = triton.http_url if protocol == "http" else triton.grpc_url
+    remote = TritonPredictor(url, model="slowfast", protocol=protocol, shm=shm)
+    try:
+        assert remote.spec == local.spec
+        for n in (1, 3, 8):
+            assert np.array_equal(remote.predict(clips[:n]), local.predict(clips[:n]))
+    finally:
+        remote.close()
+
+
+def test_concurrent_requests_are_batched_by_the_server(triton, synth_root: Path, tmp_path: Path) -> None:
+    stats_before = _executed_batch_sizes(triton)
+    out = tmp_path / "p.csv"
+    run_cli("infer", str(synth_root), "--url", triton.http_url, "--batch-size", "1", "--concurrency", "8",
+            "--out", str(out))
+    after = _executed_batch_sizes(triton)
+    new = {size: after.get(size, 0) - stats_before.get(size, 0) for size in after}
+    assert sum(size * count for size, count in new.items()) == 64  # every video executed once
+    assert any(size > 1 and count > 0 for size, count in new.items()), new  # requests of 1 merged
+
+
+def _executed_batch_sizes(triton) -> dict[int, int]:
+    predictor = TritonPredictor(triton.http_url, model="slowfast")
+    try:
+        stats = predictor.statistics()
+    finally:
+        predictor.close()
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
+def test_a_corrupt_file_gets_its_error_row_and_the_rest_is_classified(triton, synth_root: Path,
+                                                                      tmp_path: Path) -> None:
+    folder = tmp_path / "videos"
+    shutil.copytree(synth_root / "move_left", folder / "move_left")
+    truncated(folder / "move_left" / "broken.mp4", folder / "move_left" / "move_left_0000.mp4")
+    not_a_video(folder / "notes.mp4")
+    out = tmp_path / "p.csv"
+    result = run_cli("infer", str(folder), "--url", triton.grpc_url, "--protocol", "grpc", "--out", str(out),
+                     check=False)
+    assert result.returncode == 1
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+    assert len(rows) == 18
+    assert rows["broken.mp4"]["status"] == rows["notes.mp4"]["status"] == "error"
+    assert "cannot decode" in rows["broken.mp4"]["error"]
+    ok = [r for name, r in rows.items() if name not in ("broken.mp4", "notes.mp4")]
+    assert all(r["status"] == "ok" for r in ok)
+    assert sum(r["label"] == "move_left" for r in ok) >= 14  # the model is right on its training class
+    assert "broken.mp4" in result.stderr
+
+
+def test_python_api(triton, synth_root: Path, tiny_export: Path) -> None:
+    videos = sorted((synth_root / "move_up").glob("*.mp4"))[:5]
+    with Classifier.from_triton(triton.http_url, model="slowfast") as served, \
+            Classifier.from_export(tiny_export, backend="torchscript") as local:
+        remote = {p.path: p for p in served.classify(videos, batch_size=2, concurrency=2)}
+        here = {p.path: p for p in local.classify(videos, batch_size=2)}
+    assert set(remote) == {str(v) for v in videos}
+    for path, prediction in remote.items():
+        assert prediction.ok and prediction.label == here[path].label
+        assert abs(prediction.score - here[path].score) < 1e-4
+
+
+def test_client_errors_name_the_problem(triton, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    cases = [
+        (["--url", f"127.0.0.1:{closed_port}"], "cannot reach a Triton server"),
+        (["--url", triton.http_url, "--model", "nope"], "model 'nope' is not ready"),
+    ]
+    for args, message in cases:
+        result = run_cli("infer", str(tmp_path), *args, "--out", str(tmp_path / "p.csv"), check=False)
+        assert result.returncode == 1 and message in result.stderr and "fix:" in result.stderr
+
+
+def test_a_loading_server_is_not_ready(tiny_repo: Path, tmp_path: Path) -> None:
+    """While a model loads, the real server answers live but not ready (strict readiness)."""
+    from sfdeploy.serving.server import TritonServer, free_port
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "slowfast", repo / "slowfast")
+    slow = repo / "slow_loading"
+    (slow / "1").mkdir(parents=True)
+    shutil.copy(tiny_repo / "slowfast/config.pbtxt", slow / "config.pbtxt")
+    (slow / "config.pbtxt").write_text((slow / "config.pbtxt").read_text().replace('name: "slowfast"',
+                                                                                  'name: "slow_loading"'))
+    shutil.copy(tiny_repo / "slowfast/labels.txt", slow / "labels.txt")
+    shutil.copy(tiny_repo / "slowfast/1/model.onnx", slow / "1/model.onnx")
+    (slow / "1/model.py").write_text(  # the real sfdeploy model, 8 s slower to load
+        "import time\nfrom sfdeploy.serving.python_backend import TritonPythonModel as Model\n\n\n"
+        "class TritonPythonModel(Model):\n    def initialize(self, args):\n        time.sleep(8)\n"
+        "        super().initialize(args)\n")
+    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                      models=["slowfast"]) as server:
+        import tritonclient.http as http
+
+        loader = threading.Thread(target=lambda: http.InferenceServerClient(server.http_url).load_model(
+            "slow_loading"), daemon=True)
+        loader.start()
+        time.sleep(1.5)
+        with pytest.raises(ServingError, match="is not ready") as info:
+            TritonPredictor(server.http_url, model="slowfast")
+        assert info.value.fix
+        loader.join(timeout=30)
+
+
+def test_serve_reports_a_busy_port_and_a_broken_model(tiny_repo: Path, tmp_path: Path) -> None:
+    from sfdeploy.serving.server import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--repo", str(tiny_repo), "--http-port", str(port), check=False)
+    assert result.returncode == 1 and f"port {port} on 127.0.0.1 is already in use" in result.stderr
+
+    broken = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "slowfast", broken / "slowfast")
+    (broken / "slowfast/1/model.onnx").write_bytes(b"not an onnx model")
+    result = run_cli("serve", "--repo", str(broken), "--http-port", str(free_port()), "--grpc-port",
+                     str(free_port()), "--metrics-port", str(free_port()), check=False)
+    assert result.returncode == 1
+    assert "tritonserver exited" in result.stderr and "slowfast" in result.stderr
+    assert "fix:" in result.stderr
+
+
+def test_serve_shuts_down_cleanly_on_sigterm(tiny_repo: Path) -> None:
+    from sfdeploy.serving.server import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "sfdeploy", "serve", "--repo", str(tiny_repo), "--http-port",
+                             ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())  # printed once the models are ready
+        assert ready["models"] == ["slowfast"] and ready["http"] == f"127.0.0.1:{ports[0]}"
+        server_pids = subprocess.run(["pgrep", "-f", f"http-port={ports[0]}"], capture_output=True,
+                                     text=True).stdout.split()
+        assert server_pids
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for pid in server_pids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
