@@ -63,9 +63,12 @@ def tiny_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="session")
 def tiny_repo(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`sfdeploy repo EXPORT --device cpu` (python backend + native configs)."""
+    """`sfdeploy repo EXPORT --device cpu` (python backend running TorchScript, native configs),
+    plus `slowfast_ort`: the python backend running the ONNX model."""
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu")
+    run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu", "--name", "slowfast_ort",
+            "--runtime", "onnxruntime", "--no-native")
     return repo
 
 

@@ -13,23 +13,9 @@ from sfdeploy.export.manifest import Manifest
 from conftest import run_cli
 
 
-def randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights that give a peaked softmax. A freshly initialised SlowFast zero-inits the last BN
-    of every residual block and has a tiny fc: its near-flat output would hide export errors."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 0.5 + 0.75)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.2)
-
-
 @pytest.mark.slow
 def test_r50_4x16_exports_on_cpu_and_passes_parity(prepared: Path, tmp_path: Path) -> None:
+    from sfdeploy.bench.model import randomise
     from sfdeploy.compat import ensure_mmaction, load_config
     from sfdeploy.data.layout import PreparedData
     from sfdeploy.train.config import FinetuneOptions, build_config

@@ -22,6 +22,7 @@ from sfdeploy.data.layout import PreparedData
 from sfdeploy.errors import ServingError
 from sfdeploy.preprocess import load_video
 from sfdeploy.runtime.ort import OrtPredictor
+from sfdeploy.runtime.torchscript import TorchScriptPredictor
 from sfdeploy.runtime.triton import TritonPredictor
 from sfdeploy.serving.config import parse_config, spec_of
 from sfdeploy.serving.repo import PYTHON_MODEL
@@ -45,7 +46,10 @@ def test_every_config_parses_and_carries_the_clip_spec(tiny_repo: Path, tiny_exp
     spec = Manifest.read(tiny_export).clip_spec
     configs = {p.parent.name: parse_config(p.read_text()) for p in tiny_repo.glob("*/config.pbtxt")}
     assert {name: c.backend for name, c in configs.items()} == {
-        "slowfast": "python", "slowfast_onnx": "onnxruntime", "slowfast_torchscript": "pytorch"}
+        "slowfast": "python", "slowfast_onnx": "onnxruntime", "slowfast_torchscript": "pytorch",
+        "slowfast_ort": "python"}
+    assert configs["slowfast"].parameters["runtime"].string_value == "torchscript"
+    assert configs["slowfast_ort"].parameters["runtime"].string_value == "onnxruntime"
     for name, config in configs.items():
         assert spec_of(config) == spec
         assert list(config.input[0].dims) == list(spec.input_shape)
@@ -82,7 +86,7 @@ def test_repo_is_idempotent_and_versions_add_folders(tiny_export: Path, tmp_path
     run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu")
     assert {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()} == files
     run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu", "--version", "2")
-    assert (repo / "slowfast/1/model.onnx").is_file() and (repo / "slowfast/2/model.onnx").is_file()
+    assert (repo / "slowfast/1/model.pt").is_file() and (repo / "slowfast/2/model.pt").is_file()
 
 
 def test_committed_model_repository_is_what_repo_writes(tiny_repo: Path) -> None:
@@ -97,11 +101,16 @@ def test_committed_model_repository_is_what_repo_writes(tiny_repo: Path) -> None
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("shm", [False, True])
-def test_served_predictions_equal_in_process_onnxruntime(triton, tiny_export: Path, clips: np.ndarray,
-                                                         protocol: str, shm: bool) -> None:
-    local = OrtPredictor(tiny_export / "model.onnx")
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torchscript"])
+def test_served_predictions_equal_in_process(triton, tiny_export: Path, clips: np.ndarray, protocol: str,
+                                             shm: bool, runtime: str) -> None:
+    """Bit for bit: the served model and the same artifact run in this process."""
+    if runtime == "onnxruntime":
+        local, model = OrtPredictor(tiny_export / "model.onnx"), "slowfast_ort"
+    else:
+        local, model = TorchScriptPredictor(tiny_export / "model.pt"), "slowfast"
     url = triton.http_url if protocol == "http" else triton.grpc_url
-    remote = TritonPredictor(url, model="slowfast", protocol=protocol, shm=shm)
+    remote = TritonPredictor(url, model=model, protocol=protocol, shm=shm)
     try:
         assert remote.spec == local.spec
         for n in (1, 3, 8):
@@ -182,12 +191,11 @@ def test_a_loading_server_is_not_ready(tiny_repo: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo / "slowfast", repo / "slowfast")
     slow = repo / "slow_loading"
-    (slow / "1").mkdir(parents=True)
+    shutil.copytree(tiny_repo / "slowfast/1", slow / "1")
     shutil.copy(tiny_repo / "slowfast/config.pbtxt", slow / "config.pbtxt")
     (slow / "config.pbtxt").write_text((slow / "config.pbtxt").read_text().replace('name: "slowfast"',
                                                                                   'name: "slow_loading"'))
     shutil.copy(tiny_repo / "slowfast/labels.txt", slow / "labels.txt")
-    shutil.copy(tiny_repo / "slowfast/1/model.onnx", slow / "1/model.onnx")
     (slow / "1/model.py").write_text(  # the real sfdeploy model, 8 s slower to load
         "import time\nfrom sfdeploy.serving.python_backend import TritonPythonModel as Model\n\n\n"
         "class TritonPythonModel(Model):\n    def initialize(self, args):\n        time.sleep(8)\n"
@@ -218,9 +226,10 @@ def test_serve_reports_a_busy_port_and_a_broken_model(tiny_repo: Path, tmp_path:
 
     broken = tmp_path / "repo"
     shutil.copytree(tiny_repo / "slowfast", broken / "slowfast")
-    (broken / "slowfast/1/model.onnx").write_bytes(b"not an onnx model")
+    artifact = parse_config((broken / "slowfast/config.pbtxt").read_text()).parameters["artifact"].string_value
+    (broken / "slowfast/1" / artifact).write_bytes(b"not a model")  # the file the model runs
     result = run_cli("serve", "--repo", str(broken), "--http-port", str(free_port()), "--grpc-port",
-                     str(free_port()), "--metrics-port", str(free_port()), check=False)
+                     str(free_port()), "--metrics-port", str(free_port()), check=False, timeout=180)
     assert result.returncode == 1
     assert "tritonserver exited" in result.stderr and "slowfast" in result.stderr
     assert "fix:" in result.stderr
@@ -235,7 +244,7 @@ def test_serve_shuts_down_cleanly_on_sigterm(tiny_repo: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = json.loads(proc.stdout.readline())  # printed once the models are ready
-        assert ready["models"] == ["slowfast"] and ready["http"] == f"127.0.0.1:{ports[0]}"
+        assert ready["models"] == ["slowfast", "slowfast_ort"] and ready["http"] == f"127.0.0.1:{ports[0]}"
         server_pids = subprocess.run(["pgrep", "-f", f"http-port={ports[0]}"], capture_output=True,
                                      text=True).stdout.split()
         assert server_pids

@@ -23,8 +23,9 @@ from sfdeploy.cli.options import GreedyOption
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances.")
 @click.option("--version", "version", default=1, show_default=True, type=click.IntRange(min=1),
               help="Version folder to write (a new number keeps the older versions).")
-@click.option("--runtime", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torchscript"]),
-              help="What the python-backend model runs.")
+@click.option("--runtime", default="torchscript", show_default=True,
+              type=click.Choice(["torchscript", "onnxruntime"]),
+              help="What the python-backend model runs (torch: GPU when present, faster 3-D convs on CPU).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Which artifact of the export to serve (fp16 needs `export --fp16`).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),

@@ -50,12 +50,16 @@ class RepoOptions:
     max_batch: int = 32
     instances: int = 1
     version: int = 1
-    runtime: str = "onnxruntime"  # what the python-backend model runs: onnxruntime or torchscript
+    # What the python-backend model runs. TorchScript by default: torch runs on the GPU where one is
+    # (the onnxruntime installed for CPU does not), and on CPU its oneDNN 3-D convolutions were
+    # 2x faster than onnxruntime's at batch 8 (benchmarks/results).
+    runtime: str = "torchscript"
     precision: str = "fp32"
     device: str = "auto"  # auto (GPU if torch sees one), cpu, gpu
     queue_delay_us: int = 5000
     tensorrt: bool = False  # TensorRT fp16 accelerator in <name>_onnx (NVIDIA's container)
     native: bool = True  # also write <name>_onnx and <name>_torchscript
+    require_parity: bool = True  # only `sfdeploy bench` turns this off, for its own speed-only exports
 
 
 def _kind(device: str) -> str:
@@ -85,7 +89,7 @@ def _place(source: Path, dest: Path, digest: str) -> None:
 def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     """Write (or refresh) the models of one export; returns their folders."""
     manifest = Manifest.read(export_dir)
-    if not manifest.parity_passed:
+    if opts.require_parity and not manifest.parity_passed:
         raise InputError("this export did not pass its parity gate (see manifest.json 'parity')",
                          path=export_dir, fix="re-run `sfdeploy export` and serve an export that passes")
     if not opts.name.replace("_", "").replace("-", "").isalnum():

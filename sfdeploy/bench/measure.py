@@ -1,0 +1,166 @@
+"""Timing, memory and machine facts for benchmarks.
+
+Every measurement warms up first (JIT, cuDNN autotuning, allocator growth, lazy session init),
+then times ``iters`` calls; throughput is clips over wall time, latency percentiles are per call.
+GPU work is synchronised before each clock read, so a call's time includes its kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import re
+import resource
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+
+
+@dataclass
+class Timing:
+    calls: int
+    clips: int
+    wall_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.clips / self.wall_s if self.wall_s else 0.0
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], *, clips_per_call: int, warmup: int, iters: int,
+               device: str = "cpu") -> Timing:
+    """Time ``iters`` sequential calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    latencies = []
+    start = time.perf_counter()
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - start
+    return _timing(latencies, iters * clips_per_call, wall)
+
+
+def time_concurrent(fn: Callable[[], object], *, clips_per_call: int, concurrency: int, warmup: int,
+                    iters: int) -> Timing:
+    """``concurrency`` threads each make ``iters`` calls (after ``warmup``); requests overlap, as
+    clients of a server do. Latency is per request, throughput over the whole run."""
+    for _ in range(warmup):
+        fn()
+    latencies: list[float] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        mine = []
+        try:
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                mine.append(time.perf_counter() - t0)
+        except BaseException as exc:  # re-raised in the caller's thread below
+            errors.append(exc)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return _timing(latencies, len(latencies) * clips_per_call, wall)
+
+
+def _timing(latencies: list[float], clips: int, wall: float) -> Timing:
+    ms = np.array(latencies) * 1000.0
+    return Timing(calls=len(latencies), clips=clips, wall_s=wall, p50_ms=float(np.percentile(ms, 50)),
+                  p95_ms=float(np.percentile(ms, 95)), p99_ms=float(np.percentile(ms, 99)))
+
+
+def peak_memory_mb(device: str) -> float:
+    """GPU: peak bytes allocated by torch since the last reset; CPU: the process's peak RSS."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def device_info(device: str) -> dict:
+    """Machine, device, driver and package versions: what a number needs to be comparable."""
+    import torch
+
+    info: dict = {
+        "device": device,
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {},
+    }
+    for dist in ("torch", "onnxruntime", "onnxruntime-gpu", "mmaction2", "mmengine", "tritonclient",
+                 "nvidia-pytriton", "numpy", "decord", "sfdeploy"):
+        try:
+            info["packages"][dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip()
+            info["driver"], info["gpu_memory"] = [part.strip() for part in out.split(",")][:2]
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            info["driver"] = "unknown"
+    return info
+
+
+def device_slug(info: dict) -> str:
+    """``<device>-<date>``, used to name result files: e.g. nvidia-h100-80gb-hbm3-2026-11-24."""
+    name = info.get("gpu") if info["device"].startswith("cuda") else f"cpu-{info['cpu_cores']}c-{info['cpu']}"
+    slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
+    slug = re.sub(r"-(r|tm|cpu)-", "-", slug)[:60].strip("-")
+    return f"{slug}-{date.today().isoformat()}"

@@ -1,0 +1,69 @@
+"""The model a benchmark runs: a trained work dir, or a preset with random (non-degenerate)
+weights, since speed does not depend on what the weights learnt.
+
+Profiles: ``small`` is ``slowfast_tiny`` at its 64 px (minutes on 2 CPU cores); ``full`` is
+SlowFast R50 4x16 at 224 px with a 400-class head, the Kinetics model users deploy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sfdeploy.clipspec import ClipSpec
+
+log = logging.getLogger("sfdeploy")
+
+PROFILES = {"small": ("slowfast_tiny", 4), "full": ("slowfast_r50_4x16", 400)}
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights that give a peaked softmax. A freshly initialised SlowFast zero-inits the last BN
+    of every residual block and has a tiny fc: its near-flat output would hide export errors."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 0.5 + 0.75)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.2)
+
+
+@dataclass
+class BenchModel:
+    name: str
+    recognizer: Any  # mmaction Recognizer3D, eval mode, on CPU, fp32
+    spec: ClipSpec
+    cfg: Any
+
+
+def build_bench_model(profile: str = "small", work_dir: Path | None = None) -> BenchModel:
+    """The recognizer to benchmark and its one-view clip spec."""
+    from sfdeploy.compat import ensure_mmaction, load_config
+    from sfdeploy.train.presets import preset_path
+
+    if work_dir is not None:
+        from sfdeploy.export.source import load_trained
+
+        trained = load_trained(Path(work_dir))
+        spec = ClipSpec.from_config(trained.cfg, trained.class_names, views=1)
+        return BenchModel(f"{trained.preset or 'model'} ({work_dir})", trained.recognizer, spec, trained.cfg)
+    preset, classes = PROFILES[profile]
+    ensure_mmaction()
+    from mmaction.registry import MODELS
+
+    cfg = load_config(preset_path(preset))
+    cfg.model.cls_head.num_classes = classes
+    recognizer = MODELS.build(cfg.model)
+    randomise(recognizer)
+    recognizer.cfg = cfg
+    recognizer.eval()
+    names = tuple(f"class_{i}" for i in range(classes))
+    return BenchModel(f"{preset} (random weights)", recognizer, ClipSpec.from_config(cfg, names, views=1), cfg)

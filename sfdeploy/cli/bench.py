@@ -1,0 +1,67 @@
+"""``sfdeploy bench``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter("give positive integers, e.g. 1,8,32")
+    return numbers
+
+
+def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+@click.command()
+@click.option("--full", is_flag=True,
+              help="SlowFast R50 4x16 at 224 px (the real model; for GPUs) instead of the small profile.")
+@click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Benchmark the model trained in this work dir instead.")
+@click.option("--backends", default="mmaction2,eager,torchscript,onnxruntime,triton-http,triton-grpc",
+              show_default=True, callback=_words, help="Comma-separated.")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_ints, help="Model-only sweep.")
+@click.option("--precision", "precisions", default=None, callback=_words,
+              help="Comma-separated fp32, fp16, bf16 [default: fp32 on CPU, fp32,fp16 on CUDA].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--concurrency", default="1,8", show_default=True, callback=_ints, help="Triton requests in flight.")
+@click.option("--triton-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Clips per request.")
+@click.option("--iters", default=10, show_default=True, type=click.IntRange(min=1), help="Timed calls per row.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed calls first.")
+@click.option("--e2e/--no-e2e", default=True, show_default=True, help="Also videos -> predictions end to end.")
+@click.option("--e2e-videos", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--videos", type=click.Path(file_okay=False, path_type=Path),
+              help="Videos for the end-to-end run [default: synthetic].")
+@click.option("--workers", type=click.IntRange(min=1), help="Decode processes [default: one per CPU core].")
+@click.option("--trace", is_flag=True, help="Profile the model and record where the time goes.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Results JSON (+ .md, .png) [default: benchmarks/results/<device>-<date>.json].")
+def bench(full: bool, work_dir: Path | None, backends: tuple[str, ...], batch_sizes: tuple[int, ...],
+          precisions: tuple[str, ...] | None, device: str, concurrency: tuple[int, ...], triton_batch: int,
+          iters: int, warmup: int, e2e: bool, e2e_videos: int, videos: Path | None, workers: int | None,
+          trace: bool, out: Path | None) -> None:
+    """Measure clips/s and latency of MMAction2 (the baseline), eager PyTorch, TorchScript, ONNX
+    Runtime and the Triton-served model, and videos/s end to end beside the decode-only ceiling.
+
+    The default (small) profile finishes in minutes on 2 CPU cores. Writes one JSON per run with
+    the device and package versions, a markdown table and a PNG plot.
+    """
+    from sfdeploy.bench.run import BenchOptions, run_bench
+
+    if precisions and set(precisions) - {"fp32", "fp16", "bf16"}:
+        raise click.BadParameter("use fp32, fp16, bf16", param_hint="--precision")
+    results, files = run_bench(BenchOptions(
+        profile="full" if full else "small", work_dir=work_dir, backends=backends or (), batch_sizes=batch_sizes,
+        precisions=precisions, device=device, concurrency=concurrency, triton_batch=triton_batch, warmup=warmup,
+        iters=iters, e2e=e2e, e2e_videos=e2e_videos, videos=videos, workers=workers, trace=trace, out=out))
+    click.echo(files[1].read_text(), err=True)
+    click.echo(json.dumps({"results": [str(f) for f in files]}))
