@@ -74,18 +74,60 @@ def clip_views(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(views, axis=0))  # crop-major, like FormatShape
 
 
-def load_video(path: str, spec: ClipSpec) -> np.ndarray:
-    """Decode and preprocess one video file: uint8 ``[V, T, crop, crop, 3]`` RGB."""
+def _decord_frames(path: str, spec: ClipSpec) -> np.ndarray:
     import decord
 
     reader = decord.VideoReader(str(path), num_threads=1)
     total = len(reader)
     if total == 0:
         raise ValueError("the video has no frames")
-    indices = sample_indices(total, spec).reshape(-1)
-    frames = reader.get_batch(indices).asnumpy()
+    frames = reader.get_batch(sample_indices(total, spec).reshape(-1)).asnumpy()
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"decoded frames have shape {frames.shape}, expected [T, H, W, 3]")
+    return frames
+
+
+def _opencv_frames(path: str, spec: ClipSpec) -> np.ndarray:
+    """The same sampling with OpenCV's FFmpeg reader: one pass counts the frames (containers'
+    counts can be wrong), a second keeps only the sampled ones; no seeking, so indices are exact."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    total = 0
+    while capture.grab():
+        total += 1
+    capture.release()
+    if total == 0:
+        raise ValueError("OpenCV decodes no frames either")
+    indices = sample_indices(total, spec).reshape(-1)
+    wanted, kept = set(indices.tolist()), {}
+    capture = cv2.VideoCapture(str(path))
+    try:
+        for index in range(max(wanted) + 1):
+            ok, frame = capture.read()
+            if not ok:
+                raise ValueError(f"OpenCV stopped at frame {index} of {total}")
+            if index in wanted:
+                kept[index] = frame[:, :, ::-1]  # BGR -> RGB
+    finally:
+        capture.release()
+    return np.stack([kept[i] for i in indices])
+
+
+def load_video(path: str, spec: ClipSpec) -> np.ndarray:
+    """Decode and preprocess one video file: uint8 ``[V, T, crop, crop, 3]`` RGB.
+
+    decord first (MMAction2's decoder, so the pixels match its pipeline exactly). Files decord
+    cannot decode (it mis-reads some frame widths, e.g. 72 px) are decoded with OpenCV instead;
+    their pixels may differ slightly from what MMAction2 would give, had it been able to read them.
+    """
+    try:
+        frames = _decord_frames(path, spec)
+    except Exception as decord_error:  # any decord failure: try the other decoder before giving up
+        try:
+            frames = _opencv_frames(path, spec)
+        except Exception:  # both failed: report decord's reason, it is MMAction2's decoder
+            raise decord_error from None
     return clip_views(frames, spec)
 
 
@@ -97,13 +139,27 @@ class DecodeFailure:
     error: str
 
 
-def _decode_task(job: tuple[str, ClipSpec]) -> np.ndarray:
-    return load_video(*job)
+def _decode_task(job: tuple[str, ClipSpec]) -> np.ndarray | DecodeFailure:
+    """Decode one video, or say why not and what to do (the probe's reasons and fixes)."""
+    from sfdeploy.data.probe import FIXES, short_error
+
+    path, spec = job
+    if not os.path.isfile(path):
+        return DecodeFailure(path, "file not found; check the path")
+    if os.path.getsize(path) == 0:
+        return DecodeFailure(path, f"the file is empty (0 bytes); {FIXES['zero_bytes']}")
+    try:
+        return load_video(path, spec)
+    except Exception as exc:  # any decoder failure becomes this input's row; the others go on
+        return DecodeFailure(path, f"cannot decode ({short_error(exc)}); {FIXES['unreadable']}")
 
 
 def _decode_failed(job: tuple[str, ClipSpec], failure: WorkerFailure) -> DecodeFailure:
+    from sfdeploy.data.probe import FIXES
+
     what = {"crash": "the decoder crashed", "timeout": "decoding timed out"}.get(failure.kind, "cannot decode")
-    return DecodeFailure(job[0], f"{what}: {failure.detail}")
+    fix = FIXES[{"crash": "decoder_crash", "timeout": "timeout"}.get(failure.kind, "unreadable")]
+    return DecodeFailure(job[0], f"{what} ({failure.detail}); {fix}")
 
 
 def _single_threaded() -> None:

@@ -67,3 +67,37 @@ def encoded_video(path: Path, width: int, height: int, frames: int = 40, *, code
         container.mux(packet)
     container.close()
     return path
+
+
+def corrupt_index(path: Path, source: Path, seed: int = 0) -> Path:
+    """A real mp4 whose index (the moov box) is overwritten with random bytes."""
+    data = bytearray(source.read_bytes())
+    start = data.find(b"moov") + 8
+    rng = np.random.default_rng(seed)
+    data[start:start + 400] = rng.integers(0, 256, size=len(data[start:start + 400]), dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def bad_input_matrix(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Every awkward input, in two class folders: (files that must be used, files that must fail)."""
+    a, b = root / "move_left", root / "move_right"
+    usable = {
+        "plain": good_video(a / "plain.mp4", frames=48, motion="move_left"),
+        "grayscale": encoded_video(a / "gray.mkv", 96, 96, frames=40, codec="ffv1", gray=True),
+        "odd_size": encoded_video(a / "odd_97x131.mp4", 131, 97, frames=40),
+        "portrait": encoded_video(b / "portrait.mp4", 80, 128, frames=40),
+        "very_long": encoded_video(b / "long.mp4", 96, 96, frames=1500, seed=1),
+        "variable_frame_rate": encoded_video(b / "vfr.mp4", 96, 96, frames=60, vfr=True, seed=2),
+        "plain_b": good_video(b / "plain.mp4", frames=48, motion="move_right"),
+        # decord mis-decodes 72 px wide streams: MMAction2 cannot train on it, the client can read it
+        "decord_width_bug": encoded_video(b / "narrow_72.mp4", 72, 128, frames=40, seed=3),
+    }
+    failing = {
+        "corrupt": corrupt_index(a / "corrupt.mp4", usable["plain"]),
+        "truncated": truncated(b / "truncated.mp4", usable["plain_b"]),
+        "zero_byte": zero_byte(a / "empty.mp4"),
+        "not_a_video": not_a_video(b / "notes.avi"),
+    }
+    return usable, failing

@@ -27,25 +27,31 @@ def run_cli(*args: str, check: bool = True, timeout: float = 900, env: dict | No
 
 
 @pytest.fixture(scope="session")
-def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synth") / "videos"
-    run_cli("data", "synth", str(root), "--classes", "4", "--per-class", "16", "--seed", "0")
-    return root
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`sfdeploy demo`, the main job, run once: synth -> prepare -> finetune (slowfast_tiny) ->
+    export (+fp16, parity) -> repo -> serve -> infer -> short bench. Its outputs are the trained
+    model, export and data the rest of the suite works with. Returns (workdir, summary)."""
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
+    result = run_cli("demo", "--workdir", str(workdir), timeout=1500)
+    return workdir, json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")
-def prepared(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "DATA"
-    run_cli("data", "prepare", str(synth_root), "--out", str(out), "--preset", "slowfast_tiny")
-    return out
+def synth_root(demo: tuple[Path, dict]) -> Path:
+    """The synthetic videos (4 classes x 16, `sfdeploy data synth` defaults)."""
+    return demo[0] / "videos"
 
 
 @pytest.fixture(scope="session")
-def tiny_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """WORK of `sfdeploy finetune --preset slowfast_tiny` on the synthetic data."""
-    work = tmp_path_factory.mktemp("work") / "WORK"
-    run_cli("finetune", str(prepared), "--work-dir", str(work), "--preset", "slowfast_tiny", "--seed", "0")
-    return work
+def prepared(demo: tuple[Path, dict]) -> Path:
+    """DATA prepared from them for slowfast_tiny."""
+    return demo[0] / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo: tuple[Path, dict]) -> Path:
+    """WORK of finetune --preset slowfast_tiny on DATA."""
+    return demo[0] / "work"
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +60,9 @@ def tiny_summary(tiny_run: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """EXPORT of `sfdeploy export WORK --fp16` (TorchScript + ONNX, fp32 + fp16, one view)."""
-    out = tmp_path_factory.mktemp("export") / "EXPORT"
-    run_cli("export", str(tiny_run), "--out", str(out), "--fp16")
-    return out
+def tiny_export(demo: tuple[Path, dict]) -> Path:
+    """EXPORT of WORK with --fp16 (TorchScript + ONNX, fp32 + fp16, one view), parity passed."""
+    return demo[0] / "export"
 
 
 @pytest.fixture(scope="session")

@@ -123,7 +123,7 @@ def test_bad_data_and_work_dirs_fail_with_the_path_and_the_fix(prepared: Path, s
     blocker = tmp_path / "file"
     blocker.write_text("")
     cases = [
-        ([str(prepared), "--work-dir", str(blocker / "w")], "work dir is not writable"),
+        ([str(prepared), "--work-dir", str(blocker / "w")], "cannot write the work dir"),
         ([str(synth_root), "--work-dir", str(tmp_path / "w")], "not a prepared data folder"),
         ([str(tmp_path / "missing"), "--work-dir", str(tmp_path / "w")], "data folder not found"),
     ]

@@ -56,7 +56,7 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from sfdeploy.cli import bench, data, doctor, evaluate, export, finetune, serving
+    from sfdeploy.cli import bench, data, demo, doctor, evaluate, export, finetune, serving
 
     cli.add_command(data.data)
     cli.add_command(finetune.finetune)
@@ -66,6 +66,7 @@ def _register() -> None:
     cli.add_command(serving.serve)
     cli.add_command(serving.infer)
     cli.add_command(bench.bench)
+    cli.add_command(demo.demo)
     cli.add_command(doctor.doctor)
 
 

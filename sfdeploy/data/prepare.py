@@ -23,6 +23,7 @@ from sfdeploy.data import layout
 from sfdeploy.data.probe import VIDEO_EXTENSIONS, VideoProbe, probe_videos
 from sfdeploy.data.synth import HINTS_JSON
 from sfdeploy.errors import InputError
+from sfdeploy.fsutil import ensure_writable_dir
 
 
 @dataclass
@@ -133,14 +134,7 @@ def prepare(
     if not 0.0 < val_ratio < 1.0:
         raise InputError(f"--val-ratio must be between 0 and 1, got {val_ratio}", fix="use e.g. 0.2")
     candidates, ignored, empty, presplit = scan(video_root)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe_file = out / ".write_test"
-        probe_file.write_text("")
-        probe_file.unlink()
-    except OSError as exc:
-        raise InputError(f"cannot write the output folder ({exc.strerror})", path=out,
-                         fix="choose a writable --out folder") from exc
+    ensure_writable_dir(out, "output folder", "--out folder")
     if not candidates:
         raise InputError(
             "no videos found" + (f" ({len(ignored)} other files ignored)" if ignored else ""),

@@ -8,6 +8,7 @@ a ``reason`` (a stable code for reports and tests) and a ``fix`` a person can ac
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ FIXES: dict[str, str] = {
     "corrupt": "decoding fails partway (truncated or damaged file): re-encode it or remove it",
     "too_short": "use a longer video, or prepare with a preset / --min-frames that needs fewer frames",
     "decoder_crash": "the decoder crashed on this file: re-encode it or remove it",
+    "decoder_unsupported": "decord (MMAction2's decoder) mis-decodes this stream (seen with some frame widths, "
+    "e.g. 72 px): re-encode it, e.g. `ffmpeg -i IN -vf scale=trunc(iw/16)*16:-2 -c:v libx264 OUT.mp4`",
     "timeout": "decoding took too long: re-encode it or remove it",
 }
 
@@ -70,15 +73,19 @@ def probe_video(path: str, min_frames: int = 1) -> VideoProbe:
     try:
         reader = decord.VideoReader(path, num_threads=1)
     except Exception as exc:  # decord raises DECORDError / RuntimeError for bad containers
-        return VideoProbe(path, reason="unreadable", detail=_short(exc))
+        return VideoProbe(path, reason="unreadable", detail=short_error(exc))
     frames = len(reader)
     if frames == 0:
         return VideoProbe(path, reason="no_frames", detail="0 frames")
     try:
-        first = reader[0].shape
-        reader[frames - 1]
+        # The call MMAction2's DecordDecode makes, on the first and last frame.
+        ends = reader.get_batch([0, frames - 1]).asnumpy()
     except Exception as exc:
-        return VideoProbe(path, frames=frames, reason="corrupt", detail=_short(exc))
+        reason = "decoder_unsupported" if "DECORDArrayCopyFromTo" in str(exc) else "corrupt"
+        return VideoProbe(path, frames=frames, reason=reason, detail=short_error(exc))
+    first = ends.shape[1:]
+    if ends.ndim != 4 or first[-1] != 3:
+        return VideoProbe(path, frames=frames, reason="decoder_unsupported", detail=f"decoded frames of shape {first}")
     probe = VideoProbe(
         path, frames=frames, fps=float(reader.get_avg_fps()), width=int(first[1]), height=int(first[0])
     )
@@ -88,9 +95,14 @@ def probe_video(path: str, min_frames: int = 1) -> VideoProbe:
     return probe
 
 
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+_DECORD_LOCATION = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+def short_error(exc: BaseException) -> str:
+    """One readable line: the exception type and its first line, decord's source location removed."""
+    lines = str(exc).strip().splitlines()
+    text = _DECORD_LOCATION.sub("", lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def _probe_task(job: tuple[str, int]) -> VideoProbe:

@@ -17,6 +17,7 @@ from pathlib import Path
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import EnvironmentProblem, ExportError, InputError
 from sfdeploy.export.manifest import ARTIFACTS, FORMATS, Artifact, Manifest, sha256
+from sfdeploy.fsutil import ensure_writable_dir
 
 log = logging.getLogger("sfdeploy")
 
@@ -42,17 +43,6 @@ def _device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("--device cuda but torch sees no GPU", fix="use --device cpu (or auto)")
     return requested
-
-
-def _writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sfdeploy_write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(f"cannot write the export folder ({exc.strerror})", path=out,
-                         fix="choose a writable --out folder") from exc
 
 
 def _parity_cfg(trained_cfg: object, parity_data: Path | None) -> object:
@@ -82,7 +72,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
         raise InputError(f"unknown export format(s): {', '.join(unknown) or '(none)'}",
                          fix=f"use --formats with any of: {', '.join(FORMATS)}")
     out = Path(opts.out)
-    _writable(out)
+    ensure_writable_dir(out, "export folder", "--out folder")
     device = _device(opts.device)
     started = time.monotonic()
 

@@ -26,6 +26,7 @@ from typing import Any
 from sfdeploy.compat import ensure_mmaction, load_config
 from sfdeploy.data.layout import CLASS_INDEX, PreparedData, write_class_index
 from sfdeploy.errors import InputError, TrainingError
+from sfdeploy.fsutil import ensure_writable_dir
 from sfdeploy.train.config import FinetuneOptions, build_config
 from sfdeploy.train.hooks import SUMMARY_FILE
 from sfdeploy.train.launch import RUN_INFO, run_training
@@ -35,17 +36,6 @@ from sfdeploy.train.pretrained import prepare_pretrained
 log = logging.getLogger("sfdeploy")
 
 CONFIG_FILE = "config.py"
-
-
-def _ensure_writable(work: Path) -> None:
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-        probe = work / ".sfdeploy_write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(f"work dir is not writable ({exc.strerror})", path=work,
-                         fix="choose a --work-dir you can write to") from exc
 
 
 def _has_run(work: Path) -> bool:
@@ -127,7 +117,7 @@ def finetune(data: PreparedData | None, opts: FinetuneOptions) -> dict[str, Any]
     if opts.gpus < 1:
         raise InputError(f"--gpus must be >= 1, got {opts.gpus}", fix="use --gpus 1 (or the number of GPUs)")
     work = Path(opts.work_dir).resolve()
-    _ensure_writable(work)
+    ensure_writable_dir(work, "work dir", "--work-dir")
     ensure_mmaction()
     if opts.resume:
         _prepare_resume(opts, work)

@@ -1,0 +1,59 @@
+"""Security defaults: servers bind loopback, artifacts never unpickle code."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses listening on ``port`` (from /proc/net/tcp{,6}: the kernel's own view)."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                addresses.add(address)
+    return addresses
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, and as ::ffff:127.0.0.1
+
+
+def test_the_server_listens_on_loopback_only(triton) -> None:
+    for port in (triton.http_port, triton.grpc_port, triton.metrics_port):
+        addresses = _listening(port)
+        assert addresses and addresses <= LOOPBACK, (port, addresses)
+
+
+def test_serve_defaults_to_loopback() -> None:
+    from click.testing import CliRunner
+
+    from sfdeploy.cli import cli
+
+    help_text = CliRunner().invoke(cli, ["serve", "--help"]).output
+    assert "--host TEXT" in help_text and "[default: 127.0.0.1]" in help_text
+
+
+class _Boom:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnxruntime"])
+def test_an_artifact_that_is_a_pickle_does_not_run(backend: str, tmp_path: Path) -> None:
+    from sfdeploy.runtime.ort import OrtPredictor
+    from sfdeploy.runtime.torchscript import TorchScriptPredictor
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / ("model.pt" if backend == "torchscript" else "model.onnx")
+    path.write_bytes(pickle.dumps(_Boom(str(marker))))
+    with pytest.raises(Exception):  # noqa: PT011, B017 - each runtime has its own error type
+        (TorchScriptPredictor if backend == "torchscript" else OrtPredictor)(path)
+    assert not marker.exists()
