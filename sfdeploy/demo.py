@@ -74,8 +74,7 @@ def run_demo(workdir: Path, *, bench: bool = True) -> dict[str, Any]:
     from sfdeploy.client import Classifier, infer
     from sfdeploy.serving.server import TritonServer, free_port
 
-    val = [line.split() for line in data.val.path.read_text().splitlines()]
-    truth = {str(data.media_root / path): data.classes[int(label)] for path, label in val}
+    truth = {str(path): data.classes[label] for path, label in data.val_videos()}
     with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
         _stage(7, f"infer the {len(truth)} val videos through the served model -> {predictions}")
         predictions.unlink(missing_ok=True)

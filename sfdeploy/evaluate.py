@@ -61,9 +61,9 @@ def val_split(data_dir: Path, class_names: tuple[str, ...]) -> tuple[list[Path],
                          f"{', '.join(class_names)})", path=data.source / "class_index.txt",
                          fix="evaluate on data with the classes the model was trained on")
     to_model = {i: class_names.index(name) for i, name in enumerate(data.classes)}
-    rows = [line.split() for line in data.val.path.read_text().splitlines() if line.strip()]
-    paths = [data.media_root / path for path, _ in rows]
-    labels = np.array([to_model[int(label)] for _, label in rows])
+    videos = data.val_videos()
+    paths = [path for path, _ in videos]
+    labels = np.array([to_model[label] for _, label in videos])
     return paths, labels
 
 

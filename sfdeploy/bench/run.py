@@ -147,11 +147,12 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
             log.info("bench: eager")
             rows += suites.eager_rows(model, precisions, batches, device, opts.warmup, opts.iters)
         from sfdeploy.runtime import open_local
+        from sfdeploy.runtime.ort import ort_device
 
         for backend in ("torchscript", "onnxruntime"):
             if backend in opts.backends:
                 log.info("bench: %s", backend)
-                run_on = device if backend == "torchscript" or _ort_cuda() else "cpu"
+                run_on = device if backend == "torchscript" else ort_device(device)
                 rows += suites.predictor_rows(backend, lambda p, b=backend, d=run_on: open_local(
                     b, export_dir, precision=p, device=d), model.spec, precisions, batches, run_on,
                     opts.warmup, opts.iters)
@@ -177,12 +178,6 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     results["targets"] = _targets(model_only, results["end_to_end"], device, opts.profile)
     out = opts.out or Path("benchmarks/results") / f"{device_slug(info)}.json"
     return results, write_results(results, out)
-
-
-def _ort_cuda() -> bool:
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def _served_and_end_to_end(opts: BenchOptions, model: Any, export_dir: Path, scratch: Path, precisions: list[str],

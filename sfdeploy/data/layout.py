@@ -53,6 +53,7 @@ class AnnotationList:
     path: Path
     format: str  # "video" (path label) or "rawframes" (frame_dir total_frames label)
     labels: tuple[int, ...]
+    names: tuple[str, ...] = ()  # each line's video path or frame dir, as written
 
     @classmethod
     def read(cls, path: Path, num_classes: int) -> AnnotationList:
@@ -85,7 +86,7 @@ class AnnotationList:
                 raise InputError(f"line {number}: label {label} is outside 0..{num_classes - 1}",
                                  path=path, fix="labels index the class list (class_index.txt)")
             labels.append(label)
-        return cls(path=path, format=fmt, labels=tuple(labels))
+        return cls(path=path, format=fmt, labels=tuple(labels), names=tuple(parts[0] for parts in lines))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -107,6 +108,10 @@ class PreparedData:
     @property
     def format(self) -> str:
         return self.train.format
+
+    def val_videos(self) -> list[tuple[Path, int]]:
+        """The val split as (video path, label) pairs, paths joined to the media root."""
+        return [(self.media_root / name, label) for name, label in zip(self.val.names, self.val.labels, strict=True)]
 
     @classmethod
     def from_dir(cls, data: Path) -> PreparedData:

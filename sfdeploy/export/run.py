@@ -66,6 +66,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     from sfdeploy.export.source import load_trained
     from sfdeploy.export.torchscript import export_torchscript
     from sfdeploy.runtime import open_local
+    from sfdeploy.runtime.ort import ort_device
 
     unknown = [f for f in opts.formats if f not in FORMATS]
     if unknown or not opts.formats:
@@ -123,7 +124,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     log.info("[4/5] parity gate: %d val video(s) on %s", len(videos), device)
     predictors = {
         key: (open_local("onnxruntime" if a.format == "onnx" else "torchscript", out, precision=a.precision,
-                         device=_run_device(a.format, device)), a.precision)
+                         device=device if a.format == "torchscript" else ort_device(device)), a.precision)
         for key, a in artifacts.items()
     }
     manifest.parity = run_gate(recognizer.to(device=device, dtype=torch.float32), spec, predictors,
@@ -140,12 +141,6 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     return manifest
 
 
-def _run_device(fmt: str, device: str) -> str:
-    """ONNX Runtime is the CPU build unless sfdeploy[gpu] is installed: run it where it can."""
-    import onnxruntime
-
-    return device if fmt == "torchscript" or "CUDAExecutionProvider" in onnxruntime.get_available_providers() \
-        else "cpu"
 
 
 def _example_batch(video: Path, spec: ClipSpec):

@@ -19,6 +19,14 @@ def read_onnx_spec(session: object, path: Path) -> ClipSpec:
     return ClipSpec.from_json(meta[SPEC_KEY])
 
 
+def ort_device(device: str) -> str:
+    """Where ONNX Runtime can run a model asked for on ``device``: the installed onnxruntime is the
+    CPU build unless sfdeploy[gpu] (onnxruntime-gpu) is, so CUDA falls back to the CPU."""
+    import onnxruntime
+
+    return device if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+
+
 class OrtPredictor:
     def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> None:
         import onnxruntime as ort
