@@ -17,14 +17,12 @@ from typing import Any
 
 import torch
 
-from sfdeploy.bench import suites
+from sfdeploy.bench import BACKENDS, suites
 from sfdeploy.bench.measure import device_info, device_slug
 from sfdeploy.bench.model import build_bench_model
 from sfdeploy.errors import InputError
 
 log = logging.getLogger("sfdeploy")
-
-BACKENDS = ("mmaction2", "eager", "torchscript", "onnxruntime", "triton-http", "triton-grpc")
 
 
 @dataclass

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from sfdeploy.bench import BACKENDS
+
 
 def _ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
@@ -27,7 +29,7 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="SlowFast R50 4x16 at 224 px (the real model; for GPUs) instead of the small profile.")
 @click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Benchmark the model trained in this work dir instead.")
-@click.option("--backends", default="mmaction2,eager,torchscript,onnxruntime,triton-http,triton-grpc",
+@click.option("--backends", default=",".join(BACKENDS),
               show_default=True, callback=_words, help="Comma-separated.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_ints, help="Model-only sweep.")
 @click.option("--precision", "precisions", default=None, callback=_words,
