@@ -27,12 +27,12 @@ def _stage(number: int, text: str) -> None:
 
 
 def run_demo(workdir: Path, *, bench: bool = True) -> dict[str, Any]:
+    from sfdeploy.artifacts import MANIFEST_FILE, Manifest
     from sfdeploy.clipspec import ClipSpec
     from sfdeploy.compat import load_config
     from sfdeploy.data.layout import PreparedData
     from sfdeploy.data.prepare import prepare
     from sfdeploy.data.synth import HINTS_JSON, SynthOptions, synthesize
-    from sfdeploy.export.manifest import MANIFEST_FILE, Manifest
     from sfdeploy.export.run import ExportOptions, export_work
     from sfdeploy.train.config import FinetuneOptions
     from sfdeploy.train.hooks import SUMMARY_FILE

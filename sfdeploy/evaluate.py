@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from sfdeploy.artifacts import Manifest
 from sfdeploy.data.layout import PreparedData
 from sfdeploy.errors import InputError
-from sfdeploy.export.manifest import Manifest
 from sfdeploy.preprocess import DecodeFailure, decode_many
 from sfdeploy.progress import progress
 from sfdeploy.runtime import Predictor

@@ -1,10 +1,13 @@
-"""Filesystem checks shared by the commands that write folders."""
+"""Filesystem mechanisms shared by the commands that write folders and files."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sfdeploy.errors import InputError
+
+PARTIAL_SUFFIX = ".partial"  # what a file is called while it is being written
 
 
 def ensure_writable_dir(path: Path, what: str, option: str) -> Path:
@@ -20,3 +23,21 @@ def ensure_writable_dir(path: Path, what: str, option: str) -> Path:
         raise InputError(f"cannot write the {what} ({exc.strerror})", path=path,
                          fix=f"choose a writable {option}") from exc
     return path
+
+
+def partial_path(path: Path) -> Path:
+    """The hidden temporary name ``path`` is written under before :func:`commit` renames it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+
+
+def commit(partial: Path, final: Path) -> None:
+    """Rename a finished temporary file onto its final name: atomic on one filesystem, so a reader
+    (or a process killed at any moment) sees the old file or the new one, never half of one."""
+    os.replace(partial, final)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = partial_path(path)
+    tmp.write_text(text)
+    commit(tmp, path)

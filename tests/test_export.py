@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from sfdeploy.artifacts import Manifest, sha256
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.data.layout import PreparedData
-from sfdeploy.export.manifest import Manifest, sha256
 from sfdeploy.preprocess import load_video
 
 from conftest import run_cli

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfdeploy.export.manifest import Manifest
+from sfdeploy.artifacts import Manifest
 
 from conftest import run_cli
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import tomllib
+import sys
 
 from conftest import REPO
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10, which pyproject.toml allows: the backport (in the dev extra)
+    import tomli as tomllib
 
 
 def test_every_subpackage_is_listed_in_pyproject() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,8 @@ def test_serve_defaults_to_loopback() -> None:
 
 
 class _Boom:
+    """Unpickling this object calls ``Path.touch(marker)``: code runs, as in a malicious checkpoint."""
+
     def __init__(self, marker: str) -> None:
         self.marker = marker
 
@@ -46,14 +47,45 @@ class _Boom:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.fixture()
+def code_payload(tmp_path: Path) -> tuple[Path, Path]:
+    """A real ``torch.save`` file whose unpickling runs code, proven live: a plain
+    ``torch.load(weights_only=False)`` in a fresh interpreter does create the marker."""
+    import subprocess
+    import sys
+
+    import torch
+
+    marker = tmp_path / "code_ran"
+    payload = tmp_path / "payload.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "meta": _Boom(str(marker))}, payload)
+    subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=False)",
+                    str(payload)], check=True, capture_output=True, cwd=Path(__file__).parent)
+    assert marker.exists(), "the payload must be live for the tests below to mean anything"
+    marker.unlink()
+    return payload, marker
+
+
 @pytest.mark.parametrize("backend", ["torchscript", "onnxruntime"])
-def test_an_artifact_that_is_a_pickle_does_not_run(backend: str, tmp_path: Path) -> None:
+def test_an_artifact_that_is_a_pickle_does_not_run(backend: str, code_payload: tuple[Path, Path],
+                                                   tmp_path: Path) -> None:
     from sfdeploy.runtime.ort import OrtPredictor
     from sfdeploy.runtime.torchscript import TorchScriptPredictor
 
-    marker = tmp_path / "code_ran"
+    payload, marker = code_payload
     path = tmp_path / ("model.pt" if backend == "torchscript" else "model.onnx")
-    path.write_bytes(pickle.dumps(_Boom(str(marker))))
+    path.write_bytes(payload.read_bytes())
     with pytest.raises(Exception):  # noqa: PT011, B017 - each runtime has its own error type
         (TorchScriptPredictor if backend == "torchscript" else OrtPredictor)(path)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_that_runs_code_is_refused_unrun(code_payload: tuple[Path, Path]) -> None:
+    """--pretrained / resume / export all load checkpoints through this function."""
+    from sfdeploy.compat import load_checkpoint_file
+    from sfdeploy.errors import InputError
+
+    payload, marker = code_payload
+    with pytest.raises(InputError, match="could run code when loaded"):
+        load_checkpoint_file(payload)
     assert not marker.exists()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sfdeploy.artifacts import resolve_device
 from sfdeploy.bench import BACKENDS, suites
 from sfdeploy.bench.measure import device_info, device_slug
 from sfdeploy.bench.model import build_bench_model
@@ -49,7 +50,7 @@ class BenchOptions:
 
 def _export(model: Any, precisions: list[str], device: str, out: Path) -> None:
     """TorchScript + ONNX of the bench module, and a manifest the runtimes read them through."""
-    from sfdeploy.export.manifest import ARTIFACTS, Artifact, Manifest, sha256
+    from sfdeploy.artifacts import Artifact, Manifest, artifact_file, artifact_key
     from sfdeploy.export.onnx_export import export_onnx
     from sfdeploy.export.torchscript import export_torchscript
 
@@ -60,12 +61,10 @@ def _export(model: Any, precisions: list[str], device: str, out: Path) -> None:
         module = suites.deploy_module(model, precision, where)
         example = torch.from_numpy(suites.random_clips(model.spec, 2)).to(where)
         for fmt, exporter in (("torchscript", export_torchscript), ("onnx", export_onnx)):
-            key = fmt if precision == "fp32" else f"{fmt}_{precision}"
-            filename = ARTIFACTS[key][2]
+            path = out / artifact_file(fmt, precision)
             log.info("bench: exporting %s %s", fmt, precision)
-            exporter(module, example, out / filename, model.spec.to_json(), precision)
-            artifacts[key] = Artifact(fmt, precision, filename, (out / filename).stat().st_size,
-                                      sha256(out / filename))
+            exporter(module, example, path, model.spec.to_json(), precision)
+            artifacts[artifact_key(fmt, precision)] = Artifact.of(fmt, precision, path)
     Manifest(clip_spec=model.spec, artifacts=artifacts, source={"benchmark": model.name},
              parity={"skipped": "benchmark artifacts: exported from the module the eager rows time"}).write(out)
 
@@ -119,13 +118,11 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     from sfdeploy.bench.report import write_results
     from sfdeploy.compat import ensure_mmaction
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda but torch sees no GPU", fix="use --device cpu")
+    device = resolve_device(opts.device)
     unknown = set(opts.backends) - set(BACKENDS)
     if unknown:
         raise InputError(f"unknown backend(s): {', '.join(sorted(unknown))}", fix=f"use: {', '.join(BACKENDS)}")
-    precisions = list(opts.precisions or (["fp32", "fp16"] if device == "cuda" else ["fp32"]))
+    precisions = list(opts.precisions or (["fp32", "fp16"] if device.startswith("cuda") else ["fp32"]))
     ensure_mmaction()
     model = build_bench_model(opts.profile, opts.work_dir)
     info = device_info(device)
@@ -187,13 +184,13 @@ def _served_and_end_to_end(opts: BenchOptions, model: Any, export_dir: Path, scr
 
     served = [b for b in ("triton-http", "triton-grpc") if b in opts.backends]
     # The served model runs what `sfdeploy repo` serves by default: TorchScript.
-    precision = "fp16" if device == "cuda" and "fp16" in precisions else "fp32"
+    precision = "fp16" if device.startswith("cuda") and "fp16" in precisions else "fp32"
     server = None
     if served or opts.e2e:
         repo = scratch / "repo"
         write_repository(export_dir, RepoOptions(repo=repo, max_batch=max([*batches, opts.triton_batch]),
                                                  runtime="torchscript", precision=precision,
-                                                 device="gpu" if device == "cuda" else "cpu", native=False,
+                                                 device=device, native=False,
                                                  require_parity=False))
         server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()).start()
     try:

@@ -17,9 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INPUT_NAME = "frames"
-OUTPUT_NAME = "probs"
-
 
 class SlowFastDeploy(nn.Module):
     """Wraps a trained MMAction2 ``Recognizer3D`` (its backbone and head, not patched)."""

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfdeploy.artifacts import INPUT_NAME, OUTPUT_NAME, SELF_CHECK_TOLERANCE
 from sfdeploy.clipspec import SPEC_KEY
 from sfdeploy.errors import ExportError
-from sfdeploy.export.deploy import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 18
-SELF_CHECK_TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3}
 
 
 @contextlib.contextmanager
@@ -51,7 +50,7 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, spec
         with _quiet_exporter():
             torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=OPSET,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_shapes={"frames": {0: batch}}, external_data=False)
+                              dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False)
     except Exception as exc:  # the exporter raises many types; all mean "could not export"
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:500]}", path=path,
                           fix="export --formats torchscript meanwhile, and report the error") from exc

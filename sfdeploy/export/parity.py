@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.data.layout import AnnotationList
 from sfdeploy.errors import InputError
 from sfdeploy.preprocess import load_video
 from sfdeploy.progress import progress
@@ -60,11 +61,10 @@ def val_videos(cfg: Any, limit: int, seed: int = 0) -> list[tuple[Path, int]]:
         raise InputError("the val list of the training config is gone", path=ann,
                          fix="restore it, or pass --parity-data DATA (a folder from `sfdeploy data prepare`)")
     prefix = Path(dataset.get("data_prefix", {}).get("video") or "")
+    listed = AnnotationList.read(ann, int(cfg.model.cls_head.num_classes))
     by_label: dict[int, list[Path]] = defaultdict(list)
-    for line in ann.read_text().splitlines():
-        if line.strip():
-            name, label = line.split()
-            by_label[int(label)].append(prefix / name)
+    for name, label in zip(listed.names, listed.labels, strict=True):
+        by_label[label].append(prefix / name)
     rng = random.Random(seed)
     for paths in by_label.values():
         rng.shuffle(paths)

@@ -4,6 +4,12 @@ Stages (each logged): load the trained model, derive the clip spec, export each 
 check it reloads and matches its module, run the parity gate against MMAction2 on val clips,
 write ``manifest.json``. The manifest is written even when the gate fails (with the numbers),
 and then export raises, so the failure can be inspected and nothing is silently shipped.
+
+Atomic: every artifact is written under a hidden temporary name and checked there; only when
+all are done are they renamed onto their final names, and the manifest (with each file's
+sha256) is written last. A run killed before that leaves the previous export untouched; a run
+killed during the renames leaves files that no longer match the old manifest's hashes, which
+every reader refuses (:meth:`sfdeploy.artifacts.Manifest.artifact_path`). Never a mix that loads.
 """
 
 from __future__ import annotations
@@ -14,10 +20,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfdeploy.artifacts import (
+    FORMATS,
+    MANIFEST_FILE,
+    Artifact,
+    Manifest,
+    artifact_file,
+    artifact_key,
+    resolve_device,
+    sha256,
+)
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.errors import EnvironmentProblem, ExportError, InputError
-from sfdeploy.export.manifest import ARTIFACTS, FORMATS, Artifact, Manifest, sha256
-from sfdeploy.fsutil import ensure_writable_dir
+from sfdeploy.errors import ExportError, InputError
+from sfdeploy.fsutil import PARTIAL_SUFFIX, commit, ensure_writable_dir, partial_path
 
 log = logging.getLogger("sfdeploy")
 
@@ -33,16 +48,6 @@ class ExportOptions:
     parity_videos: int = 64
     parity_data: Path | None = None  # a prepared DATA folder to take parity clips from
     show_progress: bool = True
-
-
-def _device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise EnvironmentProblem("--device cuda but torch sees no GPU", fix="use --device cpu (or auto)")
-    return requested
 
 
 def _parity_cfg(trained_cfg: object, parity_data: Path | None) -> object:
@@ -65,7 +70,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     from sfdeploy.export.parity import run_gate, val_videos
     from sfdeploy.export.source import load_trained
     from sfdeploy.export.torchscript import export_torchscript
-    from sfdeploy.runtime import open_local
+    from sfdeploy.runtime import open_artifact
     from sfdeploy.runtime.ort import ort_device
 
     unknown = [f for f in opts.formats if f not in FORMATS]
@@ -74,7 +79,9 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
                          fix=f"use --formats with any of: {', '.join(FORMATS)}")
     out = Path(opts.out)
     ensure_writable_dir(out, "export folder", "--out folder")
-    device = _device(opts.device)
+    for stale in out.glob(f".*{PARTIAL_SUFFIX}"):  # left by an export killed before it finished
+        stale.unlink()
+    device = resolve_device(opts.device)
     started = time.monotonic()
 
     log.info("[1/5] loading the trained model from %s", work_dir)
@@ -90,7 +97,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     variants = [("fp32", torch.float32)] + ([("fp16", torch.float16)] if opts.fp16 else [])
     recognizer = trained.recognizer
     example_cpu = torch.from_numpy(_example_batch(videos[0][0], spec))
-    artifacts: dict[str, Artifact] = {}
+    staged: dict[str, tuple[Artifact, Path]] = {}  # key -> (what it will be, where it is now)
     for precision, dtype in variants:
         model = copy.deepcopy(recognizer) if dtype != torch.float32 else recognizer
         # fp16 runs where it will be served (CUDA when present); fp32 traces on CPU.
@@ -99,17 +106,15 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
         module = SlowFastDeploy(model, spec.mean, spec.std, compute_dtype=dtype).eval().to(where)
         example = example_cpu.to(where)
         for fmt in opts.formats:
-            key = fmt if precision == "fp32" else f"{fmt}_{precision}"
-            _, _, filename = ARTIFACTS[key]
-            path = out / filename
-            log.info("[3/5] exporting %s (%s) -> %s", fmt, precision, path)
-            (export_onnx if fmt == "onnx" else export_torchscript)(module, example, path, spec_json, precision)
-            artifacts[key] = Artifact(format=fmt, precision=precision, file=filename,
-                                      size_bytes=path.stat().st_size, sha256=sha256(path))
+            filename = artifact_file(fmt, precision)
+            tmp = partial_path(out / filename)
+            log.info("[3/5] exporting %s (%s) -> %s", fmt, precision, out / filename)
+            (export_onnx if fmt == "onnx" else export_torchscript)(module, example, tmp, spec_json, precision)
+            staged[artifact_key(fmt, precision)] = (Artifact.of(fmt, precision, tmp, file=filename), tmp)
 
     manifest = Manifest(
         clip_spec=spec,
-        artifacts=artifacts,
+        artifacts={key: artifact for key, (artifact, _) in staged.items()},
         averaging=recognizer.cls_head.average_clips,
         source={
             "work_dir": str(trained.work_dir.resolve()),
@@ -119,28 +124,39 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
             "preset": trained.preset,
         },
     )
-    manifest.write(out)  # the predictors open the artifacts through it
 
     log.info("[4/5] parity gate: %d val video(s) on %s", len(videos), device)
     predictors = {
-        key: (open_local("onnxruntime" if a.format == "onnx" else "torchscript", out, precision=a.precision,
-                         device=device if a.format == "torchscript" else ort_device(device)), a.precision)
-        for key, a in artifacts.items()
+        key: (open_artifact(tmp, a.format, device=device if a.format == "torchscript" else ort_device(device)),
+              a.precision)
+        for key, (a, tmp) in staged.items()
     }
     manifest.parity = run_gate(recognizer.to(device=device, dtype=torch.float32), spec, predictors,
                                [p for p, _ in videos], device=device, show_progress=opts.show_progress)
     manifest.parity["wall_time_s"] = round(time.monotonic() - started, 1)
-    log.info("[5/5] writing %s", out / "manifest.json")
-    manifest.write(out)
+    log.info("[5/5] writing %s", out / MANIFEST_FILE)
+    _commit(out, manifest, staged)
     failed = {k: r for k, r in manifest.parity["artifacts"].items() if not r["passed"]}
     if failed:
         detail = "; ".join(f"{k}: max_abs_diff {r['max_abs_diff']:.2e}, top-1 agreement "
                            f"{r['top1_agreement']:.1%} (needs {r['criterion']})" for k, r in failed.items())
-        raise ExportError(f"parity gate failed: {detail}", path=out / "manifest.json",
+        raise ExportError(f"parity gate failed: {detail}", path=out / MANIFEST_FILE,
                           fix="do not deploy these artifacts; the numbers are in manifest.json 'parity'")
     return manifest
 
 
+def _commit(out: Path, manifest: Manifest, staged: dict[str, tuple[Artifact, Path]]) -> None:
+    """Rename the checked artifacts onto their names, write the manifest last, then remove the
+    files of a previous export that the new manifest no longer lists."""
+    try:
+        previous = {a.file for a in Manifest.read(out).artifacts.values()}
+    except InputError:  # no (readable) previous export
+        previous = set()
+    for artifact, tmp in staged.values():
+        commit(tmp, out / artifact.file)
+    manifest.write(out)
+    for name in previous - {a.file for a in manifest.artifacts.values()}:
+        (out / name).unlink(missing_ok=True)
 
 
 def _example_batch(video: Path, spec: ClipSpec):

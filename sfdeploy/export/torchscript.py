@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
+from sfdeploy.artifacts import SELF_CHECK_TOLERANCE
 from sfdeploy.errors import ExportError
 from sfdeploy.runtime.torchscript import SPEC_FILE, load_torchscript
-
-SELF_CHECK_TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3}
 
 
 def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path, spec_json: str,

@@ -13,10 +13,9 @@ from typing import Protocol
 
 import numpy as np
 
+from sfdeploy.artifacts import LOCAL_BACKENDS, Manifest, artifact_key, backend_format
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import InputError
-
-LOCAL_BACKENDS = ("onnxruntime", "torchscript")
 
 
 class Predictor(Protocol):
@@ -37,17 +36,8 @@ def check_batch(frames: np.ndarray, spec: ClipSpec) -> None:
                          fix="make batches with sfdeploy.preprocess.load_video for this model's clip spec")
 
 
-def open_local(backend: str, export_dir: Path, *, precision: str = "fp32", device: str = "cpu",
-               threads: int | None = None) -> Predictor:
-    """A predictor for an artifact of ``export_dir`` (read through its manifest)."""
-    from sfdeploy.export.manifest import Manifest
-
-    manifest = Manifest.read(export_dir)
-    fmt = {"onnxruntime": "onnx", "torchscript": "torchscript"}.get(backend)
-    if fmt is None:
-        raise InputError(f"unknown local backend '{backend}'", fix=f"use one of: {', '.join(LOCAL_BACKENDS)}")
-    key = fmt if precision == "fp32" else f"{fmt}_{precision}"
-    path = manifest.artifact_path(export_dir, key)
+def open_artifact(path: Path, fmt: str, *, device: str = "cpu", threads: int | None = None) -> Predictor:
+    """A predictor for one artifact file of format ``fmt`` (``onnx`` or ``torchscript``)."""
     if fmt == "onnx":
         from sfdeploy.runtime.ort import OrtPredictor
 
@@ -55,6 +45,15 @@ def open_local(backend: str, export_dir: Path, *, precision: str = "fp32", devic
     from sfdeploy.runtime.torchscript import TorchScriptPredictor
 
     return TorchScriptPredictor(path, device=device, threads=threads)
+
+
+def open_local(backend: str, export_dir: Path, *, precision: str = "fp32", device: str = "cpu",
+               threads: int | None = None) -> Predictor:
+    """A predictor for an artifact of ``export_dir``, read through its manifest (and verified
+    against the sha256 recorded there)."""
+    fmt = backend_format(backend)
+    path = Manifest.read(export_dir).artifact_path(export_dir, artifact_key(fmt, precision))
+    return open_artifact(path, fmt, device=device, threads=threads)
 
 
 def open_predictor(backend: str, *, export_dir: Path | None = None, precision: str = "fp32",

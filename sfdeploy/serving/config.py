@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sfdeploy.artifacts import INPUT_NAME, OUTPUT_NAME
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 
 BACKENDS = ("python", "onnxruntime", "pytorch")
@@ -22,8 +23,8 @@ class ServedModel:
     name: str
     backend: str  # one of BACKENDS
     spec: ClipSpec
-    input_name: str = "frames"
-    output_name: str = "probs"
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
     max_batch: int = 32
     preferred_batches: tuple[int, ...] = (8, 16, 32)
     queue_delay_us: int = 5000

@@ -16,19 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from sfdeploy.artifacts import backend_format, verify_sha256
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
-
-
-def _open(runtime: str, artifact: Path, device: str, threads: int | None) -> Any:
-    if runtime == "onnxruntime":
-        from sfdeploy.runtime.ort import OrtPredictor
-
-        return OrtPredictor(artifact, device=device, threads=threads)
-    if runtime == "torchscript":
-        from sfdeploy.runtime.torchscript import TorchScriptPredictor
-
-        return TorchScriptPredictor(artifact, device=device, threads=threads)
-    raise ValueError(f"unknown runtime {runtime!r} in the model config parameters")
+from sfdeploy.runtime import open_artifact
 
 
 class TritonPythonModel:
@@ -41,7 +31,9 @@ class TritonPythonModel:
         else:
             device = "cpu"
         threads = int(params["threads"]) if params.get("threads") else None
-        self.predictor = _open(params["runtime"], artifact, device, threads)
+        if params.get("artifact_sha256"):  # the file `sfdeploy repo` placed, not a changed one
+            verify_sha256(artifact, params["artifact_sha256"], fix="regenerate the repository with `sfdeploy repo`")
+        self.predictor = open_artifact(artifact, backend_format(params["runtime"]), device=device, threads=threads)
         configured = ClipSpec.from_json(params[SPEC_KEY])
         if self.predictor.spec != configured:
             raise ValueError(f"{artifact} carries another clip spec than config.pbtxt: regenerate the "

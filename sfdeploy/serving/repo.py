@@ -23,8 +23,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfdeploy.artifacts import BACKEND_FORMAT, Manifest, artifact_key, resolve_device, sha256
 from sfdeploy.errors import InputError
-from sfdeploy.export.manifest import Manifest, sha256
 from sfdeploy.serving.config import ServedModel, config_text
 
 log = logging.getLogger("sfdeploy")
@@ -62,14 +62,6 @@ class RepoOptions:
     require_parity: bool = True  # only `sfdeploy bench` turns this off, for its own speed-only exports
 
 
-def _kind(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _write_text(path: Path, text: str) -> None:
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
@@ -98,21 +90,21 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     if opts.max_batch < 1 or opts.instances < 1 or opts.version < 1:
         raise InputError("--max-batch, --instances and --version must be >= 1", fix="use positive values")
     spec = manifest.clip_spec
-    kind = _kind(opts.device)
-    fmt = {"onnxruntime": "onnx", "torchscript": "torchscript"}[opts.runtime]
-    key = fmt if opts.precision == "fp32" else f"{fmt}_{opts.precision}"
+    # The repository may be written here for a GPU server elsewhere: "gpu" needs no GPU here.
+    kind = "gpu" if resolve_device(opts.device, must_exist=False).startswith("cuda") else "cpu"
+    key = artifact_key(BACKEND_FORMAT[opts.runtime], opts.precision)
     runtime_artifact = manifest.artifact_path(export_dir, key)
     preferred = tuple(sorted({max(1, opts.max_batch // 4), max(1, opts.max_batch // 2), opts.max_batch}))
     common = dict(spec=spec, max_batch=opts.max_batch, preferred_batches=preferred,
                   queue_delay_us=opts.queue_delay_us, instances=opts.instances, kind=kind)
     models: list[tuple[ServedModel, dict[str, Path]]] = [(
         ServedModel(name=opts.name, backend="python", parameters={
-            "runtime": opts.runtime, "artifact": runtime_artifact.name, "precision": opts.precision}, **common),
+            "runtime": opts.runtime, "artifact": runtime_artifact.name, "precision": opts.precision,
+            "artifact_sha256": manifest.artifacts[key].sha256}, **common),
         {runtime_artifact.name: runtime_artifact},
     )]
     if opts.native:
-        onnx_key = "onnx" if opts.precision == "fp32" else "onnx_fp16"
-        ts_key = "torchscript" if opts.precision == "fp32" else "torchscript_fp16"
+        onnx_key, ts_key = (artifact_key(fmt, opts.precision) for fmt in ("onnx", "torchscript"))
         if onnx_key in manifest.artifacts:
             models.append((ServedModel(name=f"{opts.name}_onnx", backend="onnxruntime",
                                        tensorrt_fp16=opts.tensorrt, default_model_filename="model.onnx", **common),

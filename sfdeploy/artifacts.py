@@ -1,0 +1,204 @@
+"""What an export *is*: the one home for the facts every layer reads about artifacts.
+
+``export/`` writes artifacts, ``runtime/``, ``serving/``, ``bench/`` and ``evaluate`` open them;
+none of them keeps its own copy of:
+
+* the artifact keys (format x precision) and their file names (:func:`artifact_key`,
+  :func:`artifact_file`), the formats and which backend runs which format;
+* the tensor names of the deployed model (:data:`INPUT_NAME`, :data:`OUTPUT_NAME`);
+* the self-check tolerances an exporter holds its reloaded artifact to;
+* ``EXPORT/manifest.json`` (:class:`Manifest`): the clip spec, tensors, each artifact's file,
+  size and sha256, the source checkpoint and the parity results;
+* the integrity check on open: :meth:`Manifest.artifact_path` hashes the file and refuses one
+  that is not the file the manifest vouches for (a re-export killed half-way, a copy gone wrong);
+* device names: :func:`resolve_device` turns ``auto`` / ``cpu`` / ``cuda[:N]`` / ``gpu`` into
+  one vocabulary (``cpu`` or ``cuda[:N]``).
+
+Light on purpose (no torch at import time): the CLI's ``--help`` reads these names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sfdeploy.clipspec import ClipSpec
+from sfdeploy.errors import EnvironmentProblem, InputError
+from sfdeploy.fsutil import atomic_write_text
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+INPUT_NAME = "frames"  # uint8 [N, V, T, H, W, 3], RGB
+OUTPUT_NAME = "probs"  # float32 [N, num_classes]
+
+FORMATS: tuple[str, ...] = ("torchscript", "onnx")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
+
+#: the in-process backend that runs each format (the names users pass as --backend / --runtime)
+BACKEND_FORMAT: dict[str, str] = {"onnxruntime": "onnx", "torchscript": "torchscript"}
+LOCAL_BACKENDS: tuple[str, ...] = tuple(BACKEND_FORMAT)
+
+#: max |probability difference| between an exported artifact, reloaded, and the module it came from
+SELF_CHECK_TOLERANCE: dict[str, float] = {"fp32": 1e-5, "fp16": 5e-3}
+
+
+def artifact_key(fmt: str, precision: str = "fp32") -> str:
+    """``torchscript``, ``onnx_fp16``, ...: how the manifest names an artifact."""
+    if fmt not in FORMATS or precision not in PRECISIONS:
+        raise InputError(f"no artifact {fmt} {precision}",
+                         fix=f"formats: {', '.join(FORMATS)}; precisions: {', '.join(PRECISIONS)}")
+    return fmt if precision == "fp32" else f"{fmt}_{precision}"
+
+
+def artifact_file(fmt: str, precision: str = "fp32") -> str:
+    """``model.pt``, ``model_fp16.onnx``, ...: the file an artifact is written to."""
+    stem = "model" if precision == "fp32" else f"model_{precision}"
+    return stem + _SUFFIX[fmt]
+
+
+def backend_format(backend: str) -> str:
+    """The artifact format a local backend runs."""
+    if backend not in BACKEND_FORMAT:
+        raise InputError(f"unknown local backend '{backend}'", fix=f"use one of: {', '.join(LOCAL_BACKENDS)}")
+    return BACKEND_FORMAT[backend]
+
+
+def resolve_device(requested: str = "auto", *, must_exist: bool = True) -> str:
+    """``auto`` (a GPU if torch sees one), ``cpu``, ``cuda``, ``cuda:N`` or ``gpu`` -> ``cpu`` or
+    ``cuda[:N]``. With ``must_exist`` a CUDA device torch cannot see is an error; without it (a
+    Triton repository written here for a GPU server elsewhere) the name is just normalised."""
+    name = requested.strip().lower()
+    if name == "gpu":
+        name = "cuda"
+    if name == "cpu":
+        return "cpu"
+    if name not in ("auto", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise InputError(f"unknown device '{requested}'", fix="use auto, cpu, cuda or cuda:N")
+    if name == "auto" or must_exist:
+        import torch
+
+        available = torch.cuda.is_available()
+        if name == "auto":
+            return "cuda" if available else "cpu"
+        index = int(name.partition(":")[2] or 0)
+        if not available or index >= torch.cuda.device_count():
+            raise EnvironmentProblem(f"device {name} requested but torch sees "
+                                     f"{torch.cuda.device_count() if available else 'no'} CUDA device(s)",
+                                     fix="use --device cpu (or auto), or check the driver with nvidia-smi")
+    return name
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, *, fix: str = "re-run `sfdeploy export`") -> Path:
+    """``path`` if its content hashes to ``expected``, else a clear error: the file is not the one
+    that was exported and checked (replaced, truncated, or a re-export was killed half-way)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("artifact is missing", path=path, fix=fix)
+    if sha256(path) != expected:
+        raise InputError("artifact does not match the sha256 recorded for it (a re-export killed half-way, "
+                         "or a file replaced after export)", path=path, fix=fix)
+    return path
+
+
+@dataclass
+class Artifact:
+    format: str
+    precision: str
+    file: str
+    size_bytes: int
+    sha256: str
+
+    @classmethod
+    def of(cls, fmt: str, precision: str, path: Path, file: str | None = None) -> Artifact:
+        """Describe the file at ``path`` (named ``file`` in the export, default its own name)."""
+        path = Path(path)
+        return cls(fmt, precision, file or path.name, path.stat().st_size, sha256(path))
+
+
+@dataclass
+class Manifest:
+    """``EXPORT/manifest.json``: the export's table of contents. The clip spec is also embedded
+    in each artifact, so an artifact copied without its manifest still describes itself."""
+
+    clip_spec: ClipSpec
+    artifacts: dict[str, Artifact]
+    source: dict[str, Any]
+    parity: dict[str, Any] = field(default_factory=dict)
+    averaging: str = "prob"
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return {"name": INPUT_NAME, "dtype": "uint8", "shape": [-1, *self.clip_spec.input_shape],
+                "layout": "N V T H W C", "channel_order": self.clip_spec.channel_order}
+
+    @property
+    def output(self) -> dict[str, Any]:
+        return {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, self.clip_spec.num_classes]}
+
+    @property
+    def parity_passed(self) -> bool:
+        return bool(self.parity) and all(r.get("passed") for r in self.parity.get("artifacts", {}).values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "clip_spec": self.clip_spec.to_dict(),
+            "input": self.input,
+            "output": self.output,
+            "averaging": self.averaging,
+            "artifacts": {k: asdict(v) for k, v in self.artifacts.items()},
+            "source": self.source,
+            "parity": self.parity,
+        }
+
+    def write(self, export_dir: Path) -> Path:
+        """Write atomically (temporary file + rename): a reader sees the old or the new manifest."""
+        path = Path(export_dir) / MANIFEST_FILE
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, export_dir: Path) -> Manifest:
+        export_dir = Path(export_dir)
+        path = export_dir / MANIFEST_FILE
+        if not path.is_file():
+            raise InputError(f"no {MANIFEST_FILE} in the export folder", path=export_dir,
+                             fix="pass the --out folder of `sfdeploy export`")
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {data.get('format_version')}, expected {FORMAT_VERSION}")
+            return cls(
+                clip_spec=ClipSpec.from_dict(data["clip_spec"]),
+                artifacts={k: Artifact(**v) for k, v in data["artifacts"].items()},
+                source=data["source"],
+                parity=data.get("parity", {}),
+                averaging=data.get("averaging", "prob"),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"unreadable manifest ({exc})", path=path, fix="re-run `sfdeploy export`") from exc
+
+    def artifact(self, key: str, export_dir: Path) -> Artifact:
+        if key not in self.artifacts:
+            raise InputError(f"the export has no {key} artifact (it has: {', '.join(self.artifacts)})",
+                             path=export_dir, fix="re-export with the format / precision you need")
+        return self.artifacts[key]
+
+    def artifact_path(self, export_dir: Path, key: str) -> Path:
+        """The path of artifact ``key``, verified against its recorded sha256."""
+        artifact = self.artifact(key, export_dir)
+        return verify_sha256(Path(export_dir) / artifact.file, artifact.sha256)
