@@ -91,7 +91,7 @@ def bad_input_matrix(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         "very_long": encoded_video(b / "long.mp4", 96, 96, frames=1500, seed=1),
         "variable_frame_rate": encoded_video(b / "vfr.mp4", 96, 96, frames=60, vfr=True, seed=2),
         "plain_b": good_video(b / "plain.mp4", frames=48, motion="move_right"),
-        # decord mis-decodes 72 px wide streams: MMAction2 cannot train on it, the client can read it
+        # decord mis-decodes 72 px wide streams: sfdeploy decodes it with PyAV, in training and serving
         "decord_width_bug": encoded_video(b / "narrow_72.mp4", 72, 128, frames=40, seed=3),
     }
     failing = {
