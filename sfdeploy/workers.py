@@ -144,15 +144,18 @@ def _import_ref(ref: str) -> Callable[..., Any]:
 
 
 def _child_env() -> dict[str, str]:
-    """The parent's environment; plus sfdeploy's location on PYTHONPATH when this interpreter's
-    site-packages do not hold it (a source checkout put on sys.path by hand), so that
-    ``-m sfdeploy.workers`` imports the same sfdeploy. Site dirs are never added: PYTHONPATH
-    comes before the standard library."""
+    """The parent's environment, plus sfdeploy's location on PYTHONPATH when this process found
+    sfdeploy through a ``sys.path`` entry that is not a site dir (a source checkout put on the
+    path by hand, or the current directory), so that ``-m sfdeploy.workers`` imports the same
+    sfdeploy. Installed copies (site-packages, editable installs) need nothing; site dirs are never
+    added, as PYTHONPATH comes before the standard library. The worker then takes the parent's
+    whole ``sys.path`` from the handshake."""
     env = dict(os.environ)
-    home = str(Path(__file__).resolve().parents[1])
-    sites = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]}
-    if home not in sites:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
+    home = Path(__file__).resolve().parents[1]
+    on_path = {Path(p or ".").resolve() for p in sys.path}
+    sites = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if home in on_path and home not in sites:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(home), env.get("PYTHONPATH")) if p)
     return env
 
 

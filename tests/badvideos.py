@@ -69,6 +69,23 @@ def encoded_video(path: Path, width: int, height: int, frames: int = 40, *, code
     return path
 
 
+def no_video_frames(path: Path) -> Path:
+    """An mp4 whose video track holds no frame (only its audio track has packets)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        for i in range(5):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path
+
+
 def corrupt_index(path: Path, source: Path, seed: int = 0) -> Path:
     """A real mp4 whose index (the moov box) is overwritten with random bytes."""
     data = bytearray(source.read_bytes())

@@ -18,13 +18,18 @@ decord, or PyAV where decord mis-decodes), and is decoded independently with PyA
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sfdeploy.data.synth import encode_h264
+from sfdeploy.data.synth import encode_h264, render_clip
 from sfdeploy.decode import DECORD_MISDECODE
+
+from conftest import run_cli
 
 FRAMES = 4
 DECORD_FAILS = {16, 24, 48, 72}  # measured with decord 0.6.0 over this sweep
@@ -116,3 +121,54 @@ def test_client_path_and_bytes_read_the_widths_decord_cannot(width: int, tmp_pat
                                                               modality="RGB"))
         expected = theirs["inputs"].permute(0, 2, 3, 4, 1).numpy()
         assert np.array_equal(load_video(path, view), expected)
+
+
+def test_narrow_odd_and_wide_videos_are_prepared_trained_on_and_classified(tmp_path: Path) -> None:
+    """The widths decord mis-decodes, an odd one and a 1920 px one, beside ordinary videos, through
+    the real CLI: prepare accepts them (PyAV where decord fails), finetune trains and validates on
+    them (MMAction2 decoding through SfdeployVideoDecode), and MMAction2's inference_recognizer on
+    WORK classifies them."""
+    videos, data, work = tmp_path / "videos", tmp_path / "data", tmp_path / "work"
+    run_cli("data", "synth", str(videos), "--classes", "2", "--per-class", "3", "--frames", "40", "--seed", "3")
+    rng = np.random.default_rng(4)
+    odd = {}
+    for i, (width, pix_fmt) in enumerate([(16, "yuv420p"), (24, "yuv420p"), (48, "yuv420p"), (72, "yuv420p"),
+                                          (131, "yuv444p"), (1920, "yuv420p")]):
+        cls = ("move_left", "move_right")[i % 2]
+        clip = render_clip(cls, 40, 96, rng)
+        clip = np.tile(clip, (1, 1, 20, 1))[:, :, :width] if width > 96 else clip[:, :, 48 - width // 2:][:, :, :width]
+        odd[width] = videos / cls / f"w{width}.mp4"
+        odd[width].write_bytes(encode_h264(np.ascontiguousarray(clip), pix_fmt=pix_fmt))
+    run_cli("data", "prepare", str(videos), "--out", str(data), "--preset", "slowfast_tiny")
+    report = json.loads((data / "prepare_report.json").read_text())
+    assert report["rejected"] == [] and report["accepted"] == 12
+    decoders = {Path(v["path"]).name: (v["width"], v["decoder"]) for v in report["videos"]}
+    for width, path in odd.items():
+        assert decoders[path.name] == (width, "pyav" if width in DECORD_FAILS else "decord")
+
+    run_cli("finetune", str(data), "--work-dir", str(work), "--preset", "slowfast_tiny", "--epochs", "1",
+            "--batch-size", "4")
+    summary = json.loads((work / "finetune_summary.json").read_text())
+    code = f"""
+import json, sys
+import sfdeploy
+from mmaction.apis import inference_recognizer, init_recognizer
+model = init_recognizer({str(work / "config.py")!r}, {summary["best_checkpoint"]!r}, device="cpu")
+print(json.dumps([inference_recognizer(model, p).pred_score.tolist() for p in {[str(p) for p in odd.values()]!r}]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = np.array(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert scores.shape == (len(odd), 2) and np.isfinite(scores).all()
+
+
+def test_the_parity_reference_decodes_with_mmaction2s_own_decoder_where_it_can(tmp_path: Path) -> None:
+    from sfdeploy.export.parity import reference_decoder
+
+    from badvideos import encoded_video
+
+    cases = {"decord": ("wide.mp4", 96), "pyav": ("narrow.mp4", 72),
+             "sfdeploy": ("narrow.mkv", 72)}  # matroska records no frame count for MMAction2's PyAVInit
+    for expected, (name, width) in cases.items():
+        path = encoded_video(tmp_path / name, width, 64, frames=12, pix_fmt="yuv420p")
+        assert reference_decoder(path) == expected, name

@@ -14,7 +14,7 @@ from sfdeploy.data.layout import PreparedData
 from sfdeploy.data.prepare import prepare
 from sfdeploy.errors import InputError
 
-from badvideos import good_video, not_a_video, truncated, zero_byte
+from badvideos import good_video, no_video_frames, not_a_video, truncated, zero_byte
 
 
 def _lines(path: Path) -> list[str]:
@@ -59,6 +59,7 @@ def _dataset_with_bad_files(root: Path) -> dict[str, Path]:
         "unreadable": not_a_video(root / "right" / "notes.avi"),
         "truncated": truncated(root / "left" / "cut.mp4", root / "left" / "left_0.mp4"),
         "too_short": good_video(root / "right" / "short.mp4", frames=10),
+        "no_frames": no_video_frames(root / "right" / "silent.mp4"),
     }
     (root / "right" / "readme.txt").write_text("not a video")
     good_video(root / "stray.mp4")  # not inside a class folder
@@ -75,7 +76,7 @@ def test_bad_files_are_reported_with_reason_and_fix_and_the_rest_is_used(tmp_pat
     report = json.loads(result.report_path.read_text())
     reasons = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
     assert reasons == {"empty.mp4": "zero_bytes", "notes.avi": "unreadable", "cut.mp4": "unreadable",
-                       "short.mp4": "too_short"}
+                       "short.mp4": "too_short", "silent.mp4": "unreadable"}
     assert all(r["fix"] for r in report["rejected"])
     ignored = {Path(i["path"]).name for i in report["ignored"]}
     assert {"readme.txt", "stray.mp4"} <= ignored
