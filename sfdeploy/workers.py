@@ -18,18 +18,10 @@ keeps start-up cheap; the caller's main module is never imported. ``fn`` and ``i
 travel as ``module:qualified.name`` and must be importable functions: a lambda, a nested function
 or a function defined in ``__main__`` is refused up front with an :class:`InputError`.
 
-The protocol, over the worker's stdin and stdout (the worker moves its own stdout to stderr and
-its stdin to /dev/null first, so whatever ``fn`` or a native library prints cannot corrupt it).
-Every message is an 8-byte big-endian length followed by that many bytes:
-
-* parent -> worker: a handshake ``pickle({sys_path, fn, init})``; then one message per item,
-  ``index (8 bytes) + pickle(item)``; closing the pipe tells the worker to exit.
-* worker -> parent: ``pickle(("ready", None))`` or ``pickle(("fatal", reason))`` once ``fn``
-  and ``init`` are imported and ``init`` has run; then one message per item, in order,
-  ``index (8 bytes) + pickle(("ok", result) | ("error", "Type: message"))``.
-
-Pickle is used only between sfdeploy's own parent and the worker it started, over that private
-pipe; nothing is unpickled from a file, a socket or anyone else. The parent never blocks on a
+The wire format (length-prefixed messages over the worker's stdin/stdout) and the worker's side
+live in :mod:`sfdeploy.worker_protocol`. Pickle is used only between sfdeploy's own parent and the
+worker it started, over that private pipe; nothing is unpickled from a file, a socket or anyone
+else. The parent never blocks on a
 pipe (non-blocking writes from a per-worker queue, reads of whatever is ready), so large items
 (the bytes of a video) and large results (decoded frames) in both directions cannot deadlock it,
 and a hung worker cannot stop it from noticing timeouts. POSIX only (pipes in a selector).
@@ -42,7 +34,6 @@ import pickle
 import re
 import selectors
 import site
-import struct
 import subprocess
 import sys
 import time
@@ -53,6 +44,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sfdeploy.errors import EnvironmentProblem, InputError
+from sfdeploy.worker_protocol import INDEX, LENGTH, message, resolve
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,8 +52,6 @@ R = TypeVar("R")
 _POLL_S = 0.2
 _START_TIMEOUT_S = 120.0  # from start to "ready": imports and ``init``, not an item's fault
 _CHUNK = 1 << 20
-_LENGTH = struct.Struct(">Q")
-_INDEX = struct.Struct(">Q")
 _PYTHON_NAME = re.compile(r"(python|pypy)[0-9.]*[dmw]*(\.exe)?")
 
 
@@ -117,30 +107,13 @@ def callable_ref(fn: Callable[..., Any], what: str = "fn") -> str:
                    "which worker processes never import")
     elif "<lambda>" in qualname or "<locals>" in qualname:
         problem = "is a lambda or a function defined inside another function"
-    elif _resolve(qualname, sys.modules.get(module)) is not fn:
+    elif resolve(qualname, sys.modules.get(module)) is not fn:
         problem = f"is not what {module}.{qualname} names"
     else:
         return f"{module}:{qualname}"
     raise InputError(f"{what} {name!r} cannot run in a worker process: it {problem}",
                      fix="define the function at the top level of an importable module (not __main__) "
                      "and pass that function")
-
-
-def _resolve(qualname: str, module: Any) -> Any:
-    target = module
-    for part in qualname.split("."):
-        target = getattr(target, part, None)
-    return target
-
-
-def _import_ref(ref: str) -> Callable[..., Any]:
-    import importlib
-
-    module_name, qualname = ref.split(":", 1)
-    target = _resolve(qualname, importlib.import_module(module_name))
-    if not callable(target):
-        raise ImportError(f"{ref} is not a callable in the worker")
-    return target
 
 
 def _child_env() -> dict[str, str]:
@@ -157,10 +130,6 @@ def _child_env() -> dict[str, str]:
     if home in on_path and home not in sites:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(home), env.get("PYTHONPATH")) if p)
     return env
-
-
-def _message(body: bytes) -> bytes:
-    return _LENGTH.pack(len(body)) + body
 
 
 @dataclass
@@ -246,12 +215,12 @@ class _Pool:
     @staticmethod
     def messages(worker: _Worker) -> Iterator[bytes]:
         """Complete messages received from the worker, in order."""
-        while len(worker.incoming) >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(worker.incoming)
-            end = _LENGTH.size + size
+        while len(worker.incoming) >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(worker.incoming)
+            end = LENGTH.size + size
             if len(worker.incoming) < end:
                 return
-            body = bytes(worker.incoming[_LENGTH.size:end])
+            body = bytes(worker.incoming[LENGTH.size:end])
             del worker.incoming[:end]
             yield body
 
@@ -305,7 +274,7 @@ def imap_isolated(
     :class:`EnvironmentProblem` if a worker cannot start (it cannot import ``fn``, ``init``
     raises, or the interpreter is broken).
     """
-    handshake = _message(pickle.dumps({
+    handshake = message(pickle.dumps({
         "sys_path": list(sys.path),
         "fn": callable_ref(fn, "fn"),
         "init": callable_ref(init, "init") if init is not None else None,
@@ -328,8 +297,8 @@ def imap_isolated(
                 worker.ready = True
                 worker.since = time.monotonic()
                 continue
-            (index,) = _INDEX.unpack_from(body)
-            status, value = pickle.loads(body[_INDEX.size:])
+            (index,) = INDEX.unpack_from(body)
+            status, value = pickle.loads(body[INDEX.size:])
             expected = worker.assigned.popleft()
             if index != expected:
                 raise RuntimeError(f"worker answered item {index} before item {expected}")  # a protocol bug
@@ -353,7 +322,7 @@ def imap_isolated(
                     if not worker.assigned:
                         worker.since = time.monotonic()
                     worker.assigned.append(index)
-                    pool.send(worker, _message(_INDEX.pack(index) + payload))
+                    pool.send(worker, message(INDEX.pack(index) + payload))
             for key, events in pool.selector.select(timeout=_POLL_S):
                 worker = key.data
                 if worker not in pool.workers:
@@ -401,56 +370,7 @@ def imap_isolated(
         pool.close()
 
 
-def _read_exact(stream: Any, size: int) -> bytes | None:
-    data = stream.read(size)
-    if not data:
-        return None
-    if len(data) != size:
-        raise EOFError(f"the parent closed the pipe mid-message ({len(data)} of {size} bytes)")
-    return data
+if __name__ == "__main__":  # python -m sfdeploy.workers: a worker
+    from sfdeploy.worker_protocol import child_main
 
-
-def _child_main() -> int:
-    """The worker's side of the protocol (see the module docstring)."""
-    reply = os.fdopen(os.dup(1), "wb")
-    requests = os.fdopen(os.dup(0), "rb")
-    os.dup2(2, 1)  # prints of fn and of native code go to stderr, never into the protocol
-    sys.stdout = sys.stderr
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-
-    def send(body: bytes) -> None:
-        reply.write(_message(body))
-        reply.flush()
-
-    header = _read_exact(requests, _LENGTH.size)
-    if header is None:
-        return 0
-    body = _read_exact(requests, _LENGTH.unpack(header)[0])
-    hello = pickle.loads(body or b"")
-    sys.path[:] = hello["sys_path"]
-    try:
-        fn = _import_ref(hello["fn"])
-        if hello["init"]:
-            _import_ref(hello["init"])()
-    except BaseException as exc:  # reported to the parent, which raises it as an EnvironmentProblem
-        send(pickle.dumps(("fatal", f"{type(exc).__name__}: {exc}")))
-        return 1
-    send(pickle.dumps(("ready", None)))
-    while True:
-        header = _read_exact(requests, _LENGTH.size)
-        if header is None:
-            return 0
-        body = _read_exact(requests, _LENGTH.unpack(header)[0]) or b""
-        index = body[:_INDEX.size]
-        try:
-            outcome: Any = ("ok", fn(pickle.loads(body[_INDEX.size:])))
-            payload = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # reported to the parent as this item's failure
-            payload = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
-        send(index + payload)
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main())
+    sys.exit(child_main())
