@@ -127,7 +127,7 @@ def decode_many(sources: Sequence[str | Path | bytes], spec: ClipSpec, *, worker
     """Decode videos (paths or encoded bytes) in worker processes (:func:`imap_isolated`); yields
     ``(index, views or DecodeFailure)`` as they complete. A video that crashes or hangs the decoder
     fails alone; a failure's ``path`` is the path, or ``<N bytes of an encoded video>``."""
-    jobs = [(s if isinstance(s, bytes) else str(s), spec) for s in sources]
+    jobs = [(bytes(s) if isinstance(s, (bytes, bytearray, memoryview)) else str(s), spec) for s in sources]
     workers = workers or max(1, os.cpu_count() or 1)
     yield from imap_isolated(_decode_task, jobs, workers=workers, on_failure=_decode_failed,
                              timeout_s=timeout_s, prefetch=prefetch, init=_single_threaded)

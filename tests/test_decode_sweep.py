@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +125,7 @@ def test_narrow_odd_and_wide_videos_are_prepared_trained_on_and_classified(tmp_p
     """The widths decord mis-decodes, an odd one and a 1920 px one, beside ordinary videos, through
     the real CLI: prepare accepts them (PyAV where decord fails), finetune trains and validates on
     them (MMAction2 decoding through SfdeployVideoDecode), and MMAction2's inference_recognizer on
-    WORK classifies them."""
+    WORK classifies them (in a fresh interpreter: test_library_use.py)."""
     videos, data, work = tmp_path / "videos", tmp_path / "data", tmp_path / "work"
     run_cli("data", "synth", str(videos), "--classes", "2", "--per-class", "3", "--frames", "40", "--seed", "3")
     rng = np.random.default_rng(4)
@@ -149,16 +147,13 @@ def test_narrow_odd_and_wide_videos_are_prepared_trained_on_and_classified(tmp_p
     run_cli("finetune", str(data), "--work-dir", str(work), "--preset", "slowfast_tiny", "--epochs", "1",
             "--batch-size", "4")
     summary = json.loads((work / "finetune_summary.json").read_text())
-    code = f"""
-import json, sys
-import sfdeploy
-from mmaction.apis import inference_recognizer, init_recognizer
-model = init_recognizer({str(work / "config.py")!r}, {summary["best_checkpoint"]!r}, device="cpu")
-print(json.dumps([inference_recognizer(model, p).pred_score.tolist() for p in {[str(p) for p in odd.values()]!r}]))
-"""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    scores = np.array(json.loads(result.stdout.strip().splitlines()[-1]))
+    from mmaction.apis import inference_recognizer, init_recognizer
+
+    from sfdeploy.compat import ensure_mmaction
+
+    ensure_mmaction()
+    model = init_recognizer(str(work / "config.py"), summary["best_checkpoint"], device="cpu")
+    scores = np.array([inference_recognizer(model, str(p)).pred_score.numpy() for p in odd.values()])
     assert scores.shape == (len(odd), 2) and np.isfinite(scores).all()
 
 
