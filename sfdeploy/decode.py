@@ -160,6 +160,7 @@ class Video:
 
     def _pyav_frames(self, wanted: np.ndarray) -> np.ndarray:
         import av
+        from av.video.reformatter import VideoReformatter
 
         needed = set(wanted.tolist())
         last = int(wanted.max())
@@ -171,9 +172,12 @@ class Video:
                 if stream is None:
                     raise DecodeError("PyAV finds no video stream", reason="unreadable", path=self.name)
                 stream.codec_context.thread_count = 1  # as decord's num_threads=1: workers are the parallelism
+                # One reformatter for the stream: frame.to_ndarray(format="rgb24") builds a new
+                # swscale context per frame (same pixels, most of the time on small frames).
+                rgb = VideoReformatter()
                 for frame in container.decode(stream):
                     if decoded in needed:
-                        kept[decoded] = frame.to_ndarray(format="rgb24")
+                        kept[decoded] = rgb.reformat(frame, format="rgb24").to_ndarray()
                     decoded += 1
                     if decoded > last:
                         break
