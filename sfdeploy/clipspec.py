@@ -61,15 +61,29 @@ class ClipSpec:
         return len(self.class_names)
 
     def mmaction_pipeline(self, decode: str = "decord") -> list[dict[str, Any]]:
-        """The MMAction2 test pipeline that this spec stands for (used as the reference in parity
-        checks and tests: both sides must give the same frames)."""
-        if decode == "decord":
-            head = [dict(type="DecordInit", io_backend="disk")]
-            tail = [dict(type="DecordDecode")]
-        elif decode == "rawframes":
-            head, tail = [], [dict(type="RawFrameDecode", io_backend="disk")]
-        else:
-            raise ValueError(decode)
+        """The MMAction2 test pipeline that this spec stands for: the reference in parity checks and
+        tests (sampling, resize and crop are MMAction2's own transforms; both sides must give the
+        same frames).
+
+        ``decode`` picks the decoding steps: ``"decord"``, MMAction2's own ``DecordInit`` /
+        ``DecordDecode``, the independent reference wherever decord reads the stream;
+        ``"pyav"``, MMAction2's own ``PyAVInit`` / ``PyAVDecode``, the independent reference on
+        the streams decord mis-decodes (it counts frames from the container's metadata, so only
+        where the container has a count: mp4, mov, avi); ``"sfdeploy"``, the registered
+        ``SfdeployVideoInit`` / ``SfdeployVideoDecode`` that ``WORK/config.py`` trains with
+        (needs ``sfdeploy.train.transforms`` imported); ``"rawframes"``.
+        """
+        heads = {"decord": [dict(type="DecordInit", io_backend="disk")],
+                 "pyav": [dict(type="PyAVInit", io_backend="disk")],
+                 "sfdeploy": [dict(type="SfdeployVideoInit", io_backend="disk")],
+                 "rawframes": []}
+        tails = {"decord": [dict(type="DecordDecode")],
+                 "pyav": [dict(type="PyAVDecode")],
+                 "sfdeploy": [dict(type="SfdeployVideoDecode")],
+                 "rawframes": [dict(type="RawFrameDecode", io_backend="disk")]}
+        if decode not in heads:
+            raise ValueError(f"decode must be one of {sorted(heads)}, got {decode!r}")
+        head, tail = heads[decode], tails[decode]
         crop = (dict(type="ThreeCrop", crop_size=self.crop_size) if self.crop_mode == "three"
                 else dict(type="CenterCrop", crop_size=self.crop_size))
         return [
@@ -162,9 +176,12 @@ def _pipeline(cfg: Any, split: str) -> list[dict]:
     return list(pipeline)
 
 
+#: Steps the client reproduces exactly. Decoding steps all map to sfdeploy's decoder (decord, PyAV
+#: on the streams decord mis-decodes): the same frames as decord and MMAction2's PyAV pair,
+#: proven over every width (tests/test_decode_sweep.py); OpenCV's decoder is accepted as before.
 _SUPPORTED_STEPS = {
-    "DecordInit", "DecordDecode", "OpenCVInit", "OpenCVDecode", "PyAVInit", "PyAVDecode",
-    "RawFrameDecode", "SampleFrames", "Resize", "CenterCrop", "ThreeCrop", "FormatShape",
+    "SfdeployVideoInit", "SfdeployVideoDecode", "DecordInit", "DecordDecode", "OpenCVInit", "OpenCVDecode",
+    "PyAVInit", "PyAVDecode", "RawFrameDecode", "SampleFrames", "Resize", "CenterCrop", "ThreeCrop", "FormatShape",
     "PackActionInputs",
 }
 

@@ -5,8 +5,11 @@ else in sfdeploy works around these traps. Each fix is small, checks whether it 
 leaves a correct installation alone.
 
 1. **The mmaction2 1.2.0 wheel lacks** ``mmaction/models/localizers/drn`` although
-   ``mmaction.models.localizers`` imports it, so ``import mmaction.models`` fails. A placeholder
-   module (whose ``DRN`` raises when built) is registered in ``sys.modules`` before the import.
+   ``mmaction.models.localizers`` imports it, so ``import mmaction.models`` fails. ``import
+   sfdeploy`` appends an import hook to ``sys.meta_path`` (:func:`install_import_hook`) that
+   supplies a placeholder (whose ``DRN`` raises when built) only when the real module cannot be
+   found; so after ``import sfdeploy``, MMAction2's own APIs (``from mmaction.apis import
+   init_recognizer``) work without any sfdeploy call, and nothing heavy is imported until then.
    SlowFast never uses DRN.
 
 2. **Checkpoints and torch >= 2.6.** ``torch.load`` now defaults to ``weights_only=True``, and
@@ -32,6 +35,8 @@ leaves a correct installation alone.
 from __future__ import annotations
 
 import ast
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import tempfile
@@ -59,26 +64,48 @@ def missing_drn_module() -> bool:
     return not (_mmaction_root() / "models" / "localizers" / "drn").is_dir()
 
 
-def _install_drn_placeholder() -> None:
-    if not missing_drn_module() or "mmaction.models.localizers.drn.drn" in sys.modules:
-        return
+_DRN_PACKAGE = "mmaction.models.localizers.drn"
+_DRN_MODULE = "mmaction.models.localizers.drn.drn"
 
-    class DRN:  # noqa: D401 - placeholder with the name mmaction imports
-        """Placeholder for the DRN localizer that the mmaction2 1.2.0 wheel does not ship."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            raise EnvironmentProblem(
-                "DRN is not part of the installed mmaction2 wheel",
-                fix="install mmaction2 from source if you need the DRN localizer",
-            )
+class DRN:
+    """Placeholder: stands in for the DRN localizer that the mmaction2 1.2.0 wheel does not ship."""
 
-    package = types.ModuleType("mmaction.models.localizers.drn")
-    package.__path__ = []  # a package, so that ``from .drn.drn import DRN`` resolves
-    module = types.ModuleType("mmaction.models.localizers.drn.drn")
-    module.DRN = DRN  # type: ignore[attr-defined]
-    package.drn = module  # type: ignore[attr-defined]
-    sys.modules[package.__name__] = package
-    sys.modules[module.__name__] = module
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise EnvironmentProblem(
+            "DRN is not part of the installed mmaction2 wheel",
+            fix="install mmaction2 from source if you need the DRN localizer",
+        )
+
+
+class _MissingDRNFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Supplies ``mmaction.models.localizers.drn`` only when the real one cannot be found.
+
+    It sits at the *end* of ``sys.meta_path``, so Python asks it only after every real finder has
+    failed: an mmaction2 that ships DRN imports its own, and this finder never answers. It knows
+    two module names and imports nothing, so installing it (on ``import sfdeploy``) costs nothing.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in (_DRN_PACKAGE, _DRN_MODULE):
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=fullname == _DRN_PACKAGE)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None  # the default module object
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        if module.__name__ == _DRN_PACKAGE:
+            module.__path__ = []  # a package, so that ``from .drn.drn import DRN`` resolves
+        else:
+            module.DRN = DRN  # type: ignore[attr-defined]
+
+
+def install_import_hook() -> None:
+    """Make ``import mmaction.models`` work on the mmaction2 1.2.0 wheel, in any process that has
+    imported sfdeploy (done by ``sfdeploy/__init__.py``); idempotent."""
+    if not any(isinstance(finder, _MissingDRNFinder) for finder in sys.meta_path):
+        sys.meta_path.append(_MissingDRNFinder())
 
 
 def _safe_globals() -> list[Any]:
@@ -165,7 +192,7 @@ def ensure_mmaction() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    _install_drn_placeholder()
+    install_import_hook()
     with warnings.catch_warnings():
         # mmcv-lite has no compiled ops; SlowFast needs none, so its import-time warning is noise.
         warnings.filterwarnings("ignore", message=".*MultiScaleDeformableAttention.*")

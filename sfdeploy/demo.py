@@ -49,8 +49,8 @@ def run_demo(workdir: Path, *, bench: bool = True) -> dict[str, Any]:
         synthesize(videos, SynthOptions())
     _stage(2, f"prepare -> {data_dir}")
     if not (data_dir / "dataset.json").is_file():
-        min_frames = ClipSpec.from_config(load_config(preset_path(PRESET))).min_frames
-        prepare(videos, data_dir, min_frames=min_frames)
+        clip_frames = ClipSpec.from_config(load_config(preset_path(PRESET))).min_frames
+        prepare(videos, data_dir, clip_frames=clip_frames)
     data = PreparedData.from_dir(data_dir)
 
     _stage(3, f"finetune {PRESET} -> {work}")

@@ -11,10 +11,8 @@ import importlib.metadata as md
 import importlib.util
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -120,24 +118,35 @@ def check_opencv() -> Check:
     return Check("opencv", OK, detail)
 
 
-def check_decord() -> Check:
-    if importlib.util.find_spec("decord") is None:
-        return Check("decord", FAIL, "not installed", "pip install decord==0.6.0")
+def check_decoders() -> Check:
+    """decord and PyAV installed, and the adapter (sfdeploy.decode) decoding a 72 px wide h264 clip,
+    a width decord mis-decodes, through its PyAV fallback, and a 96 px one through decord."""
+    from sfdeploy.decode import decoder_versions
+
+    versions = decoder_versions()
+    missing = [dist for dist, version in versions.items() if version is None]
+    if missing:
+        return Check("decoders", FAIL, f"not installed: {', '.join(missing)}",
+                     "pip install decord==0.6.0 av==17.0.1")
     import numpy as np
 
-    from sfdeploy.data.synth import write_mp4
+    from sfdeploy.data.synth import encode_h264
+    from sfdeploy.decode import DecodeError, open_video
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.mp4"
-        try:
-            write_mp4(path, np.zeros((8, 32, 32, 3), dtype=np.uint8))
-            import decord
-
-            frames = len(decord.VideoReader(str(path)))
-        except Exception as exc:  # reported, not raised
-            return Check("decord", FAIL, f"cannot write+decode a test video: {exc}",
-                         "pip install --force-reinstall decord==0.6.0")
-    return Check("decord", OK if frames == 8 else FAIL, f"{_version('decord')}, decoded {frames}/8 frames")
+    seen = []
+    try:
+        for width in (96, 72):
+            with open_video(encode_h264(np.full((8, 64, width, 3), 128, dtype=np.uint8))) as video:
+                frames = video.frames(range(video.num_frames))
+                seen.append((width, video.decoder, len(frames)))
+    except DecodeError as exc:  # reported, not raised
+        return Check("decoders", FAIL, f"cannot decode a test video: {exc.message}",
+                     "pip install --force-reinstall decord==0.6.0 av==17.0.1")
+    detail = (f"decord {versions['decord']}, PyAV {versions['av']} (fallback for streams decord mis-decodes): "
+              + ", ".join(f"{w} px -> {d} ({n}/8 frames)" for w, d, n in seen))
+    ok = all(n == 8 for _, _, n in seen)
+    return Check("decoders", OK if ok else FAIL, detail,
+                 "" if ok else "pip install --force-reinstall decord==0.6.0 av==17.0.1")
 
 
 def check_onnx() -> Check:
@@ -191,7 +200,7 @@ def check_tritonserver() -> Check:
 
 CHECKS: list[Callable[[], Check]] = [
     check_python, check_torch, check_numpy, check_openmmlab, check_pkg_resources, check_opencv,
-    check_decord, check_onnx, check_tritonclient, check_tritonserver,
+    check_decoders, check_onnx, check_tritonclient, check_tritonserver,
 ]
 
 

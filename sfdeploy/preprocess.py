@@ -1,17 +1,20 @@
 """Client preprocessing: a video file -> the uint8 views the deployed model takes.
 
-Decode (decord), sample frame indices, resize the short side, crop; nothing else (normalisation
-is inside the model). It reproduces MMAction2's test pipeline for the same :class:`ClipSpec`
-step by step, so that the exported model sees exactly the pixels MMAction2 would:
+Decode (:mod:`sfdeploy.decode`: decord, PyAV on the streams decord mis-decodes), sample frame
+indices, resize the short side, crop; nothing else (normalisation is inside the model). It
+reproduces MMAction2's test pipeline for the same :class:`ClipSpec` step by step, so that the
+exported model sees exactly the pixels MMAction2 would:
 
 * ``SampleFrames(test_mode=True)``: evenly spread clip offsets (one clip: the centre), indices
   looped past the end (``out_of_bound_opt='loop'``);
-* ``DecordDecode`` (accurate mode): ``VideoReader.get_batch``;
+* ``DecordDecode`` (accurate mode): ``VideoReader.get_batch``, the same call as the registered
+  ``SfdeployVideoDecode`` that training uses (:mod:`sfdeploy.train.transforms`);
 * ``Resize(scale=(-1, S))``: ``mmcv.rescale_size`` then ``cv2.resize`` bilinear;
 * ``CenterCrop`` / ``ThreeCrop`` offsets, and ``FormatShape``'s view order (crop-major).
 
 ``tests/test_preprocess.py`` checks the output equals MMAction2's pipeline output, pixel for pixel.
-Used by ``export`` (parity gate), ``eval``, ``infer`` and ``bench``.
+Used by ``export`` (parity gate), ``eval``, ``infer`` and ``bench``, and by server-side decoding
+(``load_video`` takes the bytes of an encoded file as well as a path).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.decode import FIXES, DecodeError, describe, open_video
 from sfdeploy.workers import WorkerFailure, imap_isolated
 
 
@@ -74,60 +78,16 @@ def clip_views(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(views, axis=0))  # crop-major, like FormatShape
 
 
-def _decord_frames(path: str, spec: ClipSpec) -> np.ndarray:
-    import decord
+def load_video(source: str | Path | bytes, spec: ClipSpec) -> np.ndarray:
+    """Decode and preprocess one video: uint8 ``[V, T, crop, crop, 3]`` RGB.
 
-    reader = decord.VideoReader(str(path), num_threads=1)
-    total = len(reader)
-    if total == 0:
-        raise ValueError("the video has no frames")
-    frames = reader.get_batch(sample_indices(total, spec).reshape(-1)).asnumpy()
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"decoded frames have shape {frames.shape}, expected [T, H, W, 3]")
-    return frames
-
-
-def _opencv_frames(path: str, spec: ClipSpec) -> np.ndarray:
-    """The same sampling with OpenCV's FFmpeg reader: one pass counts the frames (containers'
-    counts can be wrong), a second keeps only the sampled ones; no seeking, so indices are exact."""
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
-    total = 0
-    while capture.grab():
-        total += 1
-    capture.release()
-    if total == 0:
-        raise ValueError("OpenCV decodes no frames either")
-    indices = sample_indices(total, spec).reshape(-1)
-    wanted, kept = set(indices.tolist()), {}
-    capture = cv2.VideoCapture(str(path))
-    try:
-        for index in range(max(wanted) + 1):
-            ok, frame = capture.read()
-            if not ok:
-                raise ValueError(f"OpenCV stopped at frame {index} of {total}")
-            if index in wanted:
-                kept[index] = frame[:, :, ::-1]  # BGR -> RGB
-    finally:
-        capture.release()
-    return np.stack([kept[i] for i in indices])
-
-
-def load_video(path: str, spec: ClipSpec) -> np.ndarray:
-    """Decode and preprocess one video file: uint8 ``[V, T, crop, crop, 3]`` RGB.
-
-    decord first (MMAction2's decoder, so the pixels match its pipeline exactly). Files decord
-    cannot decode (it mis-reads some frame widths, e.g. 72 px) are decoded with OpenCV instead;
-    their pixels may differ slightly from what MMAction2 would give, had it been able to read them.
+    ``source`` is a path or the bytes of an encoded file (server-side decoding receives those; no
+    temporary file is written). Decoding is :mod:`sfdeploy.decode`'s, the decoder MMAction2 trains
+    with here (decord, PyAV on the streams decord mis-decodes). Raises
+    :class:`sfdeploy.decode.DecodeError` (an :class:`InputError` naming the video and the fix).
     """
-    try:
-        frames = _decord_frames(path, spec)
-    except Exception as decord_error:  # any decord failure: try the other decoder before giving up
-        try:
-            frames = _opencv_frames(path, spec)
-        except Exception:  # both failed: report decord's reason, it is MMAction2's decoder
-            raise decord_error from None
+    with open_video(source) as video:
+        frames = video.frames(sample_indices(video.num_frames, spec).reshape(-1))
     return clip_views(frames, spec)
 
 
@@ -139,27 +99,21 @@ class DecodeFailure:
     error: str
 
 
-def _decode_task(job: tuple[str, ClipSpec]) -> np.ndarray | DecodeFailure:
-    """Decode one video, or say why not and what to do (the probe's reasons and fixes)."""
-    from sfdeploy.data.probe import FIXES, short_error
-
-    path, spec = job
-    if not os.path.isfile(path):
-        return DecodeFailure(path, "file not found; check the path")
-    if os.path.getsize(path) == 0:
-        return DecodeFailure(path, f"the file is empty (0 bytes); {FIXES['zero_bytes']}")
+def _decode_task(job: tuple[str | bytes, ClipSpec]) -> np.ndarray | DecodeFailure:
+    """Decode one video, or say why not and what to do."""
+    source, spec = job
     try:
-        return load_video(path, spec)
-    except Exception as exc:  # any decoder failure becomes this input's row; the others go on
-        return DecodeFailure(path, f"cannot decode ({short_error(exc)}); {FIXES['unreadable']}")
+        return load_video(source, spec)
+    except DecodeError as exc:  # this input's row says why; the others go on
+        what = {"not_found": "file not found", "zero_bytes": "the file is empty (0 bytes)"}.get(
+            exc.reason, f"cannot decode ({exc.message})")
+        return DecodeFailure(describe(source), f"{what}; {exc.fix}")
 
 
-def _decode_failed(job: tuple[str, ClipSpec], failure: WorkerFailure) -> DecodeFailure:
-    from sfdeploy.data.probe import FIXES
-
+def _decode_failed(job: tuple[str | bytes, ClipSpec], failure: WorkerFailure) -> DecodeFailure:
     what = {"crash": "the decoder crashed", "timeout": "decoding timed out"}.get(failure.kind, "cannot decode")
     fix = FIXES[{"crash": "decoder_crash", "timeout": "timeout"}.get(failure.kind, "unreadable")]
-    return DecodeFailure(job[0], f"{what} ({failure.detail}); {fix}")
+    return DecodeFailure(describe(job[0]), f"{what} ({failure.detail}); {fix}")
 
 
 def _single_threaded() -> None:
@@ -168,11 +122,12 @@ def _single_threaded() -> None:
     cv2.setNumThreads(1)  # one decode per worker process; the processes are the parallelism
 
 
-def decode_many(paths: Sequence[str | Path], spec: ClipSpec, *, workers: int | None = None,
+def decode_many(sources: Sequence[str | Path | bytes], spec: ClipSpec, *, workers: int | None = None,
                 timeout_s: float = 300.0, prefetch: int = 2) -> Iterator[tuple[int, np.ndarray | DecodeFailure]]:
-    """Decode videos in worker processes; yields ``(index, views or DecodeFailure)`` as they
-    complete. A video that crashes or hangs the decoder fails alone."""
-    jobs = [(str(p), spec) for p in paths]
+    """Decode videos (paths or encoded bytes) in worker processes (:func:`imap_isolated`); yields
+    ``(index, views or DecodeFailure)`` as they complete. A video that crashes or hangs the decoder
+    fails alone; a failure's ``path`` is the path, or ``<N bytes of an encoded video>``."""
+    jobs = [(bytes(s) if isinstance(s, (bytes, bytearray, memoryview)) else str(s), spec) for s in sources]
     workers = workers or max(1, os.cpu_count() or 1)
     yield from imap_isolated(_decode_task, jobs, workers=workers, on_failure=_decode_failed,
                              timeout_s=timeout_s, prefetch=prefetch, init=_single_threaded)

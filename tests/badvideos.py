@@ -69,6 +69,23 @@ def encoded_video(path: Path, width: int, height: int, frames: int = 40, *, code
     return path
 
 
+def no_video_frames(path: Path) -> Path:
+    """An mp4 whose video track holds no frame (only its audio track has packets)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        for i in range(5):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path
+
+
 def corrupt_index(path: Path, source: Path, seed: int = 0) -> Path:
     """A real mp4 whose index (the moov box) is overwritten with random bytes."""
     data = bytearray(source.read_bytes())
@@ -91,7 +108,7 @@ def bad_input_matrix(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         "very_long": encoded_video(b / "long.mp4", 96, 96, frames=1500, seed=1),
         "variable_frame_rate": encoded_video(b / "vfr.mp4", 96, 96, frames=60, vfr=True, seed=2),
         "plain_b": good_video(b / "plain.mp4", frames=48, motion="move_right"),
-        # decord mis-decodes 72 px wide streams: MMAction2 cannot train on it, the client can read it
+        # decord mis-decodes 72 px wide streams: sfdeploy decodes it with PyAV, in training and serving
         "decord_width_bug": encoded_video(b / "narrow_72.mp4", 72, 128, frames=40, seed=3),
     }
     failing = {

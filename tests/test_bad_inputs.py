@@ -26,19 +26,23 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
 
 def test_prepare_uses_the_odd_but_valid_and_reports_the_rest(matrix, tmp_path: Path) -> None:
     root, usable, failing = matrix
-    good_video(root / "move_left" / "short.mp4", frames=10)  # too few frames for a 16x2 clip
+    good_video(root / "move_left" / "short.mp4", frames=10)  # fewer frames than a 16x2 clip: kept, looped
     try:
         result = run_cli("data", "prepare", str(root), "--out", str(tmp_path / "d"), "--preset", "slowfast_tiny")
     finally:
         (root / "move_left" / "short.mp4").unlink()
     report = json.loads((tmp_path / "d" / "prepare_report.json").read_text())
     accepted = {Path(v["path"]).name for v in report["videos"]}
-    assert accepted == {p.name for k, p in usable.items() if k != "decord_width_bug"}
+    assert accepted == {p.name for p in usable.values()} | {"short.mp4"}
     reasons = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
     assert reasons == {"corrupt.mp4": "unreadable", "truncated.mp4": "unreadable", "empty.mp4": "zero_bytes",
-                       "notes.avi": "unreadable", "short.mp4": "too_short", "narrow_72.mp4": "decoder_unsupported"}
+                       "notes.avi": "unreadable"}
     for rejected in report["rejected"]:
         assert rejected["fix"] and Path(rejected["path"]).name in result.stderr
+    assert [Path(v["path"]).name for v in report["short"]["videos"]] == ["short.mp4"]  # 10 < 16 x 2 frames
+    assert report["short"]["clip_frames"] == 32 and "short.mp4: 10 frames" in result.stderr
+    decoders = {Path(v["path"]).name: v["decoder"] for v in report["videos"]}
+    assert decoders.pop("narrow_72.mp4") == "pyav" and set(decoders.values()) == {"decord"}
     sizes = {Path(v["path"]).name: (v["width"], v["height"], v["frames"]) for v in report["videos"]}
     assert sizes["odd_97x131.mp4"] == (131, 97, 40) and sizes["portrait.mp4"] == (80, 128, 40)
     assert sizes["long.mp4"][2] == 1500

@@ -14,7 +14,7 @@ from sfdeploy.data.layout import PreparedData
 from sfdeploy.data.prepare import prepare
 from sfdeploy.errors import InputError
 
-from badvideos import good_video, not_a_video, truncated, zero_byte
+from badvideos import good_video, no_video_frames, not_a_video, truncated, zero_byte
 
 
 def _lines(path: Path) -> list[str]:
@@ -38,6 +38,8 @@ def test_prepared_synthetic_data_is_a_complete_stratified_split(prepared: Path, 
     report = json.loads((prepared / "prepare_report.json").read_text())
     assert report["accepted"] == 64 and report["rejected"] == []
     assert {v["frames"] for v in report["videos"]} == {48}
+    assert {v["decoder"] for v in report["videos"]} == {"decord"}
+    assert report["short"]["count"] == 0 and report["short"]["clip_frames"] == 32  # slowfast_tiny: 16 x 2
 
 
 def test_split_is_deterministic_by_seed(synth_root: Path, tmp_path: Path) -> None:
@@ -57,6 +59,7 @@ def _dataset_with_bad_files(root: Path) -> dict[str, Path]:
         "unreadable": not_a_video(root / "right" / "notes.avi"),
         "truncated": truncated(root / "left" / "cut.mp4", root / "left" / "left_0.mp4"),
         "too_short": good_video(root / "right" / "short.mp4", frames=10),
+        "no_frames": no_video_frames(root / "right" / "silent.mp4"),
     }
     (root / "right" / "readme.txt").write_text("not a video")
     good_video(root / "stray.mp4")  # not inside a class folder
@@ -73,7 +76,7 @@ def test_bad_files_are_reported_with_reason_and_fix_and_the_rest_is_used(tmp_pat
     report = json.loads(result.report_path.read_text())
     reasons = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
     assert reasons == {"empty.mp4": "zero_bytes", "notes.avi": "unreadable", "cut.mp4": "unreadable",
-                       "short.mp4": "too_short"}
+                       "short.mp4": "too_short", "silent.mp4": "unreadable"}
     assert all(r["fix"] for r in report["rejected"])
     ignored = {Path(i["path"]).name for i in report["ignored"]}
     assert {"readme.txt", "stray.mp4"} <= ignored
@@ -143,13 +146,30 @@ def test_cli_exit_codes_and_messages(tmp_path: Path, synth_root: Path) -> None:
     assert result.exit_code == 1 and "unknown preset" in result.output
 
 
-def test_default_min_frames_follow_the_preset(tmp_path: Path, synth_root: Path) -> None:
-    """48-frame synthetic videos are too short for R50 4x16 (32 x 2 frames) but fine for tiny."""
+def test_short_videos_are_kept_and_reported_by_default(tmp_path: Path, synth_root: Path) -> None:
+    """48-frame videos are shorter than one clip of the default R50 4x16 preset (32 x 2 frames):
+    MMAction2 trains on them (SampleFrames loops the frames), so they are used and listed as short;
+    only an explicit --min-frames rejects by length."""
     root = tmp_path / "videos"
     for cls in ("move_left", "move_right"):
         shutil.copytree(synth_root / cls, root / cls)
+    videos = sorted(str(p) for p in root.rglob("*.mp4"))
     result = CliRunner().invoke(cli, ["data", "prepare", str(root), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1
+    assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "o" / "prepare_report.json").read_text())
-    assert {r["reason"] for r in report["rejected"]} == {"too_short"}
-    assert "a clip needs 64" in report["rejected"][0]["detail"]
+    assert report["rejected"] == [] and report["accepted"] == len(videos) == 32
+    assert report["short"]["count"] == 32 and report["short"]["clip_frames"] == 64
+    assert sorted(v["path"] for v in report["short"]["videos"]) == videos
+    assert {v["frames"] for v in report["short"]["videos"]} == {48}
+    listed = _lines(tmp_path / "o/annotations/train_list.txt") + _lines(tmp_path / "o/annotations/val_list.txt")
+    assert len(listed) == 32
+    assert "(32 short: fewer than the 64 frames of one clip" in result.output
+    assert f"short: {videos[0]}: 48 frames" in result.output and "27 more in the report" in result.output
+    assert json.loads((tmp_path / "o" / "dataset.json").read_text())["short"] == 32
+
+    result = CliRunner().invoke(cli, ["data", "prepare", str(root), "--out", str(tmp_path / "m"),
+                                      "--min-frames", "49"])
+    assert result.exit_code == 1  # every video rejected: no classes left
+    report = json.loads((tmp_path / "m" / "prepare_report.json").read_text())
+    assert {r["reason"] for r in report["rejected"]} == {"too_short"} and len(report["rejected"]) == 32
+    assert "48 frames, --min-frames is 49" in report["rejected"][0]["detail"]

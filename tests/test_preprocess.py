@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.decode import DecodeError
+from sfdeploy.errors import InputError
 from sfdeploy.preprocess import DecodeFailure, decode_many, load_video, sample_indices
 
 from badvideos import encoded_video, good_video
@@ -66,6 +68,34 @@ def test_views_equal_mmaction2_pipeline(videos: dict[str, Path], name: str, view
     assert np.array_equal(ours, _mmaction(spec, videos[name]))
 
 
+def test_bytes_of_a_file_give_the_views_of_its_path(videos: dict[str, Path]) -> None:
+    """Server-side decoding receives encoded bytes, not paths: the same views, every awkward case."""
+    for path in videos.values():
+        assert np.array_equal(load_video(path.read_bytes(), BASE), load_video(path, BASE))
+
+
+@pytest.mark.parametrize("source", ["missing", "empty_bytes", "garbage_bytes", "garbage_file"])
+def test_a_bad_source_is_an_input_error_naming_it(source: str, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video" * 50)
+    arg = {"missing": tmp_path / "nope.mp4", "empty_bytes": b"", "garbage_bytes": b"not a video" * 50,
+           "garbage_file": garbage}[source]
+    with pytest.raises(DecodeError) as info:
+        load_video(arg, BASE)
+    assert info.value.reason == {"missing": "not_found", "empty_bytes": "zero_bytes"}.get(source, "unreadable")
+    assert isinstance(info.value, InputError) and info.value.fix
+    assert info.value.path == (str(arg) if isinstance(arg, Path) else f"<{len(arg)} bytes of an encoded video>")
+
+
+def test_decode_many_takes_bytes(videos: dict[str, Path]) -> None:
+    sources = [videos["square"].read_bytes(), b"not a video" * 50, videos["vfr"]]
+    results = dict(decode_many(sources, BASE, workers=2))
+    assert np.array_equal(results[0], load_video(videos["square"], BASE))
+    assert isinstance(results[1], DecodeFailure) and results[1].path == "<550 bytes of an encoded video>"
+    assert "cannot decode" in results[1].error and "re-encode it" in results[1].error
+    assert results[2].shape == (1, 8, 56, 56, 3)
+
+
 def test_decode_many_reports_failures_in_place(videos: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_text("not a video")
@@ -73,4 +103,6 @@ def test_decode_many_reports_failures_in_place(videos: dict[str, Path], tmp_path
     results = dict(decode_many(paths, BASE, workers=2))
     assert sorted(results) == [0, 1, 2, 3]
     assert isinstance(results[1], DecodeFailure) and isinstance(results[2], DecodeFailure)
+    assert results[1].path == str(bad) and "cannot decode" in results[1].error
+    assert results[2].error.startswith("file not found")
     assert results[0].shape == results[3].shape == (1, 8, 56, 56, 3)

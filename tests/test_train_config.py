@@ -14,7 +14,7 @@ import torch
 from sfdeploy.compat import ensure_mmaction, load_config
 from sfdeploy.data.layout import AnnotationList, PreparedData
 from sfdeploy.errors import InputError
-from sfdeploy.train.config import FinetuneOptions, build_config, iters_per_epoch, schedule
+from sfdeploy.train.config import FinetuneOptions, add_custom_imports, build_config, iters_per_epoch, schedule
 from sfdeploy.train.presets import available_presets, preset_path
 from sfdeploy.train.pretrained import prepare_pretrained
 
@@ -69,7 +69,7 @@ def test_options_map_to_mmengine_settings(data: PreparedData, tmp_path: Path) ->
     cfg = _build(data, tmp_path, balanced=True, patience=3, gpus=2, seed=5, deterministic=True,
                  cfg_options={"model.cls_head.dropout_ratio": 0.25})
     assert cfg.train_dataloader.sampler.type == "BalancedClassSampler"
-    assert cfg.custom_imports.imports == ["sfdeploy.train.sampler"]
+    assert cfg.custom_imports.imports == ["sfdeploy.train.transforms", "sfdeploy.train.sampler"]
     assert [h.type for h in cfg.custom_hooks] == ["EarlyStoppingHook"]
     assert cfg.custom_hooks[0].patience == 3
     assert cfg.randomness == {"seed": 5, "deterministic": True}
@@ -91,7 +91,38 @@ def test_rawframes_lists_switch_the_decode_steps(data: PreparedData, tmp_path: P
     cfg = _build(frames, tmp_path)
     assert cfg.train_dataloader.dataset.type == "RawframeDataset"
     types = [s["type"] for s in cfg.test_dataloader.dataset.pipeline]
-    assert "RawFrameDecode" in types and not any(t.startswith("Decord") for t in types)
+    assert "RawFrameDecode" in types and not any(t.startswith(("Decord", "Sfdeploy")) for t in types)
+    assert "custom_imports" not in cfg
+
+
+@pytest.mark.parametrize("preset", ["slowfast_tiny", "slowfast_r50_4x16", "slowfast_r50_8x8"])
+def test_every_video_pipeline_decodes_with_sfdeploy(data: PreparedData, tmp_path: Path, preset: str) -> None:
+    """Training and MMAction2's own tools on WORK/config.py decode as the client does."""
+    cfg = _build(data, tmp_path, preset=preset)
+    for split in ("train", "val", "test"):
+        types = [step["type"] for step in cfg[f"{split}_dataloader"].dataset.pipeline]
+        assert types[0] == "SfdeployVideoInit" and types.count("SfdeployVideoDecode") == 1, types
+        assert not any(t.startswith("Decord") for t in types)
+        assert cfg[f"{split}_pipeline"] == cfg[f"{split}_dataloader"].dataset.pipeline
+    assert cfg.custom_imports == {"imports": ["sfdeploy.train.transforms"], "allow_failed_imports": False}
+    cfg.dump(str(tmp_path / "config.py"))  # WORK/config.py loads with the transforms registered
+    reloaded = load_config(tmp_path / "config.py")
+    from mmaction.registry import TRANSFORMS
+
+    assert TRANSFORMS.get("SfdeployVideoDecode") is not None
+    assert reloaded.test_pipeline[0]["type"] == "SfdeployVideoInit"
+
+
+def test_add_custom_imports_merges_with_what_is_there() -> None:
+    from mmengine.config import Config
+
+    cfg = Config(dict(custom_imports=dict(imports="pkg.a", allow_failed_imports=True)))
+    add_custom_imports(cfg, "pkg.b", "pkg.a")
+    add_custom_imports(cfg, "pkg.b")
+    assert cfg.custom_imports == {"imports": ["pkg.a", "pkg.b"], "allow_failed_imports": True}
+    empty = Config({})
+    add_custom_imports(empty, "pkg.c")
+    assert empty.custom_imports == {"imports": ["pkg.c"], "allow_failed_imports": False}
 
 
 def test_mixed_annotation_formats_are_refused(tmp_path: Path) -> None:

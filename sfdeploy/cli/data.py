@@ -46,10 +46,11 @@ def synth(out: Path, classes: int, per_class: int, frames: int, size: int, seed:
               help="Share of each class held out for validation (ignored for train/ + val/ roots).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the stratified split.")
 @click.option("--preset", default=None,
-              help="Reject videos shorter than this preset's clip needs "
-                   "[default: slowfast_r50_4x16, or --min-frames].")
+              help="The finetune preset (or config .py) the data is for: videos shorter than its clip are "
+                   "kept (MMAction2 loops their frames) and listed as short in the report "
+                   "[default: slowfast_r50_4x16].")
 @click.option("--min-frames", type=click.IntRange(min=1), default=None,
-              help="Reject videos with fewer frames than this (overrides --preset).")
+              help="Reject videos with fewer frames than this [default: keep every decodable video].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel probe processes [default: one per CPU core].")
 def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: str | None,
@@ -57,25 +58,34 @@ def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: st
     """Probe and split VIDEO_ROOT/<class>/*.mp4 (or VIDEO_ROOT/{train,val}/<class>/) into
     MMAction2 annotation lists.
 
-    Every video is opened with decord in parallel; corrupt, empty, unreadable and too-short files
-    are listed with the reason and the fix in OUT/prepare_report.json, and the rest is used.
+    Every video is decoded in parallel (decord; PyAV for the streams decord mis-decodes, as in
+    training and serving); corrupt, empty and unreadable files are listed with the reason and the
+    fix in OUT/prepare_report.json, and the rest is used. Videos shorter than the preset's clip are
+    used too, and listed as short.
     """
     from sfdeploy.data.prepare import prepare as run_prepare
 
-    if min_frames is None:
-        min_frames = _preset_min_frames(preset)
-    result = run_prepare(video_root, out, val_ratio=val_ratio, seed=seed, min_frames=min_frames,
-                         workers=workers)
+    clip_frames = _preset_clip_frames(preset)
+    result = run_prepare(video_root, out, val_ratio=val_ratio, seed=seed, min_frames=min_frames or 1,
+                         clip_frames=clip_frames, workers=workers)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     for item in result.rejected:
         click.echo(f"rejected: {item['path']}: {item['reason']} ({item['detail']})", err=True)
-    click.echo(f"{len(result.classes)} classes, {result.train} train / {result.val} val videos, "
+    for item in result.short[:SHOW_SHORT]:
+        click.echo(f"short: {item['path']}: {item['frames']} frames (a clip spans {clip_frames}; looped)", err=True)
+    if len(result.short) > SHOW_SHORT:
+        click.echo(f"short: ... {len(result.short) - SHOW_SHORT} more in the report", err=True)
+    click.echo(f"{len(result.classes)} classes, {result.train} train / {result.val} val videos "
+               f"({len(result.short)} short: fewer than the {clip_frames} frames of one clip, frames loop), "
                f"{len(result.rejected)} rejected, {len(result.ignored)} other files ignored -> {out}")
     click.echo(f"report: {result.report_path}")
 
 
-def _preset_min_frames(preset: str | None) -> int:
+SHOW_SHORT = 5
+
+
+def _preset_clip_frames(preset: str | None) -> int:
     from sfdeploy.clipspec import ClipSpec
     from sfdeploy.compat import load_config
     from sfdeploy.train.presets import DEFAULT_PRESET, preset_path

@@ -7,7 +7,7 @@ import click
 
 @click.command()
 def doctor() -> None:
-    """Check versions, the known install traps, CUDA, decord and the tritonserver binary.
+    """Check versions, the known install traps, CUDA, the decoders and the tritonserver binary.
 
     Prints one row per check with the fix for each failure; exits 1 if any check fails.
     """

@@ -101,7 +101,8 @@ class PreparedData:
     classes: list[str]
     media_root: Path  # prefix for the paths in the lists ('' when they are absolute)
     direction_sensitive: bool = False
-    min_frames: int | None = None
+    min_frames: int | None = None  # shorter videos were rejected (``data prepare --min-frames``)
+    clip_frames: int | None = None  # shorter videos were kept and reported as short
     source: Path | None = None  # the DATA folder, when it came from `data prepare`
     extra: dict = field(default_factory=dict)
 
@@ -139,6 +140,7 @@ class PreparedData:
             media_root=media_root,
             direction_sensitive=bool(meta.get("direction_sensitive", False)),
             min_frames=meta.get("min_frames"),
+            clip_frames=meta.get("clip_frames"),
             source=data,
             extra=meta,
         )

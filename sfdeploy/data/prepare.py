@@ -5,9 +5,12 @@ Accepted layouts::
     VIDEO_ROOT/<class>/*.mp4                       split here, stratified by class, by seed
     VIDEO_ROOT/train/<class>/*.mp4 + val/<class>/  already split: kept as it is
 
-Every video is probed with decord in parallel worker processes. Nothing is dropped silently:
-each file that is not used appears in ``prepare_report.json`` with the reason and the fix, and so
-does each class folder that ends up without videos. The run fails (and still writes the report)
+Every video is probed in parallel worker processes with :mod:`sfdeploy.decode` (the decoder that
+training and serving use). Nothing is dropped silently: each file that is not used appears in
+``prepare_report.json`` with the reason and the fix, and so does each class folder that ends up
+without videos. Videos shorter than the clip (``clip_frames``) are kept, as MMAction2 trains on
+them (``SampleFrames`` loops their frames), and listed under ``short``; only ``min_frames``, when
+asked for, rejects by length. The run fails (and still writes the report)
 only when what is left cannot train a classifier: no videos, or fewer than two classes.
 """
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfdeploy.data import layout
-from sfdeploy.data.probe import VIDEO_EXTENSIONS, VideoProbe, probe_videos
+from sfdeploy.data.probe import FIXES, VIDEO_EXTENSIONS, VideoProbe, probe_videos
 from sfdeploy.data.synth import HINTS_JSON
 from sfdeploy.errors import InputError
 from sfdeploy.fsutil import ensure_writable_dir
@@ -40,6 +43,8 @@ class PrepareResult:
     train: int
     val: int
     rejected: list[dict] = field(default_factory=list)
+    short: list[dict] = field(default_factory=list)  # accepted, fewer frames than clip_frames
+    clip_frames: int | None = None
     ignored: list[dict] = field(default_factory=list)
     skipped_classes: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -125,10 +130,15 @@ def prepare(
     val_ratio: float = 0.2,
     seed: int = 0,
     min_frames: int = 1,
+    clip_frames: int | None = None,
     workers: int | None = None,
     show_progress: bool = True,
 ) -> PrepareResult:
-    """Scan, probe, split and write ``out`` (see :mod:`sfdeploy.data.layout`)."""
+    """Scan, probe, split and write ``out`` (see :mod:`sfdeploy.data.layout`).
+
+    ``min_frames`` rejects shorter videos (``too_short``); ``clip_frames`` (the frames one training
+    clip spans, :attr:`ClipSpec.min_frames`) only marks the shorter ones as ``short`` in the report.
+    """
     video_root = Path(video_root).resolve()
     out = Path(out).resolve()
     if not 0.0 < val_ratio < 1.0:
@@ -143,12 +153,15 @@ def prepare(
             "VIDEO_ROOT/<class>/<video>",
         )
 
-    probes = probe_videos([c.path for c in candidates], min_frames=min_frames, workers=workers,
-                          show_progress=show_progress)
+    probes = probe_videos([c.path for c in candidates], workers=workers, show_progress=show_progress)
     rejected = [p.to_dict() for p in probes if not p.ok]
     usable: list[tuple[Candidate, VideoProbe]] = []
     for cand, probe in zip(candidates, probes, strict=True):
         if not probe.ok:
+            continue
+        if probe.frames < min_frames:
+            rejected.append({**probe.to_dict(), "reason": "too_short", "fix": FIXES["too_short"],
+                             "detail": f"{probe.frames} frames, --min-frames is {min_frames}"})
             continue
         relative = cand.path.relative_to(video_root).as_posix()
         if any(ch.isspace() for ch in relative):
@@ -194,31 +207,38 @@ def prepare(
     label = {name: i for i, name in enumerate(classes)}
     entries = {split: [(p, label[name]) for name, vids in sorted(by_split[split].items())
                        if name in label for p in vids] for split in ("train", "val")}
+    short = [{"path": str(p), "split": split, "frames": probe_of[p].frames}
+             for split in ("train", "val") for p, _ in entries[split]
+             if clip_frames is not None and probe_of[p].frames < clip_frames]
     report = {
         "video_root": str(video_root),
         "layout": "train/val folders" if presplit else "class folders",
         "val_ratio": None if presplit else val_ratio,
         "seed": seed,
         "min_frames": min_frames,
+        "clip_frames": clip_frames,
         "classes": classes,
         "counts": {split: {name: sum(1 for _, lab in entries[split] if lab == label[name])
                            for name in classes} for split in ("train", "val")},
         "found": len(candidates),
         "accepted": len(entries["train"]) + len(entries["val"]),
         "rejected": sorted(rejected, key=lambda r: r["path"]),
+        "short": {"count": len(short), "clip_frames": clip_frames,
+                  "note": "kept: fewer frames than one clip spans, MMAction2's SampleFrames loops them",
+                  "videos": short},
         "ignored": ignored,
         "skipped_classes": skipped,
         "warnings": warnings,
         "videos": [
             {"path": str(p), "split": split, "label": lab, **{k: v for k, v in probe_of[p].to_dict().items()
-                                                           if k in ("frames", "fps", "width", "height")}}
+                                                           if k in ("frames", "fps", "width", "height", "decoder")}}
             for split in ("train", "val") for p, lab in entries[split]
         ],
     }
     (out / layout.REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     result = PrepareResult(out=out, classes=classes, train=len(entries["train"]), val=len(entries["val"]),
-                           rejected=report["rejected"], ignored=ignored, skipped_classes=skipped,
-                           warnings=warnings)
+                           rejected=report["rejected"], short=short, clip_frames=clip_frames, ignored=ignored,
+                           skipped_classes=skipped, warnings=warnings)
     if len(classes) < 2:
         raise InputError(
             f"{len(classes)} class(es) with usable training videos ({', '.join(classes) or 'none'}); "
@@ -240,6 +260,8 @@ def prepare(
         "format": "video",
         "direction_sensitive": _direction_sensitive(video_root),
         "min_frames": min_frames,
+        "clip_frames": clip_frames,
+        "short": len(short),
         "classes": classes,
         "train": len(entries["train"]),
         "val": len(entries["val"]),

@@ -122,6 +122,25 @@ def write_mp4(path: Path, clip_rgb: np.ndarray, fps: int = FPS) -> None:
         writer.release()
 
 
+def encode_h264(clip_rgb: np.ndarray, fps: int = FPS, pix_fmt: str = "yuv420p") -> bytes:
+    """Encode uint8 RGB ``[T, H, W, 3]`` as an h264 .mp4, in memory, with PyAV (any size: OpenCV's
+    writer rounds sizes down to even; yuv420p itself needs even sizes, yuv444p takes odd ones)."""
+    import io
+
+    import av
+
+    height, width = clip_rgb.shape[1:3]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.options = {"preset": "ultrafast"}
+        for frame in clip_rgb:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
 def synthesize(out: Path, opts: SynthOptions = SynthOptions(), show_progress: bool = True) -> Path:
     """Write the dataset to ``out`` and return the path of its ``sfdeploy_dataset.json``."""
     _validate(opts)

@@ -2,7 +2,8 @@
 
 On real clips from the val set (not noise: a near-flat softmax on noise hides differences), the
 reference is the eager MMAction2 recognizer fed by MMAction2's *own* test pipeline for the clip
-spec, and each artifact is fed by sfdeploy's client preprocessing. So the gate checks the whole
+spec (with MMAction2's own decoder for each stream, see :func:`reference_decoder`), and each
+artifact is fed by sfdeploy's client preprocessing. So the gate checks the whole
 deployed path (decode, sampling, resize, crop, normalisation, layout, model, view averaging)
 against MMAction2, and records separately whether the two preprocessings gave identical pixels.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,27 @@ def val_videos(cfg: Any, limit: int, seed: int = 0) -> list[tuple[Path, int]]:
     return chosen
 
 
+def reference_decoder(path: Path) -> str:
+    """Which MMAction2 decoder the reference pipeline uses for this video (``mmaction_pipeline``'s
+    ``decode``). Never sfdeploy's adapter where MMAction2 has an independent one: ``"decord"``
+    (DecordInit/DecordDecode) wherever decord reads the stream; on a stream decord mis-decodes
+    (sfdeploy decodes it with PyAV), MMAction2's own ``"pyav"`` pair, which samples from the
+    container's frame count, so only where that count equals the stream's (mp4/mov/avi); else
+    ``"sfdeploy"``, the transforms training used (then only sampling, resize and crop are checked
+    independently of the adapter; the width-sweep test covers its decoding)."""
+    import av
+
+    from sfdeploy.decode import open_video
+
+    with open_video(path) as video:
+        video.frames([0])
+        if video.decoder == "decord":
+            return "decord"
+        frames = video.num_frames
+    with av.open(str(path)) as container:
+        return "pyav" if container.streams.video[0].frames == frames else "sfdeploy"
+
+
 def mmaction_reference(recognizer: Any, spec: ClipSpec, videos: list[Path], show_progress: bool = True
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities of the eager recognizer on MMAction2's own pipeline, and that pipeline's
@@ -85,9 +107,13 @@ def mmaction_reference(recognizer: Any, spec: ClipSpec, videos: list[Path], show
     from mmengine.registry import init_default_scope
 
     init_default_scope("mmaction")
-    pipeline = Compose(spec.mmaction_pipeline())
+    pipelines: dict[str, Any] = {}
     probs, inputs = [], []
     for path in progress(videos, desc="parity: mmaction2", unit="video", enabled=show_progress):
+        decoder = reference_decoder(path)
+        if decoder == "sfdeploy":
+            import sfdeploy.train.transforms  # noqa: F401 - registers the transforms it names
+        pipeline = pipelines.setdefault(decoder, Compose(spec.mmaction_pipeline(decoder)))
         data = pipeline(dict(filename=str(path), label=-1, start_index=0, modality="RGB"))
         inputs.append(data["inputs"].permute(0, 2, 3, 4, 1).numpy())  # [V, 3, T, H, W] -> [V, T, H, W, 3]
         with torch.no_grad():
@@ -122,6 +148,7 @@ def run_gate(recognizer: Any, spec: ClipSpec, predictors: dict[str, tuple[Predic
                                     criterion).to_dict()
     return {
         "reference": "MMAction2 eager recognizer on MMAction2's test pipeline for the clip spec",
+        "reference_decoders": dict(Counter(reference_decoder(p) for p in videos)),
         "videos": [str(p) for p in videos],
         "reference_top1": [int(i) for i in reference.argmax(1)],
         "preprocess_max_pixel_diff": pixel_diff,

@@ -1,11 +1,12 @@
 """Build the full MMAction2 training config from a preset and a dataset.
 
 The preset says *what model and recipe*; this module fills in what depends on the data and the
-machine, each in one place: number of classes, annotation files, flip for direction-sensitive
-classes, a warm-up + cosine schedule sized to the run, learning rate scaled to the total batch,
-checkpointing by val top-1, workers, distributed backend, TensorBoard. The result is written to
-``WORK/config.py``, which is the single source for everything downstream (export reads its test
-pipeline to derive the clip spec).
+machine, each in one place: number of classes, annotation files, sfdeploy's decoder (the
+client's, registered as MMAction2 transforms), flip for direction-sensitive classes, a warm-up +
+cosine schedule sized to the run, learning rate scaled to the total batch, checkpointing by val
+top-1, workers, distributed backend, TensorBoard. The result is written to ``WORK/config.py``,
+which is the single source for everything downstream (export reads its test pipeline to derive
+the clip spec).
 """
 
 from __future__ import annotations
@@ -67,16 +68,49 @@ def schedule(total_iters: int) -> list[dict[str, Any]]:
     ]
 
 
+_VIDEO_INIT = ("DecordInit", "OpenCVInit", "PyAVInit", "SfdeployVideoInit")
+_VIDEO_DECODE = ("DecordDecode", "OpenCVDecode", "PyAVDecode", "SfdeployVideoDecode")
+TRANSFORMS_MODULE = "sfdeploy.train.transforms"  # registers SfdeployVideoInit / SfdeployVideoDecode
+
+
 def _video_to_rawframes(pipeline: list[dict]) -> list[dict]:
     out = []
     for step in pipeline:
-        if step["type"] in ("DecordInit", "OpenCVInit", "PyAVInit"):
+        if step["type"] in _VIDEO_INIT:
             continue
-        if step["type"] in ("DecordDecode", "OpenCVDecode", "PyAVDecode"):
+        if step["type"] in _VIDEO_DECODE:
             out.append(dict(type="RawFrameDecode", io_backend="disk"))
             continue
         out.append(step)
     return out
+
+
+def _decode_with_sfdeploy(pipeline: list[dict]) -> list[dict]:
+    """``DecordInit`` / ``DecordDecode`` -> ``SfdeployVideoInit`` / ``SfdeployVideoDecode``
+    (:mod:`sfdeploy.train.transforms`): training then decodes every stream the client decodes,
+    with the same pixels. Other decoders a user's config names are left as they are."""
+    out = []
+    for step in pipeline:
+        if step["type"] == "DecordInit":
+            step = {k: v for k, v in step.items() if k != "num_threads"}
+            step["type"] = "SfdeployVideoInit"
+        elif step["type"] == "DecordDecode":
+            if step.get("mode", "accurate") != "accurate":
+                raise InputError("DecordDecode(mode='efficient') returns key frames, which the client does not "
+                                 "reproduce", fix="use DecordDecode() (accurate mode) in the config")
+            step = dict(type="SfdeployVideoDecode")
+        out.append(step)
+    return out
+
+
+def add_custom_imports(cfg: Any, *modules: str) -> None:
+    """Have mmengine import ``modules`` whenever it loads the config (``custom_imports``), to
+    register what the config names; keeps the imports already there, adds each module once."""
+    current = dict(cfg.get("custom_imports") or {})
+    imports = current.get("imports") or []
+    imports = [imports] if isinstance(imports, str) else list(imports)
+    imports += [m for m in modules if m not in imports]
+    cfg.custom_imports = dict(current, imports=imports, allow_failed_imports=current.get("allow_failed_imports", False))
 
 
 def _loader_workers(opts: FinetuneOptions, preset_workers: int, world_size: int) -> int:
@@ -110,6 +144,10 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
         pipeline = list(cfg.get(f"{split}_pipeline") or loader.dataset.pipeline)
         if data.format == "rawframes":
             pipeline = _video_to_rawframes(pipeline)
+        else:
+            pipeline = _decode_with_sfdeploy(pipeline)
+            if any(step["type"] == "SfdeployVideoInit" for step in pipeline):
+                add_custom_imports(cfg, TRANSFORMS_MODULE)
         if flip is False:
             pipeline = [step for step in pipeline if step["type"] != "Flip"]
         cfg[f"{split}_pipeline"] = pipeline
@@ -130,7 +168,7 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
         cfg[f"{split}_dataloader"].num_workers = workers
         cfg[f"{split}_dataloader"].persistent_workers = workers > 0
     if opts.balanced:
-        cfg.custom_imports = dict(imports=["sfdeploy.train.sampler"], allow_failed_imports=False)
+        add_custom_imports(cfg, "sfdeploy.train.sampler")
         cfg.train_dataloader.sampler = dict(type="BalancedClassSampler", seed=opts.seed)
 
     epochs = opts.epochs or cfg.train_cfg.max_epochs

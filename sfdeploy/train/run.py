@@ -48,14 +48,15 @@ def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> N
                          fix="pass --resume to continue it, or choose a new --work-dir")
     cfg = load_config(preset_path(opts.preset))
     build_config(cfg, data, opts)
-    if data.min_frames is not None:
+    if data.clip_frames is not None:
         from sfdeploy.clipspec import ClipSpec
 
         needed = ClipSpec.from_config(cfg).min_frames
-        if data.min_frames < needed:
-            log.warning("the data was prepared for clips of %d frames but preset '%s' samples %d; "
-                        "shorter videos are looped (re-run `data prepare --preset %s` to reject them)",
-                        data.min_frames, opts.preset, needed, opts.preset)
+        if data.clip_frames < needed:
+            log.warning("the data was prepared for clips of %d frames but preset '%s' spans %d: videos "
+                        "shorter than that are looped, and prepare_report.json does not list them as short "
+                        "(re-run `data prepare --preset %s` to see them)", data.clip_frames, opts.preset, needed,
+                        opts.preset)
     source = {"default": cfg.get("load_from"), "none": None}.get(opts.pretrained or "none", opts.pretrained)
     pretrained_info = None
     if source:

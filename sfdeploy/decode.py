@@ -1,0 +1,218 @@
+"""One video decoder for training and serving: decord, and PyAV on exactly the streams decord
+mis-decodes.
+
+Why two. decord 0.6.0 is MMAction2's decoder, but it cannot read some frame widths: measured over
+every width from 16 to 1920 px (h264, yuv420p and yuv444p, several heights), widths 16, 24, 48
+and 72 fail in ``get_batch`` with "Check failed: from_size == to_size ... DECORDArrayCopyFromTo"
+(its RGB copy expects unpadded rows). PyAV (FFmpeg, bundled) decodes every width, and wherever
+both decode, PyAV's ``rgb24`` frames are byte-identical to decord's (``tests/test_decode_sweep.py``
+checks the whole sweep). So :class:`Video` decodes with decord, and switches to PyAV on that error
+and only on it. Any other failure is the video's own (a damaged file): trying a second decoder on
+what the first calls corrupt would give pixels that nothing has checked.
+
+Counting and indexing are decord's for both decoders: the frame count is the number of packets of
+the video stream (decord's index; PyAV decodes exactly as many frames on every sweep clip), and
+index ``i`` is the ``i``-th frame in presentation order. The sampled indices therefore do not
+depend on which decoder delivers the pixels. PyAV decodes sequentially from the start (no
+seeking, so every index is exact) and keeps only the frames asked for.
+
+A source is a path or the bytes of an encoded file; both decoders read from memory, so bytes need
+no temporary file. Everything that decodes goes through here: the client and server-side
+preprocessing (:mod:`sfdeploy.preprocess`), ``data prepare``'s probe (:mod:`sfdeploy.data.probe`)
+and MMAction2 training/inference (:mod:`sfdeploy.train.transforms`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import io
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sfdeploy.errors import InputError
+
+Source = str | os.PathLike | bytes | bytearray | memoryview
+
+#: The message of decord's width bug: the one decord error on which PyAV takes over.
+DECORD_MISDECODE = "DECORDArrayCopyFromTo"
+
+#: Why a video cannot be decoded (a stable code, used in reports) -> what the user can do.
+FIXES: dict[str, str] = {
+    "not_found": "check the path",
+    "zero_bytes": "the file is empty: copy it again from its source, or remove it",
+    "unreadable": "the decoder cannot open it (not a video, or a damaged header): re-encode it, "
+    "e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`, or remove it",
+    "no_frames": "the video has no decodable frames: re-encode it or remove it",
+    "corrupt": "decoding fails partway (truncated or damaged file): re-encode it or remove it",
+    # what a worker process reports (sfdeploy.workers) when decoding kills or hangs it
+    "decoder_crash": "the decoder crashed on this file: re-encode it or remove it",
+    "timeout": "decoding took too long: re-encode it or remove it",
+}
+
+
+class DecodeError(InputError):
+    """A video that cannot be decoded; ``reason`` is one of :data:`FIXES`' keys (not_found,
+    zero_bytes, unreadable, no_frames, corrupt)."""
+
+    def __init__(self, message: str, *, reason: str, path: str) -> None:
+        self.reason = reason
+        super().__init__(message, path=path, fix=FIXES[reason])
+
+
+_DECORD_LOCATION = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+def short_error(exc: BaseException) -> str:
+    """One readable line: the exception type and its first line, decord's source location removed."""
+    lines = str(exc).strip().splitlines()
+    text = _DECORD_LOCATION.sub("", lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def describe(source: Source) -> str:
+    """How a source is named in errors: its path, or its size when it is bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes of an encoded video>"
+    return str(source)
+
+
+class Video:
+    """An opened video: :attr:`num_frames`, :attr:`fps`, and :meth:`frames` at any indices.
+
+    :attr:`decoder` is ``"decord"`` until decord turns out to mis-decode the stream (found on the
+    first :meth:`frames` call), ``"pyav"`` after. Raises :class:`DecodeError` for a source that
+    cannot be opened or has no frames.
+    """
+
+    def __init__(self, source: Source) -> None:
+        import decord
+
+        self.name = describe(source)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self._source: str | bytes = bytes(source)
+            if not self._source:
+                raise DecodeError("the video is empty (0 bytes)", reason="zero_bytes", path=self.name)
+            self._check_opens()
+        else:
+            self._source = os.fspath(source)
+            if not os.path.isfile(self._source):
+                raise DecodeError("file not found", reason="not_found", path=self.name)
+            if os.path.getsize(self._source) == 0:
+                raise DecodeError("the file is empty (0 bytes)", reason="zero_bytes", path=self.name)
+        try:
+            self._decord: Any = decord.VideoReader(self._open(), num_threads=1)
+        except (decord.DECORDError, RuntimeError) as exc:  # RuntimeError: decord's "Error reading ..."
+            raise DecodeError(f"cannot open the video ({short_error(exc)})", reason="unreadable",
+                              path=self.name) from exc
+        except AssertionError as exc:  # decord asserts a positive frame count
+            raise DecodeError("the video has no frames", reason="no_frames", path=self.name) from exc
+        self.num_frames = len(self._decord)
+        self.fps = float(self._decord.get_avg_fps())
+        self.decoder = "decord"
+
+    def _check_opens(self) -> None:
+        """Bytes that FFmpeg cannot open are refused before decord sees them: decord prints a
+        failed source's *content* to stderr as its name (a whole upload, into a server's log)."""
+        import av
+
+        try:
+            with av.open(self._open()) as container:
+                if not container.streams.video:
+                    raise DecodeError("no video stream", reason="unreadable", path=self.name)
+        except av.FFmpegError as exc:
+            raise DecodeError(f"cannot open the video ({short_error(exc)})", reason="unreadable",
+                              path=self.name) from exc
+
+    def _open(self) -> Any:
+        """What the decoders read: the path, or a file object over the bytes."""
+        return io.BytesIO(self._source) if isinstance(self._source, bytes) else self._source
+
+    def frames(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 RGB frames ``[len(indices), H, W, 3]`` at ``indices`` (any order, repeats allowed),
+        as MMAction2's ``DecordDecode`` (accurate mode) returns them."""
+        import decord
+
+        wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if wanted.size == 0:
+            raise ValueError("no frame indices given")
+        if wanted.min() < 0 or wanted.max() >= self.num_frames:
+            raise IndexError(f"frame indices {wanted.min()}..{wanted.max()} outside 0..{self.num_frames - 1} "
+                             f"of {self.name}")
+        if self.decoder == "decord":
+            try:
+                frames = self._decord.get_batch(wanted).asnumpy()
+            except decord.DECORDError as exc:
+                if DECORD_MISDECODE not in str(exc):
+                    raise DecodeError(f"decoding fails ({short_error(exc)})", reason="corrupt",
+                                      path=self.name) from exc
+                self.decoder = "pyav"  # decord's width bug: this stream is PyAV's from now on
+                self._decord = None
+        if self.decoder == "pyav":
+            frames = self._pyav_frames(wanted)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise DecodeError(f"decoded frames have shape {frames.shape} ({frames.dtype}), expected "
+                              "uint8 [T, H, W, 3]", reason="corrupt", path=self.name)
+        return frames
+
+    def _pyav_frames(self, wanted: np.ndarray) -> np.ndarray:
+        import av
+        from av.video.reformatter import VideoReformatter
+
+        needed = set(wanted.tolist())
+        last = int(wanted.max())
+        kept: dict[int, np.ndarray] = {}
+        decoded = 0
+        try:
+            with av.open(self._open()) as container:
+                stream = container.streams.best("video")  # decord's choice: av_find_best_stream
+                if stream is None:
+                    raise DecodeError("PyAV finds no video stream", reason="unreadable", path=self.name)
+                stream.codec_context.thread_count = 1  # as decord's num_threads=1: workers are the parallelism
+                # One reformatter for the stream: frame.to_ndarray(format="rgb24") builds a new
+                # swscale context per frame (same pixels, most of the time on small frames).
+                rgb = VideoReformatter()
+                for frame in container.decode(stream):
+                    if decoded in needed:
+                        kept[decoded] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    decoded += 1
+                    if decoded > last:
+                        break
+        except av.FFmpegError as exc:
+            raise DecodeError(f"decoding fails ({short_error(exc)})", reason="corrupt", path=self.name) from exc
+        if decoded <= last:
+            raise DecodeError(f"PyAV decoded {decoded} frames, the stream's index lists {self.num_frames}",
+                              reason="corrupt", path=self.name)
+        return np.stack([kept[i] for i in wanted.tolist()])
+
+    def close(self) -> None:
+        self._decord = None
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def __enter__(self) -> Video:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_video(source: Source) -> Video:
+    """Open a video from a path or from the bytes of an encoded file (see :class:`Video`)."""
+    return Video(source)
+
+
+def decoder_versions() -> dict[str, str | None]:
+    """Installed versions of the two decoders (``None`` if missing)."""
+    versions: dict[str, str | None] = {}
+    for dist in ("decord", "av"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
