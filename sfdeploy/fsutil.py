@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from sfdeploy.errors import InputError
@@ -20,3 +22,16 @@ def ensure_writable_dir(path: Path, what: str, option: str) -> Path:
         raise InputError(f"cannot write the {what} ({exc.strerror})", path=path,
                          fix=f"choose a writable {option}") from exc
     return path
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file next to ``path`` (same suffix, for writers that go by it), then
+    rename it over ``path``: readers, and other processes writing the same file (the nodes of a
+    multi-node run on a shared filesystem), never see a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
