@@ -35,6 +35,9 @@ WEIGHTED_LOSSES = ("CrossEntropyLoss", "BCELossWithLogits")  # MMAction2 losses 
 
 def check_options(opts: FinetuneOptions) -> None:
     """Refuse option values and combinations that make no sense, with the fix."""
+    if isinstance(opts.batch_size, str) and opts.batch_size != "auto":
+        raise InputError(f"--batch-size must be a number or 'auto', got {opts.batch_size!r}",
+                         fix="use e.g. --batch-size 8, or --batch-size auto")
     if opts.freeze_backbone and opts.unfreeze_after is not None:
         raise InputError("--freeze-backbone trains the head only for the whole run, --unfreeze-after N "
                          "unfreezes the backbone after N epochs: they contradict each other",
