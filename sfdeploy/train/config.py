@@ -2,7 +2,7 @@
 
 The preset says *what model and recipe*; this module fills in what depends on the data and the
 machine, each in one place: number of classes, annotation files, flip for direction-sensitive
-classes, a warm-up + cosine schedule sized to the run, learning rate scaled to the total batch,
+classes, a warm-up + cosine schedule sized to the run, learning rate scaled to the effective batch,
 checkpointing by val top-1, workers, distributed backend, TensorBoard; the finetuning strategies
 (freezing, per-group learning rates, accumulation, class weights, the overfit check) are added by
 :mod:`sfdeploy.train.strategies`. The result is written to ``WORK/config.py``, which is the single
