@@ -19,7 +19,7 @@ optim_wrapper = dict(
     _delete_=True,
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4),
     clip_grad=dict(max_norm=40, norm_type=2))
-auto_scale_lr = dict(enable=True, base_batch_size=8)  # lr above is for a total batch of 8
+auto_scale_lr = dict(enable=True, base_batch_size=8)  # lr above is for 8 videos per optimizer step
 
 # Validate every epoch (the Kinetics recipe validates every 5 of 256), so that the best
 # checkpoint and early stopping see every epoch. The warm-up + cosine schedule is sized to

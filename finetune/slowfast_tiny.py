@@ -120,7 +120,8 @@ train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=15, val_begin=1, val_int
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 
-# The learning rate is for base_batch_size; sfdeploy scales it to the real total batch size.
+# The learning rate is for base_batch_size videos per optimizer step; sfdeploy scales it to the
+# effective batch of the run (batch x --accumulate x processes).
 optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=3e-3, weight_decay=1e-4),
     clip_grad=dict(max_norm=40, norm_type=2))

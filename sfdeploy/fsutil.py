@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from sfdeploy.errors import InputError
@@ -38,6 +39,17 @@ def commit(partial: Path, final: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = partial_path(path)
-    tmp.write_text(text)
-    commit(tmp, path)
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file next to ``path`` (same suffix, for writers that go by it), then
+    rename it over ``path``: readers, and other processes writing the same file (the nodes of a
+    multi-node run on a shared filesystem), never see a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -60,8 +60,12 @@ def test_schedule_is_sized_to_the_run(data: PreparedData, tmp_path: Path) -> Non
 
 def test_learning_rate_scales_with_batch_unless_given(data: PreparedData, tmp_path: Path) -> None:
     cfg = _build(data, tmp_path)
-    assert cfg.auto_scale_lr.enable and cfg.auto_scale_lr.base_batch_size == 8
-    fixed = _build(data, tmp_path, lr=0.5)
+    assert cfg.optim_wrapper.optimizer.lr == pytest.approx(3e-3)  # the preset's, for its batch of 8
+    doubled = _build(data, tmp_path, batch_size=16)
+    assert doubled.optim_wrapper.optimizer.lr == pytest.approx(6e-3)
+    # Scaled once, by sfdeploy (which counts --accumulate too); mmengine's own scaling is off.
+    assert doubled.auto_scale_lr == {"enable": False, "base_batch_size": 8}
+    fixed = _build(data, tmp_path, lr=0.5, batch_size=16)
     assert fixed.optim_wrapper.optimizer.lr == 0.5 and not fixed.auto_scale_lr.enable
 
 
@@ -199,3 +203,109 @@ def test_unrelated_checkpoint_is_refused(tmp_path: Path, data: PreparedData) -> 
     cfg = _build(data, tmp_path)
     with pytest.raises(InputError, match="shares no weights"):
         prepare_pretrained(str(path), cfg.model, tmp_path)
+
+
+# --- finetuning strategies: what each option writes into the config (their effects on training
+# are tested in test_finetune_strategies.py) -------------------------------------------------------
+
+def test_strategies_are_config_facts(data: PreparedData, tmp_path: Path) -> None:
+    cfg = _build(data, tmp_path, pretrained="weights.pth", unfreeze_after=2, epochs=5, backbone_lr_mult=0.2,
+                 accumulate=4, gpus=2, balanced=True, batch_size=8)
+    assert cfg.custom_hooks[-1] == {"type": "BackboneFreezeHook", "unfreeze_after": 2}
+    # One way to add imports: merged, nothing replaced, failures not allowed.
+    assert cfg.custom_imports == {"imports": ["sfdeploy.train.sampler", "sfdeploy.train.freeze"],
+                                  "allow_failed_imports": False}
+    assert cfg.optim_wrapper.paramwise_cfg.custom_keys == {"backbone": {"lr_mult": 0.2}}
+    assert cfg.optim_wrapper.accumulative_counts == 4
+    # The LR is scaled to the effective batch (8 x 4 accumulated x 2 processes) by sfdeploy itself.
+    assert cfg.optim_wrapper.optimizer.lr == pytest.approx(3e-3 * 64 / 8)
+    assert not cfg.auto_scale_lr.enable
+    if not torch.cuda.is_available():
+        assert cfg.model_wrapper_cfg.find_unused_parameters is True  # frozen params under DDP
+    assert cfg.find_unused_parameters is True
+    # The schedule counts iterations, not optimizer steps: unchanged by accumulation.
+    total = 5 * iters_per_epoch(len(data.train), 8, 2)
+    assert cfg.param_scheduler[1]["end"] == total
+
+
+def test_class_weights_auto_and_from_a_file(data: PreparedData, tmp_path: Path) -> None:
+    from sfdeploy.train.strategies import auto_class_weights, read_class_weights
+
+    assert auto_class_weights([0] * 9 + [1] * 3, 2, ["a", "b"]) == pytest.approx([12 / 18, 2.0])
+    with pytest.raises(InputError, match="class\\(es\\) c have no training videos"):
+        auto_class_weights([0, 1], 3, ["a", "b", "c"])
+    cfg = _build(data, tmp_path, class_weights="auto")
+    assert cfg.model.cls_head.loss_cls == {"type": "CrossEntropyLoss", "class_weight": [1.0, 1.0, 1.0, 1.0]}
+    named = tmp_path / "named.txt"
+    named.write_text("".join(f"{name} {i + 1}\n" for i, name in reversed(list(enumerate(data.classes)))))
+    assert read_class_weights(named, data.classes) == [1.0, 2.0, 3.0, 4.0]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("0.5\n1\n2\n")
+    with pytest.raises(InputError, match="3 weight\\(s\\) for 4 classes"):
+        read_class_weights(plain, data.classes)
+    plain.write_text("0.5\n1\n2\n-1\n")
+    with pytest.raises(InputError, match="positive"):
+        read_class_weights(plain, data.classes)
+
+
+def test_overfit_trains_and_validates_on_the_same_videos(data: PreparedData, tmp_path: Path) -> None:
+    cfg = _build(data, tmp_path, overfit=8)
+    train, val = cfg.train_dataloader.dataset, cfg.val_dataloader.dataset
+    assert train.indices == val.indices and len(train.indices) == 8
+    assert {data.train.labels[i] for i in train.indices} == {0, 1, 2, 3}
+    assert val.ann_file == train.ann_file and val.pipeline == cfg.val_pipeline and val.test_mode
+    stop = [h for h in cfg.custom_hooks if h.type == "EarlyStoppingHook"]
+    assert len(stop) == 1 and 0.999 < stop[0].stopping_threshold < 1.0
+    assert cfg.train_cfg.max_epochs == 60  # room for the check; it stops at 100%
+    assert cfg.param_scheduler[1]["end"] == 60  # 8 videos = one iteration per epoch
+
+
+def test_batch_size_auto_on_cpu_is_the_presets(data: PreparedData, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU host --batch-size auto probes the GPU (test_finetune_strategies.py)")
+    from sfdeploy.train.autobatch import auto_batch_size
+
+    cfg = _build(data, tmp_path, batch_size="auto")
+    assert cfg.train_dataloader.batch_size == 8  # slowfast_tiny's
+    choice = auto_batch_size(tmp_path / "config.py", 8, len(data.train), 1)
+    assert (choice.batch_size, choice.how, choice.trials) == (8, "preset", [])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--freeze-backbone", "--unfreeze-after", "1"], "contradict each other"),
+    (["--freeze-backbone", "--backbone-lr-mult", "0.1"], "does not train"),
+    (["--freeze-backbone"], "no pretrained weights"),
+    (["--unfreeze-after", "5", "--epochs", "5", "--pretrained", "w.pth"], "would never train the backbone"),
+    (["--class-weights", "auto", "--balanced"], "over-correct"),
+    (["--class-weights", "missing.txt"], "class weights file not found"),
+    (["--overfit", "999"], "the train list has 52 videos"),
+    (["--nnodes", "2"], "needs --master-addr"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank must be in 0..1"),
+    (["--node-rank", "1"], "for multi-node training"),
+    (["--nnodes", "2", "--master-addr", "h", "--batch-size", "auto"], "all nodes must train with the same one"),
+])
+def test_nonsensical_combinations_are_refused(prepared: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from sfdeploy.cli import cli
+
+    work = tmp_path / "w"
+    result = CliRunner().invoke(cli, ["finetune", str(prepared), "--work-dir", str(work), "--preset", "slowfast_tiny",
+                                      *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "fix:" in result.output
+    assert not (work / "config.py").exists()  # refused before anything was written
+
+
+def test_resume_refuses_settings_it_would_not_apply(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sfdeploy.cli import cli
+
+    (tmp_path / "last_checkpoint").write_text("epoch_1.pth")
+    (tmp_path / "config.py").write_text("")
+    result = CliRunner().invoke(cli, ["finetune", "--work-dir", str(tmp_path), "--resume", "--accumulate", "2",
+                                      "--freeze-backbone"])
+    assert result.exit_code == 1 and "--freeze-backbone, --accumulate would not apply" in result.output
+    bad = CliRunner().invoke(cli, ["finetune", "--work-dir", str(tmp_path), "--batch-size", "lots"])
+    assert bad.exit_code == 2 and "neither a number nor 'auto'" in bad.output

@@ -1,4 +1,4 @@
-"""``sfdeploy data synth`` and ``sfdeploy data prepare``."""
+"""``sfdeploy data synth``, ``sfdeploy data prepare`` and ``sfdeploy data preview``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import click
 
 @click.group()
 def data() -> None:
-    """Make a synthetic dataset, or prepare a folder of labelled videos for training."""
+    """Make a synthetic dataset, prepare a folder of labelled videos for training, look at what
+    the model will see."""
 
 
 @data.command()
@@ -80,6 +81,37 @@ def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: st
                f"({len(result.short)} short: fewer than the {clip_frames} frames of one clip, frames loop), "
                f"{len(result.rejected)} rejected, {len(result.ignored)} other files ignored -> {out}")
     click.echo(f"report: {result.report_path}")
+
+
+@data.command()
+@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
+              help="Which pipeline: train (with its random augmentation) or val (its fixed crop).")
+@click.option("--n", "count", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Videos on the sheet, spread over the classes.")
+@click.option("--out", default=Path("preview.png"), show_default=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The PNG contact sheet (an index of it goes next to it as .json).")
+@click.option("--gif", is_flag=True, help="Also write an animated version (same name, .gif).")
+@click.option("--preset", default=None, help="Use the pipelines finetune would build with this preset "
+                                             "[default: slowfast_r50_4x16].")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path),
+              help="Use the pipelines of a trained run (WORK/config.py) instead of a preset.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random augmentation.")
+def preview(data_dir: Path, split: str, count: int, out: Path, gif: bool, preset: str | None, work: Path | None,
+            seed: int) -> None:
+    """Write a contact sheet of what the model sees: for N videos of DATA, the frames of the
+    sampled clip after the training config's pipeline (MMAction2's own transforms), with class and
+    file names; frames of the SlowFast slow and fast pathways are marked.
+    """
+    from sfdeploy.data.layout import PreparedData
+    from sfdeploy.train.preview import write_preview
+
+    if preset and work:
+        raise click.UsageError("--preset and --work are alternatives: pass one")
+    result = write_preview(PreparedData.from_dir(data_dir), out, split=split, n=count, seed=seed, preset=preset,
+                           work=work, gif=gif)
+    click.echo(f"{len(result.clips)} clips ({split} pipeline) -> {result.png}"
+               + (f", {result.gif}" if result.gif else ""))
 
 
 SHOW_SHORT = 5

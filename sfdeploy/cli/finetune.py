@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sfdeploy.cli.options import GreedyOption, parse_cfg_options
+from sfdeploy.cli.options import BatchSize, GreedyOption, parse_cfg_options
 
 
 @click.command()
@@ -17,16 +17,18 @@ from sfdeploy.cli.options import GreedyOption, parse_cfg_options
 @click.option("--preset", default="slowfast_r50_4x16", show_default=True,
               help="slowfast_r50_4x16, slowfast_r50_8x8, slowfast_tiny, or a path to your own config .py.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [default: the preset's].")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Videos per batch per process [default: the preset's].")
+@click.option("--batch-size", type=BatchSize(),
+              help="Videos per batch per process, or 'auto': on CUDA the largest that fits (trial steps, "
+                   "halving on out-of-memory), on CPU the preset's [default: the preset's].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
-              help="Learning rate, used as given [default: the preset's, scaled to the total batch].")
+              help="Learning rate, used as given [default: the preset's, scaled to the effective batch].")
 @click.option("--pretrained", default="default", show_default=True,
               help="PATH or URL of a checkpoint, 'none' to train from scratch, or 'default' "
                    "(the preset's: Kinetics-400 weights for the R50 presets).")
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only).")
 @click.option("--resume", is_flag=True, help="Continue the run in --work-dir from its last checkpoint.")
 @click.option("--gpus", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Processes (torchrun DDP): GPUs, or CPU processes (gloo) on a machine without one.")
+              help="Processes per machine (torchrun DDP): GPUs, or CPU processes (gloo) on a machine without one.")
 @click.option("--flip/--no-flip", default=None,
               help="Horizontal flip augmentation [default: the preset's; off for direction-sensitive "
                    "data such as the synthetic set].")
@@ -43,18 +45,42 @@ from sfdeploy.cli.options import GreedyOption, parse_cfg_options
 @click.option("--class-index", type=click.Path(dir_okay=False, path_type=Path), help="... class names, one per line.")
 @click.option("--media-root", type=click.Path(file_okay=False, path_type=Path),
               help="... the folder the paths in the lists are relative to.")
+@click.option("--freeze-backbone", is_flag=True,
+              help="Train the head only: backbone weights and BatchNorm statistics stay as pretrained. "
+                   "Needs pretrained weights.")
+@click.option("--unfreeze-after", type=click.IntRange(min=1), metavar="N",
+              help="Gradual unfreezing: head only for N epochs, then the whole model (the schedule continues). "
+                   "Needs pretrained weights.")
+@click.option("--backbone-lr-mult", type=click.FloatRange(min=0, min_open=True), metavar="F",
+              help="Backbone learning rate = F x the head's (e.g. 0.1), through mmengine's paramwise_cfg.")
+@click.option("--accumulate", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Gradient accumulation: one optimizer step per N batches (effective batch = batch x N x "
+                   "processes; the learning rate is scaled to it).")
+@click.option("--class-weights", metavar="auto|FILE",
+              help="Class-weighted loss: 'auto' = inverse class frequency of the train list (mean 1), or a "
+                   "file with one 'CLASS_NAME WEIGHT' (or 'WEIGHT') line per class.")
+@click.option("--overfit", type=click.IntRange(min=1), metavar="N",
+              help="Sanity check: train and validate on the same N training videos; the summary says "
+                   "whether val top-1 reached 100% (training stops when it does).")
+@click.option("--nnodes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Machines in a multi-node run; each runs this same command with its --node-rank "
+                   "(--gpus stays the processes per machine).")
+@click.option("--node-rank", default=0, show_default=True, type=click.IntRange(min=0),
+              help="This machine's rank (0..nnodes-1); node 0 writes WORK.")
+@click.option("--master-addr", help="Address of the node-0 machine (multi-node).")
+@click.option("--master-port", default=29500, show_default=True, type=click.IntRange(1, 65535),
+              help="Free TCP port on the node-0 machine (multi-node).")
 @click.option("--cfg-options", cls=GreedyOption, multiple=True, metavar="KEY=VALUE ...",
               help="Override config entries, e.g. --cfg-options model.cls_head.dropout_ratio=0.3")
-def finetune(data: Path | None, work_dir: Path, preset: str, epochs: int | None, batch_size: int | None,
-             lr: float | None, pretrained: str, amp: bool, resume: bool, gpus: int, flip: bool | None,
-             seed: int, deterministic: bool, balanced: bool, patience: int | None, workers: int | None,
-             train_list: Path | None, val_list: Path | None, class_index: Path | None,
-             media_root: Path | None, cfg_options: tuple[str, ...]) -> None:
+def finetune(data: Path | None, work_dir: Path, train_list: Path | None, val_list: Path | None,
+             class_index: Path | None, media_root: Path | None, cfg_options: tuple[str, ...],
+             **options: object) -> None:
     """Finetune SlowFast with MMAction2 on DATA (a folder from `sfdeploy data prepare`).
 
     Writes WORK/config.py (the full MMAction2 config), the best checkpoint by val top-1,
     WORK/class_index.txt and WORK/finetune_summary.json. Training logs and TensorBoard events
-    go to WORK/<timestamp>/.
+    (loss, accuracy, the learning rate of each module) go to WORK/<timestamp>/. Nonsensical
+    option combinations are refused before anything starts.
     """
     from sfdeploy.data.layout import PreparedData
     from sfdeploy.train.config import FinetuneOptions
@@ -64,21 +90,23 @@ def finetune(data: Path | None, work_dir: Path, preset: str, epochs: int | None,
     if any(lists) and not all(lists):
         raise click.UsageError("--train-list, --val-list and --class-index go together")
     prepared = None
-    if not resume:
+    if not options["resume"]:
         if all(lists):
             prepared = PreparedData.from_annotations(train_list, val_list, class_index, media_root)
         elif data is not None:
             prepared = PreparedData.from_dir(data)
         else:
             raise click.UsageError("pass DATA (from `sfdeploy data prepare`) or --train-list/--val-list/--class-index")
-    opts = FinetuneOptions(
-        work_dir=work_dir, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr,
-        pretrained=pretrained, amp=amp, resume=resume, gpus=gpus, flip=flip, seed=seed,
-        deterministic=deterministic, balanced=balanced, patience=patience, workers=workers,
-        cfg_options=parse_cfg_options(cfg_options),
-    )
+    opts = FinetuneOptions(work_dir=work_dir, cfg_options=parse_cfg_options(cfg_options), **options)
     summary = run_finetune(prepared, opts)
+    if "best_top1" not in summary:  # a node of rank > 0
+        click.echo(json.dumps(summary))
+        return
     top1 = summary["best_top1"]
     click.echo(json.dumps({k: summary[k] for k in ("best_top1", "best_checkpoint", "epochs_run", "wall_time_s")}))
     click.echo(f"best val top-1 {top1:.3f} -> {summary['best_checkpoint']}" if top1 is not None else
                "no validation result", err=True)
+    if summary.get("overfit"):
+        reached = summary["overfit"]["reached_100"]
+        click.echo(f"overfit check on {summary['overfit']['videos']} videos: "
+                   + ("reached 100%" if reached else "did NOT reach 100%: check labels, pipeline and LR"), err=True)

@@ -47,3 +47,20 @@ def parse_cfg_options(items: tuple[str, ...]) -> dict[str, Any]:
             )
         options[key] = DictAction._parse_iterable(value)
     return options
+
+
+class BatchSize(click.ParamType):
+    """A positive integer, or ``auto``."""
+
+    name = "B|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"'{value}' is neither a number nor 'auto'", param, ctx)
+        if number < 1:
+            self.fail(f"must be >= 1, got {number}", param, ctx)
+        return number

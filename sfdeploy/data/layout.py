@@ -41,6 +41,21 @@ def read_class_index(path: Path) -> list[str]:
     return names
 
 
+def spread_by_class(labels: list[int] | tuple[int, ...], n: int) -> list[int]:
+    """Indices of ``n`` entries taken round-robin over the classes (the first of each class, then
+    the second, ...), in list order: a small, deterministic subset that covers the classes."""
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    queues = [by_class[label] for label in sorted(by_class)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < min(n, len(labels)):
+        picked += [queue[depth] for queue in queues if depth < len(queue)][: n - len(picked)]
+        depth += 1
+    return sorted(picked)
+
+
 def write_class_index(path: Path, names: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{name}\n" for name in names))

@@ -2,11 +2,12 @@
 
 The preset says *what model and recipe*; this module fills in what depends on the data and the
 machine, each in one place: number of classes, annotation files, sfdeploy's decoder (the
-client's, registered as MMAction2 transforms), flip for direction-sensitive classes, a warm-up +
-cosine schedule sized to the run, learning rate scaled to the total batch, checkpointing by val
-top-1, workers, distributed backend, TensorBoard. The result is written to ``WORK/config.py``,
-which is the single source for everything downstream (export reads its test pipeline to derive
-the clip spec).
+client's, registered as MMAction2 transforms), flip for direction-sensitive
+classes, a warm-up + cosine schedule sized to the run, learning rate scaled to the effective batch,
+checkpointing by val top-1, workers, distributed backend, TensorBoard; the finetuning strategies
+(freezing, per-group learning rates, accumulation, class weights, the overfit check) are added by
+:mod:`sfdeploy.train.strategies`. The result is written to ``WORK/config.py``, which is the single
+source for everything downstream (export reads its test pipeline to derive the clip spec).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sfdeploy.errors import EnvironmentProblem, InputError
 WARMUP_FRACTION = 0.1  # of all iterations, linear from 10% of the LR
 ETA_MIN_RATIO = 0.01  # cosine ends at 1% of the peak LR
 CHECKPOINT_METRIC = "acc/top1"
+OVERFIT_EPOCHS = 60  # the default --epochs of an --overfit check
 
 
 @dataclass
@@ -32,7 +34,7 @@ class FinetuneOptions:
     work_dir: Path
     preset: str = "slowfast_r50_4x16"
     epochs: int | None = None
-    batch_size: int | None = None
+    batch_size: int | str | None = None  # an int, "auto" (resolved by sfdeploy.train.autobatch), None
     lr: float | None = None
     pretrained: str | None = "default"  # "default" (the preset's load_from), "none", path or URL
     amp: bool = False
@@ -45,6 +47,34 @@ class FinetuneOptions:
     patience: int | None = None
     workers: int | None = None
     cfg_options: dict[str, Any] = field(default_factory=dict)
+    # Finetuning strategies (sfdeploy.train.strategies)
+    freeze_backbone: bool = False
+    unfreeze_after: int | None = None  # epochs of head-only training before everything trains
+    backbone_lr_mult: float | None = None
+    accumulate: int = 1  # batches whose gradients make one optimizer step
+    class_weights: str | None = None  # "auto" or a file of per-class weights
+    overfit: int | None = None  # train and validate on this many training videos
+    # Multi-node DDP (torchrun); --gpus stays the processes per node
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int = 29500
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: per node times nodes."""
+        return max(1, self.gpus) * max(1, self.nnodes)
+
+
+def add_custom_imports(cfg: Any, *modules: str) -> None:
+    """Make ``WORK/config.py`` import ``modules`` (which register sfdeploy's mmengine components:
+    sampler, hooks, transforms) wherever it is loaded. The one way sfdeploy adds imports: merged
+    into ``custom_imports``, never replacing what is there, and failing loudly if one is missing."""
+    current = cfg.get("custom_imports") or {}
+    imports = current.get("imports", [])
+    imports = [imports] if isinstance(imports, str) else list(imports)
+    imports += [module for module in modules if module not in imports]
+    cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
 
 
 def use_cuda() -> bool:
@@ -103,28 +133,39 @@ def _decode_with_sfdeploy(pipeline: list[dict]) -> list[dict]:
     return out
 
 
-def add_custom_imports(cfg: Any, *modules: str) -> None:
-    """Have mmengine import ``modules`` whenever it loads the config (``custom_imports``), to
-    register what the config names; keeps the imports already there, adds each module once."""
-    current = dict(cfg.get("custom_imports") or {})
-    imports = current.get("imports") or []
-    imports = [imports] if isinstance(imports, str) else list(imports)
-    imports += [m for m in modules if m not in imports]
-    cfg.custom_imports = dict(current, imports=imports, allow_failed_imports=current.get("allow_failed_imports", False))
-
-
-def _loader_workers(opts: FinetuneOptions, preset_workers: int, world_size: int) -> int:
+def _loader_workers(opts: FinetuneOptions, preset_workers: int) -> int:
     if opts.workers is not None:
         return opts.workers
     cpus = os.cpu_count() or 1
-    # Leave the compute threads most of a small machine; decoding 16-64 frames is cheap.
-    return max(1, min(preset_workers, cpus // (2 * world_size)))
+    # Leave the compute threads most of a small machine; decoding 16-64 frames is cheap. The
+    # processes sharing this machine's cores are the ones on this node (--gpus).
+    return max(1, min(preset_workers, cpus // (2 * max(1, opts.gpus))))
+
+
+def _set_learning_rate(cfg: Any, opts: FinetuneOptions, batch: int, world: int) -> None:
+    """The preset's LR is for ``auto_scale_lr.base_batch_size`` videos per optimizer step; scale it
+    linearly to this run's effective batch (batch x --accumulate x processes). sfdeploy does this
+    itself (mmengine's own scaling counts batch x processes only, not accumulation) and turns
+    mmengine's off, so WORK/config.py holds the LR that is actually used. ``--lr`` is used as given."""
+    optimizer = cfg.optim_wrapper.optimizer
+    scaling = cfg.get("auto_scale_lr") or {}
+    effective = batch * opts.accumulate * world
+    if opts.lr is not None:
+        if opts.lr <= 0:
+            raise InputError(f"--lr must be positive, got {opts.lr}", fix="use e.g. --lr 1e-3")
+        optimizer.lr = opts.lr
+    elif scaling.get("enable"):
+        optimizer.lr = optimizer.lr * effective / scaling["base_batch_size"]
+    cfg.auto_scale_lr = dict(enable=False, base_batch_size=scaling.get("base_batch_size", effective))
 
 
 def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
     """Apply the data- and machine-dependent settings to a loaded preset config (in place)."""
+    from sfdeploy.train.strategies import apply_strategies, check_options
+
+    check_options(opts)
     cuda = use_cuda()
-    world = max(1, opts.gpus)
+    world = opts.world_size
     if opts.amp and not cuda:
         raise EnvironmentProblem("--amp needs a CUDA GPU; none is visible to torch",
                                  fix="drop --amp on CPU (it trains in fp32)")
@@ -158,12 +199,12 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
             pipeline=pipeline,
             **({"test_mode": True} if split != "train" else {}),
         )
-    batch = opts.batch_size or cfg.train_dataloader.batch_size
+    batch = opts.batch_size if isinstance(opts.batch_size, int) else cfg.train_dataloader.batch_size
     if batch < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch}", fix="use e.g. --batch-size 8")
     cfg.train_dataloader.batch_size = batch
     cfg.val_dataloader.batch_size = batch
-    workers = _loader_workers(opts, cfg.train_dataloader.get("num_workers", 2), world)
+    workers = _loader_workers(opts, cfg.train_dataloader.get("num_workers", 2))
     for split in ("train", "val", "test"):
         cfg[f"{split}_dataloader"].num_workers = workers
         cfg[f"{split}_dataloader"].persistent_workers = workers > 0
@@ -171,17 +212,14 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
         add_custom_imports(cfg, "sfdeploy.train.sampler")
         cfg.train_dataloader.sampler = dict(type="BalancedClassSampler", seed=opts.seed)
 
-    epochs = opts.epochs or cfg.train_cfg.max_epochs
+    # --overfit stops as soon as val top-1 is 100%: give it room (one iteration per epoch).
+    epochs = opts.epochs or (OVERFIT_EPOCHS if opts.overfit else cfg.train_cfg.max_epochs)
     if epochs < 1:
         raise InputError(f"--epochs must be >= 1, got {epochs}", fix="use e.g. --epochs 15")
     cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_begin=1, val_interval=1)
-    per_epoch = iters_per_epoch(len(data.train), batch, world)
+    per_epoch = iters_per_epoch(opts.overfit or len(data.train), batch, world)
     cfg.param_scheduler = schedule(epochs * per_epoch)
-    if opts.lr is not None:
-        if opts.lr <= 0:
-            raise InputError(f"--lr must be positive, got {opts.lr}", fix="use e.g. --lr 1e-3")
-        cfg.optim_wrapper.optimizer.lr = opts.lr  # an explicit LR is used as given
-        cfg.auto_scale_lr = dict(enable=False, base_batch_size=batch * world)
+    _set_learning_rate(cfg, opts, batch, world)
     if opts.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
@@ -206,6 +244,7 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None,
                                      broadcast_buffers=False)
     cfg.work_dir = str(Path(opts.work_dir).resolve())
+    apply_strategies(cfg, data, opts)
     if opts.cfg_options:
         cfg.merge_from_dict(opts.cfg_options)
     return cfg

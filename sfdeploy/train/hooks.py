@@ -7,6 +7,9 @@
   checkpoint is written before that epoch's validation, so the message hub would miss it) and
   the elapsed time (in the message hub, so it survives ``--resume``), and writes
   ``WORK/finetune_summary.json`` when the run ends.
+* :class:`GroupLRHook` logs the learning rate of each top-level module (``train/lr_backbone``,
+  ``train/lr_cls_head``) to the log and TensorBoard; mmengine logs the first parameter group's only,
+  which hides ``--backbone-lr-mult``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,33 @@ class PlainCheckpointHook(Hook):
         }
 
 
+class GroupLRHook(Hook):
+    """Per-module learning rates as ``train/lr_<module>`` scalars (LoggerHook writes every
+    ``train/`` scalar of the message hub to the log and the visualizer backends)."""
+
+    priority = "NORMAL"  # after RuntimeInfoHook, before LoggerHook writes (after_train_iter)
+
+    def __init__(self) -> None:
+        self._groups: dict[str, dict] = {}
+
+    def before_train(self, runner: Any) -> None:
+        from mmengine.model import is_model_wrapper
+        from mmengine.optim import OptimWrapper
+
+        if not isinstance(runner.optim_wrapper, OptimWrapper):
+            return  # several optimizers: each already names its own LR
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        owner = {id(p): name.split(".", 1)[0] for name, p in model.named_parameters()}
+        for group in runner.optim_wrapper.optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) in owner:  # the first group of each module; the live dict (schedulers set "lr")
+                    self._groups.setdefault(owner[id(param)], group)
+
+    def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        for module, group in self._groups.items():
+            runner.message_hub.update_scalar(f"train/lr_{module}", group["lr"])
+
+
 class SummaryHook(Hook):
     """Writes ``finetune_summary.json``; ``run_info`` holds what the Runner does not know
     (preset, class names, pretrained report)."""
@@ -112,6 +142,12 @@ class SummaryHook(Hook):
         self._history.append({"epoch": runner.epoch, **{k: float(v) for k, v in metrics.items()}})
         self._history_path.write_text(json.dumps(self._history, indent=1) + "\n")
 
+    def _overfit_result(self, top1: list[float]) -> dict[str, Any]:
+        overfit = self.run_info.get("overfit")
+        if not overfit:
+            return {}
+        return {"overfit": {**overfit, "reached_100": bool(top1) and max(top1) >= 1.0}}
+
     def after_run(self, runner: Any) -> None:
         if runner.rank != 0:
             return
@@ -133,6 +169,7 @@ class SummaryHook(Hook):
             "world_size": runner.world_size,
             "wall_time_s": round(self._elapsed(), 2),
             "val_history": history,
+            **self._overfit_result(top1),
             "work_dir": str(Path(runner.work_dir).resolve()),
         }
         path = Path(runner.work_dir) / SUMMARY_FILE

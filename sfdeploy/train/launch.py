@@ -1,7 +1,7 @@
 """Run the training of a prepared work dir: in this process, or as one torchrun worker.
 
-``python -m sfdeploy.train.launch WORK`` is what ``finetune --gpus N`` starts N times through
-``torch.distributed.run``. Both paths run :func:`run_training` on ``WORK/config.py``.
+``python -m sfdeploy.train.launch WORK`` is what ``finetune --gpus N`` starts N times per node
+through ``torch.distributed.run``. Both paths run :func:`run_training` on ``WORK/config.py``.
 """
 
 from __future__ import annotations
@@ -14,15 +14,24 @@ from pathlib import Path
 RUN_INFO = "sfdeploy_run.json"
 
 
-def _set_threads(world_size: int, loader_workers: int) -> None:
+def cpu_threads(local_processes: int, loader_workers: int) -> int:
+    """Torch threads per training process on CPU: the cores shared between this machine's ranks
+    and their data loader workers. Oversubscribed torch threads on a small machine make iteration
+    times erratic (0.2 s -> 16 s seen on 2 cores)."""
+    cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, local_processes) - loader_workers)
+
+
+def _set_threads(loader_workers: int) -> None:
     import torch
 
     if torch.cuda.is_available():
         return
-    # Share the cores between the ranks and their data loader workers; oversubscribed torch
-    # threads on a small machine make iteration times erratic (0.2 s -> 16 s seen on 2 cores).
-    cpus = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cpus // world_size - loader_workers))
+    # OMP_NUM_THREADS, when set (by the user, or by `finetune` for its torchrun workers), wins.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    explicit = int(threads) if threads and threads.isdigit() and int(threads) > 0 else None
+    torch.set_num_threads(explicit or cpu_threads(local, loader_workers))
 
 
 def run_training(work_dir: Path) -> None:
@@ -31,7 +40,7 @@ def run_training(work_dir: Path) -> None:
     import torch.distributed as dist
 
     from sfdeploy.compat import ensure_mmaction, load_config
-    from sfdeploy.train.hooks import PlainCheckpointHook, SummaryHook
+    from sfdeploy.train.hooks import GroupLRHook, PlainCheckpointHook, SummaryHook
 
     work_dir = Path(work_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -44,12 +53,13 @@ def run_training(work_dir: Path) -> None:
 
     cfg = load_config(work_dir / "config.py")
     cfg.launcher = "pytorch" if distributed else "none"
-    _set_threads(world_size, int(cfg.train_dataloader.get("num_workers", 0)))
+    _set_threads(int(cfg.train_dataloader.get("num_workers", 0)))
     run_info = json.loads((work_dir / RUN_INFO).read_text())
     try:
         runner = Runner.from_cfg(cfg)
         runner.register_hook(PlainCheckpointHook())
         runner.register_hook(SummaryHook(run_info))
+        runner.register_hook(GroupLRHook())
         runner.train()
     finally:
         if distributed and dist.is_initialized():

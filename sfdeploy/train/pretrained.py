@@ -16,6 +16,7 @@ from typing import Any
 
 from sfdeploy.compat import ensure_mmaction, load_checkpoint_file
 from sfdeploy.errors import InputError
+from sfdeploy.fsutil import replace_atomically
 
 log = logging.getLogger("sfdeploy")
 
@@ -33,6 +34,16 @@ class PretrainedInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def pretrained_source(cfg: Any, pretrained: str | None) -> str | None:
+    """What ``--pretrained`` names: "default" is the preset's ``load_from`` (None for presets
+    trained from scratch), "none"/None nothing, anything else a path or URL."""
+    if pretrained in (None, "none"):
+        return None
+    if pretrained == "default":
+        return cfg.get("load_from") or None
+    return str(pretrained)
 
 
 def extract_state_dict(checkpoint: Any, source: str) -> dict[str, Any]:
@@ -77,5 +88,6 @@ def prepare_pretrained(source: str, model_cfg: Any, work_dir: Path) -> tuple[Pat
     import torch
 
     path = Path(work_dir) / PRETRAINED_FILE
-    torch.save({"state_dict": keep, "meta": {"sfdeploy_pretrained": info.to_dict()}}, path)
+    checkpoint = {"state_dict": keep, "meta": {"sfdeploy_pretrained": info.to_dict()}}
+    replace_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
     return path, info

@@ -11,10 +11,16 @@
 
 ``--resume`` continues the run in WORK from ``WORK/config.py`` and its last checkpoint, with the
 schedule it started with.
+
+Multi-node (``--nnodes K``): every machine runs the same command with its ``--node-rank``; each
+prepares its own WORK (identical files, written atomically, so a shared filesystem is fine too),
+torchrun joins them at ``--master-addr``, and the processes of node 0 write the checkpoints, logs
+and the summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,12 +32,13 @@ from typing import Any
 from sfdeploy.compat import ensure_mmaction, load_config
 from sfdeploy.data.layout import CLASS_INDEX, PreparedData, write_class_index
 from sfdeploy.errors import InputError, TrainingError
-from sfdeploy.fsutil import ensure_writable_dir
-from sfdeploy.train.config import FinetuneOptions, build_config
+from sfdeploy.fsutil import ensure_writable_dir, replace_atomically
+from sfdeploy.train.config import FinetuneOptions, build_config, use_cuda
 from sfdeploy.train.hooks import SUMMARY_FILE
-from sfdeploy.train.launch import RUN_INFO, run_training
+from sfdeploy.train.launch import RUN_INFO, cpu_threads, run_training
 from sfdeploy.train.presets import preset_path
-from sfdeploy.train.pretrained import prepare_pretrained
+from sfdeploy.train.pretrained import prepare_pretrained, pretrained_source
+from sfdeploy.train.strategies import check_options, summary_facts
 
 log = logging.getLogger("sfdeploy")
 
@@ -42,12 +49,31 @@ def _has_run(work: Path) -> bool:
     return (work / "last_checkpoint").is_file()
 
 
+def _config(data: PreparedData, opts: FinetuneOptions) -> Any:
+    cfg = load_config(preset_path(opts.preset))
+    return build_config(cfg, data, opts)
+
+
+def _dump(cfg: Any, path: Path) -> None:
+    replace_atomically(path, lambda tmp: cfg.dump(str(tmp)))
+
+
 def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> None:
     if _has_run(work):
         raise InputError("the work dir already holds a training run", path=work,
                          fix="pass --resume to continue it, or choose a new --work-dir")
-    cfg = load_config(preset_path(opts.preset))
-    build_config(cfg, data, opts)
+    cfg = _config(data, opts)
+    batch_choice = None
+    if opts.batch_size == "auto":
+        from sfdeploy.train.autobatch import auto_batch_size
+
+        _dump(cfg, work / CONFIG_FILE)  # what the probe builds the model and pipeline from
+        batch_choice = auto_batch_size(work / CONFIG_FILE, cfg.train_dataloader.batch_size,
+                                       opts.overfit or len(data.train), opts.world_size)
+        log.info("--batch-size auto: %d per process (%s%s)", batch_choice.batch_size, batch_choice.how,
+                 f" on {batch_choice.device}" if batch_choice.how == "probe" else ": no CUDA GPU")
+        opts = dataclasses.replace(opts, batch_size=batch_choice.batch_size)
+        cfg = _config(data, opts)  # the schedule and the LR follow the batch
     if data.clip_frames is not None:
         from sfdeploy.clipspec import ClipSpec
 
@@ -57,7 +83,7 @@ def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> N
                         "shorter than that are looped, and prepare_report.json does not list them as short "
                         "(re-run `data prepare --preset %s` to see them)", data.clip_frames, opts.preset, needed,
                         opts.preset)
-    source = {"default": cfg.get("load_from"), "none": None}.get(opts.pretrained or "none", opts.pretrained)
+    source = pretrained_source(cfg, opts.pretrained)
     pretrained_info = None
     if source:
         path, info = prepare_pretrained(str(source), cfg.model, work)
@@ -66,7 +92,7 @@ def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> N
     else:
         cfg.load_from = None
     cfg.resume = False
-    cfg.dump(str(work / CONFIG_FILE))
+    _dump(cfg, work / CONFIG_FILE)
     write_class_index(work / CLASS_INDEX, data.classes)
     run_info = {
         "preset": opts.preset,
@@ -79,14 +105,31 @@ def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> N
         "seed": opts.seed,
         "flip": any(s["type"] == "Flip" for s in cfg.train_pipeline),
         "pretrained": pretrained_info,
+        **summary_facts(cfg, data, opts),
+        "batch_size_auto": batch_choice.to_dict() if batch_choice else None,
     }
-    (work / RUN_INFO).write_text(json.dumps(run_info, indent=2) + "\n")
+    replace_atomically(work / RUN_INFO, lambda tmp: tmp.write_text(json.dumps(run_info, indent=2) + "\n"))
+
+
+#: Options that WORK/config.py fixes for the whole run: a resumed run keeps its own.
+_RUN_SETTINGS = ("freeze_backbone", "unfreeze_after", "backbone_lr_mult", "accumulate", "class_weights",
+                 "overfit", "batch_size")
 
 
 def _prepare_resume(opts: FinetuneOptions, work: Path) -> None:
     if not _has_run(work) or not (work / CONFIG_FILE).is_file():
-        raise InputError("nothing to resume: no checkpoint of an earlier run", path=work,
-                         fix="start the run without --resume")
+        fix = "start the run without --resume"
+        if opts.nnodes > 1:  # every process reads the checkpoint from its own node's WORK
+            fix = ("every node resumes from WORK/last_checkpoint: put WORK on a shared filesystem, or copy "
+                   "node 0's WORK to this node")
+        raise InputError("nothing to resume: no checkpoint of an earlier run", path=work, fix=fix)
+    defaults = FinetuneOptions(work_dir=work)
+    changed = [f"--{name.replace('_', '-')}" for name in _RUN_SETTINGS
+               if getattr(opts, name) != getattr(defaults, name)]
+    if changed:
+        raise InputError(f"--resume continues the run with the settings in WORK/config.py; "
+                         f"{', '.join(changed)} would not apply", path=work,
+                         fix="drop them when resuming, or start a new run in another --work-dir")
     cfg = load_config(work / CONFIG_FILE)
     planned = cfg.train_cfg.max_epochs
     if opts.epochs is not None and opts.epochs != planned:
@@ -96,27 +139,39 @@ def _prepare_resume(opts: FinetuneOptions, work: Path) -> None:
             path=work, fix="drop --epochs when resuming, or start a new run in another --work-dir")
     cfg.resume = True
     cfg.load_from = None  # mmengine finds WORK/last_checkpoint
-    cfg.dump(str(work / CONFIG_FILE))
+    _dump(cfg, work / CONFIG_FILE)
 
 
-def _launch(work: Path, gpus: int) -> None:
-    if gpus <= 1:
+def _launch(work: Path, opts: FinetuneOptions) -> None:
+    if opts.world_size == 1:
         run_training(work)
         return
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+    if opts.nnodes == 1:
+        nodes = ["--standalone"]
+    else:
+        nodes = [f"--nnodes={opts.nnodes}", f"--node_rank={opts.node_rank}",
+                 f"--master_addr={opts.master_addr}", f"--master_port={opts.master_port}"]
+    command = [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc_per_node={opts.gpus}",
                "-m", "sfdeploy.train.launch", str(work)]
-    log.info("starting %d training processes: %s", gpus, " ".join(command))
+    log.info("starting %d training process(es) on node %d of %d: %s", opts.gpus, opts.node_rank, opts.nnodes,
+             " ".join(command))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if "OMP_NUM_THREADS" not in os.environ and not use_cuda():
+        # torchrun would set 1 thread per process; size them to this machine's cores instead.
+        workers = int(load_config(work / CONFIG_FILE).train_dataloader.get("num_workers", 0))
+        env["OMP_NUM_THREADS"] = str(cpu_threads(opts.gpus, workers))
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise TrainingError(f"distributed training failed (exit code {result.returncode})", path=work,
-                            fix="read the log above / in WORK/<timestamp>/; resume with --resume")
+                            fix="read the log above / in WORK/<timestamp>/ (on node 0); resume with --resume")
 
 
 def finetune(data: PreparedData | None, opts: FinetuneOptions) -> dict[str, Any]:
-    """Train (or resume) and return the contents of ``finetune_summary.json``."""
+    """Train (or resume) and return the contents of ``finetune_summary.json`` (on a node of rank
+    > 0 of a multi-node run, which writes no summary: where node 0 writes it)."""
     if opts.gpus < 1:
         raise InputError(f"--gpus must be >= 1, got {opts.gpus}", fix="use --gpus 1 (or the number of GPUs)")
+    check_options(opts)
     work = Path(opts.work_dir).resolve()
     ensure_writable_dir(work, "work dir", "--work-dir")
     ensure_mmaction()
@@ -127,8 +182,13 @@ def finetune(data: PreparedData | None, opts: FinetuneOptions) -> dict[str, Any]
             raise InputError("no data given", fix="pass DATA (a folder from `sfdeploy data prepare`)")
         _prepare_new_run(data, opts, work)
     summary_path = work / SUMMARY_FILE
-    summary_path.unlink(missing_ok=True)
-    _launch(work, opts.gpus)
+    if opts.node_rank == 0:
+        summary_path.unlink(missing_ok=True)
+    _launch(work, opts)
+    if opts.node_rank != 0:
+        # Node 0's processes write checkpoints, logs and the summary (in node 0's WORK).
+        return {"node_rank": opts.node_rank, "nnodes": opts.nnodes, "work_dir": str(work),
+                "summary": f"written by node 0 to its WORK/{SUMMARY_FILE}"}
     if not summary_path.is_file():
         raise TrainingError("training ended without writing its summary", path=work,
                             fix="read the training log in WORK/<timestamp>/")

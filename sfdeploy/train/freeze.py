@@ -1,0 +1,71 @@
+"""Head-only training and gradual unfreezing: ``finetune --freeze-backbone`` / ``--unfreeze-after N``.
+
+Imported by WORK/config.py through ``custom_imports`` (only when one of the two is used), so that
+mmengine can build ``custom_hooks=[dict(type='BackboneFreezeHook', unfreeze_after=N)]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class BackboneFreezeHook(Hook):
+    """Freeze ``model.backbone`` (no gradients, BatchNorm in eval mode so its running statistics
+    stay as pretrained) for the whole run, or for the first ``unfreeze_after`` epochs, after which
+    the whole model trains and the LR schedule simply continues.
+
+    Why a hook that freezes in ``before_train`` rather than at model construction: mmengine's
+    optimizer constructor drops parameters that do not require gradients, so a backbone frozen
+    before the optimizer is built could never be unfrozen. Frozen here, the backbone's parameters
+    are in the optimizer but get no gradient, and PyTorch optimizers skip parameters whose
+    ``.grad`` is None (no step, no weight decay): the tensors stay bit-identical. Under DDP the
+    config sets ``find_unused_parameters`` so that the reducer does not wait for their gradients.
+    The state is derived from ``runner.epoch``, so ``--resume`` lands in the right phase.
+    """
+
+    priority = "HIGH"
+
+    def __init__(self, unfreeze_after: int | None = None) -> None:
+        self.unfreeze_after = unfreeze_after
+        self.frozen = False
+
+    @staticmethod
+    def _backbone(runner: Any) -> Any:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        return model.backbone
+
+    def _should_freeze(self, epoch: int) -> bool:
+        return self.unfreeze_after is None or epoch < self.unfreeze_after
+
+    def _set(self, runner: Any, frozen: bool) -> None:
+        backbone = self._backbone(runner)
+        for param in backbone.parameters():
+            param.requires_grad_(not frozen)
+        if frozen:
+            backbone.eval()
+        self.frozen = frozen
+
+    def before_train(self, runner: Any) -> None:
+        frozen = self._should_freeze(runner.epoch)
+        self._set(runner, frozen)
+        if frozen:
+            until = "for the whole run" if self.unfreeze_after is None else f"until epoch {self.unfreeze_after}"
+            runner.logger.info(f"backbone frozen {until}: training the head only")
+
+    def before_train_epoch(self, runner: Any) -> None:
+        if self.frozen and not self._should_freeze(runner.epoch):
+            self._set(runner, False)
+            runner.logger.info(f"epoch {runner.epoch + 1}: backbone unfrozen, training the whole model")
+
+    def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        # The train loop calls model.train() at each epoch start (after before_train_epoch),
+        # which would put the frozen BatchNorm layers back in training mode.
+        if self.frozen:
+            backbone = self._backbone(runner)
+            if backbone.training:
+                backbone.eval()
