@@ -146,6 +146,8 @@ def device_info(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # other work on the machine when the record was started (a shared machine's numbers are noisy)
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "packages": {},
     }
     for dist in ("torch", "onnxruntime", "onnxruntime-gpu", "mmaction2", "mmengine", "tritonclient",
