@@ -1,43 +1,152 @@
-"""`sfdeploy bench` end to end on a tiny setting: the record's structure, not its speed."""
+"""`sfdeploy bench`: a run killed half-way resumes to every row exactly once; the record's rules;
+honest targets; bf16 where it cannot run. The record's structure, not its speed."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from conftest import run_cli
+import pytest
+
+from sfdeploy.bench.record import ROW_KEY, Record, row_key
+from sfdeploy.bench.run import BenchOptions, check_options
+from sfdeploy.bench.targets import targets
+from sfdeploy.errors import InputError
+
+from conftest import REPO, run_cli
+
+TINY = ["--batch-sizes", "1,2", "--iters", "2", "--warmup", "1", "--concurrency", "1,2", "--triton-batch", "2",
+        "--e2e-videos", "8", "--trace", "--device", "cpu"]
 
 
-def test_tiny_bench_writes_a_complete_record(tmp_path: Path) -> None:
+def _rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def test_bench_killed_half_way_resumes_to_every_row_once(tmp_path: Path) -> None:
     out = tmp_path / "results" / "run.json"
-    result = run_cli("bench", "--batch-sizes", "1,2", "--iters", "2", "--warmup", "1", "--concurrency", "1,2",
-                     "--triton-batch", "2", "--e2e-videos", "8", "--trace", "--out", str(out))
-    assert json.loads(result.stdout.strip().splitlines()[-1])["results"] == [
-        str(out), str(out.with_suffix(".md")), str(out.with_suffix(".png"))]
+    # 1. Start a run and SIGKILL it once the TorchScript rows (hence the export) are recorded.
+    proc = subprocess.Popen([sys.executable, "-m", "sfdeploy", "bench", *TINY, "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while sum(r["backend"] == "torchscript" for r in _rows(out)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "bench ended before it could be killed"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _rows(out)
+    assert 5 <= len(before) < 17 and {r["stage"] for r in before} == {"model"}
+    exported = out.with_suffix(".work") / "export" / "model.pt"
+    exported_at = exported.stat().st_mtime_ns
+
+    # 2. The table and plot are remade from the partial record.
+    from sfdeploy.bench.report import write_report
+
+    out.with_suffix(".md").unlink()
+    out.with_suffix(".png").unlink()
+    write_report(out)
+    table = out.with_suffix(".md").read_text()
+    assert "Stages recorded: model (" in table and "| triton |" not in table
+    for row in before:
+        assert f"| {row['stage']} | {row['backend']} | {row['precision']} | {row['batch']} |" in table
+    assert "needs the model stage (baseline) and the triton stage | missing" in table
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # 3. Without --resume the record is not overwritten; with it, only the missing rows are measured.
+    refused = run_cli("bench", *TINY, "--out", str(out), check=False)
+    assert refused.returncode != 0 and "--resume" in refused.stderr and _rows(out) == before
+    result = run_cli("bench", *TINY, "--out", str(out), "--resume")
+    assert f"stage model: {len(before)} of 8 rows recorded" in result.stderr
     record = json.loads(out.read_text())
-    assert record["device_info"]["device"] == "cpu" and record["device_info"]["cpu_cores"] >= 1
+    rows = record["rows"]
+    keys = [row_key(r) for r in rows]
+    assert len(keys) == len(set(keys)) == 17
+    by_key = {row_key(r): r for r in rows}
+    assert all(by_key[row_key(r)] == r for r in before)  # kept as measured, not measured again
+    assert exported.stat().st_mtime_ns == exported_at  # the export was reused
+
+    assert record["device_info"]["device"] in ("cpu", "cuda") and record["device_info"]["cpu_cores"] >= 1
     assert {"torch", "onnxruntime", "mmaction2"} <= set(record["device_info"]["packages"])
     assert record["clip_spec"]["crop_size"] == 64 and record["settings"]["batch_sizes"] == [1, 2]
-
-    rows = record["model_only"]
-    baseline = [r for r in rows if r["backend"] == "mmaction2"]
-    assert len(baseline) == 1 and baseline[0]["batch"] == 1 and baseline[0]["speedup_vs_mmaction2"] == 1.0
-    for backend in ("eager", "torchscript", "onnxruntime"):
-        assert sorted(r["batch"] for r in rows if r["backend"] == backend) == [1, 2]
-    for backend in ("triton-http", "triton-grpc"):
-        assert sorted(r["concurrency"] for r in rows if r["backend"] == backend) == [1, 2]
+    stage_of = {}
     for row in rows:
-        assert row["clips_per_s"] > 0 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
-        expected = row["clips_per_s"] / baseline[0]["clips_per_s"]
-        assert abs(row["speedup_vs_mmaction2"] - expected) < 0.01 + 0.01 * expected
+        assert row["status"] == "ok", row
+        stage_of.setdefault(row["stage"], set()).add(row["backend"])
+        if row["kind"] == "clips":
+            assert row["clips_per_s"] > 0 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert stage_of == {"model": {"mmaction2", "eager", "torchscript", "onnxruntime", "eager-profile"},
+                        "triton": {"torchscript", "triton-http", "triton-grpc"},
+                        "e2e": {"decode-only", "sfdeploy:triton-grpc", "mmaction2:inference_recognizer"}}
+    profile = next(r for r in rows if r["kind"] == "ops")
+    assert profile["ops"] and all(0 <= op["share"] <= 1 for op in profile["ops"])
+    e2e = {r["backend"]: r for r in rows if r["stage"] == "e2e"}
+    assert e2e["decode-only"]["videos"] == e2e["sfdeploy:triton-grpc"]["videos"] == 8
 
-    e2e = record["end_to_end"]
-    assert e2e["videos"] == 8 and e2e["backend"] == "triton-grpc:slowfast"
-    assert e2e["decode_only_videos_per_s"] > 0 and e2e["sfdeploy_videos_per_s"] > 0
-    assert abs(e2e["efficiency"] - e2e["sfdeploy_videos_per_s"] / e2e["decode_only_videos_per_s"]) < 0.01
-    assert record["ops"] and all(0 <= op["share"] <= 1 for op in record["ops"])
-    assert any(t["target"].startswith("Triton (grpc)") for t in record["targets"])
-
+    # 4. Like for like: every Triton figure against in-process at its batch and concurrency.
+    served = [t for t in record["targets"] if t["target"].startswith("Triton (")]
+    assert len(served) == 4
+    for target in served:
+        row, reference = target["row"], target["reference"]
+        assert reference["stage"] == "triton" and reference["backend"] == "torchscript"
+        assert (reference["precision"], reference["batch"], reference["concurrency"]) == \
+            (row["precision"], row["batch"], row["concurrency"])
+    headline = record["targets"][0]
+    assert "python backend running torchscript fp32" in headline["target"]
+    assert headline["row"]["backend"].startswith("triton-") and headline["reference"]["backend"] == "mmaction2"
     table = out.with_suffix(".md").read_text()
-    assert "| mmaction2 | fp32 | 1 |" in table and "decode only (ceiling)" in table
-    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Stages recorded: model, triton, e2e (17 rows" in table and "| decode-only |" in table
+
+
+def _header(**settings: object) -> dict:
+    return {"date": "2026-11-24", "profile": "small", "model": "m", "clip_spec": {"crop_size": 64},
+            "served": {"runtime": "torchscript", "precision": "fp32"},
+            "device_info": {"device": "cpu", "cpu_cores": 2, "packages": {}}, "settings": {"iters": 2, **settings}}
+
+
+def _row(backend: str, concurrency: int, clips_per_s: float, stage: str = "triton", status: str = "ok") -> dict:
+    return {"stage": stage, "backend": backend, "precision": "fp32", "batch": 8, "concurrency": concurrency,
+            "kind": "clips", "status": status, "clips_per_s": clips_per_s}
+
+
+def test_record_keeps_rows_refuses_other_settings_and_retries_failures(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    record = Record.open(path, _header(), resume=False)
+    record.add(_row("triton-grpc", 8, 0.0, status="failed"))
+    assert not record.done(row_key(_row("triton-grpc", 8, 0.0)))
+    record.add(_row("triton-grpc", 8, 100.0))
+    with pytest.raises(InputError, match="--resume"):
+        Record.open(path, _header(), resume=False)
+    with pytest.raises(InputError, match=r"--iters: record 2, now 3"):
+        Record.open(path, _header(iters=3), resume=True)
+    again = Record.open(path, _header(), resume=True)
+    assert [r["clips_per_s"] for r in again.rows] == [100.0] and again.done(row_key(_row("triton-grpc", 8, 0)))
+    assert set(ROW_KEY) <= set(again.rows[0])
+
+
+def test_triton_is_compared_at_its_own_concurrency_only() -> None:
+    """The committed CPU record compared Triton at 8 requests in flight with in-process at 1."""
+    record = {**_header(), "rows": [_row("mmaction2", 1, 50.0, stage="model"), _row("torchscript", 1, 130.0),
+                                    _row("triton-grpc", 1, 110.0), _row("triton-grpc", 8, 150.0)]}
+    found = {t["target"]: t for t in targets(record)}
+    at_one = found["Triton (grpc) >= 95% of in-process at batch 8, concurrency 1"]
+    assert at_one["status"] == "not met" and at_one["measured"].startswith("85%")
+    assert found["Triton (grpc) >= 95% of in-process at batch 8, concurrency 8"]["status"] == "missing"
+    record["rows"].append(_row("torchscript", 8, 140.0))
+    at_eight = {t["target"]: t for t in targets(record)}["Triton (grpc) >= 95% of in-process at batch 8, concurrency 8"]
+    assert at_eight["status"] == "met" and at_eight["reference"]["concurrency"] == 8
+
+
+def test_bf16_where_it_cannot_run_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("bench", "--precision", "bf16", "--device", "cpu", "--out", str(tmp_path / "r.json"),
+                     check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "bf16 is benchmarked on CUDA only" in result.stderr and "fix:" in result.stderr
+    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(InputError, match="cannot run with ONNX Runtime"):
+        check_options(BenchOptions(precisions=("fp16", "bf16")), "cuda")
+    assert check_options(BenchOptions(precisions=("bf16",), backends=("eager", "torchscript")), "cuda") == ("bf16",)

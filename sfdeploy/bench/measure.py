@@ -62,18 +62,26 @@ def time_calls(fn: Callable[[], object], *, clips_per_call: int, warmup: int, it
 
 def time_concurrent(fn: Callable[[], object], *, clips_per_call: int, concurrency: int, warmup: int,
                     iters: int) -> Timing:
-    """``concurrency`` threads each make ``iters`` calls (after ``warmup``); requests overlap, as
-    clients of a server do. Latency is per request, throughput over the whole run."""
+    """``concurrency`` threads each make ``iters`` calls; requests overlap, as clients of a server
+    do. ``warmup`` calls first, then one untimed call in each thread (its own connection, for a
+    client that keeps one per thread), then all threads start together. Latency is per request,
+    throughput over the whole run."""
     for _ in range(warmup):
         fn()
     latencies: list[float] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
+    ready = threading.Barrier(concurrency + 1)
 
     def client() -> None:
         mine = []
         try:
-            for _ in range(iters):
+            fn()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            errors.append(exc)
+        ready.wait()
+        try:
+            for _ in range(iters if not errors else 0):
                 t0 = time.perf_counter()
                 fn()
                 mine.append(time.perf_counter() - t0)
@@ -83,9 +91,10 @@ def time_concurrent(fn: Callable[[], object], *, clips_per_call: int, concurrenc
             latencies.extend(mine)
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
     for thread in threads:
         thread.start()
+    ready.wait()
+    start = time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
@@ -137,6 +146,8 @@ def device_info(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # other work on the machine when the record was started (a shared machine's numbers are noisy)
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "packages": {},
     }
     for dist in ("torch", "onnxruntime", "onnxruntime-gpu", "mmaction2", "mmengine", "tritonclient",

@@ -1,10 +1,33 @@
-"""Benchmark results -> ``<name>.json`` (the record), ``<name>.md`` (tables), ``<name>.png`` (plot)."""
+"""The record ``<name>.json`` -> ``<name>.md`` (tables) and ``<name>.png`` (plots).
+
+Made from whatever rows the record holds (a run stopped half-way gives a partial table that says
+which stages it has), and remade after every row, so the table never lags the record by more
+than the row being written.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+from sfdeploy.bench import STAGES
+from sfdeploy.bench.record import OK
+from sfdeploy.bench.targets import served_label
+
+_ORDER = ("mmaction2", "eager", "eager-channels-last", "torchscript", "onnxruntime", "triton-http", "triton-grpc",
+          "eager-compile", "eager-cudagraphs", "eager-profile", "decode-only", "sfdeploy:triton-grpc",
+          "sfdeploy:triton-http", "sfdeploy:torchscript", "sfdeploy:onnxruntime", "mmaction2:inference_recognizer")
+_PRECISIONS = ("fp32", "fp16", "bf16", "-")
+
+
+def _index(sequence: tuple[str, ...], value: str) -> int:
+    return sequence.index(value) if value in sequence else len(sequence)
+
+
+def sort_key(row: dict[str, Any]) -> tuple:
+    return (_index(STAGES, row["stage"]), _index(_ORDER, row["backend"]), row["backend"],
+            _index(_PRECISIONS, row["precision"]), row["batch"], row["concurrency"])
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -13,94 +36,122 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: dict[str, Any]) -> str:
-    info, spec = results["device_info"], results["clip_spec"]
-    device = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
+def baseline_clips_per_s(record: dict[str, Any]) -> float | None:
+    return next((r["clips_per_s"] for r in record["rows"] if r["stage"] == "model" and r["backend"] == "mmaction2"
+                 and r.get("status", OK) == OK), None)
+
+
+def _device(info: dict[str, Any]) -> str:
+    return info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    info, spec, settings = record["device_info"], record["clip_spec"], record["settings"]
+    rows = sorted(record["rows"], key=sort_key)
+    stages = [s for s in STAGES if any(r["stage"] == s for r in rows)]
+    status = {s: sum(r.get("status", OK) == s for r in rows) for s in ("ok", "failed", "skipped")}
     lines = [
-        f"# {results['model']} on {device}",
+        f"# {record['model']} on {_device(info)}",
         "",
-        f"{results['date']}, sfdeploy {info['packages'].get('sfdeploy', '?')}, torch {info['packages'].get('torch')}, "
+        f"{record['date']}, sfdeploy {info['packages'].get('sfdeploy', '?')}, torch {info['packages'].get('torch')}, "
         f"onnxruntime {info['packages'].get('onnxruntime') or info['packages'].get('onnxruntime-gpu')}, "
-        f"{results['profile']} profile. A clip is {spec['views']} view(s) of {spec['clip_len']} frames at "
-        f"{spec['crop_size']}x{spec['crop_size']}. Warm-up {results['settings']['warmup']}, "
-        f"{results['settings']['iters']} timed calls per row; `x mmaction2` is clips/s over the MMAction2 "
-        "batch-1 baseline measured in the same run. `peak MB`: torch's peak GPU allocation for the row on "
-        "CUDA; on CPU the benchmark process's peak RSS so far.",
+        f"{record['profile']} profile. A clip is {spec['views']} view(s) of {spec['clip_len']} frames at "
+        f"{spec['crop_size']}x{spec['crop_size']}. Warm-up {settings['warmup']}, {settings['iters']} timed calls "
+        "per row (with N requests in flight: the calls split among N threads, at least 3 each); `x mmaction2` "
+        "is clips/s over the MMAction2 batch-1 baseline of the same run. `peak MB`: torch's peak GPU allocation "
+        "for the row on CUDA; on CPU the benchmark process's peak RSS so far. The served model is what "
+        f"`sfdeploy repo` writes by default: {served_label(record)}.",
         "",
-        "## Model only",
-        "",
-        _table(["backend", "precision", "batch", "concurrency", "clips/s", "p50 ms", "p95 ms", "p99 ms",
-                "peak MB", "x mmaction2"],
-               [[r["backend"], r["precision"], r["batch"], r["concurrency"], f"{r['clips_per_s']:.1f}",
-                 f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['p99_ms']:.1f}",
-                 f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] else "-", f"{r['speedup_vs_mmaction2']:.2f}"]
-                for r in results["model_only"]]),
+        f"Stages recorded: {', '.join(stages) or 'none yet'} ({status['ok']} rows measured, {status['failed']} "
+        f"failed, {status['skipped']} skipped; `sfdeploy bench --resume` measures what is missing).",
     ]
-    e2e = results.get("end_to_end")
-    if e2e:
+    if record.get("note"):
+        lines += ["", f"Note: {record['note']}"]
+    baseline = baseline_clips_per_s(record)
+    clips = [r for r in rows if r["kind"] == "clips"]
+    if clips:
+        lines += ["", "## Model only (preprocessed clips in, probabilities out)", "",
+                  _table(["stage", "backend", "precision", "batch", "concurrency", "clips/s", "p50 ms", "p95 ms",
+                          "p99 ms", "peak MB", "x mmaction2", "note"], [_clips_cells(r, baseline) for r in clips])]
+    videos = [r for r in rows if r["kind"] == "videos"]
+    if videos:
         lines += ["", "## End to end (videos -> predictions)", "",
-                  _table(["path", "videos/s", "note"], [
-                      ["decode only (ceiling)", f"{e2e['decode_only_videos_per_s']:.1f}",
-                       f"{e2e['workers']} decode workers, {e2e['videos']} videos"],
-                      [f"sfdeploy ({e2e['backend']})", f"{e2e['sfdeploy_videos_per_s']:.1f}",
-                       f"batch {e2e['batch']}, concurrency {e2e['concurrency']}; "
-                       f"efficiency {e2e['efficiency']:.0%} of decode-only"],
-                      ["MMAction2 inference_recognizer", f"{e2e['mmaction2_videos_per_s']:.1f}",
-                       f"one video at a time ({e2e['mmaction2_videos']} videos); sfdeploy is "
-                       f"{e2e['speedup_vs_mmaction2']:.1f}x"]])]
-    if results.get("targets"):
-        lines += ["", "## Against the targets", "",
-                  _table(["target", "measured", "status"],
-                         [[t["target"], t["measured"], t["status"]] for t in results["targets"]])]
-    if results.get("ops"):
-        lines += ["", "## Where the time goes (profiler, top operators)", "",
+                  _table(["path", "precision", "batch", "concurrency", "videos", "videos/s", "note"],
+                         [[r["backend"], r["precision"], r["batch"], r["concurrency"], r.get("videos", "-"),
+                           f"{r['videos_per_s']:.1f}" if r.get("status", OK) == OK else r["status"], r["note"]]
+                          for r in videos])]
+    for group, title in (("targets", "Against the targets"),
+                         ("variants", "Best of the variants sfdeploy does not serve (for reference)")):
+        chosen = [t for t in record.get("targets", []) if t.get("group", "targets") == group]
+        if chosen:
+            lines += ["", f"## {title}", "",
+                      _table(["target", "measured", "status"], [[t["target"], t["measured"], t["status"]]
+                                                                for t in chosen])]
+    for row in (r for r in rows if r["kind"] == "ops" and r.get("status", OK) == OK):
+        lines += ["", f"## Where the time goes ({row['backend']} {row['precision']}, batch {row['batch']}: "
+                      "profiler, top operators)", "",
                   _table(["operator", "ms per call", "share"],
-                         [[o["op"], o["self_ms_per_call"], f"{o['share']:.0%}"] for o in results["ops"]])]
+                         [[o["op"], o["self_ms_per_call"], f"{o['share']:.0%}"] for o in row["ops"]])]
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Throughput vs batch size, one line per backend and precision (served model: its best
-    concurrency, as a marker at its request batch)."""
+def _clips_cells(row: dict[str, Any], baseline: float | None) -> list[Any]:
+    head = [row["stage"], row["backend"], row["precision"], row["batch"], row["concurrency"]]
+    if row.get("status", OK) != OK:
+        return [*head, row["status"], "-", "-", "-", "-", "-", row.get("note", "")]
+    return [*head, f"{row['clips_per_s']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}",
+            f"{row['p99_ms']:.1f}", f"{row['peak_mem_mb']:.0f}" if row["peak_mem_mb"] else "-",
+            f"{row['clips_per_s'] / baseline:.2f}" if baseline else "-", row.get("note", "")]
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Left: clips/s against batch size, a line per backend and precision. Right (when the triton
+    stage has rows): served model and in-process reference against requests in flight."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in results["model_only"]:
-        if row["clips_per_s"] <= 0:
-            continue
-        key = f"{row['backend']} {row['precision']}"
-        if row["backend"].startswith("triton"):
-            best = series.get(key, [(row["batch"], 0.0)])[0][1]
-            series[key] = [(row["batch"], max(best, row["clips_per_s"]))]
-        else:
-            series.setdefault(key, []).append((row["batch"], row["clips_per_s"]))
-    for key, points in sorted(series.items()):
-        points.sort()
-        xs, ys = zip(*points, strict=True)
-        style = "s" if key.startswith("triton") else "o-"
-        ax.plot(xs, ys, style, label=key)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size (clips per call)")
-    ax.set_ylabel("clips / s")
-    device = results["device_info"].get("gpu") or f"{results['device_info']['cpu_cores']}-core CPU"
-    ax.set_title(f"{results['model']}, {device}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ok = [r for r in record["rows"] if r["kind"] == "clips" and r.get("status", OK) == OK and r["clips_per_s"] > 0]
+    served = [r for r in ok if r["stage"] == "triton"]
+    fig, axes = plt.subplots(1, 2 if served else 1, figsize=(13 if served else 8, 5), squeeze=False)
+    _lines(axes[0][0], [r for r in ok if r["stage"] != "triton"], "batch", "batch size (clips per call)")
+    axes[0][0].set_title("model only, one caller")
+    if served:
+        _lines(axes[0][1], served, "concurrency", "requests in flight (threads)")
+        axes[0][1].set_title(f"served vs in-process, batch {served[0]['batch']}")
+    fig.suptitle(f"{record['model']}, {_device(record['device_info'])}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_results(results: dict[str, Any], out: Path) -> list[Path]:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    md, png = out.with_suffix(".md"), out.with_suffix(".png")
-    md.write_text(markdown(results))
-    plot(results, png)
-    return [out, md, png]
+def _lines(ax: Any, rows: list[dict[str, Any]], x: str, label: str) -> None:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in sorted(rows, key=sort_key):
+        where = " in process" if row["stage"] == "triton" and not row["backend"].startswith("triton") else ""
+        series.setdefault(f"{row['backend']} {row['precision']}{where}", []).append((row[x], row["clips_per_s"]))
+    for name, points in series.items():
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, "o-" if len(xs) > 1 else "s", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("clips / s")
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+
+
+def write_report(record_path: Path) -> list[Path]:
+    """Regenerate ``.md`` and ``.png`` beside the record from its rows; returns the three paths."""
+    from sfdeploy.fsutil import atomic_write_text
+
+    record_path = Path(record_path)
+    record = json.loads(record_path.read_text())
+    md, png = record_path.with_suffix(".md"), record_path.with_suffix(".png")
+    atomic_write_text(md, markdown(record))
+    tmp = png.with_name(f".{png.stem}.partial.png")
+    plot(record, tmp)
+    tmp.replace(png)
+    return [record_path, md, png]

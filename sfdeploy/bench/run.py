@@ -1,26 +1,20 @@
-"""``sfdeploy bench``: build the model, export it, serve it, measure everything, write the record.
+"""``sfdeploy bench``: plan the rows of the asked stages, measure those the record lacks, one at a
+time, each persisted the moment it is measured (see :mod:`sfdeploy.bench.record`).
 
-The artifacts are exported from the very module the eager rows time (no parity gate here: that
-is ``export``'s job, on trained weights); the Triton rows run a real tritonserver on free ports
-on 127.0.0.1. Every speed-up is a ratio against the MMAction2 baseline of the same run.
+The export, the served repository and the synthetic videos live in a work folder beside the
+record (``<record>.work/``, or ``--export DIR`` for the export) and are kept: a resumed or later
+stage reuses them. Every speed-up is a ratio against the MMAction2 baseline of the same record.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from sfdeploy.artifacts import resolve_device
-from sfdeploy.bench import BACKENDS, suites
-from sfdeploy.bench.measure import device_info, device_slug
-from sfdeploy.bench.model import build_bench_model
+from sfdeploy.bench import BACKENDS, DEFAULT_STAGES, PRECISIONS, STAGES
 from sfdeploy.errors import InputError
 
 log = logging.getLogger("sfdeploy")
@@ -45,199 +39,93 @@ class BenchOptions:
     mmaction2_videos: int = 16
     trace: bool = False
     out: Path | None = None
-    scratch: Path | None = None
+    stages: tuple[str, ...] = DEFAULT_STAGES
+    resume: bool = False
+    export: Path | None = None  # the bench export to make or reuse [default: <out>.work/export]
+    note: str = ""  # recorded with the run (e.g. "the 2 cores were shared with other jobs")
+    show_progress: bool = True
 
 
-def _export(model: Any, precisions: list[str], device: str, out: Path) -> None:
-    """TorchScript + ONNX of the bench module, and a manifest the runtimes read them through."""
-    from sfdeploy.artifacts import Artifact, Manifest, artifact_file, artifact_key
-    from sfdeploy.export.onnx_export import export_onnx
-    from sfdeploy.export.torchscript import export_torchscript
-
-    out.mkdir(parents=True, exist_ok=True)
-    artifacts = {}
-    for precision in precisions:
-        where = device if precision != "fp32" else "cpu"
-        module = suites.deploy_module(model, precision, where)
-        example = torch.from_numpy(suites.random_clips(model.spec, 2)).to(where)
-        for fmt, exporter in (("torchscript", export_torchscript), ("onnx", export_onnx)):
-            path = out / artifact_file(fmt, precision)
-            log.info("bench: exporting %s %s", fmt, precision)
-            exporter(module, example, path, model.spec.to_json(), precision)
-            artifacts[artifact_key(fmt, precision)] = Artifact.of(fmt, precision, path)
-    Manifest(clip_spec=model.spec, artifacts=artifacts, source={"benchmark": model.name},
-             parity={"skipped": "benchmark artifacts: exported from the module the eager rows time"}).write(out)
-
-
-def _targets(rows: list[dict], e2e: dict | None, device: str, profile: str) -> list[dict[str, str]]:
-    """Where the run stands against the issue's targets (GPU targets on the full profile)."""
-    def best(backend_prefix: str, precision: str | None = None, batch: int | None = None) -> dict | None:
-        pool = [r for r in rows if r["backend"].startswith(backend_prefix) and r["clips_per_s"] > 0
-                and (precision is None or r["precision"] == precision) and (batch is None or r["batch"] == batch)]
-        return max(pool, key=lambda r: r["clips_per_s"], default=None)
-
-    targets = []
-    local = [r for r in rows if r["backend"] not in ("mmaction2",) and not r["backend"].startswith("triton")]
-    top = max(local, key=lambda r: r["clips_per_s"], default=None)
-    if top:
-        target = ">= 4,000 clips/s (R50 4x16 224, fp16, H100)" if profile == "full" and device != "cpu" else \
-            "best model-only throughput"
-        ok = top["clips_per_s"] >= 4000 if profile == "full" and device != "cpu" else None
-        targets.append({"target": target, "measured": f"{top['clips_per_s']:.1f} clips/s ({top['backend']} "
-                        f"{top['precision']}, batch {top['batch']})", "status": _status(ok)})
-        targets.append({"target": ">= 30x the MMAction2 batch-1 baseline" if profile == "full" else
-                        "speed-up over the MMAction2 batch-1 baseline",
-                        "measured": f"{top['speedup_vs_mmaction2']:.1f}x",
-                        "status": _status(top["speedup_vs_mmaction2"] >= 30 if profile == "full" else None)})
-    for protocol in ("grpc", "http"):
-        served = best(f"triton-{protocol}")
-        if served:
-            here = best("torchscript", served["precision"], served["batch"])  # what the server runs
-            if here:
-                ratio = served["clips_per_s"] / here["clips_per_s"]
-                targets.append({"target": f"Triton ({protocol}) >= 95% of in-process at batch {served['batch']}",
-                                "measured": f"{ratio:.0%} ({served['clips_per_s']:.1f} vs {here['clips_per_s']:.1f} "
-                                            f"clips/s {here['backend']}, concurrency {served['concurrency']})",
-                                "status": _status(ratio >= 0.95)})
-    if e2e:
-        targets.append({"target": "end-to-end >= 90% of decode-only", "measured": f"{e2e['efficiency']:.0%}",
-                        "status": _status(e2e["efficiency"] >= 0.9)})
-    for batch in sorted({r["batch"] for r in rows}):
-        ort, eager = best("onnxruntime", "fp32", batch), best("eager", "fp32", batch)
-        if ort and eager and device == "cpu":
-            targets.append({"target": f"CPU: ONNX Runtime / eager at batch {batch}",
-                            "measured": f"{ort['clips_per_s'] / eager['clips_per_s']:.2f}x", "status": "reported"})
-    return targets
+def check_options(opts: BenchOptions, device: str) -> tuple[str, ...]:
+    """Refuse, before any work, what cannot run; returns the precisions to measure."""
+    for name, given, known in (("backend", opts.backends, BACKENDS), ("stage", opts.stages, STAGES)):
+        unknown = set(given) - set(known)
+        if unknown:
+            raise InputError(f"unknown {name}(s): {', '.join(sorted(unknown))}", fix=f"use: {', '.join(known)}")
+    precisions = tuple(opts.precisions or (("fp32", "fp16") if device.startswith("cuda") else ("fp32",)))
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown:
+        raise InputError(f"unknown precision(s): {', '.join(sorted(unknown))}", fix=f"use: {', '.join(PRECISIONS)}")
+    if "bf16" in precisions:
+        if not device.startswith("cuda"):
+            raise InputError(f"--precision bf16 is benchmarked on CUDA only (asked on {device}): eager and "
+                             "TorchScript run bf16 on a GPU",
+                             fix="run on a CUDA device (--device cuda), or use --precision fp32 (or fp16) here")
+        if "onnxruntime" in opts.backends:
+            raise InputError("--precision bf16 cannot run with ONNX Runtime (no bf16 3-D convolution kernels; "
+                             "sfdeploy exports no bf16 ONNX model)",
+                             fix="pass --backends mmaction2,eager,torchscript,triton-http,triton-grpc with bf16, or "
+                                 "drop bf16 from --precision")
+    return precisions
 
 
-def _status(ok: bool | None) -> str:
-    return "reported" if ok is None else ("met" if ok else "not met")
+def default_out(device: str) -> Path:
+    """``benchmarks/results/<device>-<date>.json``."""
+    from sfdeploy.bench.measure import device_info, device_slug
+
+    return Path("benchmarks/results") / f"{device_slug(device_info(device))}.json"
 
 
 def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
-    from sfdeploy.bench.report import write_results
+    """Measure the rows of ``opts.stages`` missing from the record; returns (record, [json, md, png])."""
+    from sfdeploy.artifacts import resolve_device
+    from sfdeploy.bench.measure import device_info
+    from sfdeploy.bench.model import build_bench_model
+    from sfdeploy.bench.record import Record
+    from sfdeploy.bench.report import write_report
+    from sfdeploy.bench.stages import PLANNERS, Context, served_default
     from sfdeploy.compat import ensure_mmaction
+    from sfdeploy.progress import bar
 
     device = resolve_device(opts.device)
-    unknown = set(opts.backends) - set(BACKENDS)
-    if unknown:
-        raise InputError(f"unknown backend(s): {', '.join(sorted(unknown))}", fix=f"use: {', '.join(BACKENDS)}")
-    precisions = list(opts.precisions or (["fp32", "fp16"] if device.startswith("cuda") else ["fp32"]))
+    precisions = check_options(opts, device)
+    out = Path(opts.out) if opts.out else default_out(device)
+    work = out.with_suffix(".work")
+    settings = {
+        "device": device, "warmup": opts.warmup, "iters": opts.iters, "batch_sizes": sorted(set(opts.batch_sizes)),
+        "precisions": list(precisions), "backends": list(opts.backends), "concurrency": sorted(set(opts.concurrency)),
+        "triton_batch": opts.triton_batch, "e2e": opts.e2e, "e2e_videos": opts.e2e_videos,
+        "videos": str(opts.videos) if opts.videos else None, "workers": opts.workers,
+        "mmaction2_videos": opts.mmaction2_videos, "trace": opts.trace,
+    }
     ensure_mmaction()
     model = build_bench_model(opts.profile, opts.work_dir)
-    info = device_info(device)
-    batches = sorted(set(opts.batch_sizes))
-    scratch_ctx = tempfile.TemporaryDirectory(prefix="sfdeploy-bench-") if opts.scratch is None else None
-    scratch = Path(scratch_ctx.name) if scratch_ctx else Path(opts.scratch)
-    rows: list[suites.Row] = []
-    e2e = None
-    ops = None
+    runtime, precision = served_default()
+    header = {"date": date.today().isoformat(), "profile": "trained" if opts.work_dir else opts.profile,
+              "model": model.name, "clip_spec": model.spec.to_dict(), "device_info": device_info(device),
+              "settings": settings, "served": {"backend": "python", "runtime": runtime, "precision": precision},
+              "note": opts.note}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = Record.open(out, header, resume=opts.resume)
+    files = write_report(out)
+    # The planners read the normalised settings: what the record says is what is measured.
+    plan_opts = replace(opts, batch_sizes=tuple(settings["batch_sizes"]), precisions=precisions,
+                        concurrency=tuple(settings["concurrency"]))
+    ctx = Context(plan_opts, model, device, work, Path(opts.export) if opts.export else work / "export")
     try:
-        export_dir = scratch / "export"
-        _export(model, precisions, device, export_dir)
-        log.info("bench: mmaction2 baseline")
-        baseline = suites.mmaction2_baseline(model, device, opts.warmup, opts.iters)
-        rows.append(baseline)
-        if "eager" in opts.backends:
-            log.info("bench: eager")
-            rows += suites.eager_rows(model, precisions, batches, device, opts.warmup, opts.iters)
-        from sfdeploy.runtime import open_local
-        from sfdeploy.runtime.ort import ort_device
-
-        for backend in ("torchscript", "onnxruntime"):
-            if backend in opts.backends:
-                log.info("bench: %s", backend)
-                run_on = device if backend == "torchscript" else ort_device(device)
-                rows += suites.predictor_rows(backend, lambda p, b=backend, d=run_on: open_local(
-                    b, export_dir, precision=p, device=d), model.spec, precisions, batches, run_on,
-                    opts.warmup, opts.iters)
-        e2e, ops = _served_and_end_to_end(opts, model, export_dir, scratch, precisions, batches, device, rows)
+        for stage in (s for s in STAGES if s in opts.stages):
+            tasks = PLANNERS[stage](ctx)
+            todo = [t for t in tasks if not record.done(t.key)]
+            log.info("bench: stage %s: %d of %d rows recorded, %d to measure", stage, len(tasks) - len(todo),
+                     len(tasks), len(todo))
+            with bar(len(todo), desc=f"bench {stage}", unit="row", enabled=opts.show_progress and bool(todo)) as shown:
+                for task in todo:
+                    shown.set_postfix_str(f"{task.backend} {task.precision} b{task.batch} c{task.concurrency}")
+                    record.add(task.measure(ctx))
+                    files = write_report(out)
+                    shown.update(1)
+            ctx.release()
     finally:
-        if scratch_ctx:
-            scratch_ctx.cleanup()
-    model_only = [dict(r.to_dict(), speedup_vs_mmaction2=round(r.clips_per_s / baseline.clips_per_s, 2))
-                  for r in rows]
-    results = {
-        "schema": 1,
-        "date": date.today().isoformat(),
-        "profile": "trained" if opts.work_dir else opts.profile,
-        "model": model.name,
-        "clip_spec": model.spec.to_dict(),
-        "device_info": info,
-        "settings": {"warmup": opts.warmup, "iters": opts.iters, "batch_sizes": batches, "precisions": precisions,
-                     "concurrency": list(opts.concurrency), "triton_batch": opts.triton_batch},
-        "model_only": model_only,
-        "end_to_end": e2e.to_dict() if e2e else None,
-        "ops": ops,
-    }
-    results["targets"] = _targets(model_only, results["end_to_end"], device, opts.profile)
-    out = opts.out or Path("benchmarks/results") / f"{device_slug(info)}.json"
-    return results, write_results(results, out)
+        ctx.close()
+    return record.data, files
 
-
-def _served_and_end_to_end(opts: BenchOptions, model: Any, export_dir: Path, scratch: Path, precisions: list[str],
-                           batches: list[int], device: str, rows: list) -> tuple[Any, Any]:
-    from sfdeploy.client import Classifier
-    from sfdeploy.runtime import open_local
-    from sfdeploy.serving.repo import RepoOptions, write_repository
-    from sfdeploy.serving.server import TritonServer, free_port
-
-    served = [b for b in ("triton-http", "triton-grpc") if b in opts.backends]
-    # The served model runs what `sfdeploy repo` serves by default: TorchScript.
-    precision = "fp16" if device.startswith("cuda") and "fp16" in precisions else "fp32"
-    server = None
-    if served or opts.e2e:
-        repo = scratch / "repo"
-        write_repository(export_dir, RepoOptions(repo=repo, max_batch=max([*batches, opts.triton_batch]),
-                                                 runtime="torchscript", precision=precision,
-                                                 device=device, native=False,
-                                                 require_parity=False))
-        server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()).start()
-    try:
-        for backend in served:
-            log.info("bench: %s", backend)
-            protocol = backend.split("-")[1]
-            url = server.http_url if protocol == "http" else server.grpc_url
-            rows += suites.triton_rows(url, protocol, "slowfast", model.spec, precision, opts.triton_batch,
-                                       list(opts.concurrency), opts.warmup, opts.iters)
-        e2e = None
-        if opts.e2e:
-            log.info("bench: end to end")
-            paths = _videos(opts, model, scratch)
-            if server is not None:
-                classifier = Classifier.from_triton(server.grpc_url, "slowfast", protocol="grpc")
-            else:
-                classifier = Classifier(open_local("onnxruntime", export_dir))
-            with classifier:
-                e2e = suites.end_to_end(model, paths, classifier, workers=opts.workers or os.cpu_count() or 1,
-                                        batch=opts.triton_batch, concurrency=max(opts.concurrency),
-                                        mmaction2_videos=opts.mmaction2_videos, device=device)
-    finally:
-        if server is not None:
-            server.stop()
-    ops = None
-    if opts.trace:
-        module = suites.deploy_module(model, precision, device)
-        frames = torch.from_numpy(suites.random_clips(model.spec, max(batches))).to(device)
-        ops = suites.profile_ops(module, frames, device)
-    return e2e, ops
-
-
-def _videos(opts: BenchOptions, model: Any, scratch: Path) -> list[Path]:
-    from sfdeploy.data.probe import VIDEO_EXTENSIONS
-
-    if opts.videos:
-        paths = sorted(p for p in Path(opts.videos).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
-        if not paths:
-            raise InputError("no videos in --videos", path=opts.videos, fix="pass a folder of videos")
-        return paths[: opts.e2e_videos]
-    from sfdeploy.data.synth import SynthOptions, synthesize
-
-    spec = model.spec
-    size = max(96, spec.short_side + spec.short_side // 4)  # a little larger than the resize target
-    size += size % 2
-    frames = max(48, spec.min_frames)
-    per_class = max(1, opts.e2e_videos // 4)
-    synthesize(scratch / "videos", SynthOptions(classes=4, per_class=per_class, frames=frames, size=size),
-               show_progress=False)
-    return sorted((scratch / "videos").rglob("*.mp4"))[: opts.e2e_videos]

@@ -1,26 +1,23 @@
-"""What ``sfdeploy bench`` measures.
+"""How ``sfdeploy bench`` measures one row; :mod:`sfdeploy.bench.stages` decides which rows.
 
-Model-only (inputs already preprocessed, uint8 clips of the clip spec's shape):
+Model-only rows (inputs already preprocessed: uint8 clips of the clip spec's shape) are timed
+with :func:`sfdeploy.bench.measure.time_calls` (one caller) or
+:func:`sfdeploy.bench.measure.time_concurrent` (N callers, N requests in flight): the served model
+and its in-process reference are timed by the same function at the same batch and concurrency,
+so their ratio compares like with like. End-to-end rows time videos -> predictions.
 
-* ``mmaction2`` - the recognizer's ``test_step`` on one clip at a time: what
-  ``inference_recognizer`` runs after its pipeline, i.e. what users run today (the baseline);
-* ``eager`` - the deploy module in PyTorch, batched (on CUDA also ``eager-channels-last``
-  (channels_last_3d) and ``eager-compile`` (``torch.compile``, which captures CUDA graphs));
-* ``torchscript``, ``onnxruntime`` - the exported artifacts;
-* ``triton-http``, ``triton-grpc`` - the served model, with several requests in flight.
-
-End-to-end: a folder of videos -> predictions through :mod:`sfdeploy.client`, beside the
-decode-only ceiling (same decode workers, no model) and MMAction2's ``inference_recognizer``
-one video at a time.
+Each function returns the row as a dict (the record's format): the key fields of
+:data:`sfdeploy.bench.record.ROW_KEY`, ``kind`` (``clips``, ``videos`` or ``ops``: how the report
+shows it), ``status`` and the measurements.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ import torch
 
 from sfdeploy.bench.measure import Timing, peak_memory_mb, reset_peak_memory, time_calls, time_concurrent
 from sfdeploy.bench.model import BenchModel
+from sfdeploy.bench.record import FAILED, OK
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.export.deploy import SlowFastDeploy
 
@@ -37,27 +35,20 @@ log = logging.getLogger("sfdeploy")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass
-class Row:
-    backend: str
-    precision: str
-    batch: int
-    concurrency: int
-    clips_per_s: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    peak_mem_mb: float
-    note: str = ""
+def clips_row(stage: str, backend: str, precision: str, batch: int, concurrency: int, timing: Timing,
+              memory: float, note: str = "") -> dict[str, Any]:
+    return {"stage": stage, "backend": backend, "precision": precision, "batch": batch,
+            "concurrency": concurrency, "kind": "clips", "status": OK, "calls": timing.calls,
+            "clips_per_s": round(timing.clips_per_s, 2), "p50_ms": round(timing.p50_ms, 3),
+            "p95_ms": round(timing.p95_ms, 3), "p99_ms": round(timing.p99_ms, 3),
+            "peak_mem_mb": round(memory, 1), "note": note}
 
-    @classmethod
-    def of(cls, backend: str, precision: str, batch: int, concurrency: int, timing: Timing, memory: float,
-           note: str = "") -> Row:
-        return cls(backend, precision, batch, concurrency, round(timing.clips_per_s, 2), round(timing.p50_ms, 3),
-                   round(timing.p95_ms, 3), round(timing.p99_ms, 3), round(memory, 1), note)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def unmeasured_row(stage: str, backend: str, precision: str, batch: int, concurrency: int, status: str,
+                   why: str, kind: str = "clips") -> dict[str, Any]:
+    """A row that could not be measured (status failed / skipped): recorded, and tried again on resume."""
+    return {"stage": stage, "backend": backend, "precision": precision, "batch": batch,
+            "concurrency": concurrency, "kind": kind, "status": status, "note": why}
 
 
 def random_clips(spec: ClipSpec, n: int, seed: int = 0) -> np.ndarray:
@@ -70,8 +61,48 @@ def deploy_module(model: BenchModel, precision: str, device: str) -> SlowFastDep
     return SlowFastDeploy(recognizer, model.spec.mean, model.spec.std, compute_dtype=dtype).eval().to(device)
 
 
-def mmaction2_baseline(model: BenchModel, device: str, warmup: int, iters: int) -> Row:
-    """One clip per call through the recognizer's own data preprocessor and predict path."""
+def concurrent_calls(iters: int, concurrency: int) -> int:
+    """Timed calls per client thread: ``iters`` calls in all, split among the threads, and at least
+    3 each so that the ramp-up and drain at the ends weigh little. (``iters`` per thread would make
+    concurrency 32 at batch 32 move ~120 GB through the server for one row of the full profile.)"""
+    return max(3, math.ceil(iters / concurrency))
+
+
+def sequential_row(stage: str, backend: str, precision: str, batch: int, call: Callable[[], object], device: str,
+                   warmup: int, iters: int, note: str = "") -> dict[str, Any]:
+    """One caller, ``iters`` timed calls."""
+    return _timed(stage, backend, precision, batch, 1, device, note, lambda: time_calls(
+        call, clips_per_call=batch, warmup=warmup, iters=iters, device=device))
+
+
+def concurrent_row(stage: str, backend: str, precision: str, batch: int, concurrency: int,
+                   call: Callable[[], object], device: str, warmup: int, iters: int, note: str = "") -> dict[str, Any]:
+    """``concurrency`` threads calling at once (see :func:`concurrent_calls`)."""
+    return _timed(stage, backend, precision, batch, concurrency, device, note, lambda: time_concurrent(
+        call, clips_per_call=batch, concurrency=concurrency, warmup=warmup,
+        iters=concurrent_calls(iters, concurrency)))
+
+
+def _timed(stage: str, backend: str, precision: str, batch: int, concurrency: int, device: str, note: str,
+           measure: Callable[[], Timing]) -> dict[str, Any]:
+    """A runtime failure of the model (CUDA out of memory at a large batch, an operator the backend
+    lacks) is recorded as a failed row, not raised: the other rows still run, and a resumed run
+    tries this one again. Anything else (a server that is down, bad input) is raised."""
+    reset_peak_memory(device)
+    try:
+        timing = measure()
+    except (RuntimeError, MemoryError) as exc:
+        log.warning("%s %s batch %d concurrency %d failed: %s", backend, precision, batch, concurrency, exc)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return unmeasured_row(stage, backend, precision, batch, concurrency, FAILED, f"failed: {str(exc)[:160]}")
+    memory = 0.0 if backend.startswith("triton") else peak_memory_mb(device)
+    return clips_row(stage, backend, precision, batch, concurrency, timing, memory, note)
+
+
+def mmaction2_call(model: BenchModel, device: str) -> Callable[[], None]:
+    """One clip per call through the recognizer's own data preprocessor and predict path: what
+    ``inference_recognizer`` runs after its pipeline, i.e. what users run today (the baseline)."""
     from mmaction.structures import ActionDataSample
 
     recognizer = copy.deepcopy(model.recognizer).to(device)
@@ -82,131 +113,75 @@ def mmaction2_baseline(model: BenchModel, device: str, warmup: int, iters: int) 
         with torch.no_grad():
             recognizer.test_step(data)
 
-    reset_peak_memory(device)
-    timing = time_calls(call, clips_per_call=1, warmup=warmup, iters=iters, device=device)
-    return Row.of("mmaction2", "fp32", 1, 1, timing, peak_memory_mb(device), "test_step, as inference_recognizer")
+    return call
 
 
-def eager_rows(model: BenchModel, precisions: list[str], batches: list[int], device: str, warmup: int,
-               iters: int) -> list[Row]:
-    rows = []
-    variants: list[tuple[str, Callable[[SlowFastDeploy], Callable]]] = [("eager", lambda m: m)]
-    if device.startswith("cuda"):
-        variants += [
-            ("eager-channels-last", lambda m: m.to(memory_format=torch.channels_last_3d)),
-            ("eager-compile", lambda m: torch.compile(m, mode="max-autotune")),
-        ]
-    for precision in precisions:
-        for name, wrap in variants:
-            module = wrap(deploy_module(model, precision, device))
-            for batch in batches:
-                frames = torch.from_numpy(random_clips(model.spec, batch)).to(device)
+def module_call(module: Callable, frames: torch.Tensor) -> Callable[[], None]:
+    def call() -> None:
+        with torch.inference_mode():
+            module(frames)
 
-                def call(module: Callable = module, frames: torch.Tensor = frames) -> None:
-                    with torch.inference_mode():
-                        module(frames)
-
-                rows.append(_timed_row(name, precision, batch, call, device, warmup, iters))
-            del module
-    return rows
+    return call
 
 
-def predictor_rows(name: str, open_predictor: Callable[[str], Any], spec: ClipSpec, precisions: list[str],
-                   batches: list[int], device: str, warmup: int, iters: int) -> list[Row]:
-    """Rows for a local predictor (``open_predictor(precision)`` -> object with ``predict``)."""
-    rows = []
-    for precision in precisions:
-        predictor = open_predictor(precision)
-        for batch in batches:
-            frames = random_clips(spec, batch)
-            rows.append(_timed_row(name, precision, batch, lambda p=predictor, f=frames: p.predict(f), device,
-                                   warmup, iters))
-        predictor.close()
-    return rows
+def variant_module(module: SlowFastDeploy, variant: str) -> Callable:
+    """Variants of the eager module that sfdeploy does not serve (listed apart from the served
+    configuration). The compiled ones take minutes per shape on R50: only in the ``compile`` stage."""
+    if variant == "eager":
+        return module
+    if variant == "eager-channels-last":
+        return module.to(memory_format=torch.channels_last_3d)
+    if variant == "eager-compile":
+        return torch.compile(module, dynamic=False)
+    if variant == "eager-cudagraphs":  # inductor + CUDA graphs: launch overhead gone, for small batches
+        return torch.compile(module, mode="reduce-overhead", dynamic=False)
+    raise ValueError(f"unknown variant {variant}")
 
 
-def triton_rows(url: str, protocol: str, model_name: str, spec: ClipSpec, precision: str, batch: int,
-                concurrencies: list[int], warmup: int, iters: int) -> list[Row]:
-    from sfdeploy.runtime.triton import TritonPredictor
-
-    predictor = TritonPredictor(url, model=model_name, protocol=protocol)
-    frames = random_clips(spec, batch)
-    rows = []
-    try:
-        for concurrency in concurrencies:
-            timing = time_concurrent(lambda: predictor.predict(frames), clips_per_call=batch,
-                                     concurrency=concurrency, warmup=warmup, iters=iters)
-            rows.append(Row.of(f"triton-{protocol}", precision, batch, concurrency, timing, 0.0,
-                               "server process memory not counted"))
-    finally:
-        predictor.close()
-    return rows
-
-
-def _timed_row(name: str, precision: str, batch: int, call: Callable[[], object], device: str, warmup: int,
-               iters: int) -> Row:
-    reset_peak_memory(device)
-    try:
-        timing = time_calls(call, clips_per_call=batch, warmup=warmup, iters=iters, device=device)
-    except (RuntimeError, MemoryError) as exc:  # e.g. CUDA out of memory at a large batch: recorded
-        log.warning("%s %s batch %d failed: %s", name, precision, batch, exc)
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        return Row(name, precision, batch, 1, 0.0, 0.0, 0.0, 0.0, 0.0, f"failed: {str(exc)[:120]}")
-    return Row.of(name, precision, batch, 1, timing, peak_memory_mb(device))
-
-
-@dataclass
-class EndToEnd:
-    videos: int
-    workers: int
-    backend: str
-    batch: int
-    concurrency: int
-    decode_only_videos_per_s: float
-    sfdeploy_videos_per_s: float
-    efficiency: float  # sfdeploy / decode-only
-    mmaction2_videos: int
-    mmaction2_videos_per_s: float
-    speedup_vs_mmaction2: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def end_to_end(model: BenchModel, paths: list[Path], classifier: Any, *, workers: int, batch: int,
-               concurrency: int, mmaction2_videos: int, device: str) -> EndToEnd:
+def decode_only_row(spec: ClipSpec, paths: list[Path], workers: int) -> dict[str, Any]:
+    """The ceiling of end to end: the same decode workers with no model at all."""
     from sfdeploy.preprocess import DecodeFailure, decode_many
 
-    spec = model.spec
     start = time.perf_counter()
     decoded = sum(not isinstance(clip, DecodeFailure) for _, clip in decode_many(paths, spec, workers=workers))
-    decode_rate = decoded / (time.perf_counter() - start)
+    return videos_row("decode-only", "-", 1, 1, decoded, time.perf_counter() - start, len(paths), workers,
+                      f"{workers} decode workers, no model")
 
+
+def sfdeploy_row(backend: str, classifier: Any, precision: str, paths: list[Path], *, workers: int, batch: int,
+                 concurrency: int) -> dict[str, Any]:
+    """:meth:`sfdeploy.client.Classifier.classify`: decode workers feeding batched requests."""
     start = time.perf_counter()
     classified = sum(p.ok for p in classifier.classify(paths, batch_size=batch, concurrency=concurrency,
                                                        workers=workers))
-    e2e_rate = classified / (time.perf_counter() - start)
+    return videos_row(backend, precision, batch, concurrency,
+                      classified, time.perf_counter() - start, len(paths), workers,
+                      f"{workers} decode workers, batch {batch}, {concurrency} requests in flight")
 
+
+def mmaction2_videos_row(model: BenchModel, paths: list[Path], device: str) -> dict[str, Any]:
+    """MMAction2's ``inference_recognizer``, one video at a time (its pipeline decodes too)."""
     from mmaction.apis import inference_recognizer
 
     recognizer = copy.deepcopy(model.recognizer).to(device)
     recognizer.cfg = copy.deepcopy(model.cfg)
-    recognizer.cfg.test_pipeline = spec.mmaction_pipeline()
-    subset = paths[:mmaction2_videos]
-    inference_recognizer(recognizer, str(subset[0]))  # warm-up
+    recognizer.cfg.test_pipeline = model.spec.mmaction_pipeline()
+    inference_recognizer(recognizer, str(paths[0]))  # warm-up
     start = time.perf_counter()
-    for path in subset:
+    for path in paths:
         inference_recognizer(recognizer, str(path))
-    mm_rate = len(subset) / (time.perf_counter() - start)
-    return EndToEnd(videos=len(paths), workers=workers, backend=classifier.predictor.name, batch=batch,
-                    concurrency=concurrency, decode_only_videos_per_s=round(decode_rate, 2),
-                    sfdeploy_videos_per_s=round(e2e_rate, 2), efficiency=round(e2e_rate / decode_rate, 3),
-                    mmaction2_videos=len(subset), mmaction2_videos_per_s=round(mm_rate, 2),
-                    speedup_vs_mmaction2=round(e2e_rate / mm_rate, 2))
+    return videos_row("mmaction2:inference_recognizer", "fp32", 1, 1, len(paths), time.perf_counter() - start,
+                      len(paths), 1, "one video at a time")
 
 
-def profile_ops(module: Callable, frames: torch.Tensor, device: str, top: int = 12) -> list[dict[str, Any]]:
+def videos_row(backend: str, precision: str, batch: int, concurrency: int, done: int, wall: float, videos: int,
+               workers: int, note: str) -> dict[str, Any]:
+    return {"stage": "e2e", "backend": backend, "precision": precision, "batch": batch, "concurrency": concurrency,
+            "kind": "videos", "status": OK if done == videos else FAILED, "videos": videos, "ok_videos": done,
+            "workers": workers, "wall_s": round(wall, 3), "videos_per_s": round(done / wall, 2), "note": note}
+
+
+def profile_row(module: Callable, frames: torch.Tensor, precision: str, device: str, top: int = 12) -> dict[str, Any]:
     """Where the time goes: the top operators by self time (CUDA time on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -222,5 +197,8 @@ def profile_ops(module: Callable, frames: torch.Tensor, device: str, top: int = 
     key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
     total = sum(getattr(e, key, 0) for e in events) or 1
-    return [{"op": e.key, "self_ms_per_call": round(getattr(e, key, 0) / 1000 / 5, 3),
-             "share": round(getattr(e, key, 0) / total, 3), "calls": e.count} for e in events[:top]]
+    ops = [{"op": e.key, "self_ms_per_call": round(getattr(e, key, 0) / 1000 / 5, 3),
+            "share": round(getattr(e, key, 0) / total, 3), "calls": e.count} for e in events[:top]]
+    return {"stage": "model", "backend": "eager-profile", "precision": precision, "batch": int(frames.shape[0]),
+            "concurrency": 1, "kind": "ops", "status": OK, "ops": ops, "note": "torch.profiler, 5 calls"}
+

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sfdeploy.bench import BACKENDS
+from sfdeploy.bench import BACKENDS, DEFAULT_STAGES, PRECISIONS, STAGES
 
 
 def _ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -29,41 +29,53 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="SlowFast R50 4x16 at 224 px (the real model; for GPUs) instead of the small profile.")
 @click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Benchmark the model trained in this work dir instead.")
+@click.option("--stage", "stages", default=",".join(DEFAULT_STAGES), show_default=True, callback=_words,
+              help=f"Comma-separated, of {', '.join(STAGES)}: model (MMAction2 baseline, eager, TorchScript, ONNX "
+                   "Runtime), triton (served model vs in-process at the same batch and concurrency), e2e (videos "
+                   "-> predictions), compile (torch.compile / CUDA-graph variants: minutes per shape; only when "
+                   "named).")
+@click.option("--resume", is_flag=True,
+              help="Continue the record at --out: keep its rows, measure only the missing ones (same settings).")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The bench export to make once and reuse [default: <out>.work/export, kept].")
 @click.option("--backends", default=",".join(BACKENDS),
               show_default=True, callback=_words, help="Comma-separated.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_ints, help="Model-only sweep.")
 @click.option("--precision", "precisions", default=None, callback=_words,
-              help="Comma-separated fp32, fp16, bf16 [default: fp32 on CPU, fp32,fp16 on CUDA].")
+              help=f"Comma-separated, of {', '.join(PRECISIONS)} [default: fp32 on CPU, fp32,fp16 on CUDA]. "
+                   "bf16: CUDA only, eager and TorchScript.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--concurrency", default="1,8", show_default=True, callback=_ints, help="Triton requests in flight.")
+@click.option("--concurrency", default="1,8", show_default=True, callback=_ints,
+              help="Requests in flight to Triton, and threads of its in-process reference.")
 @click.option("--triton-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Clips per request.")
 @click.option("--iters", default=10, show_default=True, type=click.IntRange(min=1), help="Timed calls per row.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed calls first.")
-@click.option("--e2e/--no-e2e", default=True, show_default=True, help="Also videos -> predictions end to end.")
+@click.option("--e2e/--no-e2e", default=True, show_default=True, help="Measure the e2e stage when it is asked for.")
 @click.option("--e2e-videos", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--videos", type=click.Path(file_okay=False, path_type=Path),
               help="Videos for the end-to-end run [default: synthetic].")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode processes [default: one per CPU core].")
 @click.option("--trace", is_flag=True, help="Profile the model and record where the time goes.")
+@click.option("--note", default="", help="Recorded with the run, e.g. 'the 2 cores were shared with other jobs'.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Results JSON (+ .md, .png) [default: benchmarks/results/<device>-<date>.json].")
-def bench(full: bool, work_dir: Path | None, backends: tuple[str, ...], batch_sizes: tuple[int, ...],
-          precisions: tuple[str, ...] | None, device: str, concurrency: tuple[int, ...], triton_batch: int,
-          iters: int, warmup: int, e2e: bool, e2e_videos: int, videos: Path | None, workers: int | None,
-          trace: bool, out: Path | None) -> None:
+              help="The record JSON (+ .md, .png) [default: benchmarks/results/<device>-<date>.json].")
+def bench(full: bool, work_dir: Path | None, stages: tuple[str, ...], resume: bool, export_dir: Path | None,
+          backends: tuple[str, ...], batch_sizes: tuple[int, ...], precisions: tuple[str, ...] | None, device: str,
+          concurrency: tuple[int, ...], triton_batch: int, iters: int, warmup: int, e2e: bool, e2e_videos: int,
+          videos: Path | None, workers: int | None, trace: bool, note: str, out: Path | None) -> None:
     """Measure clips/s and latency of MMAction2 (the baseline), eager PyTorch, TorchScript, ONNX
     Runtime and the Triton-served model, and videos/s end to end beside the decode-only ceiling.
 
-    The default (small) profile finishes in minutes on 2 CPU cores. Writes one JSON per run with
-    the device and package versions, a markdown table and a PNG plot.
+    Each row is added to the record (--out) the moment it is measured, and the .md table and .png
+    plot are remade from the rows there; a stopped run continues with --resume. The default (small)
+    profile finishes in minutes on 2 CPU cores.
     """
     from sfdeploy.bench.run import BenchOptions, run_bench
 
-    if precisions and set(precisions) - {"fp32", "fp16", "bf16"}:
-        raise click.BadParameter("use fp32, fp16, bf16", param_hint="--precision")
     results, files = run_bench(BenchOptions(
         profile="full" if full else "small", work_dir=work_dir, backends=backends or (), batch_sizes=batch_sizes,
         precisions=precisions, device=device, concurrency=concurrency, triton_batch=triton_batch, warmup=warmup,
-        iters=iters, e2e=e2e, e2e_videos=e2e_videos, videos=videos, workers=workers, trace=trace, out=out))
+        iters=iters, e2e=e2e, e2e_videos=e2e_videos, videos=videos, workers=workers, trace=trace, out=out,
+        stages=stages or (), resume=resume, export=export_dir, note=note))
     click.echo(files[1].read_text(), err=True)
     click.echo(json.dumps({"results": [str(f) for f in files]}))

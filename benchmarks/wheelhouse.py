@@ -1,0 +1,296 @@
+"""A wheelhouse for a GPU host without internet that already has CUDA torch (see wheelhouse.sh).
+
+1. Resolve sfdeploy's runtime dependencies for the target Python on manylinux x86_64 with pip's
+   own resolver (``pip install --dry-run --report``: metadata only, nothing is downloaded), torch
+   included so that every pick is compatible with it.
+2. Keep what is reachable from sfdeploy's requirements without passing through a skipped package
+   (default: torch, triton and the NVIDIA CUDA wheels: the host has them), and download exactly
+   those versions as wheels.
+3. Build the sfdeploy wheel from this checkout.
+4. Split every file over ``--max-part-mb`` into numbered parts (transfers are size-limited).
+5. Write ``install.sh``: on the host it checks the Python and torch, reassembles and verifies every
+   file (sha256), keeps the host's own copy of "host-first" packages (numpy: a numpy 2 host keeps
+   numpy 2), and installs the rest with ``pip install --no-index --no-deps``, then runs
+   ``sfdeploy doctor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ORT = {"gpu": "onnxruntime-gpu", "cpu": "onnxruntime", "none": None}
+# torch and what only torch pulls in: the host's CUDA build brings its own (nvidia-pytriton is shipped)
+DEFAULT_SKIP = "torch,triton,nvidia-cu*,nvidia-nccl*,nvidia-nv*,cuda-*"
+DEFAULT_HOST_FIRST = "numpy"
+PART = ".part"  # name.whl -> name.whl.part000, name.whl.part001, ...
+
+
+def canonical(name: str) -> str:
+    """PEP 503 name: what pip compares (``Typing_Extensions`` == ``typing-extensions``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def sfdeploy_requirements(ort: str) -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extra = {"gpu": project["optional-dependencies"]["gpu"], "cpu": project["optional-dependencies"]["cpu"],
+             "none": []}[ort]
+    return [*project["dependencies"], *extra]
+
+
+def platform_args(python: str) -> list[str]:
+    """pip's target-platform options: CPython ``python`` on manylinux x86_64, glibc 2.5 .. 2.35
+    (nvidia-pytriton's tritonserver needs 2.35)."""
+    tags = [f"manylinux_2_{minor}_x86_64" for minor in range(5, 36)]
+    tags += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+    abi = "cp" + python.replace(".", "")
+    args = ["--only-binary=:all:", "--python-version", python, "--implementation", "cp", "--abi", abi]
+    for tag in tags:
+        args += ["--platform", tag]
+    return args
+
+
+def resolve(python: str, requirements: list[str]) -> dict:
+    """pip's resolution for the target (metadata only): the ``--report`` JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                        "--target", str(Path(tmp) / "never"), "--report", str(report), *platform_args(python),
+                        *requirements], check=True)
+        return json.loads(report.read_text())
+
+
+def _environment(python: str, extra: str = "") -> dict[str, str]:
+    return {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
+            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": extra}
+
+
+def select(report: dict, requirements: list[str], python: str, skip: list[str]) -> tuple[dict[str, dict], set[str]]:
+    """The packages to ship: reachable from ``requirements`` without passing through a package
+    matching ``skip``. Returns ({canonical name: report item}, skipped names)."""
+    from packaging.requirements import Requirement
+
+    items = {canonical(i["metadata"]["name"]): i for i in report["install"]}
+    ship: dict[str, dict] = {}
+    skipped: set[str] = set()
+    seen: set[tuple[str, str]] = set()
+    queue = [(Requirement(r), "") for r in requirements]
+    while queue:
+        req, parent_extra = queue.pop()
+        if req.marker is not None and not req.marker.evaluate(_environment(python, parent_extra)):
+            continue
+        name = canonical(req.name)
+        if any(fnmatch.fnmatch(name, pattern) for pattern in skip):
+            skipped.add(name)
+            continue
+        for extra in [""] + sorted(req.extras):
+            if (name, extra) in seen:
+                continue
+            seen.add((name, extra))
+            item = items[name]
+            ship[name] = item
+            for dep in item["metadata"].get("requires_dist") or []:
+                dep_req = Requirement(dep)
+                # a dependency of an extra counts only when that extra is asked for
+                if dep_req.marker is None or "extra" not in str(dep_req.marker):
+                    if extra == "":
+                        queue.append((dep_req, ""))
+                elif extra:
+                    queue.append((dep_req, extra))
+    return ship, skipped
+
+
+def download(ship: dict[str, dict], python: str, out: Path) -> None:
+    pins = [f"{item['metadata']['name']}=={item['metadata']['version']}" for item in ship.values()]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(out),
+                    *platform_args(python), *pins], check=True)
+
+
+def build_sfdeploy(out: Path) -> Path:
+    before = set(out.glob("sfdeploy-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                    "--wheel-dir", str(out), str(REPO)], check=True)
+    built = sorted(set(out.glob("sfdeploy-*.whl")) - before) or sorted(out.glob("sfdeploy-*.whl"))
+    return built[-1]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_large(out: Path, max_part_mb: float | None) -> list[dict]:
+    """Every wheel of ``out`` with its sha256; those over ``max_part_mb`` (None: no limit) replaced
+    by numbered parts ``NAME.part000``, ``NAME.part001``, ... that install.sh concatenates."""
+    limit = int(max_part_mb * 1_000_000) if max_part_mb else None  # MB: 10^6 bytes, the stricter reading
+    files = []
+    for path in sorted(out.glob("*.whl")):
+        entry = {"name": path.name, "sha256": sha256(path), "size": path.stat().st_size, "parts": []}
+        if limit is not None and entry["size"] > limit:
+            with open(path, "rb") as handle:
+                for index, block in enumerate(iter(lambda: handle.read(limit), b"")):
+                    part = out / f"{path.name}{PART}{index:03d}"
+                    part.write_bytes(block)
+                    entry["parts"].append(part.name)
+            path.unlink()
+        files.append(entry)
+    return files
+
+
+INSTALL_SH = r"""#!/usr/bin/env bash
+# Offline install of sfdeploy and its runtime dependencies over this host's torch (and numpy).
+# Written by benchmarks/wheelhouse.sh for CPython @PYTHON@ on manylinux x86_64 (@ORT_NOTE@).
+#   bash install.sh [--python PYTHON] [--no-doctor] [-- EXTRA PIP ARGS]
+# PYTHON defaults to `python3` (the active virtual environment's, if one is active).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY=python3
+DOCTOR=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) PY="$2"; shift 2 ;;
+    --no-doctor) DOCTOR=0; shift ;;
+    --) shift; break ;;
+    *) echo "install.sh: unknown option $1 (use --python PY, --no-doctor, -- PIP ARGS)" >&2; exit 2 ;;
+  esac
+done
+PIP_ARGS=("$@")
+fail() { echo "install.sh: $1" >&2; echo "  fix: $2" >&2; exit 1; }
+
+# 1. This wheelhouse's Python, and the host's torch.
+"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (@PY_MAJOR@, @PY_MINOR@))' \
+  || fail "$PY is Python $("$PY" -c 'import platform; print(platform.python_version())'), not @PYTHON@" \
+          "pass --python with a Python @PYTHON@, or rebuild the wheelhouse with wheelhouse.sh --python X.Y"
+"$PY" -c 'import torch' 2>/dev/null \
+  || fail "torch is not importable with $PY (the wheelhouse never ships torch)" \
+          "install the host's CUDA torch first (or pip install torch==2.13.0), then re-run install.sh"
+
+# 2. Reassemble the split files and check every file against its sha256.
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+WHEELS=()
+while read -r name sha parts; do
+  if [ "$parts" = "0" ]; then
+    file="$HERE/$name"
+  else
+    file="$WORK/$name"
+    : > "$file"
+    for ((i = 0; i < parts; i++)); do
+      part="$HERE/$name@PART@$(printf '%03d' "$i")"
+      [ -f "$part" ] || fail "missing part $part" "copy every file of the wheelhouse, then re-run"
+      cat "$part" >> "$file"
+    done
+  fi
+  [ -f "$file" ] || fail "missing $HERE/$name" "copy every file of the wheelhouse, then re-run"
+  got="$("$PY" -c 'import hashlib, sys
+h, f = hashlib.sha256(), open(sys.argv[1], "rb")
+for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+print(h.hexdigest())' "$file")"
+  [ "$got" = "$sha" ] || fail "$name does not match its sha256 (a part truncated or missing in transfer?)" \
+                              "copy the wheelhouse again, then re-run"
+  WHEELS+=("$file")
+done < "$HERE/FILES"
+
+# 3. Host-first packages (@HOST_FIRST@): the host's own copy is kept when it has one.
+INSTALL=()
+for file in "${WHEELS[@]}"; do
+  dist="$(basename "$file" | cut -d- -f1 | tr 'A-Z_.' 'a-z--')"
+  if [[ " @HOST_FIRST@ " == *" $dist "* ]] && version="$("$PY" -c \
+       'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$dist" 2>/dev/null)"; then
+    echo "install.sh: keeping the host's $dist $version"
+    continue
+  fi
+  INSTALL+=("$file")
+done
+
+# 4. One ONNX Runtime build: onnxruntime and onnxruntime-gpu install the same module.
+for pair in "onnxruntime-gpu onnxruntime" "onnxruntime onnxruntime-gpu"; do
+  set -- $pair
+  if printf '%s\n' "${INSTALL[@]}" | grep -q "/${1//-/_}-[0-9]" && \
+     "$PY" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$2" 2>/dev/null; then
+    echo "install.sh: removing $2 (it provides the same onnxruntime module as $1)"
+    "$PY" -m pip uninstall -y "$2"
+  fi
+done
+
+# 5. Install offline, over the host's torch (and numpy): nothing is resolved or downloaded.
+"$PY" -m pip install --no-index --no-deps ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "${INSTALL[@]}"
+echo "install.sh: installed ${#INSTALL[@]} wheels"
+if [ "$DOCTOR" = 1 ]; then
+  "$PY" -m sfdeploy doctor
+fi
+"""
+
+
+def write_install_script(out: Path, files: list[dict], python: str, host_first: list[str], ort: str) -> Path:
+    """``FILES`` (name, sha256, number of parts per line) and ``install.sh`` in ``out``."""
+    (out / "FILES").write_text("".join(f"{f['name']} {f['sha256']} {len(f['parts'])}\n" for f in files))
+    major, minor = python.split(".")
+    text = (INSTALL_SH.replace("@PYTHON@", python).replace("@PY_MAJOR@", major).replace("@PY_MINOR@", minor)
+            .replace("@PART@", PART).replace("@HOST_FIRST@", " ".join(canonical(h) for h in host_first))
+            .replace("@ORT_NOTE@", f"ONNX Runtime: {ORT[ort] or 'none, the host keeps its own'}"))
+    script = out / "install.sh"
+    script.write_text(text)
+    script.chmod(0o755)
+    return script
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wheelhouse.sh", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python", required=True, help="target CPython version, e.g. 3.12")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write (outside the repository)")
+    parser.add_argument("--max-part-mb", type=float, default=0, help="split files over this size (0: never)")
+    parser.add_argument("--ort", choices=sorted(ORT), default="gpu",
+                        help="ONNX Runtime build to ship: gpu (onnxruntime-gpu, CUDA 13), cpu, or none [gpu]")
+    parser.add_argument("--skip", default=DEFAULT_SKIP,
+                        help=f"comma-separated names (fnmatch patterns) never shipped [{DEFAULT_SKIP}]")
+    parser.add_argument("--host-first", default=DEFAULT_HOST_FIRST,
+                        help=f"shipped, but installed only where the host has none [{DEFAULT_HOST_FIRST}]")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"3\.\d+", args.python):
+        parser.error("--python takes a version like 3.12")
+    out = args.out.resolve()
+    if out == REPO or REPO in out.parents:
+        parser.error(f"--out {out} is inside the repository: write the wheelhouse elsewhere (e.g. /tmp)")
+    if out.exists() and any(out.iterdir()):
+        parser.error(f"--out {out} is not empty: choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    skip = [canonical(s.strip()) for s in args.skip.split(",") if s.strip()]
+    host_first = [canonical(s.strip()) for s in args.host_first.split(",") if s.strip()]
+    requirements = sfdeploy_requirements(args.ort)
+    print(f"wheelhouse: resolving {len(requirements)} requirements for CPython {args.python}, manylinux x86_64",
+          file=sys.stderr)
+    ship, skipped = select(resolve(args.python, requirements), requirements, args.python, skip)
+    print(f"wheelhouse: downloading {len(ship)} wheels (not shipped: {', '.join(sorted(skipped))})",
+          file=sys.stderr)
+    download(ship, args.python, out)
+    build_sfdeploy(out)
+    files = split_large(out, args.max_part_mb or None)
+    write_install_script(out, files, args.python, host_first, args.ort)
+    (out / "wheelhouse.json").write_text(json.dumps({
+        "python": args.python, "platform": "manylinux x86_64 (glibc 2.35+ for nvidia-pytriton)", "ort": args.ort,
+        "skipped": sorted(skipped), "host_first": host_first, "files": files,
+        "built_with": " ".join(shlex.quote(a) for a in sys.argv)}, indent=2) + "\n")
+    biggest = max(p.stat().st_size for p in out.iterdir()) / 1e6
+    print(f"wheelhouse: {out}: {len(files)} wheels in {sum(1 for _ in out.iterdir())} files "
+          f"(largest {biggest:.1f} MB); on the host: bash install.sh", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# A wheelhouse for an air-gapped GPU host that already has CUDA torch: sfdeploy's runtime
+# dependencies as wheels for one CPython on manylinux x86_64 (never torch), the sfdeploy wheel,
+# large files split into parts, and an install.sh that installs them offline over the host's
+# torch and numpy. Needs this repository's environment (pip) and PyPI; see benchmarks/README.md.
+#   benchmarks/wheelhouse.sh --python 3.12 --out /tmp/wheelhouse [--max-part-mb 60] [--ort gpu|cpu|none]
+#                            [--skip torch,triton,nvidia-*,cuda-*] [--host-first numpy]
+set -euo pipefail
+exec "${PYTHON:-python3}" "$(dirname "$0")/wheelhouse.py" "$@"

@@ -1,0 +1,315 @@
+"""Which rows each stage of ``sfdeploy bench`` measures, and the resources they share.
+
+A stage is a planner: ``plan(ctx) -> list[Task]``, registered in :data:`PLANNERS`. Planning is
+cheap (no model is exported, no server started): a :class:`Task` only names its row (the record's
+key) and how to measure it. The runner measures the tasks the record lacks, one at a time, and
+the measurement asks the :class:`Context` for what it needs: the bench export (made once, kept),
+a predictor or module (one held at a time, so GPU memory goes to the row being timed), the Triton
+server (started on first use, stopped at the end), the videos. A resumed run whose stage is
+complete therefore exports, loads and starts nothing.
+
+To add a row kind: a measuring function in :mod:`sfdeploy.bench.suites` that returns the row dict,
+and a Task for it in a planner. To add a stage: a planner here, its name in
+:data:`sfdeploy.bench.STAGES`, and (if it needs one) a lazily made resource on :class:`Context`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sfdeploy.bench import suites
+from sfdeploy.bench.exports import ensure_bench_export
+from sfdeploy.bench.model import BenchModel
+from sfdeploy.bench.record import SKIPPED, Key
+from sfdeploy.errors import EnvironmentProblem, InputError
+
+log = logging.getLogger("sfdeploy")
+
+SERVED_MODEL = "slowfast"
+
+
+@dataclass(frozen=True)
+class Task:
+    stage: str
+    backend: str
+    precision: str
+    batch: int
+    concurrency: int
+    measure: Callable[[Context], dict[str, Any]]
+
+    @property
+    def key(self) -> Key:
+        return (self.stage, self.backend, self.precision, self.batch, self.concurrency)
+
+
+def served_default() -> tuple[str, str]:
+    """(runtime, precision) of the python-backend model ``sfdeploy repo`` writes by default: the
+    configuration the Triton rows serve and the headline speed-up is about."""
+    from sfdeploy.serving.repo import RepoOptions
+
+    defaults = RepoOptions(repo=Path("."))
+    return defaults.runtime, defaults.precision
+
+
+class Context:
+    """What the tasks of one run share; everything is made on first use and kept for the run."""
+
+    def __init__(self, opts: Any, model: BenchModel, device: str, work: Path, export_dir: Path) -> None:
+        self.opts, self.model, self.device, self.work, self.export_dir = opts, model, device, work, export_dir
+        self.workers = opts.workers or os.cpu_count() or 1
+        self.served_runtime, self.served_precision = served_default()
+        self._held: tuple[Any, Any, Callable[[Any], None]] | None = None
+        self._server: Any = None
+        self._stack = contextlib.ExitStack()
+
+    def export(self, *needs: tuple[str, str]) -> Path:
+        return ensure_bench_export(self.model, list(needs), self.device, self.export_dir)
+
+    def hold(self, key: Any, factory: Callable[[], Any], close: Callable[[Any], None] = lambda _: None) -> Any:
+        """The resource for ``key``, made by ``factory`` unless it is the one held already. Only
+        one is held: making another first closes the last (and returns its GPU memory)."""
+        if self._held is not None and self._held[0] == key:
+            return self._held[1]
+        self.release()
+        resource = factory()
+        self._held = (key, resource, close)
+        return resource
+
+    def release(self) -> None:
+        if self._held is not None:
+            _, resource, close = self._held
+            self._held = None
+            close(resource)
+            del resource
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def local(self, backend: str, precision: str, device: str) -> Any:
+        """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it)."""
+        from sfdeploy.artifacts import backend_format
+        from sfdeploy.runtime import open_local
+
+        export_dir = self.export((backend_format(backend), precision))
+        return self.hold((backend, precision, device), lambda: open_local(
+            backend, export_dir, precision=precision, device=device), lambda p: p.close())
+
+    def ort_device(self) -> tuple[str, str]:
+        """Where ONNX Runtime runs rows asked for on ``self.device``, and why not there if not."""
+        from sfdeploy.runtime.ort import ort_device
+
+        try:
+            where = ort_device(self.device)
+        except EnvironmentProblem as exc:
+            return "", exc.message
+        if where != self.device:
+            return "", f"onnxruntime cannot run on {self.device} here (install onnxruntime-gpu: sfdeploy[gpu])"
+        return where, ""
+
+    def server(self) -> Any:
+        """tritonserver on free 127.0.0.1 ports, serving what `sfdeploy repo` writes by default."""
+        if self._server is None:
+            from sfdeploy.artifacts import backend_format
+            from sfdeploy.serving.repo import RepoOptions, write_repository
+            from sfdeploy.serving.server import TritonServer, free_port
+
+            export_dir = self.export((backend_format(self.served_runtime), self.served_precision))
+            repo = self.work / "repo"
+            batches = [*self.opts.batch_sizes, self.opts.triton_batch]
+            # runtime and precision left at their defaults: the configuration users get
+            write_repository(export_dir, RepoOptions(repo=repo, name=SERVED_MODEL, max_batch=max(batches),
+                                                     device=self.device, native=False, require_parity=False))
+            self._server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(),
+                                        metrics_port=free_port()).start()
+            self._stack.callback(self._server.stop)
+        return self._server
+
+    def videos(self) -> list[Path]:
+        from sfdeploy.data.probe import VIDEO_EXTENSIONS
+
+        opts = self.opts
+        if opts.videos:
+            paths = sorted(p for p in Path(opts.videos).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+            if not paths:
+                raise InputError("no videos in --videos", path=opts.videos, fix="pass a folder of videos")
+            return paths[: opts.e2e_videos]
+        import json
+
+        from sfdeploy.data.synth import SynthOptions, synthesize
+
+        spec, folder = self.model.spec, self.work / "videos"
+        size = max(96, spec.short_side + spec.short_side // 4)  # a little larger than the resize target
+        synth = SynthOptions(classes=4, per_class=max(1, -(-opts.e2e_videos // 4)), frames=max(48, spec.min_frames),
+                             size=size + size % 2)
+        meta = folder / "sfdeploy_dataset.json"  # written last: its presence means the set is complete
+        made = json.loads(meta.read_text()) if meta.is_file() else {}
+        if any(made.get(k) != getattr(synth, k) for k in ("per_class", "frames", "size", "seed")):
+            shutil.rmtree(folder, ignore_errors=True)
+            synthesize(folder, synth, show_progress=False)
+        return sorted(folder.rglob("*.mp4"))[: opts.e2e_videos]
+
+    def close(self) -> None:
+        self.release()
+        self._stack.close()
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+def _eager(stage: str, variant: str, precision: str, batch: int, warmup: int) -> Task:
+    def measure(c: Context) -> dict[str, Any]:
+        module = c.hold(("eager", variant, precision), lambda: suites.variant_module(
+            suites.deploy_module(c.model, precision, c.device), variant))
+        frames = torch.from_numpy(suites.random_clips(c.model.spec, batch)).to(c.device)
+        return suites.sequential_row(stage, variant, precision, batch, suites.module_call(module, frames), c.device,
+                                     warmup, c.opts.iters, note="input already on the device")
+    return Task(stage, variant, precision, batch, 1, measure)
+
+
+def _local(backend: str, precision: str, batch: int) -> Task:
+    def measure(c: Context) -> dict[str, Any]:
+        device, why = c.ort_device() if backend == "onnxruntime" else (c.device, "")
+        if not device:
+            return suites.unmeasured_row("model", backend, precision, batch, 1, SKIPPED, why)
+        predictor = c.local(backend, precision, device)
+        frames = suites.random_clips(c.model.spec, batch)
+        return suites.sequential_row("model", backend, precision, batch, lambda: predictor.predict(frames), device,
+                                     c.opts.warmup, c.opts.iters, note="numpy uint8 in, numpy out")
+    return Task("model", backend, precision, batch, 1, measure)
+
+
+def _mmaction2(c: Context) -> dict[str, Any]:
+    call = c.hold(("mmaction2",), lambda: suites.mmaction2_call(c.model, c.device))
+    return suites.sequential_row("model", "mmaction2", "fp32", 1, call, c.device, c.opts.warmup, c.opts.iters,
+                                 note="test_step, as inference_recognizer: the baseline")
+
+
+def _profile(c: Context) -> dict[str, Any]:
+    module = c.hold(("eager", "eager", c.served_precision),
+                    lambda: suites.deploy_module(c.model, c.served_precision, c.device))
+    frames = torch.from_numpy(suites.random_clips(c.model.spec, max(c.opts.batch_sizes))).to(c.device)
+    return suites.profile_row(module, frames, c.served_precision, c.device)
+
+
+def plan_model(c: Context) -> list[Task]:
+    """MMAction2's batch-1 baseline; eager (and channels_last_3d on CUDA), TorchScript and ONNX
+    Runtime at every batch size and precision; the operator profile with --trace."""
+    opts, tasks = c.opts, []
+    if "mmaction2" in opts.backends:
+        tasks.append(Task("model", "mmaction2", "fp32", 1, 1, _mmaction2))
+    variants = ["eager"] + (["eager-channels-last"] if c.device.startswith("cuda") else [])
+    for precision in opts.precisions:
+        if "eager" in opts.backends:
+            tasks += [_eager("model", v, precision, b, opts.warmup) for v in variants for b in opts.batch_sizes]
+        for backend in ("torchscript", "onnxruntime"):
+            if backend in opts.backends:
+                tasks += [_local(backend, precision, b) for b in opts.batch_sizes]
+    if opts.trace:
+        tasks.append(Task("model", "eager-profile", c.served_precision, max(opts.batch_sizes), 1, _profile))
+    return tasks
+
+
+def _in_process(runtime: str, precision: str, batch: int, concurrency: int) -> Task:
+    def measure(c: Context) -> dict[str, Any]:
+        predictor = c.local(runtime, precision, c.device)
+        frames = suites.random_clips(c.model.spec, batch)
+        return suites.concurrent_row("triton", runtime, precision, batch, concurrency,
+                                     lambda: predictor.predict(frames), c.device, c.opts.warmup, c.opts.iters,
+                                     note=f"in-process reference: {concurrency} thread(s), one predictor")
+    return Task("triton", runtime, precision, batch, concurrency, measure)
+
+
+def _served(backend: str, precision: str, batch: int, concurrency: int) -> Task:
+    def measure(c: Context) -> dict[str, Any]:
+        from sfdeploy.runtime.triton import TritonPredictor
+
+        server, protocol = c.server(), backend.split("-")[1]
+        url = server.http_url if protocol == "http" else server.grpc_url
+        predictor = c.hold((backend,), lambda: TritonPredictor(url, model=SERVED_MODEL, protocol=protocol),
+                           lambda p: p.close())
+        frames = suites.random_clips(c.model.spec, batch)
+        return suites.concurrent_row("triton", backend, precision, batch, concurrency,
+                                     lambda: predictor.predict(frames), c.device, c.opts.warmup, c.opts.iters,
+                                     note=f"python backend, {c.served_runtime}; server memory not counted")
+    return Task("triton", backend, precision, batch, concurrency, measure)
+
+
+def plan_triton(c: Context) -> list[Task]:
+    """The served model (HTTP, gRPC) and, at each of its concurrencies, the same runtime in this
+    process with as many threads: like for like, measured side by side."""
+    opts = c.opts
+    served = [b for b in ("triton-http", "triton-grpc") if b in opts.backends]
+    if not served:
+        return []
+    precision, batch, tasks = c.served_precision, opts.triton_batch, []
+    for concurrency in opts.concurrency:
+        tasks.append(_in_process(c.served_runtime, precision, batch, concurrency))
+        tasks += [_served(b, precision, batch, concurrency) for b in served]
+    return tasks
+
+
+def plan_e2e(c: Context) -> list[Task]:
+    """Videos -> predictions: decode only (the ceiling), sfdeploy (through the served model when
+    Triton is benchmarked, else in process), MMAction2's inference_recognizer one video at a time."""
+    opts = c.opts
+    if not opts.e2e:
+        return []
+    via = next((b for b in ("triton-grpc", "triton-http") if b in opts.backends), c.served_runtime)
+    batch, concurrency = opts.triton_batch, max(opts.concurrency)
+
+    def decode_only(c: Context) -> dict[str, Any]:
+        return suites.decode_only_row(c.model.spec, c.videos(), c.workers)
+
+    def sfdeploy(c: Context) -> dict[str, Any]:
+        from sfdeploy.client import Classifier
+
+        paths = c.videos()
+        if via.startswith("triton"):
+            protocol = via.split("-")[1]
+            server = c.server()
+            url = server.grpc_url if protocol == "grpc" else server.http_url
+            classifier = Classifier.from_triton(url, SERVED_MODEL, protocol=protocol)
+        else:
+            from sfdeploy.artifacts import backend_format
+
+            c.release()
+            classifier = Classifier.from_export(c.export((backend_format(via), c.served_precision)), via,
+                                                c.served_precision, c.device)
+        with classifier:
+            return suites.sfdeploy_row(f"sfdeploy:{via}", classifier, c.served_precision, paths, workers=c.workers,
+                                       batch=batch, concurrency=concurrency)
+
+    def mmaction2(c: Context) -> dict[str, Any]:
+        c.release()
+        return suites.mmaction2_videos_row(c.model, c.videos()[: opts.mmaction2_videos], c.device)
+
+    tasks = [Task("e2e", "decode-only", "-", 1, 1, decode_only),
+             Task("e2e", f"sfdeploy:{via}", c.served_precision, batch, concurrency, sfdeploy)]
+    if "mmaction2" in opts.backends:
+        tasks.append(Task("e2e", "mmaction2:inference_recognizer", "fp32", 1, 1, mmaction2))
+    return tasks
+
+
+def plan_compile(c: Context) -> list[Task]:
+    """Variants sfdeploy does not serve, listed apart: torch.compile (inductor) at the largest batch
+    (fusion, for throughput) and, on CUDA, CUDA graphs (``reduce-overhead``) at the smallest (launch
+    overhead, for latency). Compiling R50 takes a minute or more per row, in the untimed warm-up."""
+    opts = c.opts
+    if "eager" not in opts.backends:
+        return []
+    variants = [("eager-compile", max(opts.batch_sizes))]
+    if c.device.startswith("cuda"):
+        variants.append(("eager-cudagraphs", min(opts.batch_sizes)))
+    warmup = max(opts.warmup, 3)  # the first calls compile (and record the graphs): never timed
+    return [_eager("compile", v, p, b, warmup) for p in opts.precisions for v, b in variants]
+
+
+PLANNERS: dict[str, Callable[[Context], list[Task]]] = {
+    "model": plan_model, "triton": plan_triton, "e2e": plan_e2e, "compile": plan_compile}
