@@ -213,8 +213,8 @@ def test_strategies_are_config_facts(data: PreparedData, tmp_path: Path) -> None
                  accumulate=4, gpus=2, balanced=True, batch_size=8)
     assert cfg.custom_hooks[-1] == {"type": "BackboneFreezeHook", "unfreeze_after": 2}
     # One way to add imports: merged, nothing replaced, failures not allowed.
-    assert cfg.custom_imports == {"imports": ["sfdeploy.train.sampler", "sfdeploy.train.freeze"],
-                                  "allow_failed_imports": False}
+    assert cfg.custom_imports == {"imports": ["sfdeploy.train.transforms", "sfdeploy.train.sampler",
+                                              "sfdeploy.train.freeze"], "allow_failed_imports": False}
     assert cfg.optim_wrapper.paramwise_cfg.custom_keys == {"backbone": {"lr_mult": 0.2}}
     assert cfg.optim_wrapper.accumulative_counts == 4
     # The LR is scaled to the effective batch (8 x 4 accumulated x 2 processes) by sfdeploy itself.

@@ -69,12 +69,13 @@ class FinetuneOptions:
 def add_custom_imports(cfg: Any, *modules: str) -> None:
     """Make ``WORK/config.py`` import ``modules`` (which register sfdeploy's mmengine components:
     sampler, hooks, transforms) wherever it is loaded. The one way sfdeploy adds imports: merged
-    into ``custom_imports``, never replacing what is there, and failing loudly if one is missing."""
-    current = cfg.get("custom_imports") or {}
-    imports = current.get("imports", [])
+    into ``custom_imports``, never replacing what is there (a user config's own
+    ``allow_failed_imports`` is kept; by default a missing module fails loudly)."""
+    current = dict(cfg.get("custom_imports") or {})
+    imports = current.get("imports") or []
     imports = [imports] if isinstance(imports, str) else list(imports)
     imports += [module for module in modules if module not in imports]
-    cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
+    cfg.custom_imports = dict(current, imports=imports, allow_failed_imports=current.get("allow_failed_imports", False))
 
 
 def use_cuda() -> bool:
