@@ -141,13 +141,13 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
         if "eager" in opts.backends:
             log.info("bench: eager")
             rows += suites.eager_rows(model, precisions, batches, device, opts.warmup, opts.iters)
+        from sfdeploy.artifacts import backend_device
         from sfdeploy.runtime import open_local
-        from sfdeploy.runtime.ort import ort_device
 
         for backend in ("torchscript", "onnxruntime"):
             if backend in opts.backends:
                 log.info("bench: %s", backend)
-                run_on = device if backend == "torchscript" else ort_device(device)
+                run_on = backend_device(backend, opts.device)
                 rows += suites.predictor_rows(backend, lambda p, b=backend, d=run_on: open_local(
                     b, export_dir, precision=p, device=d), model.spec, precisions, batches, run_on,
                     opts.warmup, opts.iters)
