@@ -12,7 +12,8 @@ none of them keeps its own copy of:
 * the integrity check on open: :meth:`Manifest.artifact_path` hashes the file and refuses one
   that is not the file the manifest vouches for (a re-export killed half-way, a copy gone wrong);
 * device names: :func:`resolve_device` turns ``auto`` / ``cpu`` / ``cuda[:N]`` / ``gpu`` into
-  one vocabulary (``cpu`` or ``cuda[:N]``).
+  one vocabulary (``cpu`` or ``cuda[:N]``), and :func:`backend_device` says where each local
+  backend runs for such a request (the one rule for what ``auto`` means for ONNX Runtime).
 
 Light on purpose (no torch at import time): the CLI's ``--help`` reads these names.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from typing import Any
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import EnvironmentProblem, InputError
 from sfdeploy.fsutil import atomic_write_text
+
+log = logging.getLogger("sfdeploy")
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -44,6 +48,10 @@ _SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
 #: the in-process backend that runs each format (the names users pass as --backend / --runtime)
 BACKEND_FORMAT: dict[str, str] = {"onnxruntime": "onnx", "torchscript": "torchscript"}
 LOCAL_BACKENDS: tuple[str, ...] = tuple(BACKEND_FORMAT)
+FORMAT_BACKEND: dict[str, str] = {fmt: backend for backend, fmt in BACKEND_FORMAT.items()}
+
+#: ONNX Runtime's name for its CUDA execution provider
+ORT_CUDA_PROVIDER = "CUDAExecutionProvider"
 
 #: max |probability difference| between an exported artifact, reloaded, and the module it came from
 # bf16 keeps 8 significant bits to fp16's 11: its rounding differences are ~8x larger
@@ -94,6 +102,54 @@ def resolve_device(requested: str = "auto", *, must_exist: bool = True) -> str:
                                      f"{torch.cuda.device_count() if available else 'no'} CUDA device(s)",
                                      fix="use --device cpu (or auto), or check the driver with nvidia-smi")
     return name
+
+
+def ort_cuda_installed() -> bool:
+    """Whether the installed onnxruntime carries the CUDA execution provider (the onnxruntime-gpu
+    build, ``sfdeploy[gpu]``). This is what was compiled in, not whether it loads: that needs the
+    CUDA and cuDNN libraries it was built for, and is only known once a session asks for it
+    (:mod:`sfdeploy.runtime.ort` checks the session it gets)."""
+    import onnxruntime
+
+    if ORT_CUDA_PROVIDER in onnxruntime.get_available_providers():
+        return True
+    devices = getattr(onnxruntime, "get_ep_devices", None)  # a CUDA plugin EP registers itself here
+    return devices is not None and any(d.ep_name == ORT_CUDA_PROVIDER for d in devices())
+
+
+def ort_no_cuda_error() -> EnvironmentProblem:
+    """CUDA was asked of an onnxruntime that has no CUDA provider at all (the CPU build)."""
+    import importlib.metadata as md
+
+    try:
+        build = f"onnxruntime {md.version('onnxruntime')}"
+    except md.PackageNotFoundError:
+        build = "this onnxruntime"
+    return EnvironmentProblem(f"ONNX Runtime on CUDA was asked for, but {build} is the CPU build: it has no "
+                              f"{ORT_CUDA_PROVIDER}",
+                              fix="pip uninstall -y onnxruntime && pip install 'sfdeploy[gpu]' (onnxruntime-gpu), "
+                                  "or use --device cpu")
+
+
+def backend_device(backend: str, requested: str = "auto") -> str:
+    """Where local ``backend`` (``torchscript`` / ``onnxruntime``) runs when ``requested`` is asked for.
+
+    An explicit device is a demand: ``cuda`` that torch cannot see, or that the installed
+    onnxruntime has no CUDA provider for, is an error here, and a provider that is installed but
+    does not load is an error when the session opens. ``auto`` is the best device the backend can
+    use on this machine: CUDA when torch sees a GPU and, for ONNX Runtime, the installed build has
+    the CUDA provider; otherwise the CPU (logged, and recorded by whoever records devices)."""
+    fmt = backend_format(backend)
+    explicit = requested.strip().lower() != "auto"
+    if fmt == "onnx" and explicit and resolve_device(requested, must_exist=False).startswith("cuda") \
+            and not ort_cuda_installed():
+        raise ort_no_cuda_error()  # first: on a GPU machine, the one thing to fix
+    device = resolve_device(requested)
+    if fmt == "onnx" and device.startswith("cuda") and not ort_cuda_installed():
+        log.warning("onnxruntime is the CPU build (no %s): --device auto runs ONNX Runtime on the CPU; "
+                    "install sfdeploy[gpu] (onnxruntime-gpu) to run it on the GPU", ORT_CUDA_PROVIDER)
+        return "cpu"
+    return device
 
 
 def sha256(path: Path) -> str:

@@ -163,6 +163,48 @@ def check_onnx() -> Check:
     return Check("onnxruntime", OK, detail)
 
 
+def _probe_model() -> bytes:
+    """A one-node ONNX model (uint8 -> float cast, like the first op of an export)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "sfdeploy_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+def check_onnxruntime_cuda() -> Check:
+    """What ``infer --backend onnxruntime --device cuda`` does first: is the CUDA provider
+    installed, and does a session on the GPU really run on it (not silently on the CPU)?"""
+    name = "onnxruntime CUDA"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return Check(name, WARN, "skipped: onnxruntime is not installed (see above)", "")
+    import torch
+
+    from sfdeploy.artifacts import ORT_CUDA_PROVIDER, ort_cuda_installed
+    from sfdeploy.errors import SfdeployError
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if not ort_cuda_installed():
+        if gpu:
+            return Check(name, FAIL, f"torch sees {gpu} but onnxruntime is the CPU build (no {ORT_CUDA_PROVIDER}): "
+                         "ONNX Runtime cannot use the GPU",
+                         "pip uninstall -y onnxruntime && pip install 'sfdeploy[gpu]'")
+        return Check(name, OK, f"{ORT_CUDA_PROVIDER} not installed (the CPU build): right for a machine without a GPU")
+    if not gpu:
+        return Check(name, OK, f"{ORT_CUDA_PROVIDER} installed, but torch sees no GPU: ONNX Runtime runs on the CPU")
+    import numpy as np
+
+    from sfdeploy.runtime.ort import open_session
+
+    try:
+        session = open_session(_probe_model(), "cuda:0")
+        session.run(None, {"x": np.zeros((1, 4), dtype=np.uint8)})
+    except SfdeployError as exc:
+        return Check(name, FAIL, exc.message, exc.fix or "")
+    return Check(name, OK, f"a session on cuda:0 ({gpu}) runs on {', '.join(session.get_providers())}")
+
+
 def check_tritonclient() -> Check:
     version = _version("tritonclient")
     if version is None:
@@ -200,7 +242,7 @@ def check_tritonserver() -> Check:
 
 CHECKS: list[Callable[[], Check]] = [
     check_python, check_torch, check_numpy, check_openmmlab, check_pkg_resources, check_opencv,
-    check_decoders, check_onnx, check_tritonclient, check_tritonserver,
+    check_decoders, check_onnx, check_onnxruntime_cuda, check_tritonclient, check_tritonserver,
 ]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sfdeploy.artifacts import Manifest
+from sfdeploy.artifacts import Manifest, resolve_device
 from sfdeploy.data.layout import PreparedData
 from sfdeploy.errors import InputError
 from sfdeploy.preprocess import DecodeFailure, decode_many
@@ -69,7 +69,8 @@ def val_split(data_dir: Path, class_names: tuple[str, ...]) -> tuple[list[Path],
 
 def evaluate(export_dir: Path, data_dir: Path, predictor: Predictor, *, batch_size: int = 8,
              workers: int | None = None, reference: bool = True, work_dir: Path | None = None,
-             show_progress: bool = True) -> EvalReport:
+             device: str = "cpu", show_progress: bool = True) -> EvalReport:
+    """Evaluate ``predictor`` on DATA's val split; the MMAction2 reference runs on ``device``."""
     manifest = Manifest.read(export_dir)
     spec = predictor.spec
     if spec != manifest.clip_spec:
@@ -109,7 +110,8 @@ def evaluate(export_dir: Path, data_dir: Path, predictor: Predictor, *, batch_si
 
         source = Path(work_dir) if work_dir else Path(manifest.source["work_dir"])
         trained = load_trained(source, Path(manifest.source["checkpoint"]) if not work_dir else None)
-        ref, _ = mmaction_reference(trained.recognizer, spec, [paths[i] for i in done], show_progress)
+        recognizer = trained.recognizer.to(resolve_device(device))
+        ref, _ = mmaction_reference(recognizer, spec, [paths[i] for i in done], show_progress)
         mm_top1, mm_top5 = _topk(ref, truth, 1), _topk(ref, truth, 5)
         identical = float((ref.argmax(1) == got.argmax(1)).mean())
         for row, ref_row in zip(rows, ref, strict=True):

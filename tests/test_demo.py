@@ -16,7 +16,8 @@ def test_demo_runs_the_whole_toolchain(demo: tuple[Path, dict]) -> None:
     assert all(result["passed"] for result in summary["parity"].values())
     assert summary["served_videos"] == 12 and summary["served_top1"] >= 0.9
     backends = {row["backend"] for row in summary["throughput"]}
-    assert backends == {"mmaction2", "eager", "torchscript", "onnxruntime", "triton-http", "triton-grpc"}
+    # (on a GPU the benchmark adds eager variants)
+    assert backends >= {"mmaction2", "eager", "torchscript", "onnxruntime", "triton-http", "triton-grpc"}
     artifacts = summary["artifacts"]
     for path in [artifacts["config"], artifacts["checkpoint"], artifacts["manifest"], *artifacts["export"].values(),
                  *artifacts["bench"]]:

@@ -14,6 +14,7 @@ import torch
 from sfdeploy.compat import ensure_mmaction, load_config
 from sfdeploy.data.layout import AnnotationList, PreparedData
 from sfdeploy.errors import InputError
+from sfdeploy.train import config as train_config
 from sfdeploy.train.config import FinetuneOptions, add_custom_imports, build_config, iters_per_epoch, schedule
 from sfdeploy.train.presets import available_presets, preset_path
 from sfdeploy.train.pretrained import prepare_pretrained
@@ -69,7 +70,9 @@ def test_learning_rate_scales_with_batch_unless_given(data: PreparedData, tmp_pa
     assert fixed.optim_wrapper.optimizer.lr == 0.5 and not fixed.auto_scale_lr.enable
 
 
-def test_options_map_to_mmengine_settings(data: PreparedData, tmp_path: Path) -> None:
+def test_options_map_to_mmengine_settings(data: PreparedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The config for a machine without a GPU, wherever the suite runs (--gpus 2 = two gloo processes).
+    monkeypatch.setattr(train_config, "use_cuda", lambda: False)
     cfg = _build(data, tmp_path, balanced=True, patience=3, gpus=2, seed=5, deterministic=True,
                  cfg_options={"model.cls_head.dropout_ratio": 0.25})
     assert cfg.train_dataloader.sampler.type == "BalancedClassSampler"
@@ -78,9 +81,8 @@ def test_options_map_to_mmengine_settings(data: PreparedData, tmp_path: Path) ->
     assert cfg.custom_hooks[0].patience == 3
     assert cfg.randomness == {"seed": 5, "deterministic": True}
     assert cfg.launcher == "pytorch"
-    if not torch.cuda.is_available():
-        assert cfg.env_cfg.dist_cfg.backend == "gloo"
-        assert cfg.model_wrapper_cfg.device_ids is None
+    assert cfg.env_cfg.dist_cfg.backend == "gloo" and cfg.env_cfg.cudnn_benchmark is False
+    assert cfg.model_wrapper_cfg.device_ids is None
     assert cfg.model.cls_head.dropout_ratio == 0.25
 
 

@@ -104,10 +104,10 @@ class Context:
 
     def ort_device(self) -> tuple[str, str]:
         """Where ONNX Runtime runs rows asked for on ``self.device``, and why not there if not."""
-        from sfdeploy.runtime.ort import ort_device
+        from sfdeploy.artifacts import backend_device
 
         try:
-            where = ort_device(self.device)
+            where = backend_device("onnxruntime", self.device)
         except EnvironmentProblem as exc:
             return "", exc.message
         if where != self.device:

@@ -16,8 +16,9 @@ import click
               type=click.Choice(["onnxruntime", "torchscript", "triton"]))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Which artifact of the export (local backends).")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
-              help="Where a local backend runs.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]),
+              help="Where a local backend and the MMAction2 reference run (auto: the GPU when the backend "
+                   "can use it).")
 @click.option("--url", default="127.0.0.1:8000", show_default=True, help="Triton server (--backend triton).")
 @click.option("--protocol", default="http", show_default=True, type=click.Choice(["http", "grpc"]))
 @click.option("--model", "model_name", default="slowfast", show_default=True, help="Served model name (triton).")
@@ -40,7 +41,7 @@ def evaluate(export_dir: Path, data_dir: Path, backend: str, precision: str, dev
                                protocol=protocol, model=model_name)
     try:
         report = run_eval(export_dir, data_dir, predictor, batch_size=batch_size, workers=workers,
-                          reference=reference, work_dir=work_dir)
+                          reference=reference, work_dir=work_dir, device=device)
     finally:
         predictor.close()
     if out:

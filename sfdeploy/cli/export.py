@@ -32,7 +32,8 @@ def _formats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[st
               help="Views per video: 1 = the centre clip and crop (the val pipeline); more = clips x "
                    "crops of the config's test pipeline (e.g. 30 for R50: 10 clips x 3 crops).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Where the parity gate and the fp16 trace run.")
+              help="Where the fp16 trace, the self-checks and the parity gate run; auto: the GPU for each "
+                   "backend that can use it here, cuda: the GPU or a clear error.")
 @click.option("--parity-videos", default=64, show_default=True, type=click.IntRange(min=1),
               help="Val videos the parity gate compares on (spread over the classes).")
 @click.option("--parity-data", type=click.Path(file_okay=False, path_type=Path),

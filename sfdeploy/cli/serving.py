@@ -108,7 +108,8 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
 @click.option("--shm", is_flag=True, help="Send inputs through system shared memory (server on this machine).")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), help="Export folder (local backends).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]),
+              help="Where a local backend runs; cuda fails clearly if it cannot (auto: the GPU when it can).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Videos per request.")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1), help="Requests in flight.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode processes [default: one per CPU core].")

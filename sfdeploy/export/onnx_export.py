@@ -3,7 +3,10 @@
 Uses the dynamo exporter (``torch.export`` + onnxscript; opset 18) with ``external_data=False``
 so the model is a single file (R50 is ~140 MB, well under protobuf's 2 GB). An fp16 export is the
 same wrapper with half weights and compute: input stays uint8, output float32. The result is
-loaded in onnxruntime and compared with the module it came from before export returns.
+loaded in onnxruntime and compared with the module it came from before export returns, on
+``check_device``: the CPU provider computes fp16 models in fp32, so an fp16 model is best checked
+on the CUDA provider it will be served with; where there is none it is checked on the CPU and the
+returned record (which export writes into the manifest) says so.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +45,12 @@ def _quiet_exporter():
 
 
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, spec_json: str,
-                precision: str = "fp32") -> None:
+                precision: str = "fp32", *, check_device: str = "cpu") -> dict[str, Any]:
+    """Write ``path`` and check it against ``module`` in onnxruntime on ``check_device``
+    (``cpu`` or ``cuda[:N]``); returns what the check ran on and found."""
     import onnx
-    import onnxruntime as ort
+
+    from sfdeploy.runtime.ort import OrtPredictor
 
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
@@ -60,13 +67,16 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, spec
     entry.key, entry.value = SPEC_KEY, spec_json
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    predictor = OrtPredictor(path, device=check_device)
     probe = torch.cat([example, example[:1]])  # another batch size than the exported one
     with torch.no_grad():
         expected = module(probe).float().cpu().numpy()
-    got = session.run(None, {INPUT_NAME: probe.cpu().numpy()})[0]
+    got = predictor.predict(probe.cpu().numpy())
+    predictor.close()
     diff = float(np.abs(expected - got).max()) if got.shape == expected.shape else float("inf")
     if diff > SELF_CHECK_TOLERANCE[precision]:
-        raise ExportError(f"the ONNX model differs from the module it was exported from in onnxruntime "
-                          f"(shape {got.shape}, max abs diff {diff:.2e})", path=path,
+        raise ExportError(f"the ONNX model differs from the module it was exported from in onnxruntime on "
+                          f"{predictor.device} (shape {got.shape}, max abs diff {diff:.2e})", path=path,
                           fix="report this with the model config; export --formats torchscript meanwhile")
+    return {"device": predictor.device, "runtime": predictor.runtime, "reference_device": str(probe.device),
+            "max_abs_diff": diff, "tolerance": SELF_CHECK_TOLERANCE[precision]}

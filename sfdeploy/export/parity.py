@@ -8,7 +8,10 @@ deployed path (decode, sampling, resize, crop, normalisation, layout, model, vie
 against MMAction2, and records separately whether the two preprocessings gave identical pixels.
 
 Tolerances: fp32 artifacts agree within 1e-4 on every probability; fp16 artifacts agree on the
-top-1 class for at least 99% of the clips.
+top-1 class for at least 99% of the clips. On a GPU the whole gate runs without TF32 (torch's
+flags for the reference and TorchScript, ``use_tf32=0`` for ONNX Runtime's sessions): TF32 rounds
+fp32 convolutions to 10 mantissa bits, which could fail the 1e-4 bound, or pass it by luck. What
+each artifact ran on (device, runtime, TF32) is recorded beside its numbers.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from sfdeploy.data.layout import AnnotationList
 from sfdeploy.errors import InputError
 from sfdeploy.preprocess import load_video
 from sfdeploy.progress import progress
-from sfdeploy.runtime import Predictor
+from sfdeploy.runtime import LocalPredictor
 
 log = logging.getLogger("sfdeploy")
 
@@ -39,7 +42,9 @@ FP16_MIN_TOP1_AGREEMENT = 0.99
 class ParityResult:
     artifact: str
     precision: str
-    device: str
+    device: str  # where the artifact ran ("cpu", "cuda:0")
+    runtime: str  # e.g. "torch 2.11.0", "onnxruntime-gpu 1.31.1 CUDAExecutionProvider"
+    tf32: bool  # whether its fp32 convolutions could use TF32 (never, in the gate)
     videos: int
     max_abs_diff: float
     top1_agreement: float
@@ -101,7 +106,8 @@ def reference_decoder(path: Path) -> str:
 def mmaction_reference(recognizer: Any, spec: ClipSpec, videos: list[Path], show_progress: bool = True
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities of the eager recognizer on MMAction2's own pipeline, and that pipeline's
-    uint8 input as ``[n, V, T, H, W, 3]``."""
+    uint8 input as ``[n, V, T, H, W, 3]``. The recognizer may be on any device: its scores come
+    back to the host here."""
     import torch
     from mmengine.dataset import Compose, pseudo_collate
     from mmengine.registry import init_default_scope
@@ -115,28 +121,35 @@ def mmaction_reference(recognizer: Any, spec: ClipSpec, videos: list[Path], show
             import sfdeploy.train.transforms  # noqa: F401 - registers the transforms it names
         pipeline = pipelines.setdefault(decoder, Compose(spec.mmaction_pipeline(decoder)))
         data = pipeline(dict(filename=str(path), label=-1, start_index=0, modality="RGB"))
-        inputs.append(data["inputs"].permute(0, 2, 3, 4, 1).numpy())  # [V, 3, T, H, W] -> [V, T, H, W, 3]
+        inputs.append(data["inputs"].permute(0, 2, 3, 4, 1).cpu().numpy())  # [V, 3, T, H, W] -> [V, T, H, W, 3]
         with torch.no_grad():
             score = recognizer.test_step(pseudo_collate([data]))[0].pred_score.float()
         if recognizer.cls_head.average_clips == "score":  # MMAction2 returns mean logits then
             score = torch.softmax(score, dim=0)
-        probs.append(score.numpy())
+        probs.append(score.cpu().numpy())  # pred_score stays on the model's device
     return np.stack(probs), np.stack(inputs)
 
 
-def run_gate(recognizer: Any, spec: ClipSpec, predictors: dict[str, tuple[Predictor, str]],
-             videos: list[Path], *, device: str, batch_size: int = 4,
-             show_progress: bool = True) -> dict[str, Any]:
-    """Compare every predictor with MMAction2 on ``videos``; returns the manifest's parity entry."""
-    reference, mm_inputs = mmaction_reference(recognizer, spec, videos, show_progress)
-    clips = np.stack([load_video(str(p), spec) for p in videos])
+def run_gate(recognizer: Any, spec: ClipSpec, predictors: dict[str, tuple[LocalPredictor, str]],
+             videos: list[Path], *, batch_size: int = 4, show_progress: bool = True) -> dict[str, Any]:
+    """Compare every predictor with MMAction2 on ``videos``; returns the manifest's parity entry.
+    The recognizer runs where it is; open the predictors with ``tf32=False``."""
+    import torch
+
+    from sfdeploy.runtime.cuda import exact_fp32
+
+    with exact_fp32():
+        reference, mm_inputs = mmaction_reference(recognizer, spec, videos, show_progress)
+        clips = np.stack([load_video(str(p), spec) for p in videos])
+        outputs = {key: np.concatenate([predictor.predict(clips[i:i + batch_size])
+                                        for i in range(0, len(clips), batch_size)])
+                   for key, (predictor, _) in predictors.items()}
     pixel_diff = int(np.abs(clips.astype(np.int16) - mm_inputs.astype(np.int16)).max())
     if pixel_diff:
         log.warning("client preprocessing differs from MMAction2's pipeline by up to %d grey levels", pixel_diff)
     results = {}
     for key, (predictor, precision) in predictors.items():
-        probs = np.concatenate([predictor.predict(clips[i:i + batch_size])
-                                for i in range(0, len(clips), batch_size)])
+        probs = outputs[key]
         diff = float(np.abs(probs - reference).max())
         agreement = float((probs.argmax(1) == reference.argmax(1)).mean())
         if precision == "fp32":
@@ -144,11 +157,15 @@ def run_gate(recognizer: Any, spec: ClipSpec, predictors: dict[str, tuple[Predic
         else:
             passed, criterion = agreement >= FP16_MIN_TOP1_AGREEMENT, \
                 f"top1_agreement >= {FP16_MIN_TOP1_AGREEMENT:g}"
-        results[key] = ParityResult(key, precision, device, len(videos), diff, agreement, bool(passed),
-                                    criterion).to_dict()
+        results[key] = ParityResult(key, precision, predictor.device, predictor.runtime, predictor.tf32, len(videos),
+                                    diff, agreement, bool(passed), criterion).to_dict()
     return {
         "reference": "MMAction2 eager recognizer on MMAction2's test pipeline for the clip spec",
         "reference_decoders": dict(Counter(reference_decoder(p) for p in videos)),
+        "settings": {"reference_device": str(next(recognizer.parameters()).device),
+                     "reference_runtime": f"torch {torch.__version__}", "tf32": False,
+                     "note": "fp32 convolutions and matmuls in IEEE fp32 on every GPU side (no TF32: torch's "
+                             "flags, onnxruntime's use_tf32=0); the CPU has no TF32"},
         "videos": [str(p) for p in videos],
         "reference_top1": [int(i) for i in reference.argmax(1)],
         "preprocess_max_pixel_diff": pixel_diff,

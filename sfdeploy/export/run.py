@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sfdeploy.artifacts import (
+    FORMAT_BACKEND,
     FORMATS,
     MANIFEST_FILE,
     Artifact,
     Manifest,
     artifact_file,
     artifact_key,
+    backend_device,
     resolve_device,
     sha256,
 )
@@ -44,7 +46,9 @@ class ExportOptions:
     formats: tuple[str, ...] = FORMATS
     fp16: bool = False
     views: int = 1
-    device: str = "auto"  # where the parity gate (and fp16 tracing) runs: auto, cpu, cuda
+    # where the parity gate, the fp16 trace and the fp16 ONNX self-check run: auto, cpu, cuda
+    # (per backend, see sfdeploy.artifacts.backend_device)
+    device: str = "auto"
     parity_videos: int = 64
     parity_data: Path | None = None  # a prepared DATA folder to take parity clips from
     show_progress: bool = True
@@ -71,7 +75,6 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     from sfdeploy.export.source import load_trained
     from sfdeploy.export.torchscript import export_torchscript
     from sfdeploy.runtime import open_artifact
-    from sfdeploy.runtime.ort import ort_device
 
     unknown = [f for f in opts.formats if f not in FORMATS]
     if unknown or not opts.formats:
@@ -82,6 +85,9 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     for stale in out.glob(f".*{PARTIAL_SUFFIX}"):  # left by an export killed before it finished
         stale.unlink()
     device = resolve_device(opts.device)
+    # Where each format's artifacts are checked and gated; an explicit device ONNX Runtime cannot
+    # use fails here, before any work.
+    run_on = {fmt: backend_device(FORMAT_BACKEND[fmt], opts.device) for fmt in opts.formats}
     started = time.monotonic()
 
     log.info("[1/5] loading the trained model from %s", work_dir)
@@ -98,6 +104,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     recognizer = trained.recognizer
     example_cpu = torch.from_numpy(_example_batch(videos[0][0], spec))
     staged: dict[str, tuple[Artifact, Path]] = {}  # key -> (what it will be, where it is now)
+    self_checks: dict[str, dict] = {}  # key -> what its reload-and-compare ran on and found
     for precision, dtype in variants:
         model = copy.deepcopy(recognizer) if dtype != torch.float32 else recognizer
         # fp16 runs where it will be served (CUDA when present); fp32 traces on CPU.
@@ -108,9 +115,20 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
         for fmt in opts.formats:
             filename = artifact_file(fmt, precision)
             tmp = partial_path(out / filename)
+            key = artifact_key(fmt, precision)
             log.info("[3/5] exporting %s (%s) -> %s", fmt, precision, out / filename)
-            (export_onnx if fmt == "onnx" else export_torchscript)(module, example, tmp, spec_json, precision)
-            staged[artifact_key(fmt, precision)] = (Artifact.of(fmt, precision, tmp, file=filename), tmp)
+            if fmt == "onnx":
+                # fp16 is checked on the provider it will be served with when there is one; fp32 on
+                # the CPU, where no TF32 blurs the 1e-5 self-check.
+                check_on = run_on["onnx"] if precision == "fp16" else "cpu"
+                self_checks[key] = export_onnx(module, example, tmp, spec_json, precision, check_device=check_on)
+                if precision == "fp16" and self_checks[key]["device"] == "cpu":
+                    log.log(logging.WARNING if device != "cpu" else logging.INFO,
+                            "the fp16 ONNX model was self-checked on onnxruntime's CPU provider (it computes fp16 "
+                            "in fp32); on a GPU check it with `sfdeploy eval --device cuda --precision fp16`")
+            else:
+                self_checks[key] = export_torchscript(module, example, tmp, spec_json, precision)
+            staged[key] = (Artifact.of(fmt, precision, tmp, file=filename), tmp)
 
     manifest = Manifest(
         clip_spec=spec,
@@ -125,14 +143,17 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
         },
     )
 
-    log.info("[4/5] parity gate: %d val video(s) on %s", len(videos), device)
-    predictors = {
-        key: (open_artifact(tmp, a.format, device=device if a.format == "torchscript" else ort_device(device)),
-              a.precision)
-        for key, (a, tmp) in staged.items()
-    }
-    manifest.parity = run_gate(recognizer.to(device=device, dtype=torch.float32), spec, predictors,
-                               [p for p, _ in videos], device=device, show_progress=opts.show_progress)
+    log.info("[4/5] parity gate: %d val video(s); MMAction2 on %s, %s; TF32 off", len(videos), device,
+             ", ".join(f"{FORMAT_BACKEND[fmt]} on {where}" for fmt, where in run_on.items()))
+    predictors = {key: (open_artifact(tmp, a.format, device=run_on[a.format], tf32=False), a.precision)
+                  for key, (a, tmp) in staged.items()}
+    try:
+        manifest.parity = run_gate(recognizer.to(device=device, dtype=torch.float32), spec, predictors,
+                                   [p for p, _ in videos], show_progress=opts.show_progress)
+    finally:
+        for predictor, _ in predictors.values():
+            predictor.close()
+    manifest.parity["self_checks"] = self_checks
     manifest.parity["wall_time_s"] = round(time.monotonic() - started, 1)
     log.info("[5/5] writing %s", out / MANIFEST_FILE)
     _commit(out, manifest, staged)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,7 +19,9 @@ from sfdeploy.runtime.torchscript import SPEC_FILE, load_torchscript
 
 
 def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path, spec_json: str,
-                       precision: str = "fp32") -> None:
+                       precision: str = "fp32") -> dict[str, Any]:
+    """Trace ``module`` on ``example``'s device, write ``path``, reload it there and compare;
+    returns what the check ran on and found."""
     with warnings.catch_warnings():
         # "torch.jit.trace is deprecated": it is still the exporter that handles mmcv's layers.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -32,8 +35,11 @@ def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Pat
         probe = torch.cat([example, example[:1]])
         with torch.no_grad():
             expected, got = module(probe), reloaded(probe)
-    diff = float((expected - got).abs().max())
-    if got.shape != expected.shape or diff > SELF_CHECK_TOLERANCE[precision]:
+    diff = float((expected - got).abs().max()) if got.shape == expected.shape else float("inf")
+    if diff > SELF_CHECK_TOLERANCE[precision]:
         raise ExportError(f"the reloaded TorchScript model differs from the module it was traced from "
                           f"(shape {tuple(got.shape)}, max abs diff {diff:.2e})", path=path,
                           fix="report this with the model config; export --formats onnx meanwhile")
+    return {"device": str(example.device), "runtime": f"torch {torch.__version__}",
+            "reference_device": str(example.device), "max_abs_diff": diff,
+            "tolerance": SELF_CHECK_TOLERANCE[precision]}

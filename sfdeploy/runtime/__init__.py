@@ -4,56 +4,107 @@ A predictor takes the uint8 batch ``[N, V, T, H, W, 3]`` that :mod:`sfdeploy.pre
 and returns float32 probabilities ``[N, num_classes]``. Each reads the clip spec from the
 artifact it serves (or from the served model's config), never from a copy of its own, so the
 client always preprocesses the way the model was exported.
+
+What a batch may be (:data:`Frames`): a numpy array, or a torch tensor on the CPU or on a CUDA
+device. On a CUDA predictor a tensor already on its device is used where it is (no round trip
+through the host); a host batch crosses PCIe once, as uint8: TorchScript through a pinned staging
+buffer and a non-blocking copy, ONNX Runtime through I/O binding (an ``onnxruntime.OrtValue``
+is accepted there too). The result is always a float32 numpy array on the host.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from sfdeploy.artifacts import LOCAL_BACKENDS, Manifest, artifact_key, backend_format
+from sfdeploy.artifacts import LOCAL_BACKENDS, Manifest, artifact_key, backend_device, backend_format
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import InputError
+
+#: numpy array | torch.Tensor (CPU or CUDA) | onnxruntime.OrtValue (ONNX Runtime only)
+Frames = Any
 
 
 class Predictor(Protocol):
     name: str
     spec: ClipSpec
+    device: str  # where the model runs: "cpu", "cuda:N", or "remote" for a served model
 
-    def predict(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 ``[N, V, T, H, W, 3]`` -> float32 ``[N, num_classes]``."""
+    def predict(self, frames: Frames) -> np.ndarray:
+        """uint8 ``[N, V, T, H, W, 3]`` (numpy or torch, see the module docstring) -> float32
+        numpy ``[N, num_classes]``."""
         ...
 
     def close(self) -> None: ...
 
 
-def check_batch(frames: np.ndarray, spec: ClipSpec) -> None:
-    if frames.dtype != np.uint8 or frames.ndim != 6 or tuple(frames.shape[1:]) != spec.input_shape:
-        raise InputError(f"input batch {frames.dtype} {tuple(frames.shape)} does not match the model's "
+class LocalPredictor(Predictor, Protocol):
+    """A predictor running an artifact in this process (what the parity gate records)."""
+
+    tf32: bool  # whether fp32 convolutions may run in TF32 (False on the CPU)
+    runtime: str  # e.g. "torch 2.11.0" or "onnxruntime 1.31.1 CUDAExecutionProvider"
+
+
+def batch_layout(frames: Frames) -> tuple[str, tuple[int, ...]]:
+    """``(dtype name, shape)`` of a numpy array, a torch tensor or an ``OrtValue``."""
+    if isinstance(frames, np.ndarray):
+        return str(frames.dtype), tuple(frames.shape)
+    module = type(frames).__module__
+    if module.startswith("torch") and hasattr(frames, "dtype"):
+        return str(frames.dtype).removeprefix("torch."), tuple(frames.shape)
+    if module.startswith("onnxruntime") and hasattr(frames, "data_type"):
+        return frames.data_type().removeprefix("tensor(").removesuffix(")"), tuple(frames.shape())
+    raise InputError(f"a batch must be a numpy array or a torch tensor, not {type(frames).__name__}",
+                     fix="make batches with sfdeploy.preprocess.load_video (numpy uint8)")
+
+
+def check_batch(frames: Frames, spec: ClipSpec) -> None:
+    dtype, shape = batch_layout(frames)
+    if dtype != "uint8" or len(shape) != 6 or shape[1:] != spec.input_shape:
+        raise InputError(f"input batch {dtype} {shape} does not match the model's "
                          f"uint8 [N, {', '.join(map(str, spec.input_shape))}]",
                          fix="make batches with sfdeploy.preprocess.load_video for this model's clip spec")
 
 
-def open_artifact(path: Path, fmt: str, *, device: str = "cpu", threads: int | None = None) -> Predictor:
-    """A predictor for one artifact file of format ``fmt`` (``onnx`` or ``torchscript``)."""
+def host_array(frames: Frames) -> np.ndarray:
+    """The batch as a numpy array on the host (no copy for numpy or a CPU tensor)."""
+    if isinstance(frames, np.ndarray):
+        return frames
+    module = type(frames).__module__
+    if module.startswith("torch"):
+        return frames.detach().cpu().numpy()
+    if module.startswith("onnxruntime"):
+        return frames.numpy()
+    raise InputError(f"a batch must be a numpy array or a torch tensor, not {type(frames).__name__}",
+                     fix="make batches with sfdeploy.preprocess.load_video (numpy uint8)")
+
+
+def open_artifact(path: Path, fmt: str, *, device: str = "cpu", threads: int | None = None,
+                  tf32: bool = True) -> LocalPredictor:
+    """A predictor for one artifact file of format ``fmt`` (``onnx`` or ``torchscript``) on
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``: a demand, never silently another device).
+    ``tf32=False`` keeps fp32 convolutions in IEEE fp32 on Ampere+ GPUs (the parity gate's setting;
+    the default lets the GPU use TF32, as torch and ONNX Runtime do by default)."""
     if fmt == "onnx":
         from sfdeploy.runtime.ort import OrtPredictor
 
-        return OrtPredictor(path, device=device, threads=threads)
+        return OrtPredictor(path, device=device, threads=threads, tf32=tf32)
     from sfdeploy.runtime.torchscript import TorchScriptPredictor
 
-    return TorchScriptPredictor(path, device=device, threads=threads)
+    return TorchScriptPredictor(path, device=device, threads=threads, tf32=tf32)
 
 
 def open_local(backend: str, export_dir: Path, *, precision: str = "fp32", device: str = "cpu",
-               threads: int | None = None) -> Predictor:
+               threads: int | None = None) -> LocalPredictor:
     """A predictor for an artifact of ``export_dir``, read through its manifest (and verified
-    against the sha256 recorded there)."""
+    against the sha256 recorded there). ``device`` may be ``auto``: see
+    :func:`sfdeploy.artifacts.backend_device`."""
     fmt = backend_format(backend)
+    run_on = backend_device(backend, device)
     path = Manifest.read(export_dir).artifact_path(export_dir, artifact_key(fmt, precision))
-    return open_artifact(path, fmt, device=device, threads=threads)
+    return open_artifact(path, fmt, device=run_on, threads=threads)
 
 
 def open_predictor(backend: str, *, export_dir: Path | None = None, precision: str = "fp32",

@@ -1,4 +1,9 @@
-"""TorchScript predictor (``torch.jit.load``; CUDA or CPU)."""
+"""TorchScript predictor (``torch.jit.load``; CUDA or CPU).
+
+On the CPU a numpy batch is wrapped, not copied (``torch.from_numpy``). On CUDA batches go through
+:class:`sfdeploy.runtime.cuda.DeviceFeeder`: host batches via a reused pinned buffer and a
+non-blocking copy, tensors already on the device in place.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sfdeploy.artifacts import resolve_device
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
-from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.runtime import check_batch
+from sfdeploy.errors import InputError
+from sfdeploy.runtime import Frames, check_batch
 
 SPEC_FILE = f"{SPEC_KEY}.json"  # name of the extra file inside model.pt
 
@@ -25,24 +31,46 @@ def load_torchscript(path: Path, device: str = "cpu") -> tuple[object, ClipSpec]
 
 
 class TorchScriptPredictor:
-    def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None, tf32: bool = True) -> None:
+        """``tf32=False``: each call runs inside :func:`sfdeploy.runtime.cuda.exact_fp32` (torch's
+        TF32 flags are process-wide: they are set for the call and restored after it)."""
         import torch
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise EnvironmentProblem("--device cuda but torch sees no GPU", fix="use --device cpu")
+        self._feeder = None
+        self.device = resolve_device(device)  # raises when torch cannot see a CUDA device asked for
+        if self.device != "cpu":
+            from sfdeploy.runtime.cuda import DeviceFeeder
+
+            self._feeder = DeviceFeeder(self.device)
+            self.device = str(self._feeder.device)
         if threads:
             torch.set_num_threads(threads)
-        self.device = device
-        self.module, self.spec = load_torchscript(Path(path), device)
+        self.tf32 = tf32 and self._feeder is not None
+        self.runtime = f"torch {torch.__version__}"
+        self.module, self.spec = load_torchscript(Path(path), self.device)
         self.name = f"torchscript:{Path(path).name}"
 
-    def predict(self, frames: np.ndarray) -> np.ndarray:
+    def predict(self, frames: Frames) -> np.ndarray:
         import torch
 
         check_batch(frames, self.spec)
-        with torch.inference_mode():
-            probs = self.module(torch.from_numpy(frames).to(self.device))
-        return probs.float().cpu().numpy()
+        if self._feeder is None:
+            # a tensor is made contiguous: other strides would take other kernels, other roundings
+            batch = torch.from_numpy(frames) if isinstance(frames, np.ndarray) else frames.to("cpu").contiguous()
+            with torch.inference_mode():
+                probs = self.module(batch)
+            return probs.float().cpu().numpy()
+        if self.tf32:
+            return self._feeder.run(self.module, frames)
+        from sfdeploy.runtime.cuda import exact_fp32
+
+        with exact_fp32():
+            return self._feeder.run(self.module, frames)
+
+    def host_buffer(self) -> object:
+        """The calling thread's pinned staging buffer on CUDA (None on the CPU or before the first
+        host batch); for tests and diagnostics."""
+        return self._feeder.host_buffer() if self._feeder else None
 
     def close(self) -> None:
         self.module = None

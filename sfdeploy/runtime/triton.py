@@ -18,7 +18,7 @@ import numpy as np
 
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.errors import ServingError
-from sfdeploy.runtime import check_batch
+from sfdeploy.runtime import Frames, check_batch, host_array
 
 _REGION_IDS = itertools.count()
 
@@ -47,6 +47,7 @@ class TritonPredictor:
         self._states: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.name = f"triton-{protocol}:{model}"
+        self.device = "remote"  # wherever the server's model instances run
         client = self._client()
         try:
             live = client.is_server_live()
@@ -112,8 +113,9 @@ class TritonPredictor:
                 shm.destroy_shared_memory_region(state["handle"])
                 state.update(region=None, handle=None, region_bytes=0)
 
-    def predict(self, frames: np.ndarray) -> np.ndarray:
+    def predict(self, frames: Frames) -> np.ndarray:
         check_batch(frames, self.spec)
+        frames = host_array(frames)  # the request body is host memory
         parts = [self._infer(frames[i:i + self.max_batch]) for i in range(0, len(frames), self.max_batch)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 

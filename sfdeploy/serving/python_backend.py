@@ -40,6 +40,11 @@ class TritonPythonModel:
                              "repository with `sfdeploy repo`")
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
+        import triton_python_backend_utils as pb_utils
+
+        # In the server log: where this instance really runs (a KIND_GPU instance on its GPU).
+        pb_utils.Logger.log_info(f"sfdeploy: {args['model_name']} instance {args['model_instance_name']} runs "
+                                 f"{artifact.name} on {self.predictor.device} ({self.predictor.runtime})")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils

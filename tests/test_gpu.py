@@ -1,0 +1,229 @@
+"""Every path on CUDA (`pytest -m gpu`): export + parity, infer with both local backends, device
+tensors, the pinned staging buffer, ONNX Runtime's provider, the Triton python backend on
+KIND_GPU, finetune --amp and eval. Skipped, with the reason, where torch sees no GPU."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sfdeploy.artifacts import Manifest, ort_cuda_installed
+
+from conftest import run_cli
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch sees none")]
+
+ORT_GPU = torch.cuda.is_available() and ort_cuda_installed()
+needs_ort_gpu = pytest.mark.skipif(not ORT_GPU, reason="onnxruntime has no CUDA provider here (install "
+                                                       "sfdeploy[gpu]; `sfdeploy doctor` fails until then)")
+BACKENDS = ["torchscript", pytest.param("onnxruntime", marks=needs_ort_gpu)]
+
+
+@pytest.fixture(scope="module")
+def gpu_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`export --device cuda --fp16` of the tiny model: traced, self-checked and gated on the GPU."""
+    out = tmp_path_factory.mktemp("gpu") / "EXPORT"
+    formats = "torchscript,onnx" if ORT_GPU else "torchscript"
+    run_cli("export", str(tiny_run), "--out", str(out), "--device", "cuda", "--fp16", "--formats", formats)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clips(gpu_export: Path, prepared: Path) -> np.ndarray:
+    from sfdeploy.data.layout import PreparedData
+    from sfdeploy.preprocess import load_video
+
+    data = PreparedData.from_dir(prepared)
+    paths = [data.media_root / line.split()[0] for line in data.val.path.read_text().splitlines()]
+    return np.stack([load_video(str(p), Manifest.read(gpu_export).clip_spec) for p in paths])
+
+
+def test_export_on_cuda_passes_parity_with_tf32_off(gpu_export: Path) -> None:
+    parity = Manifest.read(gpu_export).parity
+    assert parity["settings"]["reference_device"].startswith("cuda") and parity["settings"]["tf32"] is False
+    expected = {"torchscript", "torchscript_fp16"} | ({"onnx", "onnx_fp16"} if ORT_GPU else set())
+    assert set(parity["artifacts"]) == expected
+    for key, result in parity["artifacts"].items():
+        assert result["passed"], (key, result)
+        assert result["device"].startswith("cuda") and result["tf32"] is False, (key, result)
+        if result["precision"] == "fp32":
+            assert result["max_abs_diff"] <= 1e-4, (key, result)
+        else:
+            assert result["top1_agreement"] >= 0.99, (key, result)
+        if key.startswith("onnx"):
+            assert result["runtime"].endswith("CUDAExecutionProvider"), result
+    checks = parity["self_checks"]
+    assert checks["torchscript_fp16"]["device"].startswith("cuda")
+    if ORT_GPU:  # fp16 ONNX is checked on the provider it is served with
+        assert checks["onnx_fp16"]["device"].startswith("cuda") and checks["onnx"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_predictions_equal_cpu(gpu_export: Path, clips: np.ndarray, backend: str, precision: str) -> None:
+    from sfdeploy.runtime import open_artifact, open_local
+
+    cpu = open_local(backend, gpu_export, precision=precision, device="cpu").predict(clips)
+    gpu = open_local(backend, gpu_export, precision=precision, device="cuda")
+    assert gpu.device == "cuda:0"
+    got = gpu.predict(clips)
+    assert got.dtype == np.float32 and got.shape == cpu.shape
+    assert np.array_equal(got.argmax(1), cpu.argmax(1))
+    assert np.abs(got - cpu).max() <= (5e-3 if precision == "fp32" else 2e-2)  # TF32 / fp16 kernels
+    if precision == "fp32":  # without TF32, as the parity gate runs
+        path = gpu_export / ("model.pt" if backend == "torchscript" else "model.onnx")
+        exact = open_artifact(path, "torchscript" if backend == "torchscript" else "onnx", device="cuda", tf32=False)
+        assert np.abs(exact.predict(clips) - cpu).max() <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infer_cli_on_cuda_classifies_like_the_cpu(gpu_export: Path, synth_root: Path, tmp_path: Path,
+                                                   backend: str) -> None:
+    rows = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.jsonl"
+        run_cli("infer", str(synth_root), "--backend", backend, "--export", str(gpu_export), "--device", device,
+                "--batch-size", "8", "--concurrency", "2", "--out", str(out))
+        rows[device] = {r["path"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(rows["cuda"]) == len(rows["cpu"]) == 64
+    for path, row in rows["cuda"].items():
+        assert row["status"] == "ok" and row["label"] == rows["cpu"][path]["label"], path
+        assert abs(row["score"] - rows["cpu"][path]["score"]) <= 5e-3, path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_tensors_go_in_without_a_round_trip(gpu_export: Path, clips: np.ndarray, backend: str) -> None:
+    from sfdeploy.runtime import open_local
+
+    predictor = open_local(backend, gpu_export, device="cuda")
+    expected = predictor.predict(clips)
+    on_device = torch.from_numpy(clips).cuda()
+    assert np.allclose(predictor.predict(on_device), expected, atol=1e-6)
+    # made by a kernel still queued on the current stream, and not contiguous
+    pending = (on_device.to(torch.int16) + 0).to(torch.uint8).transpose(0, 2).contiguous().transpose(0, 2)
+    assert not pending.is_contiguous()
+    assert np.allclose(predictor.predict(pending), expected, atol=1e-6)
+    assert np.allclose(predictor.predict(torch.from_numpy(clips)), expected, atol=1e-6)  # a CPU tensor
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        value = ort.OrtValue.ortvalue_from_numpy(clips, "cuda", 0)
+        assert np.allclose(predictor.predict(value), expected, atol=1e-6)
+
+
+def test_the_pinned_staging_buffer_is_reused_across_batch_sizes_and_threads(gpu_export: Path,
+                                                                            clips: np.ndarray) -> None:
+    from sfdeploy.runtime import open_local
+
+    predictor = open_local("torchscript", gpu_export, device="cuda")
+    assert predictor.host_buffer() is None
+    expected = {n: predictor.predict(clips[:n]) for n in (8, 2, 1)}
+    buffer = predictor.host_buffer()
+    assert buffer.is_pinned() and buffer.shape[0] == 8
+    pointer = buffer.data_ptr()
+    for n in (2, 8, 1, 8):
+        assert np.allclose(predictor.predict(clips[:n]), expected[n], atol=1e-6), n
+        assert predictor.host_buffer().data_ptr() == pointer  # a batch that fits: no new allocation
+    predictor.predict(clips)  # 12 clips: grows once
+    assert predictor.host_buffer().shape[0] == len(clips)
+    main_buffer = predictor.host_buffer().data_ptr()
+
+    starts = range(0, 8, 2)
+    reference = {i: predictor.predict(clips[i:i + 4]) for i in starts}
+    results: dict[int, list[np.ndarray]] = {}
+    buffers: dict[int, int] = {}
+
+    def work(i: int) -> None:  # `infer --concurrency N` calls one predictor from N threads
+        results[i] = [predictor.predict(clips[i:i + 4]) for _ in range(3)]
+        buffers[i] = predictor.host_buffer().data_ptr()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in starts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in starts:
+        assert all(np.allclose(got, reference[i], atol=1e-6) for got in results[i]), i
+    assert main_buffer not in buffers.values()  # each thread stages in its own buffer
+
+
+@needs_ort_gpu
+def test_an_onnxruntime_session_asked_for_cuda_runs_on_cuda(gpu_export: Path) -> None:
+    from sfdeploy import doctor
+    from sfdeploy.runtime.ort import OrtPredictor
+
+    for tf32, flag in ((True, "1"), (False, "0")):
+        predictor = OrtPredictor(gpu_export / "model.onnx", device="cuda", tf32=tf32)
+        assert predictor.providers[0] == "CUDAExecutionProvider" and predictor.tf32 is tf32
+        options = predictor.session.get_provider_options()["CUDAExecutionProvider"]
+        assert options["use_tf32"] == flag and options["device_id"] == "0"
+    check = doctor.check_onnxruntime_cuda()
+    assert check.status == doctor.OK and "CUDAExecutionProvider" in check.detail
+
+
+@pytest.fixture(scope="module")
+def gpu_triton(gpu_export: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny export served by the real tritonserver from a repository written with --device gpu."""
+    from sfdeploy.serving.server import TritonServer, free_port
+
+    repo = tmp_path_factory.mktemp("gpurepo") / "model_repository"
+    run_cli("repo", str(gpu_export), "--repo", str(repo), "--device", "gpu", "--no-native")
+    if ORT_GPU:
+        run_cli("repo", str(gpu_export), "--repo", str(repo), "--device", "gpu", "--no-native",
+                "--name", "slowfast_ort", "--runtime", "onnxruntime")
+    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server.start()
+    yield server, repo
+    server.stop()
+
+
+@pytest.mark.parametrize("runtime", ["torchscript", pytest.param("onnxruntime", marks=needs_ort_gpu)])
+def test_triton_python_backend_on_kind_gpu(gpu_triton, gpu_export: Path, clips: np.ndarray, runtime: str) -> None:
+    from sfdeploy.runtime import open_local
+    from sfdeploy.runtime.triton import TritonPredictor
+    from sfdeploy.serving.config import parse_config
+
+    server, repo = gpu_triton
+    model = "slowfast" if runtime == "torchscript" else "slowfast_ort"
+    config = parse_config((repo / model / "config.pbtxt").read_text())
+    assert [type(group).Kind.Name(group.kind) for group in config.instance_group] == ["KIND_GPU"]
+    # the python backend logs where each instance really runs
+    lines = [line for line in server.log_text().splitlines() if f"sfdeploy: {model} instance" in line]
+    assert lines and all(" on cuda:" in line for line in lines), lines
+    local = open_local(runtime, gpu_export, device="cuda")
+    remote = TritonPredictor(server.grpc_url, model=model, protocol="grpc")
+    try:
+        for n in (1, 5):
+            served, here = remote.predict(clips[:n]), local.predict(clips[:n])
+            assert np.array_equal(served.argmax(1), here.argmax(1))
+            assert np.abs(served - here).max() <= 1e-4
+    finally:
+        remote.close()
+
+
+def test_finetune_amp_on_cuda(prepared: Path, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    run_cli("finetune", str(prepared), "--work-dir", str(work), "--preset", "slowfast_tiny", "--epochs", "1",
+            "--amp", "--pretrained", "none")
+    summary = json.loads((work / "finetune_summary.json").read_text())
+    assert summary["epochs_run"] == 1 and summary["best_top1"] is not None
+    assert "AmpOptimWrapper" in (work / "config.py").read_text()
+    checkpoint = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_on_cuda_predicts_what_mmaction2_predicts(gpu_export: Path, prepared: Path, tmp_path: Path,
+                                                       backend: str) -> None:
+    report_file = tmp_path / "report.json"
+    run_cli("eval", str(gpu_export), "--data", str(prepared), "--backend", backend, "--device", "cuda",
+            "--out", str(report_file))
+    report = json.loads(report_file.read_text())
+    assert report["evaluated"] == report["videos"] == 12
+    assert report["identical_top1"] == 1.0 and report["top1"] >= 0.9
