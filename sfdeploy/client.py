@@ -367,8 +367,8 @@ def write_predictions(inputs: Sequence[str | Path], out: str | Path,
                 summary.failures.append({"path": prediction.path, "error": prediction.error or ""})
     except ServingError as exc:
         raise ServingError(f"{exc.message}; {summary.ok + summary.failed} of {len(todo)} rows were written "
-                           f"before it", path=out, fix="restart the server, then run the same command with "
-                           "--resume (finished rows are kept and skipped)") from exc
+                           f"before it", path=out, fix=f"{exc.fix or 'restart the server'}, then run the same "
+                           "command with --resume (finished rows are kept and skipped)") from exc
     finally:
         writer.close()
         summary.wall_time_s = round(time.monotonic() - started, 3)

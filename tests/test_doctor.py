@@ -14,7 +14,7 @@ def test_all_checks_pass_in_the_installed_environment() -> None:
     results = doctor.run_checks()
     assert [c.name for c in results if c.status == doctor.FAIL] == []
     names = {c.name for c in results}
-    assert {"torch", "decord", "tritonserver", "mmaction2 stack", "onnxruntime"} <= names
+    assert {"torch", "decord", "tritonserver", "mmaction2 stack", "onnxruntime", "ray"} <= names
 
 
 def test_a_failing_check_prints_its_fix_and_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
