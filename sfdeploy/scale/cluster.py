@@ -36,6 +36,13 @@ class Cluster:
     object_store_bytes: int
 
 
+def connect_starts_ray(address: str | None) -> bool:
+    """Whether :func:`connect` would start a Ray of its own (no address, none set, none running here)."""
+    import ray
+
+    return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
 def connect(address: str | None, *, num_cpus: int | None = None) -> Cluster:
     """Join the Ray cluster at ``address`` (``auto``, ``host:6379``, ``ray://host:10001``; else
     ``RAY_ADDRESS``, which ``ray job submit`` sets), or start Ray on this machine with ``num_cpus``
@@ -53,13 +60,17 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> Cluster:
             if address:
                 ray.init(address=address, **quiet)
             else:
-                # "local": a Ray of our own, even where `ray start` left a cluster running
+                # "local": a Ray of our own, even where `ray start` left a cluster running. It sends
+                # no usage statistics home unless the user's environment says otherwise.
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise EnvironmentProblem(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'} "
                                      f"({type(exc).__name__}: {exc})",
-                                     fix="start the head with `ray start --head` and pass its address (ray status "
-                                         "prints it), or leave out --ray-address to run on this machine") from exc
+                                     fix="start the head with `ray start --head` and pass its address (`ray status` "
+                                         "prints it); a cluster with token authentication (Ray's default) also needs "
+                                         "RAY_AUTH_MODE=token and its token (`ray get-auth-token` on the head) in "
+                                         "~/.ray/auth_token or RAY_AUTH_TOKEN") from exc
     resources = ray.cluster_resources()
     return Cluster(address=address or "local", started_here=owned and not address, owned=owned,
                    cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)),

@@ -38,12 +38,12 @@ from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import EnvironmentProblem, InputError, ServingError, SfdeployError
 from sfdeploy.progress import bar
 from sfdeploy.runtime import LOCAL_BACKENDS
-from sfdeploy.scale.cluster import MiB, connect, disconnect, shm_note, size_object_store
+from sfdeploy.scale.cluster import MiB, connect, connect_starts_ray, disconnect, shm_note, size_object_store
 
 log = logging.getLogger("sfdeploy")
 
 MAX_VIDEOS_PER_TASK = 256  # a killed decode task redoes at most this many videos
-TASKS_PER_SLOT = 4  # decode tasks per decode slot: spreads the tail of the run over the cluster
+TASKS_PER_SLOT = 2  # decode tasks per decode slot: spreads the tail of the run over the cluster
 
 
 @dataclass
@@ -66,10 +66,14 @@ class RayOptions:
     topk: int = 5
     address: str | None = None  # --ray-address; None starts Ray on this machine (or uses the one this process runs)
 
-    def model_cpus(self) -> float:
+    def model_cpus(self, single_machine: bool) -> float:
+        """CPUs reserved per model actor (its inference threads on CPU). On a Ray of its own, a
+        CPU model gets every core beside the decoders, as the local engine's model does."""
         if self.actor_cpus is not None:
             return self.actor_cpus
-        return 0.25 if self.backend == "triton" else 1.0
+        if self.backend == "triton":
+            return 0.25  # an HTTP/gRPC client
+        return float(os.cpu_count() or 1) if single_machine and not self.device.startswith("cuda") else 1.0
 
 
 def infer_ray(inputs: Sequence[str | Path], out: str | Path, options: RayOptions | None = None, *,
@@ -102,7 +106,8 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
     decode_slots = options.decode_tasks or os.cpu_count() or 1
     # Started here, Ray gets a CPU per decode slot beside the model actors' CPUs: one machine then
     # runs what the local engine runs (a decode process per core, and the model).
-    cluster = connect(options.address, num_cpus=decode_slots + math.ceil(options.actors * options.model_cpus()))
+    single = connect_starts_ray(options.address)
+    cluster = connect(options.address, num_cpus=decode_slots + math.ceil(options.actors * options.model_cpus(single)))
     seen: set[str] = set()
     try:
         dataset = _pipeline(paths, spec, options, cluster)
@@ -158,12 +163,11 @@ def read_spec(options: RayOptions) -> ClipSpec:
 def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: Any) -> Any:
     """The Ray Data dataset: path blocks -> decode tasks -> model actors -> rows (lazy)."""
     import numpy as np
-    import pyarrow as pa
     import ray
 
     from sfdeploy.scale.stages import PredictStage, decode_videos
 
-    model_cpus = options.model_cpus()
+    model_cpus = options.model_cpus(cluster.started_here)
     gpus = 1 if options.device.startswith("cuda") and options.backend in LOCAL_BACKENDS else 0
     _check_fits(options, model_cpus, gpus, cluster)
     decode_slots = max(1, int(cluster.cpus - options.actors * model_cpus))
@@ -198,14 +202,14 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
              gpus, options.backend if options.backend != "triton" else f"triton {', '.join(options.urls)}",
              options.batch_size)
 
-    files = [os.path.abspath(p) for p in paths]  # workers may not share this process's directory
-    blocks = [pa.table({"path": paths[i:i + per_task], "file": files[i:i + per_task]})
-              for i in range(0, len(paths), per_task)]
+    # One block of paths per decode task, built here (from_arrow would run a Ray task per block
+    # just to read its schema). Workers get absolute paths: they may not share our directory.
+    items = [{"path": path, "file": os.path.abspath(path)} for path in paths]
     stage = {"backend": options.backend, "spec_json": spec.to_json(), "precision": options.precision,
              "device": options.device, "threads": max(1, int(model_cpus)), "urls": tuple(options.urls),
              "protocol": options.protocol, "model": options.model, "shm": options.shm, "topk": options.topk,
              "export_dir": str(Path(options.export_dir).resolve()) if options.export_dir else None}
-    return (ray.data.from_arrow(blocks)
+    return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
             .map_batches(decode_videos, batch_size=None, batch_format="pyarrow", num_cpus=1, memory=decode_memory,
                          fn_kwargs={"spec_json": spec.to_json(), "batch_size": options.batch_size},
                          compute=ray.data.TaskPoolStrategy(size=decode_slots))
