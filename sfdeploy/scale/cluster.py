@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 from sfdeploy.errors import EnvironmentProblem
@@ -38,9 +39,8 @@ class Cluster:
 
 def connect_starts_ray(address: str | None) -> bool:
     """Whether :func:`connect` would start a Ray of its own (no address, none set, none running here)."""
-    import ray
-
-    return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    ray = sys.modules.get("ray")  # not imported: not running in this process
+    return not (address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()))
 
 
 def connect(address: str | None, *, num_cpus: int | None = None) -> Cluster:
@@ -83,6 +83,20 @@ def disconnect(cluster: Cluster) -> None:
 
     if cluster.owned:
         ray.shutdown()
+
+
+def check_placement(cluster: Cluster, *, actors: int, actor_cpus: float, actor_gpus: int) -> None:
+    """Model actors that cannot all be placed beside at least one decode task would wait for ever
+    on a Ray of fixed size: say so now. A joined cluster may grow (autoscaler): warn and go on."""
+    cpus, gpus = actors * actor_cpus + 1, actors * actor_gpus
+    if cpus <= cluster.cpus and gpus <= cluster.gpus:
+        return
+    what = (f"{actors} model actor(s) and a decode task need {cpus:g} CPU(s) and {gpus} GPU(s); "
+            f"the Ray cluster has {cluster.cpus:g} CPU(s) and {cluster.gpus:g} GPU(s)")
+    if cluster.started_here:
+        raise EnvironmentProblem(what, fix="lower --concurrency or --actor-cpus, use --device cpu, or join a "
+                                           "cluster with GPU nodes (--ray-address)")
+    log.warning("ray: %s: waiting for the cluster to grow", what)
 
 
 @dataclass(frozen=True)

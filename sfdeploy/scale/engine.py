@@ -35,10 +35,18 @@ from typing import Any
 
 from sfdeploy.client import InferSummary, Prediction, collect_inputs, write_predictions
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.errors import EnvironmentProblem, InputError, ServingError, SfdeployError
+from sfdeploy.errors import InputError, ServingError, SfdeployError
 from sfdeploy.progress import bar
 from sfdeploy.runtime import LOCAL_BACKENDS
-from sfdeploy.scale.cluster import MiB, connect, connect_starts_ray, disconnect, shm_note, size_object_store
+from sfdeploy.scale.cluster import (
+    MiB,
+    check_placement,
+    connect,
+    connect_starts_ray,
+    disconnect,
+    shm_note,
+    size_object_store,
+)
 
 log = logging.getLogger("sfdeploy")
 
@@ -60,9 +68,8 @@ class RayOptions:
     shm: bool = False  # triton system shared memory: only for servers on the actors' machines
     batch_size: int = 8
     actors: int = 1  # model actors (--concurrency)
-    actor_cpus: float | None = None  # CPUs per model actor [1 for local backends (its threads), 0.25 for triton]
+    actor_cpus: float | None = None  # CPUs (threads) per model actor [see model_cpus]
     decode_tasks: int | None = None  # decode tasks at once (--workers) [as many as the CPUs allow]
-    videos_per_task: int | None = None  # paths per decode task [from the run's size and the cluster's CPUs]
     topk: int = 5
     address: str | None = None  # --ray-address; None starts Ray on this machine (or uses the one this process runs)
 
@@ -169,11 +176,11 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
 
     model_cpus = options.model_cpus(cluster.started_here)
     gpus = 1 if options.device.startswith("cuda") and options.backend in LOCAL_BACKENDS else 0
-    _check_fits(options, model_cpus, gpus, cluster)
+    check_placement(cluster, actors=options.actors, actor_cpus=model_cpus, actor_gpus=gpus)
     decode_slots = max(1, int(cluster.cpus - options.actors * model_cpus))
     if options.decode_tasks:
         decode_slots = min(decode_slots, options.decode_tasks)
-    per_task = options.videos_per_task or min(MAX_VIDEOS_PER_TASK, max(
+    per_task = min(MAX_VIDEOS_PER_TASK, max(
         options.batch_size, math.ceil(len(paths) / (TASKS_PER_SLOT * decode_slots))))
     clip_bytes = int(np.prod(spec.input_shape))
     sizing = size_object_store(clip_bytes, options.batch_size, options.actors, decode_slots,
@@ -216,20 +223,6 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
             .map_batches(PredictStage, batch_size=options.batch_size, batch_format="pyarrow",
                          fn_constructor_kwargs=stage, num_cpus=model_cpus, num_gpus=gpus,
                          compute=ray.data.ActorPoolStrategy(size=options.actors)))
-
-
-def _check_fits(options: RayOptions, model_cpus: float, gpus: int, cluster: Any) -> None:
-    """Model actors that cannot all be placed, beside at least one decode task, would wait for
-    ever on a fixed Ray: say so now. A joined cluster may grow (autoscaler): warn and go on."""
-    cpus, gpus_needed = options.actors * model_cpus + 1, options.actors * gpus
-    if cpus <= cluster.cpus and gpus_needed <= cluster.gpus:
-        return
-    what = (f"{options.actors} model actor(s) and a decode task need {cpus:g} CPU(s) and {gpus_needed} GPU(s); "
-            f"the Ray cluster has {cluster.cpus:g} CPU(s) and {cluster.gpus:g} GPU(s)")
-    if cluster.started_here:
-        raise EnvironmentProblem(what, fix="lower --concurrency or --actor-cpus, use --device cpu, or join a "
-                                           "cluster with GPU nodes (--ray-address)")
-    log.warning("ray: %s: waiting for the cluster to grow", what)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
