@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 
 from sfdeploy.errors import EnvironmentProblem
@@ -35,12 +34,6 @@ class Cluster:
     cpus: float
     gpus: float
     object_store_bytes: int
-
-
-def connect_starts_ray(address: str | None) -> bool:
-    """Whether :func:`connect` would start a Ray of its own (no address, none set, none running here)."""
-    ray = sys.modules.get("ray")  # not imported: not running in this process
-    return not (address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()))
 
 
 def connect(address: str | None, *, num_cpus: int | None = None) -> Cluster:

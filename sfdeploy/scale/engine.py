@@ -42,7 +42,6 @@ from sfdeploy.scale.cluster import (
     MiB,
     check_placement,
     connect,
-    connect_starts_ray,
     disconnect,
     shm_note,
     size_object_store,
@@ -73,14 +72,13 @@ class RayOptions:
     topk: int = 5
     address: str | None = None  # --ray-address; None starts Ray on this machine (or uses the one this process runs)
 
-    def model_cpus(self, single_machine: bool) -> float:
-        """CPUs reserved per model actor (its inference threads on CPU). On a Ray of its own, a
-        CPU model gets every core beside the decoders, as the local engine's model does."""
+    def model_cpus(self) -> float:
+        """CPUs reserved per model actor: its inference threads on CPU. One by default: more
+        threads in one actor measured no faster on CPU (ONNX Runtime's threads spin while they
+        wait), so scale a CPU model with more actors (--concurrency)."""
         if self.actor_cpus is not None:
             return self.actor_cpus
-        if self.backend == "triton":
-            return 0.25  # an HTTP/gRPC client
-        return float(os.cpu_count() or 1) if single_machine and not self.device.startswith("cuda") else 1.0
+        return 0.25 if self.backend == "triton" else 1.0  # triton: an HTTP/gRPC client
 
 
 def infer_ray(inputs: Sequence[str | Path], out: str | Path, options: RayOptions | None = None, *,
@@ -113,8 +111,7 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
     decode_slots = options.decode_tasks or os.cpu_count() or 1
     # Started here, Ray gets a CPU per decode slot beside the model actors' CPUs: one machine then
     # runs what the local engine runs (a decode process per core, and the model).
-    single = connect_starts_ray(options.address)
-    cluster = connect(options.address, num_cpus=decode_slots + math.ceil(options.actors * options.model_cpus(single)))
+    cluster = connect(options.address, num_cpus=decode_slots + math.ceil(options.actors * options.model_cpus()))
     seen: set[str] = set()
     try:
         dataset = _pipeline(paths, spec, options, cluster)
@@ -174,7 +171,7 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
 
     from sfdeploy.scale.stages import PredictStage, decode_videos
 
-    model_cpus = options.model_cpus(cluster.started_here)
+    model_cpus = options.model_cpus()
     gpus = 1 if options.device.startswith("cuda") and options.backend in LOCAL_BACKENDS else 0
     check_placement(cluster, actors=options.actors, actor_cpus=model_cpus, actor_gpus=gpus)
     decode_slots = max(1, int(cluster.cpus - options.actors * model_cpus))
