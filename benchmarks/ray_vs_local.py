@@ -7,9 +7,7 @@
     python benchmarks/ray_vs_local.py --export EXPORT --videos DIR --copies 1
 
 Each run is the real command in a fresh process, timed from start to exit (imports, model load,
-Ray start: what a user waits for), and its rows are checked against the local engine's. The CPU
-time of every process involved is recorded too: on a machine shared with other work, CPU
-seconds per video say what a run costs better than its wall time. Three ways
+Ray start: what a user waits for), and its rows are checked against the local engine's. Three ways
 are timed, interleaved and repeated (the median is reported; on a shared machine the spread is
 large, so the load average is recorded too):
 
@@ -54,64 +52,20 @@ def _inputs(videos: Path, copies: int, scratch: Path) -> Path:
     return root
 
 
-def _adopt_orphans() -> None:
-    """Make this process the subreaper of everything under it (Linux): the Ray processes a command
-    starts outlive it briefly, and their CPU time must still be counted, here, when reaped."""
-    import ctypes
-
-    pr_set_child_subreaper = 36
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def _tree_cpu_s() -> float:
-    """CPU seconds used so far by this process and every process under it: the commands, their
-    decode workers, and the Ray processes (ours and the commands'), live or already reaped."""
-    _reap()
-    ticks = os.sysconf("SC_CLK_TCK")
-    parents, times = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = sum(int(f) for f in fields[11:15]) / ticks  # utime stime cutime cstime
-    tree, frontier = set(), {os.getpid()}
-    while frontier:
-        tree |= frontier
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
-    return sum(times.get(pid, 0.0) for pid in tree)
-
-
 def _run(inputs: Path, export: Path, out: Path, args: argparse.Namespace, engine: list[str], env: dict) -> dict:
     out.unlink(missing_ok=True)
     command = [sys.executable, "-m", "sfdeploy", "-q", "infer", str(inputs), "--backend", args.backend,
                "--export", str(export), "--batch-size", str(args.batch_size), "--out", str(out), *engine]
     load = os.getloadavg()[0]
-    cpu = _tree_cpu_s()
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
     seconds = time.perf_counter() - start
-    cpu = _tree_cpu_s() - cpu
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     return {"command_s": round(seconds, 2), "videos": summary["ok"] + summary["failed"],
             "videos_per_s": round((summary["ok"] + summary["failed"]) / seconds, 2),
             "in_run_s": summary["wall_time_s"], "load_average_1m": round(load, 2),
-            "cpu_s": round(cpu, 2), "cpu_ms_per_video": round(1000 * cpu / (summary["ok"] + summary["failed"]), 1),
             "rows": {r["path"]: (r["status"], r["label"]) for r in csv.DictReader(out.open())}}
 
 
@@ -136,7 +90,6 @@ def main() -> None:
         if not (args.demo_dir / "export" / "manifest.json").is_file():
             subprocess.run([sys.executable, "-m", "sfdeploy", "demo", "--workdir", str(args.demo_dir)], check=True)
     export, videos = args.export or args.demo_dir / "export", args.videos or args.demo_dir / "videos"
-    _adopt_orphans()
     info = device_info("cpu")
     info["packages"].update({"ray": ray.__version__, "pyarrow": __import__("pyarrow").__version__})
     modes = ("local", "ray", "ray, running cluster")
@@ -173,22 +126,43 @@ def main() -> None:
         median = {m: statistics.median(r["videos_per_s"] for r in runs if r["copies"] == copies and r["mode"] == m)
                   for m in modes}
         videos = next(r["videos"] for r in runs if r["copies"] == copies)
-        cpu = {m: statistics.median(r["cpu_ms_per_video"] for r in runs if r["copies"] == copies and r["mode"] == m)
-               for m in modes}
-        summary.append({"videos": videos, "median_videos_per_s": median, "median_cpu_ms_per_video": cpu,
+        summary.append({"videos": videos, "median_videos_per_s": median,
                         "ray_vs_local": round(median["ray"] / median["local"], 2),
                         "running_cluster_vs_local": round(median["ray, running cluster"] / median["local"], 2)})
+    fit = _fit(runs, modes) if len(sizes) > 1 else None
     results = {"schema": 1, "date": date.today().isoformat(), "benchmark": "sfdeploy infer --engine ray vs local",
                "device_info": info, "goal": f"ray >= {GOAL}x local videos/s on one machine",
                "settings": {"backend": args.backend, "batch_size": args.batch_size, "repeats": args.repeats,
                             "export": str(export), "videos": str(videos), "copies": sizes,
                             "timing": "whole command in a fresh process; median of repeats"},
-               "summary": summary, "runs": runs}
+               "summary": summary, "fit": fit, "runs": runs}
     out = args.out or REPO / "benchmarks" / "results" / f"ray-vs-local-{device_slug(info)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(_markdown(results))
     print(out)
+
+
+def _fit(runs: list[dict], modes: tuple[str, ...]) -> dict:
+    """Seconds = start-up + videos / rate, through the medians of the smallest and largest runs:
+    the rate each engine keeps up once running, what it costs to start, and from how many videos
+    on ``ray`` reaches the goal."""
+    sizes = sorted({r["videos"] for r in runs})
+    small, large = sizes[0], sizes[-1]
+    fit = {}
+    for mode in modes:
+        t_small, t_large = (statistics.median(r["command_s"] for r in runs if r["videos"] == n and r["mode"] == mode)
+                            for n in (small, large))
+        rate = (large - small) / (t_large - t_small)
+        fit[mode] = {"videos_per_s_once_running": round(rate, 1), "start_up_s": round(t_small - small / rate, 1)}
+    local = fit["local"]
+    for mode in modes[1:]:
+        ray = fit[mode]
+        # videos n where (a_l + n/r_l) / (a_r + n/r_r) = GOAL
+        slope = 1 / local["videos_per_s_once_running"] - GOAL / ray["videos_per_s_once_running"]
+        gap = GOAL * ray["start_up_s"] - local["start_up_s"]
+        ray["videos_for_goal"] = round(gap / slope) if slope > 0 else None
+    return fit
 
 
 def _markdown(results: dict) -> str:
@@ -199,18 +173,22 @@ def _markdown(results: dict) -> str:
              f"{results['settings']['batch_size']}; {results['settings']['timing']} "
              f"({results['settings']['repeats']} repeats, interleaved). Goal: {results['goal']}.", "",
              "| videos | local videos/s | ray videos/s | ray, running cluster videos/s | ray / local | "
-             "running cluster / local | CPU ms per video: local / ray / running cluster |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "running cluster / local |", "| --- | --- | --- | --- | --- | --- |"]
     for row in results["summary"]:
-        m, c = row["median_videos_per_s"], row["median_cpu_ms_per_video"]
+        m = row["median_videos_per_s"]
         lines.append(f"| {row['videos']} | {m['local']:.1f} | {m['ray']:.1f} | {m['ray, running cluster']:.1f} | "
-                     f"{row['ray_vs_local']:.2f}x | {row['running_cluster_vs_local']:.2f}x | "
-                     f"{c['local']:.0f} / {c['ray']:.0f} / {c['ray, running cluster']:.0f} |")
+                     f"{row['ray_vs_local']:.2f}x | {row['running_cluster_vs_local']:.2f}x |")
+    if results.get("fit"):
+        lines += ["", "Seconds = start-up + videos / rate (through the medians of both sizes):", "",
+                  "| mode | videos/s once running | start-up s | videos for ray >= 0.8x local |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {mode} | {f['videos_per_s_once_running']} | {f['start_up_s']} | {f.get('videos_for_goal', '-')} |"
+                  for mode, f in results["fit"].items()]
     lines += ["", "Every run, in order:", "",
-              "| videos | repeat | mode | seconds | videos/s | CPU s | load (1 min) | rows = local |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| videos | repeat | mode | seconds | videos/s | load (1 min) | rows = local |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['videos']} | {r['repeat'] + 1} | {r['mode']} | {r['command_s']} | {r['videos_per_s']} | "
-              f"{r['cpu_s']} | {r['load_average_1m']} | {r['rows_equal_local']} |" for r in results["runs"]]
+              f"{r['load_average_1m']} | {r['rows_equal_local']} |" for r in results["runs"]]
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ twice: it is written once); a file that crashes its decoder is its own error row
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -117,22 +118,23 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
         dataset = _pipeline(paths, spec, options, cluster)
         shown = bar(len(paths), desc=f"infer ray:{options.backend}", unit="video", enabled=show_progress)
         try:
-            for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                for row in table.to_pylist():
-                    prediction = Prediction.from_arrow_row(row)
-                    if prediction.path not in seen:
-                        seen.add(prediction.path)
-                        shown.update(1)
-                    yield prediction
+            with _quiet_ray_data():
+                for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    for row in table.to_pylist():
+                        prediction = Prediction.from_arrow_row(row)
+                        if prediction.path not in seen:
+                            seen.add(prediction.path)
+                            shown.update(1)
+                        yield prediction
         except Exception as exc:  # Ray wraps a stage's error: raise the sfdeploy error inside it
             raise _unwrap(exc) from exc
         finally:
             shown.close()
     finally:
         disconnect(cluster)
-    missing = len(paths) - len(seen & set(paths))
+    missing = len(set(paths) - seen)
     if missing:
-        raise ServingError(f"the Ray run ended without a row for {missing} of {len(paths)} videos",
+        raise ServingError(f"the Ray run ended without a row for {missing} of {len(set(paths))} videos",
                            fix="run the same command with --resume to classify them")
 
 
@@ -183,16 +185,17 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
     sizing = size_object_store(clip_bytes, options.batch_size, options.actors, decode_slots,
                                cluster.object_store_bytes)
     context = ray.data.DataContext.get_current()
-    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
-        object_store_memory=sizing.budget_bytes)
-    # Each batch a decode task yields is its own block, so model actors start on it at once
-    # (Ray Data would otherwise merge a task's output up to 128 MiB before passing it on).
-    context.target_max_block_size = min(context.target_max_block_size or sizing.batch_bytes, sizing.batch_bytes)
-    context.raise_original_map_exception = True  # a stage's SfdeployError reaches the user as itself
-    context.enable_progress_bars = False  # sfdeploy's own bar counts videos
-    context.print_on_execution_start = False
-    for quiet in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(quiet).setLevel(logging.WARNING if "executor" in quiet else logging.ERROR)
+    execution = copy.copy(context.execution_options)
+    execution.resource_limits = execution.resource_limits.copy(object_store_memory=sizing.budget_bytes)
+    settings = {
+        "execution_options": execution,
+        # Each batch a decode task yields is its own block, so model actors start on it at once
+        # (Ray Data would otherwise merge a task's output up to 128 MiB before passing it on).
+        "target_max_block_size": min(context.target_max_block_size or sizing.batch_bytes, sizing.batch_bytes),
+        "raise_original_map_exception": True,  # a stage's SfdeployError reaches the user as itself
+        "enable_progress_bars": False,  # sfdeploy's own bar counts videos
+        "print_on_execution_start": False,
+    }
     # A decode task holds a batch being filled and one being handed over; reserving that memory
     # lets Ray place tasks by memory too (and keeps decode and model stages separate operators).
     decode_memory = 2 * sizing.batch_bytes + 256 * MiB
@@ -213,13 +216,42 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
              "device": options.device, "threads": max(1, int(model_cpus)), "urls": tuple(options.urls),
              "protocol": options.protocol, "model": options.model, "shm": options.shm, "topk": options.topk,
              "export_dir": str(Path(options.export_dir).resolve()) if options.export_dir else None}
-    return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
-            .map_batches(decode_videos, batch_size=None, batch_format="pyarrow", num_cpus=1, memory=decode_memory,
-                         fn_kwargs={"spec_json": spec.to_json(), "batch_size": options.batch_size},
-                         compute=ray.data.TaskPoolStrategy(size=decode_slots))
-            .map_batches(PredictStage, batch_size=options.batch_size, batch_format="pyarrow",
-                         fn_constructor_kwargs=stage, num_cpus=model_cpus, num_gpus=gpus,
-                         compute=ray.data.ActorPoolStrategy(size=options.actors)))
+    with _data_context(context, settings):  # the dataset keeps a copy; the caller's context is left as it was
+        return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
+                .map_batches(decode_videos, batch_size=None, batch_format="pyarrow", num_cpus=1,
+                             memory=decode_memory, compute=ray.data.TaskPoolStrategy(size=decode_slots),
+                             fn_kwargs={"spec_json": spec.to_json(), "batch_size": options.batch_size})
+                .map_batches(PredictStage, batch_size=options.batch_size, batch_format="pyarrow",
+                             fn_constructor_kwargs=stage, num_cpus=model_cpus, num_gpus=gpus,
+                             compute=ray.data.ActorPoolStrategy(size=options.actors)))
+
+
+@contextlib.contextmanager
+def _data_context(context: Any, settings: dict[str, Any]) -> Iterator[None]:
+    saved = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
+
+
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data's per-run notices (progress bars off, execution finished) stay out of the user's
+    terminal while the run lasts; its warnings and errors do not."""
+    levels = {"ray.data._internal.progress": logging.ERROR,
+              "ray.data._internal.execution.streaming_executor": logging.WARNING}
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
