@@ -11,7 +11,8 @@
 The pipeline: worker processes decode and preprocess (a file that crashes or hangs its decoder
 fails alone), the main thread packs clips into batches, and up to ``concurrency`` batches are in
 flight at once on a thread pool. Every input yields exactly one :class:`Prediction`, failed ones
-with their error. :func:`infer` writes them to CSV or JSON Lines as they arrive and can resume.
+with their error. :func:`infer` writes them to CSV, JSON Lines or Parquet as they arrive and can
+resume; :func:`write_predictions` does the same for any stream of predictions (``--engine ray``).
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.data.probe import VIDEO_EXTENSIONS
-from sfdeploy.errors import InputError, ServingError
+from sfdeploy.errors import EnvironmentProblem, InputError, ServingError
 from sfdeploy.preprocess import DecodeFailure, decode_many
 from sfdeploy.progress import bar
 from sfdeploy.runtime import Predictor, open_predictor
@@ -51,6 +54,37 @@ class Prediction:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @classmethod
+    def from_probs(cls, path: str, probs: np.ndarray, classes: Sequence[str], k: int) -> Prediction:
+        """The row of a classified video from its probabilities ``[num_classes]``."""
+        best = top_k(probs, classes, k)
+        return cls(path, "ok", label=best[0][0], score=best[0][1], top_k=best)
+
+    def to_arrow_row(self) -> dict[str, Any]:
+        """This row in :func:`arrow_schema` (``top_k`` as label/score records)."""
+        return {**asdict(self), "top_k": [{"label": label, "score": score} for label, score in self.top_k]}
+
+    @classmethod
+    def from_arrow_row(cls, row: dict[str, Any]) -> Prediction:
+        return cls(row["path"], row["status"], row["label"], row["score"],
+                   tuple((pair["label"], pair["score"]) for pair in row["top_k"] or ()), row["error"])
+
+
+def arrow_schema() -> Any:
+    """The row as Arrow: the ``.parquet`` output, and the rows Ray workers send back to the driver.
+    Scores are float64, so a float32 probability survives every format unchanged."""
+    import pyarrow as pa
+
+    pair = pa.struct([("label", pa.string()), ("score", pa.float64())])
+    return pa.schema([("path", pa.string()), ("status", pa.string()), ("label", pa.string()),
+                      ("score", pa.float64()), ("top_k", pa.list_(pair)), ("error", pa.string())])
+
+
+def predictions_to_arrow(predictions: Iterable[Prediction]) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([p.to_arrow_row() for p in predictions], schema=arrow_schema())
 
 
 def collect_inputs(items: Iterable[str | Path]) -> list[tuple[str, str | None]]:
@@ -132,9 +166,8 @@ class Classifier:
                     failure = failure or exc
                     continue
                 for path, row in zip(batch_paths, probs, strict=True):
-                    best = top_k(row, classes, topk)
                     shown.update(1)
-                    yield Prediction(path, "ok", label=best[0][0], score=best[0][1], top_k=best)
+                    yield Prediction.from_probs(path, row, classes, topk)
 
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sfdeploy-infer") as pool:
             batch: list[tuple[str, np.ndarray]] = []
@@ -181,24 +214,32 @@ class Classifier:
 
 
 class PredictionWriter:
-    """Appends predictions to ``.csv`` or ``.jsonl`` as they arrive (flushed per row), so a
-    killed run keeps every finished row; with ``resume`` the paths already written are skipped."""
+    """Appends predictions to ``.csv``, ``.jsonl`` or ``.parquet`` as they arrive (flushed per row),
+    so a killed run keeps every finished row; with ``resume`` the paths already written are skipped.
+
+    Parquet cannot be appended to, and a file cut off by a kill has no footer: its rows go to a
+    JSON Lines journal beside it (``<out>.partial.jsonl``) as they arrive, and :meth:`close` folds
+    the journal into ``<out>`` (written to a temporary file, then renamed: never half a file).
+    """
 
     def __init__(self, path: Path, resume: bool = False) -> None:
         self.path = Path(path)
-        self.format = {".csv": "csv", ".jsonl": "jsonl"}.get(self.path.suffix.lower())
+        self.format = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}.get(self.path.suffix.lower())
         if self.format is None:
             raise InputError(f"unsupported output type '{self.path.suffix}'", path=self.path,
-                             fix="name the output .csv or .jsonl (JSON Lines: one JSON object per input)")
+                             fix="name the output .csv, .jsonl (JSON Lines: one JSON object per input) or .parquet")
+        if self.format == "parquet":
+            _require_pyarrow(self.path)
+        self.journal = self.path.with_name(self.path.name + ".partial.jsonl") if self.format == "parquet" else self.path
         self.done: set[str] = set()
-        if self.path.exists():
+        if self.path.exists() or self.journal.exists():
             if not resume:
-                raise InputError("the output file exists", path=self.path,
+                raise InputError("the output file exists", path=self.path if self.path.exists() else self.journal,
                                  fix="pass --resume to continue it, or choose another --out")
             self.done = self._read_done()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(self.path, "a", newline="")
+            self.handle = open(self.journal, "a", newline="")
         except OSError as exc:
             raise InputError(f"cannot write the output ({exc.strerror})", path=self.path,
                              fix="choose a writable --out") from exc
@@ -209,13 +250,25 @@ class PredictionWriter:
 
     def _read_done(self) -> set[str]:
         """Paths of the complete rows; a row cut off by a kill (no final newline) is dropped."""
-        text = self.path.read_text()
+        done: set[str] = set()
+        if self.format == "parquet" and self.path.exists():
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                done = set(pq.read_table(self.path, columns=["path"]).column("path").to_pylist())
+            except (pa.ArrowInvalid, KeyError, OSError) as exc:
+                raise InputError(f"cannot continue the output: it is not a predictions table ({exc})", path=self.path,
+                                 fix="choose another --out (or move this file away to start over)") from exc
+        if not self.journal.exists():
+            return done
+        text = self.journal.read_text()
         if text and not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]
-            self.path.write_text(text)
-        if self.format == "jsonl":
-            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
-        return {row["path"] for row in csv.DictReader(text.splitlines())}
+            self.journal.write_text(text)
+        if self.format == "csv":
+            return done | {row["path"] for row in csv.DictReader(text.splitlines())}
+        return done | {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
 
     def write(self, prediction: Prediction) -> None:
         row = asdict(prediction)
@@ -230,6 +283,38 @@ class PredictionWriter:
 
     def close(self) -> None:
         self.handle.close()
+        if self.format == "parquet":
+            self._fold_journal()
+
+    def _fold_journal(self, chunk: int = 65536) -> None:
+        """``<out>`` (rows of earlier runs) + the journal -> a new ``<out>``, streamed in chunks."""
+        import pyarrow.parquet as pq
+
+        partial = self.path.with_name(self.path.name + ".partial.parquet")
+        with pq.ParquetWriter(partial, arrow_schema()) as parquet:
+            if self.path.exists():
+                for batch in pq.ParquetFile(self.path).iter_batches(batch_size=chunk):
+                    parquet.write_batch(batch)
+            with open(self.journal) as lines:
+                rows: list[Prediction] = []
+                for line in lines:
+                    row = json.loads(line)
+                    rows.append(Prediction(**{**row, "top_k": tuple(tuple(pair) for pair in row["top_k"])}))
+                    if len(rows) == chunk:
+                        parquet.write_table(predictions_to_arrow(rows))
+                        rows.clear()
+                if rows:
+                    parquet.write_table(predictions_to_arrow(rows))
+        os.replace(partial, self.path)
+        self.journal.unlink()
+
+
+def _require_pyarrow(path: Path) -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise EnvironmentProblem("writing .parquet needs pyarrow, which is not installed", path=path,
+                                 fix="pip install 'sfdeploy[ray]' (or 'pyarrow<21'), or write .csv / .jsonl") from exc
 
 
 @dataclass
@@ -252,14 +337,28 @@ def infer(inputs: Sequence[str | Path], out: str | Path, classifier: Classifier,
           show_progress: bool = True) -> InferSummary:
     """Classify ``inputs`` into ``out``; on a backend failure the rows so far are kept and a
     :class:`ServingError` says how to continue."""
+    return write_predictions(inputs, out, lambda todo: classifier.classify(
+        todo, batch_size=batch_size, concurrency=concurrency, topk=topk, workers=workers,
+        show_progress=show_progress), resume=resume)
+
+
+def write_predictions(inputs: Sequence[str | Path], out: str | Path,
+                      classify: Callable[[list[str]], Iterable[Prediction]], *, resume: bool = False) -> InferSummary:
+    """Expand ``inputs``, skip those already in ``out`` (``resume``), and write one row per input
+    from ``classify(todo)`` as it arrives: the one writer and summary of every engine.
+
+    A path that arrives twice (an engine that retries work, like Ray) is written once. On a
+    backend failure the rows so far are kept and a :class:`ServingError` says how to continue.
+    """
     writer = PredictionWriter(Path(out), resume=resume)
     started = time.monotonic()
-    expanded = [path for path, _ in collect_inputs(inputs)]
+    expanded = list(dict.fromkeys(path for path, _ in collect_inputs(inputs)))
     todo = [path for path in expanded if path not in writer.done]
     summary = InferSummary(out=str(out), inputs=len(expanded), skipped=len(expanded) - len(todo))
     try:
-        for prediction in classifier.classify(todo, batch_size=batch_size, concurrency=concurrency, topk=topk,
-                                              workers=workers, show_progress=show_progress):
+        for prediction in classify(todo):
+            if prediction.path in writer.done:
+                continue
             writer.write(prediction)
             if prediction.ok:
                 summary.ok += 1
@@ -268,8 +367,8 @@ def infer(inputs: Sequence[str | Path], out: str | Path, classifier: Classifier,
                 summary.failures.append({"path": prediction.path, "error": prediction.error or ""})
     except ServingError as exc:
         raise ServingError(f"{exc.message}; {summary.ok + summary.failed} of {len(todo)} rows were written "
-                           f"before it", path=out, fix="restart the server, then run the same command with "
-                           "--resume (finished rows are kept and skipped)") from exc
+                           f"before it", path=out, fix=f"{exc.fix or 'restart the server'}, then run the same "
+                           "command with --resume (finished rows are kept and skipped)") from exc
     finally:
         writer.close()
         summary.wall_time_s = round(time.monotonic() - started, 3)

@@ -240,9 +240,28 @@ def check_tritonserver() -> Check:
                  f"{install.stub.parent.name}")
 
 
+def check_ray() -> Check:
+    """Optional (``sfdeploy[ray]``: ``infer --engine ray``, ``.parquet``), but its pyarrow is a trap."""
+    version = _version("ray")
+    if version is None:
+        return Check("ray", WARN, "not installed (only `infer --engine ray` and .parquet files need it)",
+                     "pip install 'sfdeploy[ray]'")
+    try:
+        import pyarrow
+    except ImportError as exc:
+        return Check("ray", FAIL, f"ray {version}; import pyarrow failed: {exc}",
+                     "pip install 'pyarrow>=17,<21' (newer pyarrow needs numpy>=2)")
+    from sfdeploy.scale.cluster import SMALL_SHM, shm_free_bytes, shm_note
+
+    free = shm_free_bytes()
+    small = free is not None and free < SMALL_SHM
+    return Check("ray", WARN if small else OK, f"ray {version}, pyarrow {pyarrow.__version__}, {shm_note()}",
+                 "give the container more shared memory (docker run --shm-size=8g)" if small else "")
+
+
 CHECKS: list[Callable[[], Check]] = [
     check_python, check_torch, check_numpy, check_openmmlab, check_pkg_resources, check_opencv,
-    check_decoders, check_onnx, check_onnxruntime_cuda, check_tritonclient, check_tritonserver,
+    check_decoders, check_onnx, check_onnxruntime_cuda, check_tritonclient, check_tritonserver, check_ray,
 ]
 
 

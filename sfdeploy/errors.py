@@ -19,6 +19,11 @@ class SfdeployError(Exception):
         self.fix = fix
         super().__init__(self.__str__())
 
+    def __reduce__(self) -> tuple:
+        """Pickle message, path and fix (not the joined text): the error survives a trip through
+        another process (a Ray worker, a worker pool) as itself."""
+        return _rebuild, (type(self), self.message, self.path, self.fix)
+
     def __str__(self) -> str:
         text = self.message
         if self.path is not None:
@@ -26,6 +31,10 @@ class SfdeployError(Exception):
         if self.fix:
             text = f"{text}\n  fix: {self.fix}"
         return text
+
+
+def _rebuild(cls: type[SfdeployError], message: str, path: str | None, fix: str | None) -> SfdeployError:
+    return cls(message, path=path, fix=fix)
 
 
 class InputError(SfdeployError):

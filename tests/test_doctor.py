@@ -14,7 +14,7 @@ def test_all_checks_pass_in_the_installed_environment() -> None:
     results = doctor.run_checks()
     assert [c.name for c in results if c.status == doctor.FAIL] == []
     names = {c.name for c in results}
-    assert {"torch", "decoders", "tritonserver", "mmaction2 stack", "onnxruntime"} <= names
+    assert {"torch", "decoders", "tritonserver", "mmaction2 stack", "onnxruntime", "ray"} <= names
     decoders = next(c for c in results if c.name == "decoders")
     assert "decord 0.6.0" in decoders.detail and "PyAV 17.0.1" in decoders.detail
     assert "72 px -> pyav (8/8 frames)" in decoders.detail  # the fallback, on a width decord mis-decodes

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -98,45 +99,63 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, required=True, metavar="VIDEO_OR_DIR...")
+@click.argument("inputs", nargs=-1, metavar="[VIDEO_OR_DIR]...")
+@click.option("--inputs-from", "lists", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A list of inputs: .txt (a path per line), .csv or .parquet (a 'path' column). Repeatable.")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: this machine's processes; ray: a Ray cluster (README 'Scale out').")
+@click.option("--ray-address", help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001) [default: start one "
+                                    "on this machine].")
 @click.option("--backend", default="triton", show_default=True,
               type=click.Choice(["triton", "onnxruntime", "torchscript"]),
-              help="triton: a served model; onnxruntime / torchscript: --export in this process.")
-@click.option("--url", default="127.0.0.1:8000", show_default=True, help="Triton server (http or grpc port).")
+              help="triton: a served model; onnxruntime / torchscript: --export in this process (or the Ray actors).")
+@click.option("--url", "urls", multiple=True, default=("127.0.0.1:8000",), show_default=True,
+              help="Triton server (http or grpc port); --engine ray spreads batches over every --url given.")
 @click.option("--protocol", default="http", show_default=True, type=click.Choice(["http", "grpc"]))
 @click.option("--model", "model_name", default="slowfast", show_default=True, help="Served model name.")
 @click.option("--shm", is_flag=True, help="Send inputs through system shared memory (server on this machine).")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), help="Export folder (local backends).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]),
-              help="Where a local backend runs; cuda fails clearly if it cannot (auto: the GPU when it can).")
+              help="Where a local backend runs; cuda fails clearly if it cannot (auto: the GPU when it can). "
+                   "With --engine ray: cuda gives each model actor one GPU.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Videos per request.")
-@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1), help="Requests in flight.")
-@click.option("--workers", type=click.IntRange(min=1), help="Decode processes [default: one per CPU core].")
+@click.option("--concurrency", type=click.IntRange(min=1),
+              help="Requests in flight [local: 4]; with --engine ray, model actors [1].")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Decode processes [default: one per CPU core]; with --engine ray, decode tasks at once.")
+@click.option("--actor-cpus", type=click.FloatRange(min=0, min_open=True),
+              help="--engine ray: CPUs (threads) per model actor [1; triton: 0.25].")
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per row.")
 @click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output: .csv or .jsonl, one row per input.")
+              help="Output: .csv, .jsonl or .parquet, one row per input.")
 @click.option("--resume", is_flag=True, help="Skip inputs already in --out and append the rest.")
-def infer(inputs: tuple[str, ...], backend: str, url: str, protocol: str, model_name: str, shm: bool,
-          export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int, workers: int | None,
+def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, backend: str,
+          urls: tuple[str, ...], protocol: str, model_name: str, shm: bool, export_dir: Path | None, precision: str,
+          device: str, batch_size: int, concurrency: int | None, workers: int | None, actor_cpus: float | None,
           topk: int, out: Path, resume: bool) -> None:
     """Classify videos (files and folders) with a served or exported model.
 
     Decoding runs in parallel worker processes; batches go to the backend with --concurrency
     requests in flight. Every input gets one row in --out: a video that fails has its error in
-    its row and the others are classified. Exits 1 if any input failed.
+    its row and the others are classified. Exits 1 if any input failed. --engine ray runs the
+    same on a Ray cluster (decode tasks, model actors) with the same rows and --resume.
     """
-    from sfdeploy.client import Classifier
-    from sfdeploy.client import infer as run_infer
-    from sfdeploy.runtime import open_predictor
+    from sfdeploy.inputs import read_input_list
 
-    if backend == "triton":
-        classifier = Classifier.from_triton(url, model=model_name, protocol=protocol, shm=shm)
+    items = [*inputs, *(path for listed in lists for path in read_input_list(listed))]
+    if not items:
+        raise click.UsageError("no inputs: pass videos or folders, or --inputs-from FILE")
+    if engine == "ray":
+        from sfdeploy.scale.engine import RayOptions, infer_ray
+
+        summary = infer_ray(items, out, RayOptions(
+            backend=backend, export_dir=export_dir, precision=precision, device=device, urls=urls, protocol=protocol,
+            model=model_name, shm=shm, batch_size=batch_size, actors=concurrency or 1, actor_cpus=actor_cpus,
+            decode_tasks=workers, topk=topk, address=ray_address), resume=resume)
     else:
-        classifier = Classifier(open_predictor(backend, export_dir=export_dir, precision=precision, device=device))
-    with classifier:
-        summary = run_infer(list(inputs), out, classifier, batch_size=batch_size, concurrency=concurrency,
-                            topk=topk, workers=workers, resume=resume)
+        summary = _infer_local(items, out, backend, urls, protocol, model_name, shm, export_dir, precision, device,
+                               batch_size, concurrency or 4, workers, topk, resume)
     for failure in summary.failures:
         click.echo(f"failed: {failure['path']}: {failure['error']}", err=True)
     click.echo(f"{summary.ok} classified, {summary.failed} failed, {summary.skipped} already in {out}; "
@@ -145,3 +164,22 @@ def infer(inputs: tuple[str, ...], backend: str, url: str, protocol: str, model_
                            "wall_time_s": summary.wall_time_s}))
     if summary.failed:
         raise SystemExit(1)
+
+
+def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...], protocol: str, model_name: str,
+                 shm: bool, export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int,
+                 workers: int | None, topk: int, resume: bool) -> Any:
+    from sfdeploy.client import Classifier
+    from sfdeploy.client import infer as run_infer
+    from sfdeploy.runtime import open_predictor
+
+    if len(urls) > 1:
+        raise click.BadParameter("one server per run with --engine local; --engine ray spreads over several",
+                                 param_hint="--url")
+    if backend == "triton":
+        classifier = Classifier.from_triton(urls[0], model=model_name, protocol=protocol, shm=shm)
+    else:
+        classifier = Classifier(open_predictor(backend, export_dir=export_dir, precision=precision, device=device))
+    with classifier:
+        return run_infer(items, out, classifier, batch_size=batch_size, concurrency=concurrency, topk=topk,
+                         workers=workers, resume=resume)

@@ -1,0 +1,286 @@
+"""``sfdeploy infer --engine ray``: the same rows as the local engine, computed on a Ray cluster.
+
+::
+
+    from sfdeploy.scale.engine import RayOptions, infer_ray
+
+    summary = infer_ray(["videos/"], "p.parquet", RayOptions(backend="onnxruntime", export_dir="EXPORT"))
+
+The pipeline is Ray Data, nothing of our own to schedule::
+
+    paths (blocks of N) -> decode tasks (1 CPU, an isolated decoder process each)
+                        -> model actors (--concurrency of them; 1 GPU each with --device cuda,
+                           or Triton clients spread over --url A --url B)
+                        -> rows, streamed back to this process and written as they arrive
+
+Only paths travel to the decode tasks (not frames: ``ray.data.read_videos`` would emit every
+frame); decoded clips travel from decode tasks to model actors through the object store, bounded
+by :func:`sfdeploy.scale.cluster.size_object_store`; small rows come back. Rows are written by
+:func:`sfdeploy.client.write_predictions`, the writer of the local engine: same files, same
+``--resume``, same summary. Ray retries the work of a killed worker (a path may then arrive
+twice: it is written once); a file that crashes its decoder is its own error row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sfdeploy.client import InferSummary, Prediction, collect_inputs, write_predictions
+from sfdeploy.clipspec import ClipSpec
+from sfdeploy.errors import InputError, ServingError, SfdeployError
+from sfdeploy.progress import bar
+from sfdeploy.runtime import LOCAL_BACKENDS
+from sfdeploy.scale.cluster import (
+    MiB,
+    check_placement,
+    connect,
+    disconnect,
+    shm_note,
+    size_object_store,
+)
+
+log = logging.getLogger("sfdeploy")
+
+MAX_VIDEOS_PER_TASK = 256  # a killed decode task redoes at most this many videos
+TASKS_PER_SLOT = 2  # decode tasks per decode slot: spreads the tail of the run over the cluster
+
+
+@dataclass
+class RayOptions:
+    """How ``--engine ray`` runs: the model (as for the local engine) and the cluster's share."""
+
+    backend: str = "triton"  # triton | onnxruntime | torchscript
+    export_dir: Path | None = None  # local backends: the export folder, at the same path on every node
+    precision: str = "fp32"
+    device: str = "cpu"  # cuda: one GPU per model actor; auto: one where the cluster has GPUs
+    urls: tuple[str, ...] = ("127.0.0.1:8000",)  # triton: batches are spread over these servers
+    protocol: str = "http"
+    model: str = "slowfast"
+    shm: bool = False  # triton system shared memory: only for servers on the actors' machines
+    batch_size: int = 8
+    actors: int = 1  # model actors (--concurrency)
+    actor_cpus: float | None = None  # CPUs (threads) per model actor [see model_cpus]
+    decode_tasks: int | None = None  # decode tasks at once (--workers) [as many as the CPUs allow]
+    topk: int = 5
+    address: str | None = None  # --ray-address; None starts Ray on this machine (or uses the one this process runs)
+
+    def model_cpus(self) -> float:
+        """CPUs reserved per model actor: its inference threads on CPU. One by default: more
+        threads in one actor measured no faster on CPU (ONNX Runtime's threads spin while they
+        wait), so scale a CPU model with more actors (--concurrency)."""
+        if self.actor_cpus is not None:
+            return self.actor_cpus
+        return 0.25 if self.backend == "triton" else 1.0  # triton: an HTTP/gRPC client
+
+
+def infer_ray(inputs: Sequence[str | Path], out: str | Path, options: RayOptions | None = None, *,
+              resume: bool = False, show_progress: bool = True) -> InferSummary:
+    """Classify ``inputs`` into ``out`` on Ray: the rows, ``--resume`` and summary of :func:`sfdeploy.client.infer`."""
+    options = options or RayOptions()
+    # Ray prints its raylet's notices (a task retried, a worker died) to stdout; ours carries the
+    # summary that scripts parse, so notices go to stderr while the run lasts.
+    with contextlib.redirect_stdout(sys.stderr):
+        return write_predictions(inputs, out, lambda todo: classify_ray(todo, options, show_progress=show_progress),
+                                 resume=resume)
+
+
+def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: bool = False) -> Iterator[Prediction]:
+    """One :class:`Prediction` per input, in completion order (a retried one may come twice).
+
+    Raises :class:`ServingError` (or the error a stage raised) if the run cannot finish; the
+    predictions yielded before stay valid.
+    """
+    if options.batch_size < 1 or options.actors < 1:
+        raise InputError("batch size and concurrency must be >= 1", fix="use e.g. --batch-size 8 --concurrency 2")
+    items = collect_inputs(inputs)
+    for path, error in items:
+        if error:
+            yield Prediction(path, "error", error=error)
+    paths = [path for path, error in items if not error]
+    if not paths:
+        return
+    spec = read_spec(options)
+    decode_slots = options.decode_tasks or os.cpu_count() or 1
+    # Started here, Ray gets a CPU per decode slot beside the model actors' CPUs: one machine then
+    # runs what the local engine runs (a decode process per core, and the model).
+    cluster = connect(options.address, num_cpus=decode_slots + math.ceil(options.actors * options.model_cpus()))
+    seen: set[str] = set()
+    try:
+        dataset = _pipeline(paths, spec, options, cluster)
+        shown = bar(len(paths), desc=f"infer ray:{options.backend}", unit="video", enabled=show_progress)
+        try:
+            with _quiet_ray_data():
+                for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    for row in table.to_pylist():
+                        prediction = Prediction.from_arrow_row(row)
+                        if prediction.path not in seen:
+                            seen.add(prediction.path)
+                            shown.update(1)
+                        yield prediction
+        except Exception as exc:  # Ray wraps a stage's error: raise the sfdeploy error inside it
+            raise _unwrap(exc) from exc
+        finally:
+            shown.close()
+    finally:
+        disconnect(cluster)
+    missing = len(set(paths) - seen)
+    if missing:
+        raise ServingError(f"the Ray run ended without a row for {missing} of {len(set(paths))} videos",
+                           fix="run the same command with --resume to classify them")
+
+
+def read_spec(options: RayOptions) -> ClipSpec:
+    """The clip spec the decode tasks must produce, read here so a bad --export or --url fails
+    before Ray starts: from the export's manifest, or from every Triton server (all must agree)."""
+    if options.backend in LOCAL_BACKENDS:
+        from sfdeploy.artifacts import Manifest
+
+        if options.export_dir is None:
+            raise InputError(f"--backend {options.backend} runs an exported model on the Ray workers",
+                             fix="pass --export EXPORT (a folder every node can read at the same path)")
+        return Manifest.read(Path(options.export_dir)).clip_spec
+    if options.backend != "triton":
+        raise InputError(f"unknown backend '{options.backend}'",
+                         fix=f"use one of: {', '.join((*LOCAL_BACKENDS, 'triton'))}")
+    from sfdeploy.runtime.triton import TritonPredictor
+
+    specs = {}
+    for url in options.urls:
+        predictor = TritonPredictor(url=url, model=options.model, protocol=options.protocol)
+        specs[url] = predictor.spec
+        predictor.close()
+    first = next(iter(specs.values()))
+    differ = [url for url, spec in specs.items() if spec != first]
+    if differ:
+        raise InputError(f"the servers serve different '{options.model}' models ({', '.join(differ)} differ from "
+                         f"{options.urls[0]})", fix="pass --url only for servers of the same model repository")
+    return first
+
+
+def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: Any) -> Any:
+    """The Ray Data dataset: path blocks -> decode tasks -> model actors -> rows (lazy)."""
+    import numpy as np
+    import ray
+
+    from sfdeploy.scale.stages import PredictStage, decode_videos
+
+    model_cpus = options.model_cpus()
+    # One GPU per model actor for --device cuda, and for auto where the cluster has GPUs (the actor
+    # then resolves auto itself: onnxruntime without its CUDA provider runs on the actor's CPU).
+    wants_gpu = options.device.startswith("cuda") or (options.device == "auto" and cluster.gpus >= 1)
+    gpus = 1 if wants_gpu and options.backend in LOCAL_BACKENDS else 0
+    check_placement(cluster, actors=options.actors, actor_cpus=model_cpus, actor_gpus=gpus)
+    decode_slots = max(1, int(cluster.cpus - options.actors * model_cpus))
+    if options.decode_tasks:
+        decode_slots = min(decode_slots, options.decode_tasks)
+    per_task = min(MAX_VIDEOS_PER_TASK, max(
+        options.batch_size, math.ceil(len(paths) / (TASKS_PER_SLOT * decode_slots))))
+    clip_bytes = int(np.prod(spec.input_shape))
+    sizing = size_object_store(clip_bytes, options.batch_size, options.actors, decode_slots,
+                               cluster.object_store_bytes)
+    context = ray.data.DataContext.get_current()
+    execution = copy.copy(context.execution_options)
+    execution.resource_limits = execution.resource_limits.copy(object_store_memory=sizing.budget_bytes)
+    settings = {
+        "execution_options": execution,
+        # Each batch a decode task yields is its own block, so model actors start on it at once
+        # (Ray Data would otherwise merge a task's output up to 128 MiB before passing it on).
+        "target_max_block_size": min(context.target_max_block_size or sizing.batch_bytes, sizing.batch_bytes),
+        "raise_original_map_exception": True,  # a stage's SfdeployError reaches the user as itself
+        "enable_progress_bars": False,  # sfdeploy's own bar counts videos
+        "print_on_execution_start": False,
+    }
+    # A decode task holds a batch being filled and one being handed over; reserving that memory
+    # lets Ray place tasks by memory too (and keeps decode and model stages separate operators).
+    decode_memory = 2 * sizing.batch_bytes + 256 * MiB
+
+    log.info("ray: %s: %.0f CPUs, %.0f GPUs, object store %.1f GiB (%s)",
+             "started on this machine" if cluster.started_here else f"cluster {cluster.address}",
+             cluster.cpus, cluster.gpus, cluster.object_store_bytes / 2**30, shm_note())
+    log.info("ray: %s", sizing.describe())
+    log.info("ray: decode: %d videos per task, up to %d tasks at once (1 CPU, %.0f MiB each); model: %d actor(s) "
+             "x %g CPU, %d GPU, %s, batch %d", per_task, decode_slots, decode_memory / MiB, options.actors, model_cpus,
+             gpus, options.backend if options.backend != "triton" else f"triton {', '.join(options.urls)}",
+             options.batch_size)
+
+    # One block of paths per decode task, built here (from_arrow would run a Ray task per block
+    # just to read its schema). Workers get absolute paths: they may not share our directory.
+    items = [{"path": path, "file": os.path.abspath(path)} for path in paths]
+    stage = {"backend": options.backend, "spec_json": spec.to_json(), "precision": options.precision,
+             "device": options.device, "threads": max(1, int(model_cpus)), "urls": tuple(options.urls),
+             "protocol": options.protocol, "model": options.model, "shm": options.shm, "topk": options.topk,
+             "export_dir": str(Path(options.export_dir).resolve()) if options.export_dir else None}
+    with _data_context(context, settings):  # the dataset keeps a copy; the caller's context is left as it was
+        return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
+                .map_batches(decode_videos, batch_size=None, batch_format="pyarrow", num_cpus=1,
+                             memory=decode_memory, compute=ray.data.TaskPoolStrategy(size=decode_slots),
+                             fn_kwargs={"spec_json": spec.to_json(), "batch_size": options.batch_size})
+                .map_batches(PredictStage, batch_size=options.batch_size, batch_format="pyarrow",
+                             fn_constructor_kwargs=stage, num_cpus=model_cpus, num_gpus=gpus,
+                             compute=ray.data.ActorPoolStrategy(size=options.actors)))
+
+
+@contextlib.contextmanager
+def _data_context(context: Any, settings: dict[str, Any]) -> Iterator[None]:
+    saved = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
+
+
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data's per-run notices (progress bars off, execution finished) stay out of the user's
+    terminal while the run lasts; its warnings and errors do not."""
+    levels = {"ray.data._internal.progress": logging.ERROR,
+              "ray.data._internal.execution.streaming_executor": logging.WARNING}
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The sfdeploy error behind Ray's wrappers, else a :class:`ServingError` with Ray's message.
+
+    A stage's exception comes back as the ``cause`` of a ``RayTaskError`` (Ray Data is told to
+    raise the original); an actor that failed in ``__init__`` leaves only its traceback text.
+    """
+    import sfdeploy.errors
+
+    node: BaseException | None = exc
+    for _ in range(8):
+        cause = getattr(node, "cause", None)
+        if isinstance(cause, SfdeployError):
+            return cause
+        trace = getattr(node, "error_msg", None)
+        if isinstance(trace, str) and "sfdeploy.errors." in trace:
+            name, _, text = trace[trace.rindex("sfdeploy.errors.") + len("sfdeploy.errors."):].partition(": ")
+            kind = getattr(sfdeploy.errors, name, None)
+            message, _, fix = text.partition("\n  fix: ")
+            if isinstance(kind, type) and issubclass(kind, SfdeployError):
+                return kind(f"{message.strip()} (on a Ray worker)", fix=fix.strip() or None)
+        node = cause if isinstance(cause, BaseException) else node.__cause__ if node is not None else None
+        if node is None:
+            break
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ServingError(f"the Ray run failed ({type(exc).__name__}: {first_line})",
+                        fix="read the Ray worker's error above; fix it, then run the same command with --resume "
+                            "(finished rows are kept)")
