@@ -38,6 +38,13 @@ def test_tiny_bench_writes_a_complete_record(tmp_path: Path) -> None:
     assert record["ops"] and all(0 <= op["share"] <= 1 for op in record["ops"])
     assert any(t["target"].startswith("Triton (grpc)") for t in record["targets"])
 
+    video = record["triton_video"]  # server-side vs client-side decoding, same 8 videos, concurrency 2
+    assert video["videos"] == 8 and video["concurrency"] == 2 and video["errors"] == 0
+    assert video["server_decode_videos_per_s"] > 0 and video["client_decode_videos_per_s"] > 0
+    assert video["client_decode_bytes_per_video"] == 16 * 64 * 64 * 3  # one view of 16 frames at 64 px
+    assert 1000 < video["server_decode_bytes_per_video"] < video["client_decode_bytes_per_video"]  # small mp4s
+
     table = out.with_suffix(".md").read_text()
     assert "| mmaction2 | fp32 | 1 |" in table and "decode only (ceiling)" in table
+    assert "## Server-side decoding (triton-video)" in table
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -48,6 +48,10 @@ def markdown(results: dict[str, Any]) -> str:
                       ["MMAction2 inference_recognizer", f"{e2e['mmaction2_videos_per_s']:.1f}",
                        f"one video at a time ({e2e['mmaction2_videos']} videos); sfdeploy is "
                        f"{e2e['speedup_vs_mmaction2']:.1f}x"]])]
+    if results.get("triton_video"):
+        from sfdeploy.bench.video import markdown_rows
+
+        lines += markdown_rows(results["triton_video"])
     if results.get("targets"):
         lines += ["", "## Against the targets", "",
                   _table(["target", "measured", "status"],

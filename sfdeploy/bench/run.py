@@ -130,8 +130,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     scratch_ctx = tempfile.TemporaryDirectory(prefix="sfdeploy-bench-") if opts.scratch is None else None
     scratch = Path(scratch_ctx.name) if scratch_ctx else Path(opts.scratch)
     rows: list[suites.Row] = []
-    e2e = None
-    ops = None
+    e2e = ops = video = None
     try:
         export_dir = scratch / "export"
         _export(model, precisions, device, export_dir)
@@ -151,7 +150,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
                 rows += suites.predictor_rows(backend, lambda p, b=backend, d=run_on: open_local(
                     b, export_dir, precision=p, device=d), model.spec, precisions, batches, run_on,
                     opts.warmup, opts.iters)
-        e2e, ops = _served_and_end_to_end(opts, model, export_dir, scratch, precisions, batches, device, rows)
+        e2e, ops, video = _served_and_end_to_end(opts, model, export_dir, scratch, precisions, batches, device,
+                                                 rows)
     finally:
         if scratch_ctx:
             scratch_ctx.cleanup()
@@ -168,6 +168,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
                      "concurrency": list(opts.concurrency), "triton_batch": opts.triton_batch},
         "model_only": model_only,
         "end_to_end": e2e.to_dict() if e2e else None,
+        "triton_video": video.to_dict() if video else None,
         "ops": ops,
     }
     results["targets"] = _targets(model_only, results["end_to_end"], device, opts.profile)
@@ -176,24 +177,26 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
 
 
 def _served_and_end_to_end(opts: BenchOptions, model: Any, export_dir: Path, scratch: Path, precisions: list[str],
-                           batches: list[int], device: str, rows: list) -> tuple[Any, Any]:
+                           batches: list[int], device: str, rows: list) -> tuple[Any, Any, Any]:
     from sfdeploy.client import Classifier
     from sfdeploy.runtime import open_local
     from sfdeploy.serving.repo import RepoOptions, write_repository
     from sfdeploy.serving.server import TritonServer, free_port
 
     served = [b for b in ("triton-http", "triton-grpc") if b in opts.backends]
+    video_row = "triton-video" in opts.backends
     # The served model runs what `sfdeploy repo` serves by default: TorchScript.
     precision = "fp16" if device.startswith("cuda") and "fp16" in precisions else "fp32"
     server = None
-    if served or opts.e2e:
+    if served or opts.e2e or video_row:
         repo = scratch / "repo"
         write_repository(export_dir, RepoOptions(repo=repo, max_batch=max([*batches, opts.triton_batch]),
                                                  runtime="torchscript", precision=precision,
-                                                 device=device, native=False,
+                                                 device=device, native=False, video=video_row,
                                                  require_parity=False))
         server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()).start()
     try:
+        paths = _videos(opts, model, scratch) if opts.e2e or video_row else []
         for backend in served:
             log.info("bench: %s", backend)
             protocol = backend.split("-")[1]
@@ -203,7 +206,6 @@ def _served_and_end_to_end(opts: BenchOptions, model: Any, export_dir: Path, scr
         e2e = None
         if opts.e2e:
             log.info("bench: end to end")
-            paths = _videos(opts, model, scratch)
             if server is not None:
                 classifier = Classifier.from_triton(server.grpc_url, "slowfast", protocol="grpc")
             else:
@@ -212,6 +214,12 @@ def _served_and_end_to_end(opts: BenchOptions, model: Any, export_dir: Path, scr
                 e2e = suites.end_to_end(model, paths, classifier, workers=opts.workers or os.cpu_count() or 1,
                                         batch=opts.triton_batch, concurrency=max(opts.concurrency),
                                         mmaction2_videos=opts.mmaction2_videos, device=device)
+        video = None
+        if video_row:  # server-side vs client-side decoding, same videos, same concurrency
+            from sfdeploy.bench.video import triton_video_row
+
+            video = triton_video_row(server.grpc_url, "grpc", "slowfast", paths, concurrency=max(opts.concurrency),
+                                     workers=opts.workers or os.cpu_count() or 1)
     finally:
         if server is not None:
             server.stop()
@@ -220,7 +228,7 @@ def _served_and_end_to_end(opts: BenchOptions, model: Any, export_dir: Path, scr
         module = suites.deploy_module(model, precision, device)
         frames = torch.from_numpy(suites.random_clips(model.spec, max(batches))).to(device)
         ops = suites.profile_ops(module, frames, device)
-    return e2e, ops
+    return e2e, ops, video
 
 
 def _videos(opts: BenchOptions, model: Any, scratch: Path) -> list[Path]:
