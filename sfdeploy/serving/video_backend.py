@@ -107,7 +107,8 @@ class TritonPythonModel:
 
         per_request = [pb_utils.get_input_tensor_by_name(r, VIDEO_INPUT).as_numpy().reshape(-1) for r in requests]
         try:
-            answers = self.classify([bytes(v) for videos in per_request for v in videos], self._run_model)
+            answers = self.classify([v if isinstance(v, bytes) else bytes(v) for videos in per_request for v in videos],
+                                    self._run_model)
         except ServerSideFailure as exc:
             error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
