@@ -32,7 +32,7 @@ from sfdeploy.runtime.triton_video import TritonVideoPredictor
 from sfdeploy.serving.config import parse_config, spec_of
 from sfdeploy.serving.repo import VIDEO_MODEL
 
-from badvideos import corrupt_index, encoded_video, good_video, not_a_video, truncated, zero_byte
+from badvideos import corrupt_index, good_video, not_a_video, truncated, zero_byte
 from conftest import REPO, run_cli
 
 
@@ -51,7 +51,15 @@ def real_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # decord mis-decodes 72 px wide streams: PyAV decodes it, on the server as on the client
         "h264_72x128_portrait.mov": dict(width=72, height=128, frames=40, codec="libx264", pix_fmt="yuv420p"),
     }
-    return {name: encoded_video(root / name, seed=i, **kw) for i, (name, kw) in enumerate(cases.items())}
+    # Encoded in a fresh interpreter: once decord is loaded (as earlier tests do), PyAV's libvpx
+    # encoder fails to open in the same process (their bundled libraries clash); decoding is unaffected.
+    jobs = {name: dict(kw, seed=i) for i, (name, kw) in enumerate(cases.items())}
+    script = ("import json, sys\nfrom pathlib import Path\nfrom badvideos import encoded_video\n"
+              "for name, kw in json.loads(sys.argv[1]).items():\n    encoded_video(Path(sys.argv[2]) / name, **kw)\n")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(jobs), str(root)], cwd=Path(__file__).parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {name: root / name for name in cases}
 
 
 @pytest.fixture(scope="module")
