@@ -5,7 +5,8 @@ none of them keeps its own copy of:
 
 * the artifact keys (format x precision) and their file names (:func:`artifact_key`,
   :func:`artifact_file`), the formats and which backend runs which format;
-* the tensor names of the deployed model (:data:`INPUT_NAME`, :data:`OUTPUT_NAME`);
+* the tensor names of the deployed model (:data:`INPUT_NAME`, :data:`OUTPUT_NAME`), and of the
+  served model that decodes on the server (:func:`video_model_name`, :data:`VIDEO_INPUT`, ...);
 * the self-check tolerances an exporter holds its reloaded artifact to;
 * ``EXPORT/manifest.json`` (:class:`Manifest`): the clip spec, tensors, each artifact's file,
   size and sha256, the source checkpoint and the parity results;
@@ -38,6 +39,17 @@ FORMAT_VERSION = 1
 
 INPUT_NAME = "frames"  # uint8 [N, V, T, H, W, 3], RGB
 OUTPUT_NAME = "probs"  # float32 [N, num_classes]
+
+# <name>_video, the served model that takes encoded videos (server-side decoding); its probabilities
+# are OUTPUT_NAME, as the model's.
+VIDEO_INPUT = "video"  # BYTES [N, 1]: the bytes of one encoded video file per item
+LABEL_OUTPUT = "label"  # BYTES [N, 1]: the top-1 class name ("" for an item that failed)
+ERROR_OUTPUT = "error"  # BYTES [N, 1]: why an item failed ("" for an item that was classified)
+
+
+def video_model_name(name: str) -> str:
+    """The served model that decodes videos for model ``name`` on the server."""
+    return f"{name}_video"
 
 FORMATS: tuple[str, ...] = ("torchscript", "onnx")
 # bf16: TorchScript only, written by `sfdeploy bench --precision bf16` on CUDA (ONNX Runtime has no

@@ -10,9 +10,11 @@
 
 The pipeline: worker processes decode and preprocess (a file that crashes or hangs its decoder
 fails alone), the main thread packs clips into batches, and up to ``concurrency`` batches are in
-flight at once on a thread pool. Every input yields exactly one :class:`Prediction`, failed ones
-with their error. :func:`infer` writes them to CSV, JSON Lines or Parquet as they arrive and can
-resume; :func:`write_predictions` does the same for any stream of predictions (``--engine ray``).
+flight at once on a thread pool. With server-side decoding (``from_triton(..., server_decode=True)``)
+the batches hold the files' bytes instead, and ``<model>_video`` decodes them on the server. Every
+input yields exactly one :class:`Prediction`, failed ones with their error. :func:`infer` writes
+them to CSV, JSON Lines or Parquet as they arrive and can resume; :func:`write_predictions` does
+the same for any stream of predictions (``--engine ray``).
 """
 
 from __future__ import annotations
@@ -119,7 +121,16 @@ class Classifier:
 
     @classmethod
     def from_triton(cls, url: str = "127.0.0.1:8000", model: str = "slowfast", protocol: str = "http",
-                    shm: bool = False) -> Classifier:
+                    shm: bool = False, server_decode: bool = False) -> Classifier:
+        """A served model. ``server_decode``: send the encoded files to ``<model>_video``, which decodes
+        them on the server (nothing decoded here; the file's bytes on the wire, not uint8 clips)."""
+        if server_decode:
+            from sfdeploy.runtime.triton_video import TritonVideoPredictor
+
+            if shm:
+                raise InputError("--shm carries decoded clips; with --server-decode the encoded files are sent",
+                                 fix="drop --shm or --server-decode")
+            return cls(TritonVideoPredictor(url=url, model=model, protocol=protocol))
         from sfdeploy.runtime.triton import TritonPredictor
 
         return cls(TritonPredictor(url=url, model=model, protocol=protocol, shm=shm))
@@ -167,17 +178,28 @@ class Classifier:
                     continue
                 for path, row in zip(batch_paths, probs, strict=True):
                     shown.update(1)
+                    if isinstance(row, str):  # server-side decoding: why the server could not classify it
+                        yield Prediction(path, "error", error=row)
+                        continue
                     yield Prediction.from_probs(path, row, classes, topk)
 
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sfdeploy-infer") as pool:
             batch: list[tuple[str, np.ndarray]] = []
 
+            server_decode = getattr(self.predictor, "decodes_on_server", False)
+
             def submit() -> None:
-                clips = np.stack([clip for _, clip in batch])
-                inflight[pool.submit(self.predictor.predict, clips)] = [p for p, _ in batch]
+                items = [item for _, item in batch]  # clips, or the encoded files (server-side decoding)
+                inflight[pool.submit(self.predictor.predict, items if server_decode else np.stack(items))] = [
+                    p for p, _ in batch]
                 batch.clear()
 
-            stream = decode_many(paths, self.spec, workers=workers)
+            if server_decode:
+                from sfdeploy.runtime.triton_video import read_encoded
+
+                stream = read_encoded(paths)
+            else:
+                stream = decode_many(paths, self.spec, workers=workers)
             try:
                 for index, clip in stream:
                     if isinstance(clip, DecodeFailure):

@@ -28,7 +28,7 @@ import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.decode import FIXES, DecodeError, describe, open_video
-from sfdeploy.workers import WorkerFailure, imap_isolated
+from sfdeploy.workers import IsolatedPool, WorkerFailure
 
 
 def sample_indices(total_frames: int, spec: ClipSpec) -> np.ndarray:
@@ -122,12 +122,42 @@ def _single_threaded() -> None:
     cv2.setNumThreads(1)  # one decode per worker process; the processes are the parallelism
 
 
+class DecodePool:
+    """Decode worker processes kept between calls: the pool behind :func:`decode_many`, and what a
+    Triton model instance (``<name>_video``) decodes its requests with, request after request,
+    without starting an interpreter per request. A video that crashes or hangs the decoder costs
+    its own result and its worker (replaced), never the caller's process."""
+
+    def __init__(self, spec: ClipSpec, *, workers: int | None = None, timeout_s: float = 300.0,
+                 prefetch: int = 2) -> None:
+        self.spec = spec
+        self._pool = IsolatedPool(_decode_task, workers=workers or max(1, os.cpu_count() or 1),
+                                  on_failure=_decode_failed, timeout_s=timeout_s, prefetch=prefetch,
+                                  init=_single_threaded)
+
+    def warm(self) -> None:
+        """Start the workers now (imports done before the first video arrives)."""
+        self._pool.warm()
+
+    def decode(self, sources: Sequence[str | Path | bytes]) -> Iterator[tuple[int, np.ndarray | DecodeFailure]]:
+        """``(index, views or DecodeFailure)`` for each source, as they complete."""
+        jobs = [(bytes(s) if isinstance(s, (bytes, bytearray, memoryview)) else str(s), self.spec) for s in sources]
+        yield from self._pool.imap(jobs)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def decode_many(sources: Sequence[str | Path | bytes], spec: ClipSpec, *, workers: int | None = None,
                 timeout_s: float = 300.0, prefetch: int = 2) -> Iterator[tuple[int, np.ndarray | DecodeFailure]]:
-    """Decode videos (paths or encoded bytes) in worker processes (:func:`imap_isolated`); yields
+    """Decode videos (paths or encoded bytes) in worker processes (:mod:`sfdeploy.workers`); yields
     ``(index, views or DecodeFailure)`` as they complete. A video that crashes or hangs the decoder
     fails alone; a failure's ``path`` is the path, or ``<N bytes of an encoded video>``."""
-    jobs = [(bytes(s) if isinstance(s, (bytes, bytearray, memoryview)) else str(s), spec) for s in sources]
-    workers = workers or max(1, os.cpu_count() or 1)
-    yield from imap_isolated(_decode_task, jobs, workers=workers, on_failure=_decode_failed,
-                             timeout_s=timeout_s, prefetch=prefetch, init=_single_threaded)
+    with DecodePool(spec, workers=workers, timeout_s=timeout_s, prefetch=prefetch) as pool:
+        yield from pool.decode(sources)

@@ -1,4 +1,5 @@
-"""The wire format between :mod:`sfdeploy.workers` and its worker processes, and the worker's side.
+"""The wire format between :mod:`sfdeploy.workers` and its worker processes, and both ends of it:
+the worker's side (:func:`child_main`) and the parent's pipes (:class:`Pipes`).
 
 A worker is ``python -m sfdeploy.workers``; it talks to the parent over its stdin and stdout.
 Before anything else it moves its own stdout to stderr and its stdin to /dev/null, so whatever
@@ -16,6 +17,11 @@ big-endian length followed by that many bytes:
 
 Pickle only ever crosses this private pipe between sfdeploy's own parent and the worker it
 started: nothing is unpickled from a file, a socket or anyone else.
+
+The parent never blocks on a pipe (non-blocking writes from a per-worker queue, reads of whatever
+is ready), so large items (the bytes of a video) and large results (decoded frames) in both
+directions cannot deadlock it, and a hung worker cannot stop it from noticing timeouts. POSIX only
+(pipes in a selector).
 """
 
 from __future__ import annotations
@@ -23,13 +29,19 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import selectors
 import struct
+import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 LENGTH = struct.Struct(">Q")
 INDEX = struct.Struct(">Q")
+_CHUNK = 1 << 20
 
 
 def message(body: bytes) -> bytes:
@@ -103,3 +115,127 @@ def child_main() -> int:
             payload = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
         send(body[:INDEX.size] + payload)
     return 0
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen
+    outgoing: deque[memoryview] = field(default_factory=deque)
+    incoming: bytearray = field(default_factory=bytearray)
+    assigned: deque[int] = field(default_factory=deque)  # answered in this order
+    since: float = 0.0  # when the item at assigned[0] started (or was sent, if the worker was idle)
+    started: float = 0.0
+    ready: bool = False
+    eof: bool = False
+    writing: bool = False
+
+    @property
+    def fd_in(self) -> int:
+        return self.process.stdin.fileno()  # type: ignore[union-attr]
+
+    @property
+    def fd_out(self) -> int:
+        return self.process.stdout.fileno()  # type: ignore[union-attr]
+
+
+class Pipes:
+    """The parent's side: worker processes (``python -m sfdeploy.workers``), their pipes and one
+    selector over them. Every worker started gets ``handshake`` first."""
+
+    def __init__(self, handshake: bytes, python: str, env: dict[str, str]) -> None:
+        self.handshake = handshake
+        self.selector = selectors.DefaultSelector()
+        self.workers: list[Worker] = []
+        self.python = python
+        self.env = env
+
+    def start(self) -> None:
+        process = subprocess.Popen([self.python, "-m", "sfdeploy.workers"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, env=self.env, close_fds=True)
+        worker = Worker(process, started=time.monotonic())
+        os.set_blocking(worker.fd_in, False)
+        os.set_blocking(worker.fd_out, False)
+        self.selector.register(worker.fd_out, selectors.EVENT_READ, worker)
+        self.workers.append(worker)
+        self.send(worker, self.handshake)
+
+    def send(self, worker: Worker, data: bytes) -> None:
+        worker.outgoing.append(memoryview(data))
+        self.flush(worker)
+
+    def flush(self, worker: Worker) -> None:
+        """Write what the pipe takes now; the selector says when it takes more."""
+        while worker.outgoing and not worker.eof:
+            head = worker.outgoing[0]
+            try:
+                written = os.write(worker.fd_in, head[:_CHUNK])
+            except BlockingIOError:
+                break
+            except OSError:  # the worker is gone (EPIPE); its closed stdout reports it
+                worker.outgoing.clear()
+                break
+            if written == len(head):
+                worker.outgoing.popleft()
+            else:
+                worker.outgoing[0] = head[written:]
+        want = bool(worker.outgoing) and not worker.eof
+        if want != worker.writing:
+            if want:
+                self.selector.register(worker.fd_in, selectors.EVENT_WRITE, worker)
+            else:
+                self.selector.unregister(worker.fd_in)
+            worker.writing = want
+
+    def receive(self, worker: Worker) -> None:
+        """Read everything the worker has written so far; notes its end of output."""
+        while True:
+            try:
+                chunk = os.read(worker.fd_out, _CHUNK)
+            except BlockingIOError:
+                return
+            if not chunk:
+                worker.eof = True
+                return
+            worker.incoming += chunk
+
+    @staticmethod
+    def messages(worker: Worker) -> Iterator[bytes]:
+        """Complete messages received from the worker, in order."""
+        while len(worker.incoming) >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(worker.incoming)
+            end = LENGTH.size + size
+            if len(worker.incoming) < end:
+                return
+            body = bytes(worker.incoming[LENGTH.size:end])
+            del worker.incoming[:end]
+            yield body
+
+    def retire(self, worker: Worker, kill: bool) -> None:
+        if kill:
+            worker.process.kill()
+        self.selector.unregister(worker.fd_out)
+        if worker.writing:
+            self.selector.unregister(worker.fd_in)
+        worker.process.stdin.close()  # type: ignore[union-attr]
+        try:
+            worker.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()
+        worker.process.stdout.close()  # type: ignore[union-attr]
+        self.workers.remove(worker)
+
+    def close(self) -> None:
+        """Close every worker's input (it exits when idle), then kill what is still running."""
+        for worker in self.workers:
+            worker.process.stdin.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 5
+        for worker in self.workers:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+            worker.process.stdout.close()  # type: ignore[union-attr]
+        self.workers.clear()
+        self.selector.close()

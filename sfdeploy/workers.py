@@ -18,13 +18,13 @@ keeps start-up cheap; the caller's main module is never imported. ``fn`` and ``i
 travel as ``module:qualified.name`` and must be importable functions: a lambda, a nested function
 or a function defined in ``__main__`` is refused up front with an :class:`InputError`.
 
-The wire format (length-prefixed messages over the worker's stdin/stdout) and the worker's side
-live in :mod:`sfdeploy.worker_protocol`. Pickle is used only between sfdeploy's own parent and the
-worker it started, over that private pipe; nothing is unpickled from a file, a socket or anyone
-else. The parent never blocks on a
-pipe (non-blocking writes from a per-worker queue, reads of whatever is ready), so large items
-(the bytes of a video) and large results (decoded frames) in both directions cannot deadlock it,
-and a hung worker cannot stop it from noticing timeouts. POSIX only (pipes in a selector).
+:class:`IsolatedPool` keeps its workers between calls (a server decodes request after request
+without starting interpreters each time); :func:`imap_isolated` is one pass over a pool of its own.
+
+The wire format (length-prefixed messages over the worker's stdin/stdout), the worker's side and
+the parent's non-blocking pipes live in :mod:`sfdeploy.worker_protocol`. Pickle is used only
+between sfdeploy's own parent and the worker it started, over that private pipe; nothing is
+unpickled from a file, a socket or anyone else.
 """
 
 from __future__ import annotations
@@ -34,24 +34,22 @@ import pickle
 import re
 import selectors
 import site
-import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.worker_protocol import INDEX, LENGTH, message, resolve
+from sfdeploy.worker_protocol import INDEX, Pipes, Worker, message, resolve
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 _POLL_S = 0.2
 _START_TIMEOUT_S = 120.0  # from start to "ready": imports and ``init``, not an item's fault
-_CHUNK = 1 << 20
 _PYTHON_NAME = re.compile(r"(python|pypy)[0-9.]*[dmw]*(\.exe)?")
 
 
@@ -132,162 +130,73 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-@dataclass
-class _Worker:
-    process: subprocess.Popen
-    outgoing: deque[memoryview] = field(default_factory=deque)
-    incoming: bytearray = field(default_factory=bytearray)
-    assigned: deque[int] = field(default_factory=deque)  # answered in this order
-    since: float = 0.0  # when the item at assigned[0] started (or was sent, if the worker was idle)
-    started: float = 0.0
-    ready: bool = False
-    eof: bool = False
-    writing: bool = False
-
-    @property
-    def fd_in(self) -> int:
-        return self.process.stdin.fileno()  # type: ignore[union-attr]
-
-    @property
-    def fd_out(self) -> int:
-        return self.process.stdout.fileno()  # type: ignore[union-attr]
-
-
-class _Pool:
-    """The parent's side: worker processes, their pipes and one selector over them."""
-
-    def __init__(self, handshake: bytes) -> None:
-        self.handshake = handshake
-        self.selector = selectors.DefaultSelector()
-        self.workers: list[_Worker] = []
-        self.python = python_executable()
-        self.env = _child_env()
-
-    def start(self) -> None:
-        process = subprocess.Popen([self.python, "-m", "sfdeploy.workers"], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, env=self.env, close_fds=True)
-        worker = _Worker(process, started=time.monotonic())
-        os.set_blocking(worker.fd_in, False)
-        os.set_blocking(worker.fd_out, False)
-        self.selector.register(worker.fd_out, selectors.EVENT_READ, worker)
-        self.workers.append(worker)
-        self.send(worker, self.handshake)
-
-    def send(self, worker: _Worker, message: bytes) -> None:
-        worker.outgoing.append(memoryview(message))
-        self.flush(worker)
-
-    def flush(self, worker: _Worker) -> None:
-        """Write what the pipe takes now; the selector says when it takes more."""
-        while worker.outgoing and not worker.eof:
-            head = worker.outgoing[0]
-            try:
-                written = os.write(worker.fd_in, head[:_CHUNK])
-            except BlockingIOError:
-                break
-            except OSError:  # the worker is gone (EPIPE); its closed stdout reports it
-                worker.outgoing.clear()
-                break
-            if written == len(head):
-                worker.outgoing.popleft()
-            else:
-                worker.outgoing[0] = head[written:]
-        want = bool(worker.outgoing) and not worker.eof
-        if want != worker.writing:
-            if want:
-                self.selector.register(worker.fd_in, selectors.EVENT_WRITE, worker)
-            else:
-                self.selector.unregister(worker.fd_in)
-            worker.writing = want
-
-    def receive(self, worker: _Worker) -> None:
-        """Read everything the worker has written so far; notes its end of output."""
-        while True:
-            try:
-                chunk = os.read(worker.fd_out, _CHUNK)
-            except BlockingIOError:
-                return
-            if not chunk:
-                worker.eof = True
-                return
-            worker.incoming += chunk
-
-    @staticmethod
-    def messages(worker: _Worker) -> Iterator[bytes]:
-        """Complete messages received from the worker, in order."""
-        while len(worker.incoming) >= LENGTH.size:
-            (size,) = LENGTH.unpack_from(worker.incoming)
-            end = LENGTH.size + size
-            if len(worker.incoming) < end:
-                return
-            body = bytes(worker.incoming[LENGTH.size:end])
-            del worker.incoming[:end]
-            yield body
-
-    def retire(self, worker: _Worker, kill: bool) -> None:
-        if kill:
-            worker.process.kill()
-        self.selector.unregister(worker.fd_out)
-        if worker.writing:
-            self.selector.unregister(worker.fd_in)
-        worker.process.stdin.close()  # type: ignore[union-attr]
-        try:
-            worker.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            worker.process.kill()
-            worker.process.wait()
-        worker.process.stdout.close()  # type: ignore[union-attr]
-        self.workers.remove(worker)
-
-    def close(self) -> None:
-        """Close every worker's input (it exits when idle), then kill what is still running."""
-        for worker in self.workers:
-            worker.process.stdin.close()  # type: ignore[union-attr]
-        deadline = time.monotonic() + 5
-        for worker in self.workers:
-            try:
-                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
-            worker.process.stdout.close()  # type: ignore[union-attr]
-        self.workers.clear()
-        self.selector.close()
-
-
-def imap_isolated(
-    fn: Callable[[T], R],
-    items: Iterable[T],
-    *,
-    workers: int,
-    on_failure: Callable[[T, WorkerFailure], R],
-    timeout_s: float | None = None,
-    prefetch: int = 2,
-    init: Callable[[], None] | None = None,
-) -> Iterator[tuple[int, R]]:
-    """Yield ``(index, fn(item))`` as results complete, in completion order; every item once.
+class IsolatedPool(Generic[T, R]):
+    """Worker processes for ``fn`` that outlive one batch of items: :meth:`imap` may be called again
+    and again (a Triton model instance decodes request after request) without paying each worker's
+    start-up (a new interpreter, imports, ``init``) every time. :func:`imap_isolated` is one
+    :meth:`imap` on a pool of its own.
 
     ``on_failure(item, failure)`` supplies the result for an item whose worker crashed, timed out,
-    or raised. Each worker holds at most ``prefetch`` items, so a slow consumer bounds memory.
-    ``init`` runs once in each worker (e.g. to limit its threads). ``fn`` and ``init`` must be
-    importable functions (see the module docstring); items and results must pickle. Raises
-    :class:`EnvironmentProblem` if a worker cannot start (it cannot import ``fn``, ``init``
-    raises, or the interpreter is broken).
+    or raised; a crashed or hung worker is replaced. Each worker holds at most ``prefetch`` items,
+    so a slow consumer bounds memory. ``init`` runs once in each worker (e.g. to limit its threads).
+    ``fn`` and ``init`` must be importable functions (see the module docstring), refused up front
+    with an :class:`InputError` if they are not; items and results must pickle. One :meth:`imap`
+    at a time (not thread-safe).
     """
-    handshake = message(pickle.dumps({
-        "sys_path": list(sys.path),
-        "fn": callable_ref(fn, "fn"),
-        "init": callable_ref(init, "init") if init is not None else None,
-    }))
-    items = list(items)
-    if not items:
-        return
-    pool = _Pool(handshake)
-    todo: deque[int] = deque(range(len(items)))
-    done = 0
 
-    def answers(worker: _Worker) -> Iterator[tuple[int, R]]:
-        for body in pool.messages(worker):
+    def __init__(self, fn: Callable[[T], R], *, workers: int, on_failure: Callable[[T, WorkerFailure], R],
+                 timeout_s: float | None = None, prefetch: int = 2, init: Callable[[], None] | None = None) -> None:
+        self._handshake = message(pickle.dumps({
+            "sys_path": list(sys.path),
+            "fn": callable_ref(fn, "fn"),
+            "init": callable_ref(init, "init") if init is not None else None,
+        }))
+        self.size = max(1, workers)
+        self.on_failure, self.timeout_s, self.prefetch = on_failure, timeout_s, max(1, prefetch)
+        self._pipes: Pipes | None = None
+
+    @property
+    def pipes(self) -> Pipes:
+        if self._pipes is None:
+            self._pipes = Pipes(self._handshake, python_executable(), _child_env())
+        return self._pipes
+
+    def warm(self) -> None:
+        """Start every worker now and wait until each has imported ``fn`` and run ``init``; raises
+        :class:`EnvironmentProblem` if one cannot (so a server fails at load time, not per request)."""
+        while len(self.pipes.workers) < self.size:
+            self.pipes.start()
+        while not all(worker.ready for worker in self.pipes.workers):
+            for _ in self._step([], deque()):
+                pass
+
+    def imap(self, items: Iterable[T]) -> Iterator[tuple[int, R]]:
+        """Yield ``(index, fn(item))`` as results complete, in completion order; every item once.
+        Raises :class:`EnvironmentProblem` if a worker cannot start (it cannot import ``fn``,
+        ``init`` raises, or the interpreter is broken)."""
+        items = list(items)
+        if not items:
+            return
+        pipes = self.pipes
+        for worker in list(pipes.workers):  # died while idle: replaced, and blamed for nothing
+            if worker.ready and worker.process.poll() is not None:
+                pipes.retire(worker, kill=False)
+        while len(pipes.workers) < min(self.size, len(items)):
+            pipes.start()
+        todo: deque[int] = deque(range(len(items)))
+        done = 0
+        try:
+            while done < len(items):
+                for index, result in self._step(items, todo):
+                    done += 1
+                    yield index, result
+        finally:
+            for worker in list(pipes.workers):  # left early: answers still due belong to this call
+                if worker.assigned:
+                    pipes.retire(worker, kill=True)
+
+    def _answers(self, worker: Worker, items: list[T]) -> Iterator[tuple[int, R]]:
+        for body in self.pipes.messages(worker):
             if not worker.ready:
                 status, detail = pickle.loads(body)
                 if status != "ready":
@@ -303,69 +212,93 @@ def imap_isolated(
             if index != expected:
                 raise RuntimeError(f"worker answered item {index} before item {expected}")  # a protocol bug
             worker.since = time.monotonic()
-            yield index, (value if status == "ok" else on_failure(items[index], WorkerFailure("error", value)))
+            yield index, (value if status == "ok" else self.on_failure(items[index], WorkerFailure("error", value)))
 
+    def _step(self, items: list[T], todo: deque[int]) -> Iterator[tuple[int, R]]:
+        """Send work, read answers, replace dead or stuck workers: one turn of the loop."""
+        pipes = self.pipes
+        for worker in pipes.workers:  # top up every worker's queue
+            while todo and len(worker.assigned) < self.prefetch and not worker.eof:
+                index = todo.popleft()
+                try:
+                    payload = pickle.dumps(items[index], protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception as exc:  # this item cannot travel; the others can
+                    yield index, self.on_failure(items[index], WorkerFailure(
+                        "error", f"cannot send the item to a worker ({type(exc).__name__}: {exc})"))
+                    continue
+                if not worker.assigned:
+                    worker.since = time.monotonic()
+                worker.assigned.append(index)
+                pipes.send(worker, message(INDEX.pack(index) + payload))
+        for key, events in pipes.selector.select(timeout=_POLL_S):
+            worker = key.data
+            if worker not in pipes.workers:
+                continue
+            if events & selectors.EVENT_WRITE:
+                pipes.flush(worker)
+            if events & selectors.EVENT_READ:
+                pipes.receive(worker)
+                yield from self._answers(worker, items)
+        now = time.monotonic()
+        for worker in list(pipes.workers):
+            if worker.ready:
+                stuck = bool(worker.assigned) and self.timeout_s is not None and now - worker.since > self.timeout_s
+            else:
+                stuck = now - worker.started > _START_TIMEOUT_S
+            if not (worker.eof or stuck) and worker.process.poll() is None:
+                continue
+            if not stuck:
+                pipes.receive(worker)  # it exited: what it wrote before is still in the pipe
+                yield from self._answers(worker, items)
+            pipes.retire(worker, kill=stuck)
+            if not worker.ready:
+                what = (f"did not start within {_START_TIMEOUT_S:.0f} s" if stuck else
+                        f"exited while starting (exit code {worker.process.returncode}; its error is above)")
+                raise EnvironmentProblem(f"a worker process ({pipes.python} -m sfdeploy.workers) {what}",
+                                         fix="check that this python imports sfdeploy; set SFDEPLOY_PYTHON "
+                                         "if it is not the environment's python")
+            if worker.assigned:
+                culprit = worker.assigned.popleft()
+                todo.extendleft(reversed(worker.assigned))
+                failure = (WorkerFailure("timeout", f"no result after {self.timeout_s:.0f} s") if stuck
+                           else WorkerFailure("crash", f"worker process died (exit code "
+                                              f"{worker.process.returncode})"))
+                yield culprit, self.on_failure(items[culprit], failure)
+            if todo and len(pipes.workers) < min(self.size, len(todo)):
+                pipes.start()
+        if todo and not pipes.workers:
+            pipes.start()
+
+    def close(self) -> None:
+        """Stop the workers (each exits when idle; killed after a grace period)."""
+        if self._pipes is not None:
+            self._pipes.close()
+            self._pipes = None
+
+    def __enter__(self) -> IsolatedPool[T, R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def imap_isolated(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    workers: int,
+    on_failure: Callable[[T, WorkerFailure], R],
+    timeout_s: float | None = None,
+    prefetch: int = 2,
+    init: Callable[[], None] | None = None,
+) -> Iterator[tuple[int, R]]:
+    """Yield ``(index, fn(item))`` as results complete, in completion order; every item once, from
+    a pool of up to ``workers`` processes that ends with the iteration (see :class:`IsolatedPool`
+    for the arguments and the guarantees)."""
+    pool = IsolatedPool(fn, workers=workers, on_failure=on_failure, timeout_s=timeout_s, prefetch=prefetch,
+                        init=init)
     try:
-        for _ in range(max(1, min(workers, len(items)))):
-            pool.start()
-        while done < len(items):
-            for worker in pool.workers:  # top up every worker's queue
-                while todo and len(worker.assigned) < max(1, prefetch) and not worker.eof:
-                    index = todo.popleft()
-                    try:
-                        payload = pickle.dumps(items[index], protocol=pickle.HIGHEST_PROTOCOL)
-                    except Exception as exc:  # this item cannot travel; the others can
-                        done += 1
-                        yield index, on_failure(items[index], WorkerFailure(
-                            "error", f"cannot send the item to a worker ({type(exc).__name__}: {exc})"))
-                        continue
-                    if not worker.assigned:
-                        worker.since = time.monotonic()
-                    worker.assigned.append(index)
-                    pool.send(worker, message(INDEX.pack(index) + payload))
-            for key, events in pool.selector.select(timeout=_POLL_S):
-                worker = key.data
-                if worker not in pool.workers:
-                    continue
-                if events & selectors.EVENT_WRITE:
-                    pool.flush(worker)
-                if events & selectors.EVENT_READ:
-                    pool.receive(worker)
-                    for index, result in answers(worker):
-                        done += 1
-                        yield index, result
-            now = time.monotonic()
-            for worker in list(pool.workers):
-                if worker.ready:
-                    stuck = bool(worker.assigned) and timeout_s is not None and now - worker.since > timeout_s
-                else:
-                    stuck = now - worker.started > _START_TIMEOUT_S
-                if not (worker.eof or stuck) and worker.process.poll() is None:
-                    continue
-                if not stuck:
-                    pool.receive(worker)  # it exited: what it wrote before is still in the pipe
-                    for index, result in answers(worker):
-                        done += 1
-                        yield index, result
-                pool.retire(worker, kill=stuck)
-                if not worker.ready:
-                    what = (f"did not start within {_START_TIMEOUT_S:.0f} s" if stuck else
-                            f"exited while starting (exit code {worker.process.returncode}; its error is above)")
-                    raise EnvironmentProblem(f"a worker process ({pool.python} -m sfdeploy.workers) {what}",
-                                             fix="check that this python imports sfdeploy; set SFDEPLOY_PYTHON "
-                                             "if it is not the environment's python")
-                if worker.assigned:
-                    culprit = worker.assigned.popleft()
-                    todo.extendleft(reversed(worker.assigned))
-                    failure = (WorkerFailure("timeout", f"no result after {timeout_s:.0f} s") if stuck
-                               else WorkerFailure("crash", f"worker process died (exit code "
-                                                  f"{worker.process.returncode})"))
-                    done += 1
-                    yield culprit, on_failure(items[culprit], failure)
-                if done < len(items) and len(pool.workers) < max(1, min(workers, len(todo))):
-                    pool.start()
-            if not pool.workers and done < len(items):
-                pool.start()
+        yield from pool.imap(items)
     finally:
         pool.close()
 

@@ -67,12 +67,13 @@ def tiny_export(demo: tuple[Path, dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_repo(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`sfdeploy repo EXPORT --device cpu` (python backend running TorchScript, native configs),
-    plus `slowfast_ort`: the python backend running the ONNX model."""
+    """`sfdeploy repo EXPORT --device cpu` (python backend running TorchScript, native configs,
+    `slowfast_video` with the default decode instances and size limit), plus `slowfast_ort`: the
+    python backend running the ONNX model, and `slowfast_ort_video` (1 decode instance, 1 MB limit)."""
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu")
     run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu", "--name", "slowfast_ort",
-            "--runtime", "onnxruntime", "--no-native")
+            "--runtime", "onnxruntime", "--no-native", "--decode-instances", "1", "--max-video-mb", "1")
     return repo
 
 

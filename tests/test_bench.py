@@ -65,7 +65,7 @@ def test_bench_killed_half_way_resumes_to_every_row_once(tmp_path: Path) -> None
     record = json.loads(out.read_text())
     rows = record["rows"]
     keys = [row_key(r) for r in rows]
-    assert len(keys) == len(set(keys)) == 17
+    assert len(keys) == len(set(keys)) == 19
     by_key = {row_key(r): r for r in rows}
     assert all(by_key[row_key(r)] == r for r in before)  # kept as measured, not measured again
     assert exported.stat().st_mtime_ns == exported_at  # the export was reused
@@ -81,11 +81,18 @@ def test_bench_killed_half_way_resumes_to_every_row_once(tmp_path: Path) -> None
             assert row["clips_per_s"] > 0 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
     assert stage_of == {"model": {"mmaction2", "eager", "torchscript", "onnxruntime", "eager-profile"},
                         "triton": {"torchscript", "triton-http", "triton-grpc"},
-                        "e2e": {"decode-only", "sfdeploy:triton-grpc", "mmaction2:inference_recognizer"}}
+                        "e2e": {"decode-only", "sfdeploy:triton-grpc", "mmaction2:inference_recognizer",
+                                "triton-video:grpc", "sfdeploy:triton-grpc (1 video per request)"}}
     profile = next(r for r in rows if r["kind"] == "ops")
     assert profile["ops"] and all(0 <= op["share"] <= 1 for op in profile["ops"])
     e2e = {r["backend"]: r for r in rows if r["stage"] == "e2e"}
     assert e2e["decode-only"]["videos"] == e2e["sfdeploy:triton-grpc"]["videos"] == 8
+    # Server-side decoding: the same videos at the same concurrency, far fewer bytes than uint8 clips.
+    server, client = e2e["triton-video:grpc"], e2e["sfdeploy:triton-grpc (1 video per request)"]
+    assert server["videos"] == client["videos"] == 8 and server["concurrency"] == client["concurrency"] == 2
+    assert client["bytes_per_video"] == 16 * 64 * 64 * 3
+    videos = sorted((out.with_suffix(".work") / "videos").rglob("*.mp4"))[:8]
+    assert server["bytes_per_video"] == round(sum(p.stat().st_size + 4 for p in videos) / 8, 1)
 
     # 4. Like for like: every Triton figure against in-process at its batch and concurrency.
     served = [t for t in record["targets"] if t["target"].startswith("Triton (")]

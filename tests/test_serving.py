@@ -25,7 +25,7 @@ from sfdeploy.runtime.ort import OrtPredictor
 from sfdeploy.runtime.torchscript import TorchScriptPredictor
 from sfdeploy.runtime.triton import TritonPredictor
 from sfdeploy.serving.config import parse_config, spec_of
-from sfdeploy.serving.repo import PYTHON_MODEL
+from sfdeploy.serving.repo import PYTHON_MODEL, VIDEO_MODEL
 
 from badvideos import not_a_video, truncated
 from conftest import REPO, run_cli
@@ -47,7 +47,9 @@ def test_every_config_parses_and_carries_the_clip_spec(tiny_repo: Path, tiny_exp
     configs = {p.parent.name: parse_config(p.read_text()) for p in tiny_repo.glob("*/config.pbtxt")}
     assert {name: c.backend for name, c in configs.items()} == {
         "slowfast": "python", "slowfast_onnx": "onnxruntime", "slowfast_torchscript": "pytorch",
-        "slowfast_ort": "python"}
+        "slowfast_ort": "python", "slowfast_video": "python", "slowfast_ort_video": "python"}
+    # the _video models take encoded videos: tests/test_server_decode.py checks their configs
+    configs = {name: c for name, c in configs.items() if not name.endswith("_video")}
     assert configs["slowfast"].parameters["runtime"].string_value == "torchscript"
     assert configs["slowfast_ort"].parameters["runtime"].string_value == "onnxruntime"
     for name, config in configs.items():
@@ -98,12 +100,15 @@ def test_committed_model_repository_is_what_repo_writes(tiny_repo: Path) -> None
         return re.sub(r'(key: "artifact_sha256"\n  value \{\n    string_value: )"[0-9a-f]{64}"', r"\1HASH", text)
 
     committed = REPO / "model_repository"
-    for name in ("slowfast", "slowfast_onnx", "slowfast_torchscript"):
+    for name in ("slowfast", "slowfast_onnx", "slowfast_torchscript", "slowfast_video"):
         for filename in ("config.pbtxt", "labels.txt"):
             expected, got = (run_independent((root / name / filename).read_text()) for root in (committed, tiny_repo))
+            if name == "slowfast_video":  # committed: --decode-instances' default on a 2-core machine
+                got = re.sub(r"instance_group \{\n  count: \d+", "instance_group {\n  count: 2", got)
             assert expected == got
     assert "HASH" in run_independent((tiny_repo / "slowfast/config.pbtxt").read_text())
     assert (committed / "slowfast/1/model.py").read_text() == PYTHON_MODEL
+    assert (committed / "slowfast_video/1/model.py").read_text() == VIDEO_MODEL
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -251,7 +256,8 @@ def test_serve_shuts_down_cleanly_on_sigterm(tiny_repo: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = json.loads(proc.stdout.readline())  # printed once the models are ready
-        assert ready["models"] == ["slowfast", "slowfast_ort"] and ready["http"] == f"127.0.0.1:{ports[0]}"
+        assert ready["models"] == ["slowfast", "slowfast_ort", "slowfast_ort_video", "slowfast_video"]
+        assert ready["http"] == f"127.0.0.1:{ports[0]}"
         server_pids = subprocess.run(["pgrep", "-f", f"http-port={ports[0]}"], capture_output=True,
                                      text=True).stdout.split()
         assert server_pids

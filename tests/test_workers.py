@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.workers import WorkerFailure, imap_isolated, python_executable
+from sfdeploy.workers import IsolatedPool, WorkerFailure, imap_isolated, python_executable
 
 
 def square_or_misbehave(x: int) -> int:
@@ -41,6 +41,33 @@ def test_crash_hang_and_error_are_isolated_to_their_items() -> None:
 
 def test_empty_input_yields_nothing() -> None:
     assert list(imap_isolated(square_or_misbehave, [], workers=2, on_failure=_failed)) == []
+
+
+def pid_or_crash(x: int) -> int:
+    if x < 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def test_a_pool_keeps_its_workers_between_calls_and_replaces_dead_ones() -> None:
+    """What a Triton model instance does: request after request on the same warm workers."""
+    with IsolatedPool(pid_or_crash, workers=2, on_failure=_failed, timeout_s=30) as pool:
+        pool.warm()
+        started = {w.process.pid for w in pool.pipes.workers}
+        assert len(started) == 2 and all(w.ready for w in pool.pipes.workers)
+        for _ in range(3):
+            assert set(dict(pool.imap(range(6))).values()) <= started  # no new interpreter per call
+        assert dict(pool.imap([1, -1, 2]))[1] == "crash"  # a crash costs its item ...
+        assert len(dict(pool.imap(range(4)))) == 4  # ... and the next call has every worker back
+        idle = pool.pipes.workers[0].process
+        idle.kill()  # dies while idle: replaced, and no item of the next call is blamed for it
+        idle.wait()
+        assert all(isinstance(r, int) for r in dict(pool.imap(range(4))).values())
+        results = pool.imap(range(50))
+        next(results)
+        results.close()  # the caller stops early: workers still busy with its items are stopped
+        assert len(dict(pool.imap(range(4)))) == 4
+    assert pool._pipes is None
 
 
 def crash_on_multiples_of_7(x: int) -> int:

@@ -1,7 +1,7 @@
 """``sfdeploy bench``: throughput and latency of every way to run the model, in stages that resume."""
 
 #: What a benchmark can measure, in the order of its table (light: the CLI's --help reads it).
-BACKENDS = ("mmaction2", "eager", "torchscript", "onnxruntime", "triton-http", "triton-grpc")
+BACKENDS = ("mmaction2", "eager", "torchscript", "onnxruntime", "triton-http", "triton-grpc", "triton-video")
 #: The stages, in the order a run measures them; ``compile`` (torch.compile / CUDA graphs: minutes of
 #: compilation per shape) only when asked for.
 STAGES = ("model", "triton", "e2e", "compile")

@@ -292,9 +292,22 @@ def plan_e2e(c: Context) -> list[Task]:
 
     tasks = [Task("e2e", "decode-only", "-", 1, 1, decode_only),
              Task("e2e", f"sfdeploy:{via}", c.served_precision, batch, concurrency, sfdeploy)]
+    if "triton-video" in opts.backends:  # decoding on the server vs on the client, like for like
+        tasks += [_decode_where(server_decode, c.served_precision, concurrency) for server_decode in (True, False)]
     if "mmaction2" in opts.backends:
         tasks.append(Task("e2e", "mmaction2:inference_recognizer", "fp32", 1, 1, mmaction2))
     return tasks
+
+
+def _decode_where(server_decode: bool, precision: str, concurrency: int) -> Task:
+    from sfdeploy.bench import video
+
+    def measure(c: Context) -> dict[str, Any]:
+        c.release()
+        return video.decode_row(c.server().grpc_url, SERVED_MODEL, precision, c.videos(),
+                                server_decode=server_decode, concurrency=concurrency, workers=c.workers)
+    name = video.SERVER_DECODE if server_decode else video.CLIENT_DECODE
+    return Task("e2e", name, precision, 1, concurrency, measure)
 
 
 def plan_compile(c: Context) -> list[Task]:

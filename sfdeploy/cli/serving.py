@@ -36,20 +36,30 @@ from sfdeploy.cli.options import GreedyOption
 @click.option("--tensorrt", is_flag=True, help="Add the TensorRT fp16 accelerator to <name>_onnx (NVIDIA's container).")
 @click.option("--native/--no-native", default=True, show_default=True,
               help="Also write <name>_onnx and <name>_torchscript for NVIDIA's Triton container.")
+@click.option("--video/--no-video", default=True, show_default=True,
+              help="Also write <name>_video: send encoded video files, decoded on the server.")
+@click.option("--decode-instances", type=click.IntRange(min=1),
+              help="<name>_video instances, each decoding one video at a time [default: the CPU count].")
+@click.option("--max-video-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="<name>_video refuses larger videos before decoding them.")
 def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances: int, version: int, runtime: str,
-         precision: str, device: str, queue_delay_us: int, tensorrt: bool, native: bool) -> None:
+         precision: str, device: str, queue_delay_us: int, tensorrt: bool, native: bool, video: bool,
+         decode_instances: int | None, max_video_mb: float) -> None:
     """Write a Triton model repository for EXPORT (an `sfdeploy export` folder).
 
     <name> runs the artifact in Triton's python backend (what `sfdeploy serve` serves here);
     <name>_onnx and <name>_torchscript use Triton's onnxruntime and pytorch backends. Each has
-    dynamic batching, instance groups, labels.txt and the clip spec in its parameters. Safe to
+    dynamic batching, instance groups, labels.txt and the clip spec in its parameters.
+    <name>_video takes the bytes of encoded video files (any client, any language), decodes them
+    with sfdeploy's preprocessing on the server and runs the clips through <name>. Safe to
     re-run: unchanged files are left alone.
     """
     from sfdeploy.serving.repo import RepoOptions, write_repository
 
     folders = write_repository(export_dir, RepoOptions(
         repo=repo_dir, name=name, max_batch=max_batch, instances=instances, version=version, runtime=runtime,
-        precision=precision, device=device, queue_delay_us=queue_delay_us, tensorrt=tensorrt, native=native))
+        precision=precision, device=device, queue_delay_us=queue_delay_us, tensorrt=tensorrt, native=native,
+        video=video, decode_instances=decode_instances, max_video_mb=max_video_mb))
     click.echo(json.dumps({"repo": str(repo_dir), "models": [f.name for f in folders], "version": version}))
 
 
@@ -114,6 +124,8 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
 @click.option("--protocol", default="http", show_default=True, type=click.Choice(["http", "grpc"]))
 @click.option("--model", "model_name", default="slowfast", show_default=True, help="Served model name.")
 @click.option("--shm", is_flag=True, help="Send inputs through system shared memory (server on this machine).")
+@click.option("--server-decode", is_flag=True,
+              help="Send the encoded files to <model>_video, which decodes them on the server (no local decoding).")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), help="Export folder (local backends).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]),
@@ -131,22 +143,28 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
               help="Output: .csv, .jsonl or .parquet, one row per input.")
 @click.option("--resume", is_flag=True, help="Skip inputs already in --out and append the rest.")
 def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, backend: str,
-          urls: tuple[str, ...], protocol: str, model_name: str, shm: bool, export_dir: Path | None, precision: str,
-          device: str, batch_size: int, concurrency: int | None, workers: int | None, actor_cpus: float | None,
-          topk: int, out: Path, resume: bool) -> None:
+          urls: tuple[str, ...], protocol: str, model_name: str, shm: bool, server_decode: bool,
+          export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int | None,
+          workers: int | None, actor_cpus: float | None, topk: int, out: Path, resume: bool) -> None:
     """Classify videos (files and folders) with a served or exported model.
 
-    Decoding runs in parallel worker processes; batches go to the backend with --concurrency
-    requests in flight. Every input gets one row in --out: a video that fails has its error in
-    its row and the others are classified. Exits 1 if any input failed. --engine ray runs the
-    same on a Ray cluster (decode tasks, model actors) with the same rows and --resume.
+    Decoding runs in parallel worker processes (with --server-decode: on the server, and the
+    files' bytes are sent); batches go to the backend with --concurrency requests in flight.
+    Every input gets one row in --out: a video that fails has its error in its row and the
+    others are classified. Exits 1 if any input failed. --engine ray runs the same on a Ray
+    cluster (decode tasks, model actors) with the same rows and --resume.
     """
     from sfdeploy.inputs import read_input_list
 
     items = [*inputs, *(path for listed in lists for path in read_input_list(listed))]
     if not items:
         raise click.UsageError("no inputs: pass videos or folders, or --inputs-from FILE")
+    if server_decode and backend != "triton":
+        raise click.BadParameter("decoding on the server needs --backend triton", param_hint="--server-decode")
     if engine == "ray":
+        if server_decode:
+            raise click.BadParameter("--engine ray decodes in its own CPU tasks; use --engine local with "
+                                     "--server-decode", param_hint="--server-decode")
         from sfdeploy.scale.engine import RayOptions, infer_ray
 
         summary = infer_ray(items, out, RayOptions(
@@ -154,8 +172,8 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
             model=model_name, shm=shm, batch_size=batch_size, actors=concurrency or 1, actor_cpus=actor_cpus,
             decode_tasks=workers, topk=topk, address=ray_address), resume=resume)
     else:
-        summary = _infer_local(items, out, backend, urls, protocol, model_name, shm, export_dir, precision, device,
-                               batch_size, concurrency or 4, workers, topk, resume)
+        summary = _infer_local(items, out, backend, urls, protocol, model_name, shm, server_decode, export_dir,
+                               precision, device, batch_size, concurrency or 4, workers, topk, resume)
     for failure in summary.failures:
         click.echo(f"failed: {failure['path']}: {failure['error']}", err=True)
     click.echo(f"{summary.ok} classified, {summary.failed} failed, {summary.skipped} already in {out}; "
@@ -167,8 +185,8 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
 
 
 def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...], protocol: str, model_name: str,
-                 shm: bool, export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int,
-                 workers: int | None, topk: int, resume: bool) -> Any:
+                 shm: bool, server_decode: bool, export_dir: Path | None, precision: str, device: str,
+                 batch_size: int, concurrency: int, workers: int | None, topk: int, resume: bool) -> Any:
     from sfdeploy.client import Classifier
     from sfdeploy.client import infer as run_infer
     from sfdeploy.runtime import open_predictor
@@ -177,7 +195,8 @@ def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...
         raise click.BadParameter("one server per run with --engine local; --engine ray spreads over several",
                                  param_hint="--url")
     if backend == "triton":
-        classifier = Classifier.from_triton(urls[0], model=model_name, protocol=protocol, shm=shm)
+        classifier = Classifier.from_triton(urls[0], model=model_name, protocol=protocol, shm=shm,
+                                            server_decode=server_decode)
     else:
         classifier = Classifier(open_predictor(backend, export_dir=export_dir, precision=precision, device=device))
     with classifier:

@@ -3,7 +3,9 @@
 A :class:`ServedModel` says what one model of the repository is (backend, tensors, batching,
 instances, parameters); :func:`build_config` turns it into Triton's own ``ModelConfig`` message
 (from ``tritonclient``), so a misspelt field or enum cannot be written, and :func:`parse_config`
-reads text back through the same message (tests do, for every generated file).
+reads text back through the same message (tests do, for every generated file). A model's tensors
+default to the deployed model's (uint8 clips in, probabilities out); ``<name>_video`` lists its own
+(:class:`TensorConfig`: encoded videos in, probabilities, labels and per-item errors out).
 """
 
 from __future__ import annotations
@@ -16,6 +18,19 @@ from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 
 BACKENDS = ("python", "onnxruntime", "pytorch")
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+
+# parameters of <name>_video (server-side decoding; sfdeploy/serving/video_backend.py reads them)
+TARGET_MODEL = "target_model"  # the model its decoded clips go to
+MAX_VIDEO_BYTES = "max_video_bytes"  # larger payloads are refused before decoding
+DECODE_TIMEOUT_S = "decode_timeout_s"  # a decode that takes longer fails (its worker is replaced)
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    name: str
+    data_type: str  # a ModelConfig DataType name: TYPE_UINT8, TYPE_FP32, TYPE_STRING, ...
+    dims: tuple[int, ...]
+    label_filename: str | None = None  # Triton's classification extension reads the labels here
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,16 @@ class ServedModel:
     tensorrt_fp16: bool = False  # onnxruntime backend: TensorRT execution accelerator
     warmup: bool = True
     default_model_filename: str | None = None
+    dynamic_batching: bool = True  # False: Triton's default scheduler, one request per execution
+    inputs: tuple[TensorConfig, ...] = ()  # default: the deployed model's clips (input_name)
+    outputs: tuple[TensorConfig, ...] = ()  # default: its probabilities (output_name)
+
+    def tensors(self) -> tuple[tuple[TensorConfig, ...], tuple[TensorConfig, ...]]:
+        """(inputs, outputs) of the model."""
+        inputs = self.inputs or (TensorConfig(self.input_name, "TYPE_UINT8", self.spec.input_shape),)
+        outputs = self.outputs or (TensorConfig(self.output_name, "TYPE_FP32", (self.spec.num_classes,),
+                                                "labels.txt"),)
+        return inputs, outputs
 
 
 def build_config(model: ServedModel) -> Any:
@@ -44,13 +69,17 @@ def build_config(model: ServedModel) -> Any:
         raise ValueError(f"backend {model.backend!r} not in {BACKENDS}")
     spec = model.spec
     config = pb.ModelConfig(name=model.name, backend=model.backend, max_batch_size=model.max_batch)
-    config.input.append(pb.ModelInput(name=model.input_name, data_type=pb.TYPE_UINT8,
-                                      dims=list(spec.input_shape)))
-    config.output.append(pb.ModelOutput(name=model.output_name, data_type=pb.TYPE_FP32,
-                                        dims=[spec.num_classes], label_filename="labels.txt"))
-    preferred = sorted(b for b in set(model.preferred_batches) if 1 <= b <= model.max_batch)
-    config.dynamic_batching.CopyFrom(pb.ModelDynamicBatching(
-        preferred_batch_size=preferred, max_queue_delay_microseconds=model.queue_delay_us))
+    inputs, outputs = model.tensors()
+    for tensor in inputs:
+        config.input.append(pb.ModelInput(name=tensor.name, data_type=pb.DataType.Value(tensor.data_type),
+                                          dims=list(tensor.dims)))
+    for tensor in outputs:
+        config.output.append(pb.ModelOutput(name=tensor.name, data_type=pb.DataType.Value(tensor.data_type),
+                                            dims=list(tensor.dims), label_filename=tensor.label_filename or ""))
+    if model.dynamic_batching:
+        preferred = sorted(b for b in set(model.preferred_batches) if 1 <= b <= model.max_batch)
+        config.dynamic_batching.CopyFrom(pb.ModelDynamicBatching(
+            preferred_batch_size=preferred, max_queue_delay_microseconds=model.queue_delay_us))
     config.instance_group.append(pb.ModelInstanceGroup(
         count=model.instances, kind=getattr(pb.ModelInstanceGroup, KINDS[model.kind])))
     parameters = {SPEC_KEY: spec.to_json(), **model.parameters}
@@ -64,8 +93,9 @@ def build_config(model: ServedModel) -> Any:
         accelerator.parameters["max_workspace_size_bytes"] = str(1 << 30)
     if model.warmup:  # a zero batch at load time, so the first real request is not the slow one
         warm = config.model_warmup.add(name="zeros", batch_size=1, count=1)
-        warm.inputs[model.input_name].CopyFrom(pb.ModelWarmup.Input(
-            data_type=pb.TYPE_UINT8, dims=list(spec.input_shape), zero_data=True))
+        for tensor in inputs:
+            warm.inputs[tensor.name].CopyFrom(pb.ModelWarmup.Input(
+                data_type=pb.DataType.Value(tensor.data_type), dims=list(tensor.dims), zero_data=True))
     return config
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfdeploy.errors import InputError, ServingError
-from sfdeploy.serving.config import parse_config
+from sfdeploy.serving.config import TARGET_MODEL, parse_config
 from sfdeploy.serving.install import find_tritonserver, make_backend_dir
 
 log = logging.getLogger("sfdeploy")
@@ -112,6 +112,13 @@ class TritonServer:
             if unknown:
                 raise InputError(f"model(s) not in the repository: {', '.join(unknown)} "
                                  f"(it has: {', '.join(available)})", path=self.repo, fix="check --models")
+            for name in self.models:  # <name>_video runs its clips through <name> (BLS)
+                params = parse_config((Path(self.repo) / name / "config.pbtxt").read_text()).parameters
+                target = params[TARGET_MODEL].string_value if TARGET_MODEL in params else None
+                if target and target not in self.models:
+                    raise InputError(f"model '{name}' classifies the videos it decodes with '{target}', which "
+                                     "--models does not load", path=self.repo,
+                                     fix=f"load both: --models {' '.join([*self.models, target])}")
             return list(self.models)
         chosen = [name for name, backend in available.items() if backend == "python"]
         for name, backend in available.items():

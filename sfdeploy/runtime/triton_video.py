@@ -1,0 +1,79 @@
+"""Server-side decoding, the client's half: encoded video files go to ``<name>_video``, which decodes
+them on the server (:mod:`sfdeploy.serving.video_backend`) and answers with probabilities.
+
+Nothing is decoded here and far fewer bytes cross the network (the encoded file instead of uint8
+clips). :class:`TritonVideoPredictor` is a :class:`TritonPredictor` (same connection checks, same
+clip spec read from the served config, one client per thread) whose :meth:`~TritonVideoPredictor.predict`
+takes the bytes of encoded files and answers, per video, its probabilities or the server's reason
+it could not classify it. :class:`sfdeploy.client.Classifier` plugs it in for
+``sfdeploy infer --server-decode``: same rows, same ``--resume``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from sfdeploy.artifacts import ERROR_OUTPUT, OUTPUT_NAME, VIDEO_INPUT, video_model_name
+from sfdeploy.errors import ServingError
+from sfdeploy.preprocess import DecodeFailure
+from sfdeploy.runtime.triton import TritonPredictor
+
+# How the server says "this one video cannot be classified" (INVALID_ARG), per protocol.
+_INVALID_INPUT = {"400", "StatusCode.INVALID_ARGUMENT"}
+
+
+class TritonVideoPredictor(TritonPredictor):
+    """Classifies encoded videos with ``<model>_video`` (``model`` names the model, as everywhere)."""
+
+    decodes_on_server = True
+
+    def __init__(self, url: str = "127.0.0.1:8000", model: str = "slowfast", protocol: str = "http",
+                 timeout_s: float = 600.0) -> None:
+        super().__init__(url=url, model=video_model_name(model), protocol=protocol, timeout_s=timeout_s)
+        if self.input_name != VIDEO_INPUT:
+            raise ServingError(f"model '{self.model}' does not take encoded videos (its input is '{self.input_name}')",
+                               fix="serve a repository written by `sfdeploy repo` (it writes <name>_video)")
+
+    def predict(self, videos: Sequence[bytes]) -> list[np.ndarray | str]:  # type: ignore[override]
+        """For each encoded video: its probabilities ``[num_classes]``, or why the server could not
+        classify it (a ``str``). Raises :class:`ServingError` if the server fails as a whole."""
+        answers: list[np.ndarray | str] = []
+        for start in range(0, len(videos), self.max_batch):
+            answers += self._infer_videos(videos[start:start + self.max_batch])
+        return answers
+
+    def _infer_videos(self, videos: Sequence[bytes]) -> list[np.ndarray | str]:
+        from tritonclient.utils import InferenceServerException
+
+        data = np.empty((len(videos), 1), dtype=np.object_)  # one encoded file per item (np.array would pad)
+        data[:, 0] = list(videos)
+        request = self.module.InferInput(VIDEO_INPUT, list(data.shape), "BYTES")
+        request.set_data_from_numpy(data)
+        outputs = [self.module.InferRequestedOutput(name) for name in (OUTPUT_NAME, ERROR_OUTPUT)]
+        try:
+            result = self._client().infer(self.model, [request], outputs=outputs)
+        except InferenceServerException as exc:
+            if len(videos) == 1 and str(exc.status()) in _INVALID_INPUT:  # this video's own error
+                return [exc.message() or str(exc)]
+            raise ServingError(f"inference on {self.url} failed ({exc})",
+                               fix="check that the server still runs (`sfdeploy serve` log)") from exc
+        except Exception as exc:  # a broken connection: tritonclient raises several types
+            raise ServingError(f"inference on {self.url} failed ({type(exc).__name__}: {exc})",
+                               fix="check that the server still runs (`sfdeploy serve` log)") from exc
+        errors = result.as_numpy(ERROR_OUTPUT).reshape(-1)
+        return [error.decode() if error else probs for probs, error in zip(result.as_numpy(OUTPUT_NAME), errors,
+                                                                           strict=True)]
+
+
+def read_encoded(paths: Sequence[str]) -> Iterator[tuple[int, bytes | DecodeFailure]]:
+    """``(index, the file's bytes)``, or a :class:`DecodeFailure` for a file that cannot be read:
+    what server-side decoding sends instead of decoded clips."""
+    for index, path in enumerate(paths):
+        try:
+            with open(path, "rb") as handle:
+                yield index, handle.read()
+        except OSError as exc:
+            yield index, DecodeFailure(path, f"cannot read the file ({exc.strerror}); check the path and its "
+                                             "permissions")

@@ -1,0 +1,137 @@
+"""The Triton python-backend model ``<name>_video``: the bytes of encoded videos in, labels out.
+
+Each request item is one encoded video file (input ``video``, BYTES): any container and codec the
+decoder reads. The instance decodes it with sfdeploy's own preprocessing, :class:`DecodePool`
+(the code ``sfdeploy infer`` runs on the client), for the clip spec in the config's parameters,
+then sends the views to ``<name>`` (parameter ``target_model``) in one BLS request. ``<name>``'s
+dynamic batcher merges the clips of the video requests of every ``_video`` instance into one
+model call, on ``<name>``'s own instance (its GPU where it has one).
+
+``<name>_video`` itself has no dynamic batcher, on purpose: Triton's default scheduler hands each
+request to the next free instance, so the instances (``sfdeploy repo --decode-instances``, default
+the CPU count) decode that many videos at once. A dynamic batcher would give a whole queue of
+requests to one instance, to decode one after the other while the others wait.
+
+Decoding runs in a child process of the instance (one :class:`DecodePool` worker, started at load
+time and kept between requests): a decoder that crashes or hangs on a payload costs that item
+(its error says so) and its worker (replaced); the instance and the server go on.
+
+What a client gets back:
+
+* a request of one video that cannot be classified (empty, truncated, corrupt, not a video, over
+  ``max_video_bytes``, refused before decoding) fails with the cause and the fix (``INVALID_ARG``:
+  HTTP 400, gRPC ``INVALID_ARGUMENT``);
+* in a request of several videos every item has its own answer: ``error`` says why an item failed
+  (``""`` for an item that was classified), a failed item's ``probs`` are zeros and its ``label``
+  is ``""``; the other items are classified;
+* a failure on the server's side (``<name>`` not loaded or failing, a decoder that cannot start)
+  fails the whole request (``UNAVAILABLE``: HTTP 503).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from sfdeploy.artifacts import ERROR_OUTPUT, INPUT_NAME, LABEL_OUTPUT, OUTPUT_NAME, VIDEO_INPUT
+from sfdeploy.clipspec import SPEC_KEY, ClipSpec
+from sfdeploy.errors import EnvironmentProblem
+from sfdeploy.preprocess import DecodeFailure, DecodePool
+from sfdeploy.serving.config import DECODE_TIMEOUT_S, MAX_VIDEO_BYTES, TARGET_MODEL
+
+
+class ServerSideFailure(Exception):
+    """Not the video's fault: the whole request fails, and the client should not blame its input."""
+
+
+def too_large(size: int, limit: int) -> str:
+    return (f"the video is {size / 2**20:.1f} MB, over this model's limit of {limit / 2**20:g} MB, and was not "
+            "decoded; send a smaller file (re-encode it, e.g. `ffmpeg -i IN -vf scale=-2:360 OUT.mp4`), or "
+            "write the repository with a larger `sfdeploy repo --max-video-mb`")
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.spec = ClipSpec.from_json(params[SPEC_KEY])
+        self.target = params[TARGET_MODEL]
+        self.max_bytes = int(params[MAX_VIDEO_BYTES])
+        # `sfdeploy repo` gives <name>_video the max_batch_size of <name>: a request's clips fit one call
+        self.max_batch = max(1, int(config.get("max_batch_size", 1)))
+        self.decoder = DecodePool(self.spec, workers=1, timeout_s=float(params.get(DECODE_TIMEOUT_S, "300")))
+        self.decoder.warm()  # a decoder that cannot start fails the load, with its reason
+
+    def classify(self, videos: list[bytes], run_model: Any) -> list[np.ndarray | str]:
+        """Probabilities, or why not, for each video; ``run_model(views) -> probs`` runs a batch."""
+        results: list[np.ndarray | str | None] = [None] * len(videos)
+        todo = []
+        for i, video in enumerate(videos):
+            if len(video) > self.max_bytes:
+                results[i] = too_large(len(video), self.max_bytes)
+            else:
+                todo.append(i)
+        decoded: dict[int, np.ndarray] = {}
+        try:
+            for k, views in self.decoder.decode([videos[i] for i in todo]):
+                if isinstance(views, DecodeFailure):
+                    results[todo[k]] = views.error
+                else:
+                    decoded[todo[k]] = views
+        except EnvironmentProblem as exc:  # the decoder's interpreter cannot start: not the video's fault
+            raise ServerSideFailure(f"the decoder cannot start ({exc.message}); fix: {exc.fix}") from exc
+        order = sorted(decoded)
+        for start in range(0, len(order), self.max_batch):
+            chunk = order[start:start + self.max_batch]
+            probs = run_model(np.stack([decoded[i] for i in chunk]))
+            for i, row in zip(chunk, probs, strict=True):
+                results[i] = row
+        return results  # type: ignore[return-value]
+
+    def _run_model(self, views: np.ndarray) -> np.ndarray:
+        """One BLS request to the model: ``[N, V, T, H, W, 3]`` uint8 -> ``[N, classes]``."""
+        import triton_python_backend_utils as pb_utils
+
+        request = pb_utils.InferenceRequest(model_name=self.target, requested_output_names=[OUTPUT_NAME],
+                                            inputs=[pb_utils.Tensor(INPUT_NAME, views)])
+        response = request.exec()
+        if response.has_error():
+            raise ServerSideFailure(f"the model '{self.target}' that classifies the decoded clips failed: "
+                                    f"{response.error().message()} (is it loaded? `sfdeploy serve` loads both)")
+        return pb_utils.get_output_tensor_by_name(response, OUTPUT_NAME).as_numpy()
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        import triton_python_backend_utils as pb_utils
+
+        per_request = [pb_utils.get_input_tensor_by_name(r, VIDEO_INPUT).as_numpy().reshape(-1) for r in requests]
+        try:
+            answers = self.classify([v if isinstance(v, bytes) else bytes(v) for videos in per_request for v in videos],
+                                    self._run_model)
+        except ServerSideFailure as exc:
+            error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        responses, start = [], 0
+        for videos in per_request:
+            mine = answers[start:start + len(videos)]
+            start += len(videos)
+            if len(mine) == 1 and isinstance(mine[0], str):  # one video, not classified: the request fails
+                error = pb_utils.TritonError(mine[0], pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                continue
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(name, array) for name, array in self._outputs(mine).items()]))
+        return responses
+
+    def _outputs(self, answers: list[np.ndarray | str]) -> dict[str, np.ndarray]:
+        classes = self.spec.class_names
+        zeros = np.zeros(len(classes), dtype=np.float32)
+        probs = np.stack([zeros if isinstance(a, str) else a.astype(np.float32, copy=False) for a in answers])
+        labels = [b"" if isinstance(a, str) else classes[int(np.argmax(a))].encode() for a in answers]
+        errors = [a.encode() if isinstance(a, str) else b"" for a in answers]
+        return {OUTPUT_NAME: probs, LABEL_OUTPUT: np.array(labels, dtype=np.object_).reshape(-1, 1),
+                ERROR_OUTPUT: np.array(errors, dtype=np.object_).reshape(-1, 1)}
+
+    def finalize(self) -> None:
+        self.decoder.close()
