@@ -106,7 +106,8 @@ def test_bench_killed_half_way_resumes_to_every_row_once(tmp_path: Path) -> None
     assert "python backend running torchscript fp32" in headline["target"]
     assert headline["row"]["backend"].startswith("triton-") and headline["reference"]["backend"] == "mmaction2"
     table = out.with_suffix(".md").read_text()
-    assert "Stages recorded: model, triton, e2e (17 rows" in table and "| decode-only |" in table
+    assert "Stages recorded: model, triton, e2e (19 rows" in table and "| decode-only |" in table
+    assert "| triton-video:grpc |" in table and "bytes sent per video" in table
 
 
 def _header(**settings: object) -> dict:
