@@ -86,3 +86,14 @@ def triton(tiny_repo: Path):
     server.start()
     yield server
     server.stop()
+
+
+def link_copies(videos: Path, root: Path, copies: int) -> Path:
+    """``copies`` x the videos under ``videos``, as hard links under ``root/copy<i>/<class>/``:
+    many inputs for a run long enough to be killed midway, at no cost in disk or encoding."""
+    for copy in range(copies):
+        for video in sorted(videos.rglob("*.mp4")):
+            target = root / f"copy{copy}" / video.parent.name / video.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(video, target)
+    return root

@@ -19,17 +19,13 @@ import pytest
 
 from sfdeploy.runtime.triton import TritonPredictor
 
+from conftest import link_copies
+
 
 @pytest.fixture(scope="module")
 def many_videos(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """192 inputs (hard links to the 64 synthetic videos), enough for a run to be killed midway."""
-    root = tmp_path_factory.mktemp("many")
-    for copy in range(3):
-        for video in sorted(synth_root.rglob("*.mp4")):
-            target = root / f"copy{copy}" / video.parent.name / video.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(video, target)
-    return root
+    return link_copies(synth_root, tmp_path_factory.mktemp("many"), 3)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

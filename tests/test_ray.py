@@ -27,7 +27,7 @@ from sfdeploy.errors import EnvironmentProblem
 from sfdeploy.scale.cluster import Cluster, check_placement
 
 from badvideos import not_a_video, truncated, zero_byte
-from conftest import run_cli
+from conftest import link_copies, run_cli
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -96,13 +96,7 @@ def ray_cluster() -> dict:
 @pytest.fixture(scope="module")
 def many_videos(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """128 inputs (hard links to the 64 synthetic videos): a run long enough to kill midway."""
-    root = tmp_path_factory.mktemp("many")
-    for copy in range(2):
-        for video in sorted(synth_root.rglob("*.mp4")):
-            target = root / f"copy{copy}" / video.parent.name / video.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(video, target)
-    return root
+    return link_copies(synth_root, tmp_path_factory.mktemp("many"), 2)
 
 
 def _start(inputs: Path, export: Path | None, address: str, out: Path, *extra: str) -> subprocess.Popen:
