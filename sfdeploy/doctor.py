@@ -61,12 +61,23 @@ def check_torch() -> Check:
 
 
 def check_numpy() -> Check:
+    """numpy 2 (GPU hosts often come with it) is a warning, not a failure: decoding (decord, PyAV),
+    OpenCV, training, export, ONNX Runtime, tritonclient and the served ``<name>`` model (tensors
+    by DLPack) were seen exact with numpy 2.4.6. What does not work is the BYTES tensors of the
+    tritonserver python-backend stub built against numpy 1 (nvidia-pytriton 0.7.0): ``<name>_video``
+    refuses to load there (:mod:`sfdeploy.serving.tensors`)."""
     version = _version("numpy")
     if version is None:
         return Check("numpy", FAIL, "not installed", "pip install numpy==1.26.4")
-    ok = _parse(version) < (2,)
-    return Check("numpy", OK if ok else FAIL, version,
-                 "" if ok else "pip install numpy==1.26.4 (nvidia-pytriton and decord need numpy<2)")
+    if _parse(version) < (2,):
+        return Check("numpy", OK, version)
+    return Check("numpy", WARN, f"{version}: decoding, training, export, in-process inference and the served <name> "
+                 "models work; the server-side decoding models (<name>_video, `infer --server-decode`) refuse to "
+                 f"load: the tritonserver python backend stub of nvidia-pytriton {_version('nvidia-pytriton')} is "
+                 "built against numpy 1 and corrupts BYTES tensors under numpy 2",
+                 "to serve <name>_video, run the server from an environment with numpy<2 (pip install "
+                 "numpy==1.26.4); otherwise serve without it (`sfdeploy repo --no-video`, or `sfdeploy serve "
+                 "--models <name>`)")
 
 
 def check_openmmlab() -> Check:

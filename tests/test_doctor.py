@@ -33,3 +33,18 @@ def test_a_failing_check_prints_its_fix_and_exits_1(monkeypatch: pytest.MonkeyPa
     assert "FAIL  numpy" in result.output and "fix: pip install numpy==1.26.4" in result.output
     assert "check crashed" in result.output
     assert "2 check(s) failed" in result.output
+
+
+def test_numpy_2_is_a_warning_that_says_what_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy 2 runs everything but the BYTES tensors of nvidia-pytriton's python backend stub."""
+    installed = doctor._version
+
+    def numpy_check(version: str) -> doctor.Check:
+        monkeypatch.setattr(doctor, "_version", lambda dist: version if dist == "numpy" else installed(dist))
+        return doctor.check_numpy()
+
+    assert numpy_check("1.26.4") == doctor.Check("numpy", doctor.OK, "1.26.4")
+    check = numpy_check("2.5.2")
+    assert check.status == doctor.WARN and check.detail.startswith("2.5.2: ")
+    assert "<name>_video" in check.detail and "refuse to load" in check.detail
+    assert "numpy==1.26.4" in check.fix and "--no-video" in check.fix

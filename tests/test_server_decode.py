@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,26 @@ def test_video_configs_parse_and_name_their_model(tiny_repo: Path, spec) -> None
     with pytest.raises(InputError, match="classifies the videos it decodes with 'slowfast'") as info:
         TritonServer(tiny_repo, models=["slowfast_video"]).start()  # refused before anything starts
     assert "--models slowfast_video slowfast" in info.value.fix
+
+
+def test_the_video_model_refuses_to_load_where_the_stubs_numpy_bridge_is_broken(tiny_repo: Path,
+                                                                                tmp_path: Path) -> None:
+    """Under numpy 2, nvidia-pytriton 0.7.0's stub corrupts BYTES tensors (sfdeploy.serving.tensors):
+    <name>_video must not load, and `sfdeploy serve` must say why and what to do. The suite runs
+    numpy 1, so only the probe's answer is replaced; the server, the load and the refusal are real."""
+    from sfdeploy.serving.server import free_port
+
+    repo = tmp_path / "repo"
+    for name in ("slowfast", "slowfast_video"):
+        shutil.copytree(tiny_repo / name, repo / name)
+    (repo / "slowfast_video/1/model.py").write_text(
+        "import sfdeploy.serving.tensors as tensors\n\n"
+        "tensors.numpy_bridge_works = lambda: False  # what the probe answers under numpy 2\n" + VIDEO_MODEL)
+    result = run_cli("serve", "--repo", str(repo), "--http-port", str(free_port()), "--grpc-port", str(free_port()),
+                     "--metrics-port", str(free_port()), check=False, timeout=180)
+    assert result.returncode == 1
+    assert "model 'slowfast_video' cannot run with numpy" in result.stderr
+    assert "pip install numpy==1.26.4" in result.stderr and "sfdeploy serve --models slowfast" in result.stderr
 
 
 def test_server_decoded_probs_equal_the_client_decoded_path(triton, real_world: dict[str, Path], spec) -> None:

@@ -5,7 +5,8 @@ the logic is tested and versioned with sfdeploy. Each model instance runs the ar
 the config's parameters (ONNX through onnxruntime, or TorchScript through torch) on the instance's
 device (a ``KIND_GPU`` instance on its GPU, else the CPU). Triton's dynamic batcher hands
 ``execute`` several requests at once: their inputs are concatenated into one batch, run once,
-and split back, so batching across clients costs one model call.
+and split back, so batching across clients costs one model call. Tensors cross the stub boundary
+by DLPack (:mod:`sfdeploy.serving.tensors`): exact under numpy 1 and 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from sfdeploy.artifacts import backend_format, verify_sha256
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.runtime import open_artifact
+from sfdeploy.serving.tensors import from_array, to_array
 
 
 class TritonPythonModel:
@@ -49,7 +51,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils
 
-        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        arrays = [to_array(pb_utils.get_input_tensor_by_name(r, self.input_name)) for r in requests]
         try:
             probs = self.predictor.predict(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
         except Exception as exc:  # every request of the failed batch gets the error, the server lives on
@@ -59,7 +61,7 @@ class TritonPythonModel:
         for array in arrays:
             part = probs[start:start + len(array)]
             start += len(array)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[from_array(self.output_name, part)]))
         return responses
 
     def finalize(self) -> None:

@@ -72,9 +72,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def error_lines(log_text: str) -> list[str]:
-    """The server's own error lines, benign GPU-less noise removed."""
+    """The server's own error lines, benign GPU-less noise removed. A model that failed to load
+    with an :class:`SfdeployError` has its ``fix:`` on the next line: it is kept with its error."""
     lines = [line.strip() for line in log_text.splitlines()]
-    return [line for line in lines if _ERROR_LINE.match(line) and not any(b in line for b in _BENIGN)]
+    found = []
+    for i, line in enumerate(lines):
+        if _ERROR_LINE.match(line) and not any(b in line for b in _BENIGN):
+            if i + 1 < len(lines) and lines[i + 1].startswith("fix: "):
+                line = f"{line}; {lines[i + 1]}"
+            found.append(line)
+    return found
 
 
 @dataclass
@@ -228,6 +235,8 @@ def _hint(errors: list[str]) -> str:
     text = " ".join(errors)
     if "Address already in use" in text:
         return "a port is in use: pass other --http-port/--grpc-port/--metrics-port"
+    if "; fix: " in text:  # the model said what to do
+        return "do what the model's error says"
     if "failed to load" in text or "ModuleNotFoundError" in text:
         return "a model failed to load: regenerate the repository with `sfdeploy repo`, check `sfdeploy doctor`"
     return "check `sfdeploy doctor`"

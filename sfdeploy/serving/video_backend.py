@@ -26,6 +26,11 @@ What a client gets back:
   is ``""``; the other items are classified;
 * a failure on the server's side (``<name>`` not loaded or failing, a decoder that cannot start)
   fails the whole request (``UNAVAILABLE``: HTTP 503).
+
+Tensors cross the stub boundary through :mod:`sfdeploy.serving.tensors`: the clips and
+probabilities by DLPack; the BYTES tensors (``video``, ``label``, ``error``) have no DLPack form and
+need the stub's numpy bridge, which a stub built against numpy 1 (nvidia-pytriton 0.7.0's) gets
+silently wrong under numpy 2: there the model refuses to load, with the reason and the fix.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.errors import EnvironmentProblem
 from sfdeploy.preprocess import DecodeFailure, DecodePool
 from sfdeploy.serving.config import DECODE_TIMEOUT_S, MAX_VIDEO_BYTES, TARGET_MODEL
+from sfdeploy.serving.tensors import bytes_items, bytes_tensor, from_array, require_numpy_bridge, to_array
 
 
 class ServerSideFailure(Exception):
@@ -58,6 +64,10 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.spec = ClipSpec.from_json(params[SPEC_KEY])
         self.target = params[TARGET_MODEL]
+        require_numpy_bridge(  # before any work: a model that cannot answer right does not load
+            args["model_name"], needs=f"its '{VIDEO_INPUT}' input and '{LABEL_OUTPUT}'/'{ERROR_OUTPUT}' outputs are "
+            "BYTES tensors", otherwise=f"serve without it: `sfdeploy serve --models {self.target}` or `sfdeploy "
+            f"repo --no-video` (the '{self.target}' model works under numpy 2)")
         self.max_bytes = int(params[MAX_VIDEO_BYTES])
         # `sfdeploy repo` gives <name>_video the max_batch_size of <name>: a request's clips fit one call
         self.max_batch = max(1, int(config.get("max_batch_size", 1)))
@@ -95,20 +105,19 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         request = pb_utils.InferenceRequest(model_name=self.target, requested_output_names=[OUTPUT_NAME],
-                                            inputs=[pb_utils.Tensor(INPUT_NAME, views)])
+                                            inputs=[from_array(INPUT_NAME, views)])
         response = request.exec()
         if response.has_error():
             raise ServerSideFailure(f"the model '{self.target}' that classifies the decoded clips failed: "
                                     f"{response.error().message()} (is it loaded? `sfdeploy serve` loads both)")
-        return pb_utils.get_output_tensor_by_name(response, OUTPUT_NAME).as_numpy()
+        return to_array(pb_utils.get_output_tensor_by_name(response, OUTPUT_NAME))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils
 
-        per_request = [pb_utils.get_input_tensor_by_name(r, VIDEO_INPUT).as_numpy().reshape(-1) for r in requests]
+        per_request = [bytes_items(pb_utils.get_input_tensor_by_name(r, VIDEO_INPUT)) for r in requests]
         try:
-            answers = self.classify([v if isinstance(v, bytes) else bytes(v) for videos in per_request for v in videos],
-                                    self._run_model)
+            answers = self.classify([video for videos in per_request for video in videos], self._run_model)
         except ServerSideFailure as exc:
             error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
@@ -120,18 +129,17 @@ class TritonPythonModel:
                 error = pb_utils.TritonError(mine[0], pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(name, array) for name, array in self._outputs(mine).items()]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=self._outputs(mine)))
         return responses
 
-    def _outputs(self, answers: list[np.ndarray | str]) -> dict[str, np.ndarray]:
+    def _outputs(self, answers: list[np.ndarray | str]) -> list[Any]:
         classes = self.spec.class_names
         zeros = np.zeros(len(classes), dtype=np.float32)
         probs = np.stack([zeros if isinstance(a, str) else a.astype(np.float32, copy=False) for a in answers])
         labels = [b"" if isinstance(a, str) else classes[int(np.argmax(a))].encode() for a in answers]
         errors = [a.encode() if isinstance(a, str) else b"" for a in answers]
-        return {OUTPUT_NAME: probs, LABEL_OUTPUT: np.array(labels, dtype=np.object_).reshape(-1, 1),
-                ERROR_OUTPUT: np.array(errors, dtype=np.object_).reshape(-1, 1)}
+        return [from_array(OUTPUT_NAME, probs), bytes_tensor(LABEL_OUTPUT, labels, (len(answers), 1)),
+                bytes_tensor(ERROR_OUTPUT, errors, (len(answers), 1))]
 
     def finalize(self) -> None:
         self.decoder.close()
