@@ -268,3 +268,19 @@ def test_serve_shuts_down_cleanly_on_sigterm(tiny_repo: Path) -> None:
             proc.kill()
     for pid in server_pids:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_under_numpy_2_serve_leaves_the_video_models_out_and_says_why(tiny_repo: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stub in nvidia-pytriton passes BYTES only through its numpy 1.x bridge: by default the
+    server is started without the <name>_video models (which would refuse to load) and says why."""
+    from sfdeploy.serving import server as server_module
+
+    monkeypatch.setattr(server_module, "stub_passes_bytes", lambda: False)
+    server = server_module.TritonServer(tiny_repo)
+    chosen = server._choose_models()
+    assert "slowfast" in chosen and not any(name.endswith("_video") for name in chosen)
+    assert {"slowfast_video", "slowfast_ort_video"} <= set(server.skipped)
+    assert "pip install numpy==1.26.4" in server.skipped["slowfast_video"]
+    monkeypatch.setattr(server_module, "stub_passes_bytes", lambda: True)
+    assert "slowfast_video" in server_module.TritonServer(tiny_repo)._choose_models()

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sfdeploy.errors import InputError, ServingError
 from sfdeploy.serving.config import TARGET_MODEL, parse_config
@@ -54,6 +55,23 @@ def repository_models(repo: Path) -> dict[str, str]:
         raise InputError("no models in the repository (no */config.pbtxt)", path=repo,
                          fix="write one with `sfdeploy repo EXPORT --repo DIR`")
     return models
+
+
+def _parameters(repo: Path, name: str) -> Any:
+    return parse_config((Path(repo) / name / "config.pbtxt").read_text()).parameters
+
+
+def _numpy_version() -> str:
+    import numpy
+
+    return numpy.__version__
+
+
+def stub_passes_bytes() -> bool:
+    """Whether the python backend stub (nvidia-pytriton's, built against numpy 1.x) can pass BYTES
+    tensors in this environment: not under numpy 2 (see :mod:`sfdeploy.serving.tensors`, whose
+    probe the video models run at load time; this is the same rule, known before the server starts)."""
+    return int(_numpy_version().split(".")[0]) < 2
 
 
 def port_free(host: str, port: int) -> bool:
@@ -120,7 +138,7 @@ class TritonServer:
                 raise InputError(f"model(s) not in the repository: {', '.join(unknown)} "
                                  f"(it has: {', '.join(available)})", path=self.repo, fix="check --models")
             for name in self.models:  # <name>_video runs its clips through <name> (BLS)
-                params = parse_config((Path(self.repo) / name / "config.pbtxt").read_text()).parameters
+                params = _parameters(self.repo, name)
                 target = params[TARGET_MODEL].string_value if TARGET_MODEL in params else None
                 if target and target not in self.models:
                     raise InputError(f"model '{name}' classifies the videos it decodes with '{target}', which "
@@ -132,6 +150,12 @@ class TritonServer:
             if backend != "python":
                 self.skipped[name] = (f"{backend} backend: not in the nvidia-pytriton build; serve it with "
                                       "NVIDIA's Triton container")
+        if not stub_passes_bytes():  # the video models would refuse to load (and stop the server)
+            for name in [n for n in chosen if TARGET_MODEL in _parameters(self.repo, n)]:
+                chosen.remove(name)
+                self.skipped[name] = (f"needs numpy<2 in the server's environment (numpy {_numpy_version()} here: "
+                                      "the python backend stub passes BYTES tensors only through its numpy 1.x "
+                                      "bridge); pip install numpy==1.26.4 to serve it")
         if not chosen:
             raise InputError("no python-backend model in the repository", path=self.repo,
                              fix="write one with `sfdeploy repo EXPORT --repo DIR`")
