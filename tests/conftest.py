@@ -3,10 +3,12 @@ through the real CLI (as a user would), and reused by every test that needs a tr
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,16 @@ def link_copies(videos: Path, root: Path, copies: int) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(video, target)
     return root
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows an `infer --out x.csv` run has written so far (none before the file exists)."""
+    return list(csv.DictReader(path.open())) if path.exists() else []
+
+
+def wait_for_rows(out: Path, proc: subprocess.Popen, count: int, timeout_s: float = 180) -> None:
+    """Until ``count`` rows are in ``out``, while ``proc`` still runs: the moment to kill it midway."""
+    deadline = time.monotonic() + timeout_s
+    while len(csv_rows(out)) < count and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"

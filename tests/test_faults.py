@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 
 from sfdeploy.runtime.triton import TritonPredictor
 
-from conftest import link_copies
+from conftest import csv_rows, link_copies, wait_for_rows
 
 
 @pytest.fixture(scope="module")
@@ -28,35 +26,24 @@ def many_videos(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return link_copies(synth_root, tmp_path_factory.mktemp("many"), 3)
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(path.open())) if path.exists() else []
-
-
 def _start_infer(inputs: Path, url: str, out: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "sfdeploy", "infer", str(inputs), "--url", url, "--out", str(out),
                "--batch-size", "1", "--concurrency", "1"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_rows(out: Path, proc: subprocess.Popen, count: int) -> None:
-    deadline = time.monotonic() + 120
-    while len(_rows(out)) < count and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-
-
 def test_killed_infer_resumes_with_every_input_exactly_once(triton, many_videos: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
     proc = _start_infer(many_videos, triton.http_url, out)
-    _wait_for_rows(out, proc, 20)
+    wait_for_rows(out, proc, 20)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = len(_rows(out))
+    written = len(csv_rows(out))
     assert 20 <= written < 192
     result = subprocess.run([sys.executable, "-m", "sfdeploy", "infer", str(many_videos), "--url", triton.http_url,
                              "--out", str(out), "--resume"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = _rows(out)
+    rows = csv_rows(out)
     paths = [row["path"] for row in rows]
     assert len(paths) == len(set(paths)) == 192  # each input once: none lost, none twice
     assert all(row["status"] == "ok" for row in rows)
@@ -73,7 +60,7 @@ def test_server_killed_during_infer_keeps_the_finished_rows(tiny_repo: Path, man
     out = tmp_path / "p.csv"
     try:
         proc = _start_infer(many_videos, server.http_url, out)
-        _wait_for_rows(out, proc, 20)
+        wait_for_rows(out, proc, 20)
         os.killpg(server.process.pid, signal.SIGKILL)  # the server and its backend stubs
         stdout, stderr = proc.communicate(timeout=300)
     finally:
@@ -81,7 +68,7 @@ def test_server_killed_during_infer_keeps_the_finished_rows(tiny_repo: Path, man
     assert proc.returncode == 1
     assert "inference on" in stderr and "rows were written before it" in stderr
     assert "--resume" in stderr and str(out) in stderr
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert 20 <= len(rows) < 192
     assert all(row["status"] == "ok" and row["label"] for row in rows)  # only finished rows, all whole
 

@@ -7,7 +7,6 @@ the others join one Ray started for the module (``ray.init(num_cpus=2)``), as a 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -27,11 +26,7 @@ from sfdeploy.errors import EnvironmentProblem
 from sfdeploy.scale.cluster import Cluster, check_placement
 
 from badvideos import not_a_video, truncated, zero_byte
-from conftest import link_copies, run_cli
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(path.open())) if path.exists() else []
+from conftest import csv_rows, link_copies, run_cli, wait_for_rows
 
 
 def _summary(result: subprocess.CompletedProcess) -> dict:
@@ -51,7 +46,7 @@ def test_same_rows_as_the_local_engine_and_broken_files_are_error_rows(tiny_expo
     same = {"wall_time_s": 0, "out": "-"}
     assert _summary(on_ray) | same == _summary(local) | same == {"ok": 64, "failed": 3, "skipped": 0, **same}
     expected = {str(p) for p in synth_root.rglob("*.mp4")} | {str(p) for p in failing}
-    here, there = _rows(tmp_path / "local.csv"), _rows(tmp_path / "ray.csv")
+    here, there = csv_rows(tmp_path / "local.csv"), csv_rows(tmp_path / "ray.csv")
     assert len(there) == len({r["path"] for r in there}) == len(expected) == 67  # every input exactly once
     assert {r["path"] for r in there} == expected
     by_path = {r["path"]: r for r in here}
@@ -107,13 +102,6 @@ def _start(inputs: Path, export: Path | None, address: str, out: Path, *extra: s
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_rows(out: Path, proc: subprocess.Popen, count: int) -> None:
-    deadline = time.monotonic() + 180
-    while len(_rows(out)) < count and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -141,7 +129,7 @@ def test_a_killed_ray_worker_costs_no_row(ray_cluster: dict, tiny_export: Path, 
                                           tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
     proc = _start(many_videos, tiny_export, ray_cluster["address"], out)
-    _wait_for_rows(out, proc, 16)
+    wait_for_rows(out, proc, 16)
     titles = ("ray::MapWorker(MapBatches(PredictStage))", "ray::MapBatches(decode_videos)")  # model actor, decode task
     deadline, victims = time.monotonic() + 60, {}
     while len(victims) < len(titles) and time.monotonic() < deadline and proc.poll() is None:
@@ -154,7 +142,7 @@ def test_a_killed_ray_worker_costs_no_row(ray_cluster: dict, tiny_export: Path, 
         os.kill(pid, signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert len(rows) == len({r["path"] for r in rows}) == 128  # none lost, none twice
     assert all(r["status"] == "ok" for r in rows)
     assert json.loads(stdout.strip().splitlines()[-1])["ok"] == 128  # stdout is still just the summary
@@ -164,15 +152,15 @@ def test_a_killed_driver_resumes_with_every_input_exactly_once(ray_cluster: dict
                                                                many_videos: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
     proc = _start(many_videos, tiny_export, ray_cluster["address"], out)
-    _wait_for_rows(out, proc, 16)
+    wait_for_rows(out, proc, 16)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = len(_rows(out))
+    written = len(csv_rows(out))
     assert 16 <= written < 128
     resumed = _start(many_videos, tiny_export, ray_cluster["address"], out, "--resume")
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
-    paths = [r["path"] for r in _rows(out)]
+    paths = [r["path"] for r in csv_rows(out)]
     assert len(paths) == len(set(paths)) == 128
     assert f"{written} already in" in stderr
     assert json.loads(stdout.strip().splitlines()[-1])["skipped"] == written
@@ -228,19 +216,19 @@ def test_triton_urls_share_the_work_and_a_dead_server_keeps_the_rows(ray_cluster
     try:
         proc = _start(synth_root, None, ray_cluster["address"], out, *served, "--url", triton.http_url,
                       "--url", second.http_url)
-        _wait_for_rows(out, proc, 8)
+        wait_for_rows(out, proc, 8)
         os.killpg(second.process.pid, signal.SIGKILL)  # the server and its backend stubs
         _, stderr = proc.communicate(timeout=300)
     finally:
         second.stop()
     assert proc.returncode == 1
     assert "rows were written before it" in stderr and "--resume" in stderr and str(out) in stderr
-    written = _rows(out)
+    written = csv_rows(out)
     assert 8 <= len(written) < 64 and all(r["status"] == "ok" and r["label"] for r in written)
     assert _executed(triton) > before  # both servers took batches
 
     resumed = _start(synth_root, None, ray_cluster["address"], out, *served, "--url", triton.http_url, "--resume")
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
-    paths = [r["path"] for r in _rows(out)]
+    paths = [r["path"] for r in csv_rows(out)]
     assert len(paths) == len(set(paths)) == 64
