@@ -6,4 +6,6 @@
 #   benchmarks/wheelhouse.sh --python 3.12 --out /tmp/wheelhouse [--max-part-mb 60] [--ort gpu|cpu|none]
 #                            [--skip torch,triton,nvidia-*,cuda-*] [--host-first numpy]
 set -euo pipefail
-exec "${PYTHON:-python3}" "$(dirname "$0")/wheelhouse.py" "$@"
+# The logic is sfdeploy/wheelhouse.py; importing it from this checkout needs no sfdeploy install.
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" -m sfdeploy.wheelhouse "$@"

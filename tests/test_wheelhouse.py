@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from conftest import REPO
-
-_spec = importlib.util.spec_from_file_location("wheelhouse", REPO / "benchmarks" / "wheelhouse.py")
-wheelhouse = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(wheelhouse)
+from sfdeploy import wheelhouse
 
 
 def _wheel(folder: Path, name: str, version: str, files: dict[str, bytes]) -> Path:

@@ -1,4 +1,5 @@
-"""A wheelhouse for a GPU host without internet that already has CUDA torch (see wheelhouse.sh).
+"""A wheelhouse for a GPU host without internet that already has CUDA torch (``benchmarks/wheelhouse.sh``
+runs ``python -m sfdeploy.wheelhouse`` from a source checkout: the sfdeploy wheel is built from it).
 
 1. Resolve sfdeploy's runtime dependencies for the target Python on manylinux x86_64 with pip's
    own resolver (``pip install --dry-run --report``: metadata only, nothing is downloaded), torch
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import re
 import shlex
@@ -27,7 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from sfdeploy.artifacts import sha256
+
+REPO = Path(__file__).resolve().parents[1]  # the source checkout (pyproject.toml), checked in main()
 ORT = {"gpu": "onnxruntime-gpu", "cpu": "onnxruntime", "none": None}
 # torch and what only torch pulls in: the host's CUDA build brings its own (nvidia-pytriton is shipped)
 DEFAULT_SKIP = "torch,triton,nvidia-cu*,nvidia-nccl*,nvidia-nv*,cuda-*"
@@ -124,14 +126,6 @@ def build_sfdeploy(out: Path) -> Path:
                     "--wheel-dir", str(out), str(REPO)], check=True)
     built = sorted(set(out.glob("sfdeploy-*.whl")) - before) or sorted(out.glob("sfdeploy-*.whl"))
     return built[-1]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def split_large(out: Path, max_part_mb: float | None) -> list[dict]:
@@ -264,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not re.fullmatch(r"3\.\d+", args.python):
         parser.error("--python takes a version like 3.12")
+    if not (REPO / "pyproject.toml").is_file():
+        parser.error(f"{REPO} is not an sfdeploy source checkout: run benchmarks/wheelhouse.sh from a clone")
     out = args.out.resolve()
     if out == REPO or REPO in out.parents:
         parser.error(f"--out {out} is inside the repository: write the wheelhouse elsewhere (e.g. /tmp)")
