@@ -122,7 +122,7 @@ def download(ship: dict[str, dict], python: str, out: Path) -> None:
 
 def build_sfdeploy(out: Path) -> Path:
     before = set(out.glob("sfdeploy-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
                     "--wheel-dir", str(out), str(REPO)], check=True)
     built = sorted(set(out.glob("sfdeploy-*.whl")) - before) or sorted(out.glob("sfdeploy-*.whl"))
     return built[-1]
