@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,15 +81,25 @@ def tiny_repo(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return repo
 
 
-@pytest.fixture(scope="session")
-def triton(tiny_repo: Path):
-    """The real tritonserver on free 127.0.0.1 ports, serving the tiny model."""
+@contextmanager
+def running_triton(repo: Path, models: list[str] | None = None) -> Iterator:
+    """The real tritonserver on free 127.0.0.1 ports, serving ``models`` of ``repo`` (all by
+    default), stopped on exit: also for the tests that kill a server of their own midway."""
     from sfdeploy.serving.server import TritonServer, free_port
 
-    server = TritonServer(tiny_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    server.start()
-    yield server
-    server.stop()
+    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          models=models).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_repo: Path):
+    """The real tritonserver serving the tiny models, shared by the session."""
+    with running_triton(tiny_repo) as server:
+        yield server
 
 
 def link_copies(videos: Path, root: Path, copies: int) -> Path:

@@ -17,7 +17,7 @@ import pytest
 
 from sfdeploy.runtime.triton import TritonPredictor
 
-from conftest import csv_rows, link_copies, wait_for_rows
+from conftest import csv_rows, link_copies, running_triton, wait_for_rows
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +53,12 @@ def test_killed_infer_resumes_with_every_input_exactly_once(triton, many_videos:
 
 def test_server_killed_during_infer_keeps_the_finished_rows(tiny_repo: Path, many_videos: Path,
                                                            tmp_path: Path) -> None:
-    from sfdeploy.serving.server import TritonServer, free_port
-
-    server = TritonServer(tiny_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          models=["slowfast"]).start()
     out = tmp_path / "p.csv"
-    try:
+    with running_triton(tiny_repo, ["slowfast"]) as server:
         proc = _start_infer(many_videos, server.http_url, out)
         wait_for_rows(out, proc, 20)
         os.killpg(server.process.pid, signal.SIGKILL)  # the server and its backend stubs
         stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        server.stop()
     assert proc.returncode == 1
     assert "inference on" in stderr and "rows were written before it" in stderr
     assert "--resume" in stderr and str(out) in stderr

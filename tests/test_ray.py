@@ -26,7 +26,7 @@ from sfdeploy.errors import EnvironmentProblem
 from sfdeploy.scale.cluster import Cluster, check_placement
 
 from badvideos import not_a_video, truncated, zero_byte
-from conftest import csv_rows, link_copies, run_cli, wait_for_rows
+from conftest import csv_rows, link_copies, run_cli, running_triton, wait_for_rows
 
 
 def _summary(result: subprocess.CompletedProcess) -> dict:
@@ -59,6 +59,26 @@ def test_same_rows_as_the_local_engine_and_broken_files_are_error_rows(tiny_expo
     assert {r["path"] for r in there if r["status"] == "error"} == {str(p) for p in failing}
     assert all(f"failed: {p}" in on_ray.stderr for p in failing)
     assert "object store" in on_ray.stderr  # the sizing it ran with is printed
+
+
+def test_a_cpu_model_actor_runs_two_threads_that_do_not_spin(tiny_export: Path) -> None:
+    """The model actor's ONNX Runtime session: one reserved CPU, two threads that wait without
+    spinning (so they leave the cores to the decode tasks); --actor-cpus N gives N of both."""
+    from sfdeploy.artifacts import Manifest
+    from sfdeploy.scale.engine import RayOptions
+    from sfdeploy.scale.stages import PredictStage
+
+    spec_json = Manifest.read(tiny_export).clip_spec.to_json()
+    for options, cpus, threads in ((RayOptions(backend="onnxruntime"), 1.0, 2),
+                                   (RayOptions(backend="onnxruntime", actor_cpus=3), 3, 3),
+                                   (RayOptions(backend="triton"), 0.25, 2)):
+        assert (options.model_cpus(), options.model_threads()) == (cpus, threads)
+        if options.backend == "onnxruntime":
+            stage = PredictStage(backend="onnxruntime", spec_json=spec_json, export_dir=str(tiny_export),
+                                 threads=options.model_threads())
+            session = stage.predictors[0].session.get_session_options()
+            assert session.intra_op_num_threads == threads
+            assert session.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_model_actors_that_cannot_be_placed_fail_at_once_on_a_ray_of_fixed_size(
@@ -207,20 +227,14 @@ def _executed(server) -> int:
 
 def test_triton_urls_share_the_work_and_a_dead_server_keeps_the_rows(ray_cluster: dict, triton, tiny_repo: Path,
                                                                      synth_root: Path, tmp_path: Path) -> None:
-    from sfdeploy.serving.server import TritonServer, free_port
-
-    second = TritonServer(tiny_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          models=["slowfast"]).start()
     before, out = _executed(triton), tmp_path / "p.csv"
     served = ["--backend", "triton", "--concurrency", "2"]
-    try:
+    with running_triton(tiny_repo, ["slowfast"]) as second:
         proc = _start(synth_root, None, ray_cluster["address"], out, *served, "--url", triton.http_url,
                       "--url", second.http_url)
         wait_for_rows(out, proc, 8)
         os.killpg(second.process.pid, signal.SIGKILL)  # the server and its backend stubs
         _, stderr = proc.communicate(timeout=300)
-    finally:
-        second.stop()
     assert proc.returncode == 1
     assert "rows were written before it" in stderr and "--resume" in stderr and str(out) in stderr
     written = csv_rows(out)

@@ -137,7 +137,7 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
 @click.option("--workers", type=click.IntRange(min=1),
               help="Decode processes [default: one per CPU core]; with --engine ray, decode tasks at once.")
 @click.option("--actor-cpus", type=click.FloatRange(min=0, min_open=True),
-              help="--engine ray: CPUs (threads) per model actor [1; triton: 0.25].")
+              help="--engine ray: CPUs reserved, and threads, per model actor [1 CPU with 2 threads; triton: 0.25].")
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per row.")
 @click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output: .csv, .jsonl or .parquet, one row per input.")
