@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.errors import EnvironmentProblem, InputError
+from sfdeploy.errors import EnvironmentProblem, ExportError, InputError
 from sfdeploy.fsutil import atomic_write_text
 
 log = logging.getLogger("sfdeploy")
@@ -68,6 +68,18 @@ ORT_CUDA_PROVIDER = "CUDAExecutionProvider"
 #: max |probability difference| between an exported artifact, reloaded, and the module it came from
 # bf16 keeps 8 significant bits to fp16's 11: its rounding differences are ~8x larger
 SELF_CHECK_TOLERANCE: dict[str, float] = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 4e-2}
+
+
+def self_check(diff: float, precision: str, *, failure: str, path: Path, fix: str, device: str, runtime: str,
+               reference_device: str) -> dict[str, Any]:
+    """The manifest's ``self_check`` entry of an exported artifact whose reloaded outputs differ
+    from its module's by ``diff``; over :data:`SELF_CHECK_TOLERANCE`, an ``ExportError`` saying
+    ``failure`` instead."""
+    tolerance = SELF_CHECK_TOLERANCE[precision]
+    if diff > tolerance:
+        raise ExportError(f"{failure} (max abs diff {diff:.2e})", path=path, fix=fix)
+    return {"device": device, "runtime": runtime, "reference_device": reference_device, "max_abs_diff": diff,
+            "tolerance": tolerance}
 
 
 def artifact_key(fmt: str, precision: str = "fp32") -> str:

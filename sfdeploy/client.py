@@ -34,7 +34,8 @@ import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.data.probe import VIDEO_EXTENSIONS
-from sfdeploy.errors import EnvironmentProblem, InputError, ServingError
+from sfdeploy.errors import InputError, ServingError
+from sfdeploy.inputs import require_pyarrow
 from sfdeploy.preprocess import DecodeFailure, decode_many
 from sfdeploy.progress import bar
 from sfdeploy.runtime import Predictor, open_predictor
@@ -251,7 +252,7 @@ class PredictionWriter:
             raise InputError(f"unsupported output type '{self.path.suffix}'", path=self.path,
                              fix="name the output .csv, .jsonl (JSON Lines: one JSON object per input) or .parquet")
         if self.format == "parquet":
-            _require_pyarrow(self.path)
+            require_pyarrow(self.path, "writing .parquet", "write .csv / .jsonl")
         self.journal = self.path.with_name(self.path.name + ".partial.jsonl") if self.format == "parquet" else self.path
         self.done: set[str] = set()
         if self.path.exists() or self.journal.exists():
@@ -329,14 +330,6 @@ class PredictionWriter:
                     parquet.write_table(predictions_to_arrow(rows))
         os.replace(partial, self.path)
         self.journal.unlink()
-
-
-def _require_pyarrow(path: Path) -> None:
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError as exc:
-        raise EnvironmentProblem("writing .parquet needs pyarrow, which is not installed", path=path,
-                                 fix="pip install 'sfdeploy[ray]' (or 'pyarrow<21'), or write .csv / .jsonl") from exc
 
 
 @dataclass

@@ -111,7 +111,7 @@ def evaluate(export_dir: Path, data_dir: Path, predictor: Predictor, *, batch_si
         source = Path(work_dir) if work_dir else Path(manifest.source["work_dir"])
         trained = load_trained(source, Path(manifest.source["checkpoint"]) if not work_dir else None)
         recognizer = trained.recognizer.to(resolve_device(device))
-        ref, _ = mmaction_reference(recognizer, spec, [paths[i] for i in done], show_progress)
+        ref = mmaction_reference(recognizer, spec, [paths[i] for i in done], show_progress).probs
         mm_top1, mm_top5 = _topk(ref, truth, 1), _topk(ref, truth, 5)
         identical = float((ref.argmax(1) == got.argmax(1)).mean())
         for row, ref_row in zip(rows, ref, strict=True):

@@ -46,14 +46,20 @@ def _csv_paths(path: Path, reader: csv.DictReader) -> list[str]:
     return [row[PATH_COLUMN].strip() for row in reader if (row[PATH_COLUMN] or "").strip()]
 
 
-def _parquet_paths(path: Path) -> list[str]:
+def require_pyarrow(path: Path, needed_for: str, instead: str) -> None:
+    """pyarrow (optional: the ``[ray]`` extra pins it) for Parquet lists and outputs, or a clear error."""
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow  # noqa: F401
     except ImportError as exc:
-        raise EnvironmentProblem("reading a .parquet input list needs pyarrow", path=path,
-                                 fix="pip install 'sfdeploy[ray]' (or 'pyarrow<21'), or list the paths in a "
-                                     ".txt") from exc
+        raise EnvironmentProblem(f"{needed_for} needs pyarrow, which is not installed", path=path,
+                                 fix=f"pip install 'sfdeploy[ray]', or {instead}") from exc
+
+
+def _parquet_paths(path: Path) -> list[str]:
+    require_pyarrow(path, "reading a .parquet input list", "list the paths in a .txt")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:

@@ -122,13 +122,16 @@ def _single_threaded() -> None:
     cv2.setNumThreads(1)  # one decode per worker process; the processes are the parallelism
 
 
+DEFAULT_TIMEOUT_S = 300.0  # a video that takes longer to decode fails (its worker is replaced)
+
+
 class DecodePool:
     """Decode worker processes kept between calls: the pool behind :func:`decode_many`, and what a
     Triton model instance (``<name>_video``) decodes its requests with, request after request,
     without starting an interpreter per request. A video that crashes or hangs the decoder costs
     its own result and its worker (replaced), never the caller's process."""
 
-    def __init__(self, spec: ClipSpec, *, workers: int | None = None, timeout_s: float = 300.0,
+    def __init__(self, spec: ClipSpec, *, workers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  prefetch: int = 2) -> None:
         self.spec = spec
         self._pool = IsolatedPool(_decode_task, workers=workers or max(1, os.cpu_count() or 1),
@@ -155,7 +158,8 @@ class DecodePool:
 
 
 def decode_many(sources: Sequence[str | Path | bytes], spec: ClipSpec, *, workers: int | None = None,
-                timeout_s: float = 300.0, prefetch: int = 2) -> Iterator[tuple[int, np.ndarray | DecodeFailure]]:
+                timeout_s: float = DEFAULT_TIMEOUT_S, prefetch: int = 2
+                ) -> Iterator[tuple[int, np.ndarray | DecodeFailure]]:
     """Decode videos (paths or encoded bytes) in worker processes (:mod:`sfdeploy.workers`); yields
     ``(index, views or DecodeFailure)`` as they complete. A video that crashes or hangs the decoder
     fails alone; a failure's ``path`` is the path, or ``<N bytes of an encoded video>``."""

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,31 @@ def triton(tiny_repo: Path):
     """The real tritonserver serving the tiny models, shared by the session."""
     with running_triton(tiny_repo) as server:
         yield server
+
+
+def val_clips(export: Path, prepared: Path, limit: int | None = None) -> np.ndarray:
+    """The first ``limit`` (all) val videos of DATA, decoded for EXPORT's clip spec: a batch
+    ``[N, V, T, H, W, 3]`` of real clips for the predictors."""
+    from sfdeploy.artifacts import Manifest
+    from sfdeploy.data.layout import PreparedData
+    from sfdeploy.preprocess import load_video
+
+    data = PreparedData.from_dir(prepared)
+    paths = [data.media_root / line.split()[0] for line in data.val.path.read_text().splitlines()[:limit]]
+    return np.stack([load_video(str(p), Manifest.read(export).clip_spec) for p in paths])
+
+
+def executed_batches(url: str, model: str) -> tuple[dict[int, int], int]:
+    """Triton's statistics for ``model``: executions per batch size, and requests (inferences) served."""
+    from sfdeploy.runtime.triton import TritonPredictor
+
+    predictor = TritonPredictor(url, model=model)
+    try:
+        stats = predictor.statistics()
+    finally:
+        predictor.close()
+    batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+    return batches, int(stats.get("inference_count", 0))
 
 
 def link_copies(videos: Path, root: Path, copies: int) -> Path:

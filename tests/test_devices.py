@@ -15,19 +15,14 @@ from sfdeploy.artifacts import Manifest, backend_device, ort_cuda_installed
 from sfdeploy.errors import EnvironmentProblem, InputError
 from sfdeploy.runtime.cuda import exact_fp32
 
-from conftest import run_cli
+from conftest import run_cli, val_clips
 
 GPU = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
 def clips(tiny_export: Path, prepared: Path) -> np.ndarray:
-    from sfdeploy.data.layout import PreparedData
-    from sfdeploy.preprocess import load_video
-
-    data = PreparedData.from_dir(prepared)
-    paths = [data.media_root / line.split()[0] for line in data.val.path.read_text().splitlines()[:5]]
-    return np.stack([load_video(str(p), Manifest.read(tiny_export).clip_spec) for p in paths])
+    return val_clips(tiny_export, prepared, limit=5)
 
 
 def test_auto_is_one_rule_per_backend() -> None:

@@ -14,7 +14,7 @@ import torch
 
 from sfdeploy.artifacts import Manifest, ort_cuda_installed
 
-from conftest import run_cli
+from conftest import run_cli, val_clips
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch sees none")]
@@ -36,12 +36,7 @@ def gpu_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def clips(gpu_export: Path, prepared: Path) -> np.ndarray:
-    from sfdeploy.data.layout import PreparedData
-    from sfdeploy.preprocess import load_video
-
-    data = PreparedData.from_dir(prepared)
-    paths = [data.media_root / line.split()[0] for line in data.val.path.read_text().splitlines()]
-    return np.stack([load_video(str(p), Manifest.read(gpu_export).clip_spec) for p in paths])
+    return val_clips(gpu_export, prepared)
 
 
 def test_export_on_cuda_passes_parity_with_tf32_off(gpu_export: Path) -> None:

@@ -34,7 +34,7 @@ from sfdeploy.serving.config import parse_config, spec_of
 from sfdeploy.serving.repo import VIDEO_MODEL
 
 from badvideos import corrupt_index, good_video, not_a_video, truncated, zero_byte
-from conftest import REPO, run_cli
+from conftest import REPO, executed_batches, run_cli
 
 pytestmark = pytest.mark.skipif(
     int(np.__version__.split(".")[0]) >= 2,
@@ -240,21 +240,11 @@ def _try_send(url: str, payload: bytes) -> BaseException | dict:
         return exc
 
 
-def _batch_stats(url: str, model: str) -> tuple[dict[int, int], int]:
-    predictor = TritonPredictor(url, model=model)
-    try:
-        stats = predictor.statistics()
-    finally:
-        predictor.close()
-    batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
-    return batches, int(stats.get("inference_count", 0))
-
-
 def test_200_video_requests_at_concurrency_16(triton, synth_root: Path) -> None:
     videos = [p.read_bytes() for p in sorted(synth_root.rglob("*.mp4"))]
     payloads = [videos[i % len(videos)] for i in range(200)]
-    model_before, _ = _batch_stats(triton.http_url, "slowfast")
-    _, videos_before = _batch_stats(triton.http_url, "slowfast_video")
+    model_before, _ = executed_batches(triton.http_url, "slowfast")
+    _, videos_before = executed_batches(triton.http_url, "slowfast_video")
     predictor = TritonVideoPredictor(triton.http_url, model="slowfast")
     answers: list = []
     errors: list[BaseException] = []
@@ -280,8 +270,8 @@ def test_200_video_requests_at_concurrency_16(triton, synth_root: Path) -> None:
         predictor.close()
     assert errors == [] and len(answers) == 200
     assert all(isinstance(a, np.ndarray) and a.shape == (4,) and abs(a.sum() - 1) < 1e-4 for a in answers)
-    model_after, _ = _batch_stats(triton.http_url, "slowfast")
-    _, videos_after = _batch_stats(triton.http_url, "slowfast_video")
+    model_after, _ = executed_batches(triton.http_url, "slowfast")
+    _, videos_after = executed_batches(triton.http_url, "slowfast_video")
     assert videos_after - videos_before == 200
     new = {size: model_after.get(size, 0) - model_before.get(size, 0) for size in model_after}
     assert sum(size * count for size, count in new.items()) == 200  # each video's clips ran once

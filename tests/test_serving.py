@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 
 from sfdeploy.client import Classifier
-from sfdeploy.data.layout import PreparedData
 from sfdeploy.errors import ServingError
-from sfdeploy.preprocess import load_video
 from sfdeploy.runtime.ort import OrtPredictor
 from sfdeploy.runtime.torchscript import TorchScriptPredictor
 from sfdeploy.runtime.triton import TritonPredictor
@@ -28,16 +26,12 @@ from sfdeploy.serving.config import parse_config, spec_of
 from sfdeploy.serving.repo import PYTHON_MODEL, VIDEO_MODEL
 
 from badvideos import not_a_video, truncated
-from conftest import REPO, run_cli
+from conftest import REPO, executed_batches, run_cli, val_clips
 
 
 @pytest.fixture(scope="module")
 def clips(tiny_export: Path, prepared: Path) -> np.ndarray:
-    from sfdeploy.artifacts import Manifest
-
-    data = PreparedData.from_dir(prepared)
-    paths = [data.media_root / line.split()[0] for line in data.val.path.read_text().splitlines()]
-    return np.stack([load_video(str(p), Manifest.read(tiny_export).clip_spec) for p in paths])
+    return val_clips(tiny_export, prepared)
 
 
 def test_every_config_parses_and_carries_the_clip_spec(tiny_repo: Path, tiny_export: Path) -> None:
@@ -143,12 +137,7 @@ def test_concurrent_requests_are_batched_by_the_server(triton, synth_root: Path,
 
 
 def _executed_batch_sizes(triton) -> dict[int, int]:
-    predictor = TritonPredictor(triton.http_url, model="slowfast")
-    try:
-        stats = predictor.statistics()
-    finally:
-        predictor.close()
-    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+    return executed_batches(triton.http_url, "slowfast")[0]
 
 
 def test_a_corrupt_file_gets_its_error_row_and_the_rest_is_classified(triton, synth_root: Path,

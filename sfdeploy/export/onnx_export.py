@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sfdeploy.artifacts import INPUT_NAME, OUTPUT_NAME, SELF_CHECK_TOLERANCE
+from sfdeploy.artifacts import INPUT_NAME, OUTPUT_NAME, self_check
 from sfdeploy.clipspec import SPEC_KEY
 from sfdeploy.errors import ExportError
 
@@ -74,9 +74,8 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, spec
     got = predictor.predict(probe.cpu().numpy())
     predictor.close()
     diff = float(np.abs(expected - got).max()) if got.shape == expected.shape else float("inf")
-    if diff > SELF_CHECK_TOLERANCE[precision]:
-        raise ExportError(f"the ONNX model differs from the module it was exported from in onnxruntime on "
-                          f"{predictor.device} (shape {got.shape}, max abs diff {diff:.2e})", path=path,
-                          fix="report this with the model config; export --formats torchscript meanwhile")
-    return {"device": predictor.device, "runtime": predictor.runtime, "reference_device": str(probe.device),
-            "max_abs_diff": diff, "tolerance": SELF_CHECK_TOLERANCE[precision]}
+    return self_check(diff, precision, path=path, device=predictor.device, runtime=predictor.runtime,
+                      reference_device=str(probe.device),
+                      failure=f"the ONNX model differs from the module it was exported from in onnxruntime on "
+                              f"{predictor.device} (shape {got.shape})",
+                      fix="report this with the model config; export --formats torchscript meanwhile")

@@ -21,7 +21,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -103,20 +103,27 @@ def reference_decoder(path: Path) -> str:
         return "pyav" if container.streams.video[0].frames == frames else "sfdeploy"
 
 
+class Reference(NamedTuple):
+    probs: np.ndarray  # [n, num_classes], on the host
+    inputs: np.ndarray  # MMAction2's pipeline output as uint8 [n, V, T, H, W, 3]
+    decoders: list[str]  # the reference decoder of each video (:func:`reference_decoder`)
+
+
 def mmaction_reference(recognizer: Any, spec: ClipSpec, videos: list[Path], show_progress: bool = True
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of the eager recognizer on MMAction2's own pipeline, and that pipeline's
-    uint8 input as ``[n, V, T, H, W, 3]``. The recognizer may be on any device: its scores come
-    back to the host here."""
+                       ) -> Reference:
+    """Probabilities of the eager recognizer on MMAction2's own pipeline, that pipeline's uint8
+    input, and the decoder it used per video. The recognizer may be on any device: its scores
+    come back to the host here."""
     import torch
     from mmengine.dataset import Compose, pseudo_collate
     from mmengine.registry import init_default_scope
 
     init_default_scope("mmaction")
     pipelines: dict[str, Any] = {}
-    probs, inputs = [], []
+    probs, inputs, decoders = [], [], []
     for path in progress(videos, desc="parity: mmaction2", unit="video", enabled=show_progress):
         decoder = reference_decoder(path)
+        decoders.append(decoder)
         if decoder == "sfdeploy":
             import sfdeploy.train.transforms  # noqa: F401 - registers the transforms it names
         pipeline = pipelines.setdefault(decoder, Compose(spec.mmaction_pipeline(decoder)))
@@ -127,7 +134,7 @@ def mmaction_reference(recognizer: Any, spec: ClipSpec, videos: list[Path], show
         if recognizer.cls_head.average_clips == "score":  # MMAction2 returns mean logits then
             score = torch.softmax(score, dim=0)
         probs.append(score.cpu().numpy())  # pred_score stays on the model's device
-    return np.stack(probs), np.stack(inputs)
+    return Reference(np.stack(probs), np.stack(inputs), decoders)
 
 
 def run_gate(recognizer: Any, spec: ClipSpec, predictors: dict[str, tuple[LocalPredictor, str]],
@@ -139,7 +146,7 @@ def run_gate(recognizer: Any, spec: ClipSpec, predictors: dict[str, tuple[LocalP
     from sfdeploy.runtime.cuda import exact_fp32
 
     with exact_fp32():
-        reference, mm_inputs = mmaction_reference(recognizer, spec, videos, show_progress)
+        reference, mm_inputs, decoders = mmaction_reference(recognizer, spec, videos, show_progress)
         clips = np.stack([load_video(str(p), spec) for p in videos])
         outputs = {key: np.concatenate([predictor.predict(clips[i:i + batch_size])
                                         for i in range(0, len(clips), batch_size)])
@@ -161,7 +168,7 @@ def run_gate(recognizer: Any, spec: ClipSpec, predictors: dict[str, tuple[LocalP
                                     diff, agreement, bool(passed), criterion).to_dict()
     return {
         "reference": "MMAction2 eager recognizer on MMAction2's test pipeline for the clip spec",
-        "reference_decoders": dict(Counter(reference_decoder(p) for p in videos)),
+        "reference_decoders": dict(Counter(decoders)),
         "settings": {"reference_device": str(next(recognizer.parameters()).device),
                      "reference_runtime": f"torch {torch.__version__}", "tf32": False,
                      "note": "fp32 convolutions and matmuls in IEEE fp32 on every GPU side (no TF32: torch's "

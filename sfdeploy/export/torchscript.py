@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from sfdeploy.artifacts import SELF_CHECK_TOLERANCE
-from sfdeploy.errors import ExportError
+from sfdeploy.artifacts import self_check
 from sfdeploy.runtime.torchscript import SPEC_FILE, load_torchscript
 
 
@@ -36,10 +35,8 @@ def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Pat
         with torch.no_grad():
             expected, got = module(probe), reloaded(probe)
     diff = float((expected - got).abs().max()) if got.shape == expected.shape else float("inf")
-    if diff > SELF_CHECK_TOLERANCE[precision]:
-        raise ExportError(f"the reloaded TorchScript model differs from the module it was traced from "
-                          f"(shape {tuple(got.shape)}, max abs diff {diff:.2e})", path=path,
-                          fix="report this with the model config; export --formats onnx meanwhile")
-    return {"device": str(example.device), "runtime": f"torch {torch.__version__}",
-            "reference_device": str(example.device), "max_abs_diff": diff,
-            "tolerance": SELF_CHECK_TOLERANCE[precision]}
+    return self_check(diff, precision, path=path, device=str(example.device), runtime=f"torch {torch.__version__}",
+                      reference_device=str(example.device),
+                      failure=f"the reloaded TorchScript model differs from the module it was traced from "
+                              f"(shape {tuple(got.shape)})",
+                      fix="report this with the model config; export --formats onnx meanwhile")

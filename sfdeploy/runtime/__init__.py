@@ -47,17 +47,30 @@ class LocalPredictor(Predictor, Protocol):
     runtime: str  # e.g. "torch 2.11.0" or "onnxruntime 1.31.1 CUDAExecutionProvider"
 
 
+def is_torch_tensor(value: object) -> bool:
+    """True for a torch tensor, without importing torch for a numpy array."""
+    return type(value).__module__.startswith("torch") and hasattr(value, "data_ptr")
+
+
+def is_ort_value(value: object) -> bool:
+    """True for an ``onnxruntime.OrtValue``, without importing onnxruntime."""
+    return type(value).__module__.startswith("onnxruntime") and hasattr(value, "data_type")
+
+
+def _not_a_batch(frames: object) -> InputError:
+    return InputError(f"a batch must be a numpy array or a torch tensor, not {type(frames).__name__}",
+                      fix="make batches with sfdeploy.preprocess.load_video (numpy uint8)")
+
+
 def batch_layout(frames: Frames) -> tuple[str, tuple[int, ...]]:
     """``(dtype name, shape)`` of a numpy array, a torch tensor or an ``OrtValue``."""
     if isinstance(frames, np.ndarray):
         return str(frames.dtype), tuple(frames.shape)
-    module = type(frames).__module__
-    if module.startswith("torch") and hasattr(frames, "dtype"):
+    if is_torch_tensor(frames):
         return str(frames.dtype).removeprefix("torch."), tuple(frames.shape)
-    if module.startswith("onnxruntime") and hasattr(frames, "data_type"):
+    if is_ort_value(frames):
         return frames.data_type().removeprefix("tensor(").removesuffix(")"), tuple(frames.shape())
-    raise InputError(f"a batch must be a numpy array or a torch tensor, not {type(frames).__name__}",
-                     fix="make batches with sfdeploy.preprocess.load_video (numpy uint8)")
+    raise _not_a_batch(frames)
 
 
 def check_batch(frames: Frames, spec: ClipSpec) -> None:
@@ -72,13 +85,11 @@ def host_array(frames: Frames) -> np.ndarray:
     """The batch as a numpy array on the host (no copy for numpy or a CPU tensor)."""
     if isinstance(frames, np.ndarray):
         return frames
-    module = type(frames).__module__
-    if module.startswith("torch"):
+    if is_torch_tensor(frames):
         return frames.detach().cpu().numpy()
-    if module.startswith("onnxruntime"):
+    if is_ort_value(frames):
         return frames.numpy()
-    raise InputError(f"a batch must be a numpy array or a torch tensor, not {type(frames).__name__}",
-                     fix="make batches with sfdeploy.preprocess.load_video (numpy uint8)")
+    raise _not_a_batch(frames)
 
 
 def open_artifact(path: Path, fmt: str, *, device: str = "cpu", threads: int | None = None,

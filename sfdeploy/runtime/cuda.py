@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.artifacts import resolve_device
+from sfdeploy.runtime import is_torch_tensor
 
 
 def cuda_device(device: str) -> str:
@@ -76,11 +77,6 @@ def exact_fp32() -> Iterator[None]:
             if _exact["depth"] == 0:
                 for (owner, name), value in zip(flags, _exact["saved"], strict=True):
                     setattr(owner, name, value)
-
-
-def is_torch_tensor(value: object) -> bool:
-    """True for a torch tensor, without importing torch for a numpy array."""
-    return type(value).__module__.startswith("torch") and hasattr(value, "data_ptr")
 
 
 class DeviceFeeder:

@@ -22,8 +22,7 @@ import numpy as np
 from sfdeploy.artifacts import ORT_CUDA_PROVIDER, backend_device, ort_cuda_installed, ort_no_cuda_error
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.runtime import Frames, check_batch, host_array
-from sfdeploy.runtime.cuda import is_torch_tensor
+from sfdeploy.runtime import Frames, check_batch, host_array, is_ort_value, is_torch_tensor
 
 CPU_PROVIDER = "CPUExecutionProvider"
 _CUDA_LIBRARY = "libonnxruntime_providers_cuda.so"
@@ -123,7 +122,6 @@ def run_bound(session: Any, input_name: str, output_name: str, frames: Frames, d
     session's device by its pointer, an ``OrtValue`` as is, host memory as a host array that
     onnxruntime uploads itself), the output bound on the device, copied to the host once."""
     binding = session.io_binding()
-    module = type(frames).__module__
     if is_torch_tensor(frames) and frames.device.type == device_type:
         if device_type == "cuda":
             frames = frames.to(f"cuda:{device_id}")  # no copy when already there
@@ -134,7 +132,7 @@ def run_bound(session: Any, input_name: str, output_name: str, frames: Frames, d
             # onnxruntime reads the memory on its own stream: the work that wrote it must be done.
             torch.cuda.current_stream(frames.device).synchronize()
         binding.bind_input(input_name, device_type, device_id, np.uint8, tuple(frames.shape), frames.data_ptr())
-    elif module.startswith("onnxruntime"):
+    elif is_ort_value(frames):
         binding.bind_ortvalue_input(input_name, frames)
     else:
         binding.bind_cpu_input(input_name, np.ascontiguousarray(host_array(frames)))

@@ -18,6 +18,7 @@ from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 
 BACKENDS = ("python", "onnxruntime", "pytorch")
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+LABELS_FILE = "labels.txt"  # beside config.pbtxt: class names, one per line, for the probabilities
 
 # parameters of <name>_video (server-side decoding; sfdeploy/serving/video_backend.py reads them)
 TARGET_MODEL = "target_model"  # the model its decoded clips go to
@@ -56,9 +57,13 @@ class ServedModel:
     def tensors(self) -> tuple[tuple[TensorConfig, ...], tuple[TensorConfig, ...]]:
         """(inputs, outputs) of the model."""
         inputs = self.inputs or (TensorConfig(self.input_name, "TYPE_UINT8", self.spec.input_shape),)
-        outputs = self.outputs or (TensorConfig(self.output_name, "TYPE_FP32", (self.spec.num_classes,),
-                                                "labels.txt"),)
+        outputs = self.outputs or (probs_tensor(self.spec, self.output_name),)
         return inputs, outputs
+
+
+def probs_tensor(spec: ClipSpec, name: str = OUTPUT_NAME) -> TensorConfig:
+    """The probabilities output, labelled by :data:`LABELS_FILE` (Triton's classification extension)."""
+    return TensorConfig(name, "TYPE_FP32", (spec.num_classes,), LABELS_FILE)
 
 
 def build_config(model: ServedModel) -> Any:

@@ -25,11 +25,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfdeploy import preprocess
 from sfdeploy.artifacts import (
     BACKEND_FORMAT,
     ERROR_OUTPUT,
     LABEL_OUTPUT,
-    OUTPUT_NAME,
     VIDEO_INPUT,
     Manifest,
     artifact_key,
@@ -41,11 +41,13 @@ from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import InputError
 from sfdeploy.serving.config import (
     DECODE_TIMEOUT_S,
+    LABELS_FILE,
     MAX_VIDEO_BYTES,
     TARGET_MODEL,
     ServedModel,
     TensorConfig,
     config_text,
+    probs_tensor,
 )
 
 log = logging.getLogger("sfdeploy")
@@ -123,10 +125,10 @@ def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
         instances=opts.decode_instances or max(1, os.cpu_count() or 1), kind="cpu", dynamic_batching=False,
         warmup=False,  # its warm-up is the decoder's start at load; <name> may still be loading
         inputs=(TensorConfig(VIDEO_INPUT, "TYPE_STRING", (1,)),),
-        outputs=(TensorConfig(OUTPUT_NAME, "TYPE_FP32", (spec.num_classes,), "labels.txt"),
+        outputs=(probs_tensor(spec),
                  TensorConfig(LABEL_OUTPUT, "TYPE_STRING", (1,)), TensorConfig(ERROR_OUTPUT, "TYPE_STRING", (1,))),
         parameters={TARGET_MODEL: opts.name, MAX_VIDEO_BYTES: str(int(opts.max_video_mb * 2**20)),
-                    DECODE_TIMEOUT_S: "300"})
+                    DECODE_TIMEOUT_S: str(preprocess.DEFAULT_TIMEOUT_S)})
 
 
 def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
@@ -182,7 +184,7 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
         version = folder / str(opts.version)
         version.mkdir(parents=True, exist_ok=True)
         _write_text(folder / "config.pbtxt", config_text(model))
-        _write_text(folder / "labels.txt", "".join(f"{name}\n" for name in spec.class_names))
+        _write_text(folder / LABELS_FILE, "".join(f"{name}\n" for name in spec.class_names))
         if entry_point:
             _write_text(version / "model.py", entry_point)
         for filename, source in files.items():

@@ -38,8 +38,8 @@ _BENIGN = ("CudaDriverHelper has not been initialized", "DCGM", "NVML", "GPU met
 _ERROR_LINE = re.compile(r"^(E\d{4} |error: |.*failed to load|.*Address already in use|.*Unexpected)")
 
 
-def repository_models(repo: Path) -> dict[str, str]:
-    """Model name -> backend, for every model folder with a config.pbtxt."""
+def repository_models(repo: Path) -> dict[str, Any]:
+    """Model name -> its parsed config (``ModelConfig``), for every model folder with a config.pbtxt."""
     repo = Path(repo)
     if not repo.is_dir():
         raise InputError("model repository not found", path=repo,
@@ -47,7 +47,7 @@ def repository_models(repo: Path) -> dict[str, str]:
     models = {}
     for config in sorted(repo.glob("*/config.pbtxt")):
         try:
-            models[config.parent.name] = parse_config(config.read_text()).backend
+            models[config.parent.name] = parse_config(config.read_text())
         except Exception as exc:  # a malformed config: named, with the parser's reason
             raise InputError(f"unreadable config.pbtxt ({exc})", path=config,
                              fix="regenerate it with `sfdeploy repo`") from exc
@@ -55,10 +55,6 @@ def repository_models(repo: Path) -> dict[str, str]:
         raise InputError("no models in the repository (no */config.pbtxt)", path=repo,
                          fix="write one with `sfdeploy repo EXPORT --repo DIR`")
     return models
-
-
-def _parameters(repo: Path, name: str) -> Any:
-    return parse_config((Path(repo) / name / "config.pbtxt").read_text()).parameters
 
 
 def _numpy_version() -> str:
@@ -138,20 +134,20 @@ class TritonServer:
                 raise InputError(f"model(s) not in the repository: {', '.join(unknown)} "
                                  f"(it has: {', '.join(available)})", path=self.repo, fix="check --models")
             for name in self.models:  # <name>_video runs its clips through <name> (BLS)
-                params = _parameters(self.repo, name)
+                params = available[name].parameters
                 target = params[TARGET_MODEL].string_value if TARGET_MODEL in params else None
                 if target and target not in self.models:
                     raise InputError(f"model '{name}' classifies the videos it decodes with '{target}', which "
                                      "--models does not load", path=self.repo,
                                      fix=f"load both: --models {' '.join([*self.models, target])}")
             return list(self.models)
-        chosen = [name for name, backend in available.items() if backend == "python"]
-        for name, backend in available.items():
-            if backend != "python":
-                self.skipped[name] = (f"{backend} backend: not in the nvidia-pytriton build; serve it with "
+        chosen = [name for name, config in available.items() if config.backend == "python"]
+        for name, config in available.items():
+            if config.backend != "python":
+                self.skipped[name] = (f"{config.backend} backend: not in the nvidia-pytriton build; serve it with "
                                       "NVIDIA's Triton container")
         if not stub_passes_bytes():  # the video models would refuse to load (and stop the server)
-            for name in [n for n in chosen if TARGET_MODEL in _parameters(self.repo, n)]:
+            for name in [n for n in chosen if TARGET_MODEL in available[n].parameters]:
                 chosen.remove(name)
                 self.skipped[name] = (f"needs numpy<2 in the server's environment (numpy {_numpy_version()} here: "
                                       "the python backend stub passes BYTES tensors only through its numpy 1.x "

@@ -71,7 +71,7 @@ class TritonPythonModel:
         self.max_bytes = int(params[MAX_VIDEO_BYTES])
         # `sfdeploy repo` gives <name>_video the max_batch_size of <name>: a request's clips fit one call
         self.max_batch = max(1, int(config.get("max_batch_size", 1)))
-        self.decoder = DecodePool(self.spec, workers=1, timeout_s=float(params.get(DECODE_TIMEOUT_S, "300")))
+        self.decoder = DecodePool(self.spec, workers=1, timeout_s=float(params[DECODE_TIMEOUT_S]))
         self.decoder.warm()  # a decoder that cannot start fails the load, with its reason
 
     def classify(self, videos: list[bytes], run_model: Any) -> list[np.ndarray | str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sfdeploy.clipspec import VIDEO_DECODE_STEPS, VIDEO_INIT_STEPS
 from sfdeploy.data.layout import PreparedData
 from sfdeploy.errors import EnvironmentProblem, InputError
 
@@ -99,17 +100,15 @@ def schedule(total_iters: int) -> list[dict[str, Any]]:
     ]
 
 
-_VIDEO_INIT = ("DecordInit", "OpenCVInit", "PyAVInit", "SfdeployVideoInit")
-_VIDEO_DECODE = ("DecordDecode", "OpenCVDecode", "PyAVDecode", "SfdeployVideoDecode")
 TRANSFORMS_MODULE = "sfdeploy.train.transforms"  # registers SfdeployVideoInit / SfdeployVideoDecode
 
 
 def _video_to_rawframes(pipeline: list[dict]) -> list[dict]:
     out = []
     for step in pipeline:
-        if step["type"] in _VIDEO_INIT:
+        if step["type"] in VIDEO_INIT_STEPS:
             continue
-        if step["type"] in _VIDEO_DECODE:
+        if step["type"] in VIDEO_DECODE_STEPS:
             out.append(dict(type="RawFrameDecode", io_backend="disk"))
             continue
         out.append(step)
