@@ -36,6 +36,9 @@ import time
 from datetime import date
 from pathlib import Path
 
+from sfdeploy.artifacts import MANIFEST_FILE
+from sfdeploy.data.probe import VIDEO_EXTENSIONS
+
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 0.8  # ray / local videos/s on one machine
 
@@ -44,7 +47,7 @@ def _inputs(videos: Path, copies: int, scratch: Path) -> Path:
     """``copies`` hard-linked copies of every video under ``videos`` (distinct paths, no extra disk)."""
     root = scratch / f"videos-x{copies}"
     for copy in range(copies):
-        for video in sorted(p for p in videos.rglob("*") if p.suffix.lower() in {".mp4", ".avi", ".mkv"}):
+        for video in sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS):
             target = root / f"copy{copy}" / video.relative_to(videos)
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
@@ -87,7 +90,7 @@ def main() -> None:
     from sfdeploy.bench.measure import device_info, device_slug
 
     if args.export is None or args.videos is None:
-        if not (args.demo_dir / "export" / "manifest.json").is_file():
+        if not (args.demo_dir / "export" / MANIFEST_FILE).is_file():
             subprocess.run([sys.executable, "-m", "sfdeploy", "demo", "--workdir", str(args.demo_dir)], check=True)
     export, videos = args.export or args.demo_dir / "export", args.videos or args.demo_dir / "videos"
     info = device_info("cpu")

@@ -24,7 +24,6 @@ and MMAction2 training/inference (:mod:`sfdeploy.train.transforms`).
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import io
 import os
 import re
@@ -204,15 +203,4 @@ class Video:
 def open_video(source: Source) -> Video:
     """Open a video from a path or from the bytes of an encoded file (see :class:`Video`)."""
     return Video(source)
-
-
-def decoder_versions() -> dict[str, str | None]:
-    """Installed versions of the two decoders (``None`` if missing)."""
-    versions: dict[str, str | None] = {}
-    for dist in ("decord", "av"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = None
-    return versions
 

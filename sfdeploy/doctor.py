@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import importlib.util
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,6 +31,23 @@ def _version(dist: str) -> str | None:
         return md.version(dist)
     except md.PackageNotFoundError:
         return None
+
+
+def _pins(*dists: str) -> str:
+    """``dist==version ...`` as sfdeploy's own requirements (pyproject.toml, read back from the
+    installed metadata) pin them, quoted for a shell: the fixes doctor prints never drift from
+    the pins. A dist sfdeploy does not pin (or a source tree without metadata) stays bare."""
+    try:
+        requires = md.requires("sfdeploy") or []
+    except md.PackageNotFoundError:
+        requires = []
+    pinned = {}
+    for line in requires:
+        spec = line.split(";")[0].strip()
+        name = re.split(r"[\[<>=!~ ]", spec, maxsplit=1)[0]
+        pinned.setdefault(name.lower().replace("_", "-"), spec)
+    words = [pinned.get(d.lower().replace("_", "-"), d) for d in dists]
+    return " ".join(f"'{w}'" if any(c in w for c in "<>[") else w for w in words)
 
 
 def _parse(version: str) -> tuple[int, ...]:
@@ -68,7 +86,7 @@ def check_numpy() -> Check:
     refuses to load there (:mod:`sfdeploy.serving.tensors`)."""
     version = _version("numpy")
     if version is None:
-        return Check("numpy", FAIL, "not installed", "pip install numpy==1.26.4")
+        return Check("numpy", FAIL, "not installed", f"pip install {_pins('numpy')}")
     if _parse(version) < (2,):
         return Check("numpy", OK, version)
     return Check("numpy", WARN, f"{version}: decoding, training, export, in-process inference and the served <name> "
@@ -76,7 +94,7 @@ def check_numpy() -> Check:
                  f"load: the tritonserver python backend stub of nvidia-pytriton {_version('nvidia-pytriton')} is "
                  "built against numpy 1 and corrupts BYTES tensors under numpy 2",
                  "to serve <name>_video, run the server from an environment with numpy<2 (pip install "
-                 "numpy==1.26.4); otherwise serve without it (`sfdeploy repo --no-video`, or `sfdeploy serve "
+                 f"{_pins('numpy')}); otherwise serve without it (`sfdeploy repo --no-video`, or `sfdeploy serve "
                  "--models <name>`)")
 
 
@@ -86,10 +104,10 @@ def check_openmmlab() -> Check:
     mmcv = versions["mmcv-lite"] or versions["mmcv"]
     if missing or mmcv is None:
         return Check("mmaction2 stack", FAIL, f"missing: {', '.join(missing + ([] if mmcv else ['mmcv-lite']))}",
-                     "pip install mmengine==0.10.7 mmcv-lite==2.1.0 mmaction2==1.2.0")
+                     f"pip install {_pins('mmengine', 'mmcv-lite', 'mmaction2')}")
     detail = f"mmaction2 {versions['mmaction2']}, mmengine {versions['mmengine']}, mmcv {mmcv}"
     if _parse(mmcv) >= (2, 2):
-        return Check("mmaction2 stack", FAIL, detail, "pip install mmcv-lite==2.1.0 (mmaction2 needs mmcv<2.2)")
+        return Check("mmaction2 stack", FAIL, detail, f"pip install {_pins('mmcv-lite')} (mmaction2 needs mmcv<2.2)")
     from sfdeploy.compat import missing_drn_module
 
     if missing_drn_module():
@@ -110,7 +128,7 @@ def check_pkg_resources() -> Check:
     version = _version("setuptools")
     ok = importlib.util.find_spec("pkg_resources") is not None
     return Check("setuptools/pkg_resources", OK if ok else WARN, f"setuptools {version}",
-                 "" if ok else "pip install 'setuptools<82' (sfdeploy resolves mmaction:: configs itself, "
+                 "" if ok else f"pip install {_pins('setuptools')} (sfdeploy resolves mmaction:: configs itself, "
                  "MMAction2's own tools need it)")
 
 
@@ -125,20 +143,18 @@ def check_opencv() -> Check:
         detail += f", cv2 {cv2.__version__}"
     except ImportError as exc:
         return Check("opencv", FAIL, f"{detail}; import cv2 failed: {exc}",
-                     "pip install --force-reinstall opencv-python==4.11.0.86 opencv-contrib-python==4.11.0.86")
+                     f"pip install --force-reinstall {_pins('opencv-python', 'opencv-contrib-python')}")
     return Check("opencv", OK, detail)
 
 
 def check_decoders() -> Check:
     """decord and PyAV installed, and the adapter (sfdeploy.decode) decoding a 72 px wide h264 clip,
     a width decord mis-decodes, through its PyAV fallback, and a 96 px one through decord."""
-    from sfdeploy.decode import decoder_versions
-
-    versions = decoder_versions()
+    versions = {dist: _version(dist) for dist in ("decord", "av")}
+    reinstall = f"pip install --force-reinstall {_pins(*versions)}"
     missing = [dist for dist, version in versions.items() if version is None]
     if missing:
-        return Check("decoders", FAIL, f"not installed: {', '.join(missing)}",
-                     "pip install decord==0.6.0 av==17.0.1")
+        return Check("decoders", FAIL, f"not installed: {', '.join(missing)}", f"pip install {_pins(*missing)}")
     import numpy as np
 
     from sfdeploy.data.synth import encode_h264
@@ -151,13 +167,12 @@ def check_decoders() -> Check:
                 frames = video.frames(range(video.num_frames))
                 seen.append((width, video.decoder, len(frames)))
     except DecodeError as exc:  # reported, not raised
-        return Check("decoders", FAIL, f"cannot decode a test video: {exc.message}",
-                     "pip install --force-reinstall decord==0.6.0 av==17.0.1")
+        return Check("decoders", FAIL, f"cannot decode a test video: {exc.message}", reinstall)
     detail = (f"decord {versions['decord']}, PyAV {versions['av']} (fallback for streams decord mis-decodes): "
               + ", ".join(f"{w} px -> {d} ({n}/8 frames)" for w, d, n in seen))
     ok = all(n == 8 for _, _, n in seen)
     return Check("decoders", OK if ok else FAIL, detail,
-                 "" if ok else "pip install --force-reinstall decord==0.6.0 av==17.0.1")
+                 "" if ok else reinstall)
 
 
 def check_onnx() -> Check:
@@ -219,12 +234,12 @@ def check_onnxruntime_cuda() -> Check:
 def check_tritonclient() -> Check:
     version = _version("tritonclient")
     if version is None:
-        return Check("tritonclient", FAIL, "not installed", "pip install 'tritonclient[http,grpc]==2.73.0'")
+        return Check("tritonclient", FAIL, "not installed", f"pip install {_pins('tritonclient')}")
     try:
         import tritonclient.grpc  # noqa: F401
         import tritonclient.http  # noqa: F401
     except ImportError as exc:
-        return Check("tritonclient", FAIL, f"{version}: {exc}", "pip install 'tritonclient[http,grpc]==2.73.0'")
+        return Check("tritonclient", FAIL, f"{version}: {exc}", f"pip install {_pins('tritonclient')}")
     return Check("tritonclient", OK, f"{version}, protobuf {_version('protobuf')}")
 
 
@@ -243,10 +258,10 @@ def check_tritonserver() -> Check:
         out = subprocess.run([str(install.binary), "--help"], capture_output=True, text=True, env=env, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Check("tritonserver", FAIL, f"{install.binary}: {exc}",
-                     "pip install --force-reinstall nvidia-pytriton==0.7.0")
+                     f"pip install --force-reinstall {_pins('nvidia-pytriton')}")
     if "Usage: tritonserver" not in out.stdout + out.stderr:
         return Check("tritonserver", FAIL, f"{install.binary} does not run: {(out.stderr or out.stdout)[:200]}",
-                     "pip install --force-reinstall nvidia-pytriton==0.7.0")
+                     f"pip install --force-reinstall {_pins('nvidia-pytriton')}")
     return Check("tritonserver", OK, f"nvidia-pytriton {_version('nvidia-pytriton')}, python backend stub for "
                  f"{install.stub.parent.name}")
 
@@ -261,7 +276,7 @@ def check_ray() -> Check:
         import pyarrow
     except ImportError as exc:
         return Check("ray", FAIL, f"ray {version}; import pyarrow failed: {exc}",
-                     "pip install 'pyarrow>=17,<21' (newer pyarrow needs numpy>=2)")
+                     "pip install 'sfdeploy[ray]' (its pyarrow pin fits numpy 1; newer pyarrow needs numpy>=2)")
     from sfdeploy.scale.cluster import SMALL_SHM, shm_free_bytes, shm_note
 
     free = shm_free_bytes()

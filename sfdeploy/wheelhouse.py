@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from packaging.utils import canonicalize_name as canonical  # PEP 503: what pip compares
+
 from sfdeploy.artifacts import sha256
 
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (pyproject.toml), checked in main()
@@ -37,18 +39,11 @@ DEFAULT_HOST_FIRST = "numpy"
 PART = ".part"  # name.whl -> name.whl.part000, name.whl.part001, ...
 
 
-def canonical(name: str) -> str:
-    """PEP 503 name: what pip compares (``Typing_Extensions`` == ``typing-extensions``)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def sfdeploy_requirements(ort: str) -> list[str]:
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    extra = {"gpu": project["optional-dependencies"]["gpu"], "cpu": project["optional-dependencies"]["cpu"],
-             "none": []}[ort]
-    return [*project["dependencies"], *extra]
+    return [*project["dependencies"], *project["optional-dependencies"].get(ort, [])]  # --ort none: no extra
 
 
 def platform_args(python: str) -> list[str]:

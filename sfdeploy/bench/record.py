@@ -35,10 +35,6 @@ def row_key(row: dict[str, Any]) -> Key:
     return tuple(row[name] for name in ROW_KEY)
 
 
-def describe_key(key: Key) -> str:
-    return " ".join(f"{name}={value}" for name, value in zip(ROW_KEY, key, strict=True))
-
-
 class Record:
     """The record file and its rows. :meth:`add` persists each row before returning."""
 

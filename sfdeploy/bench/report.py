@@ -11,14 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sfdeploy.bench import STAGES
+from sfdeploy.bench import PRECISIONS, STAGES
 from sfdeploy.bench.record import OK
 from sfdeploy.bench.targets import served_label
 
 _ORDER = ("mmaction2", "eager", "eager-channels-last", "torchscript", "onnxruntime", "triton-http", "triton-grpc",
           "eager-compile", "eager-cudagraphs", "eager-profile", "decode-only", "sfdeploy:triton-grpc",
           "sfdeploy:triton-http", "sfdeploy:torchscript", "sfdeploy:onnxruntime", "mmaction2:inference_recognizer")
-_PRECISIONS = ("fp32", "fp16", "bf16", "-")
+_PRECISIONS = (*PRECISIONS, "-")  # "-": rows without one (decode-only)
 
 
 def _index(sequence: tuple[str, ...], value: str) -> int:
@@ -145,13 +145,11 @@ def _lines(ax: Any, rows: list[dict[str, Any]], x: str, label: str) -> None:
 
 def write_report(record_path: Path) -> list[Path]:
     """Regenerate ``.md`` and ``.png`` beside the record from its rows; returns the three paths."""
-    from sfdeploy.fsutil import atomic_write_text
+    from sfdeploy.fsutil import atomic_write_text, replace_atomically
 
     record_path = Path(record_path)
     record = json.loads(record_path.read_text())
     md, png = record_path.with_suffix(".md"), record_path.with_suffix(".png")
     atomic_write_text(md, markdown(record))
-    tmp = png.with_name(f".{png.stem}.partial.png")
-    plot(record, tmp)
-    tmp.replace(png)
+    replace_atomically(png, lambda tmp: plot(record, tmp))
     return [record_path, md, png]

@@ -32,7 +32,6 @@ class BenchOptions:
     triton_batch: int = 8
     warmup: int = 3
     iters: int = 10
-    e2e: bool = True
     e2e_videos: int = 64
     videos: Path | None = None
     workers: int | None = None
@@ -94,7 +93,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     settings = {
         "device": device, "warmup": opts.warmup, "iters": opts.iters, "batch_sizes": sorted(set(opts.batch_sizes)),
         "precisions": list(precisions), "backends": list(opts.backends), "concurrency": sorted(set(opts.concurrency)),
-        "triton_batch": opts.triton_batch, "e2e": opts.e2e, "e2e_videos": opts.e2e_videos,
+        "triton_batch": opts.triton_batch, "e2e_videos": opts.e2e_videos,
         "videos": str(opts.videos) if opts.videos else None, "workers": opts.workers,
         "mmaction2_videos": opts.mmaction2_videos, "trace": opts.trace,
     }

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from sfdeploy.artifacts import LOCAL_BACKENDS
 from sfdeploy.bench import suites
 from sfdeploy.bench.exports import ensure_bench_export
 from sfdeploy.bench.model import BenchModel
@@ -143,13 +144,13 @@ class Context:
             return paths[: opts.e2e_videos]
         import json
 
-        from sfdeploy.data.synth import SynthOptions, synthesize
+        from sfdeploy.data.synth import HINTS_JSON, SynthOptions, synthesize
 
         spec, folder = self.model.spec, self.work / "videos"
         size = max(96, spec.short_side + spec.short_side // 4)  # a little larger than the resize target
         synth = SynthOptions(classes=4, per_class=max(1, -(-opts.e2e_videos // 4)), frames=max(48, spec.min_frames),
                              size=size + size % 2)
-        meta = folder / "sfdeploy_dataset.json"  # written last: its presence means the set is complete
+        meta = folder / HINTS_JSON  # written last: its presence means the set is complete
         made = json.loads(meta.read_text()) if meta.is_file() else {}
         if any(made.get(k) != getattr(synth, k) for k in ("per_class", "frames", "size", "seed")):
             shutil.rmtree(folder, ignore_errors=True)
@@ -208,7 +209,7 @@ def plan_model(c: Context) -> list[Task]:
     for precision in opts.precisions:
         if "eager" in opts.backends:
             tasks += [_eager("model", v, precision, b, opts.warmup) for v in variants for b in opts.batch_sizes]
-        for backend in ("torchscript", "onnxruntime"):
+        for backend in LOCAL_BACKENDS:
             if backend in opts.backends:
                 tasks += [_local(backend, precision, b) for b in opts.batch_sizes]
     if opts.trace:
@@ -259,8 +260,6 @@ def plan_e2e(c: Context) -> list[Task]:
     """Videos -> predictions: decode only (the ceiling), sfdeploy (through the served model when
     Triton is benchmarked, else in process), MMAction2's inference_recognizer one video at a time."""
     opts = c.opts
-    if not opts.e2e:
-        return []
     via = next((b for b in ("triton-grpc", "triton-http") if b in opts.backends), c.served_runtime)
     batch, concurrency = opts.triton_batch, max(opts.concurrency)
 

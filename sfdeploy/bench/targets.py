@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from sfdeploy.artifacts import LOCAL_BACKENDS
 from sfdeploy.bench.record import OK, ROW_KEY
 
 MET, NOT_MET, REPORTED, MISSING = "met", "not met", "reported", "missing"
-SERVED_ONLY = ("torchscript", "onnxruntime")  # what sfdeploy runs in process (infer, eval, the python backend)
 
 
 def _key(row: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def targets(record: dict[str, Any]) -> list[dict[str, Any]]:
         add(name, "needs the model stage (baseline) and the triton stage", MISSING)
 
     # 2. Model-only throughput of what sfdeploy runs in process.
-    in_process = [r for r in clips if r["stage"] == "model" and r["backend"] in SERVED_ONLY]
+    in_process = [r for r in clips if r["stage"] == "model" and r["backend"] in LOCAL_BACKENDS]
     if gpu_full:
         best = _best([r for r in in_process if r["precision"] == "fp16"])
         name = "Model-only fp16 >= 4,000 clips/s (TorchScript / ONNX Runtime in process)"
@@ -106,7 +106,7 @@ def targets(record: dict[str, Any]) -> list[dict[str, Any]]:
         efficiency = e2e["videos_per_s"] / decode["videos_per_s"]
         add("End to end >= 90% of decode-only", f"{efficiency:.0%} ({e2e['backend']}: {e2e['videos_per_s']:.1f} "
             f"vs {decode['videos_per_s']:.1f} videos/s)", _status(efficiency >= 0.9), row=e2e, reference=decode)
-    elif record.get("settings", {}).get("e2e", True):
+    else:
         add("End to end >= 90% of decode-only", "needs the e2e stage", MISSING)
 
     # 5. CPU: ONNX Runtime against eager, per batch (reported: which runtime to serve on a CPU).

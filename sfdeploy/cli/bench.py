@@ -50,7 +50,6 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--triton-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Clips per request.")
 @click.option("--iters", default=10, show_default=True, type=click.IntRange(min=1), help="Timed calls per row.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed calls first.")
-@click.option("--e2e/--no-e2e", default=True, show_default=True, help="Measure the e2e stage when it is asked for.")
 @click.option("--e2e-videos", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--videos", type=click.Path(file_okay=False, path_type=Path),
               help="Videos for the end-to-end run [default: synthetic].")
@@ -61,7 +60,7 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="The record JSON (+ .md, .png) [default: benchmarks/results/<device>-<date>.json].")
 def bench(full: bool, work_dir: Path | None, stages: tuple[str, ...], resume: bool, export_dir: Path | None,
           backends: tuple[str, ...], batch_sizes: tuple[int, ...], precisions: tuple[str, ...] | None, device: str,
-          concurrency: tuple[int, ...], triton_batch: int, iters: int, warmup: int, e2e: bool, e2e_videos: int,
+          concurrency: tuple[int, ...], triton_batch: int, iters: int, warmup: int, e2e_videos: int,
           videos: Path | None, workers: int | None, trace: bool, note: str, out: Path | None) -> None:
     """Measure clips/s and latency of MMAction2 (the baseline), eager PyTorch, TorchScript, ONNX
     Runtime and the Triton-served model, and videos/s end to end beside the decode-only ceiling.
@@ -75,7 +74,7 @@ def bench(full: bool, work_dir: Path | None, stages: tuple[str, ...], resume: bo
     results, files = run_bench(BenchOptions(
         profile="full" if full else "small", work_dir=work_dir, backends=backends or (), batch_sizes=batch_sizes,
         precisions=precisions, device=device, concurrency=concurrency, triton_batch=triton_batch, warmup=warmup,
-        iters=iters, e2e=e2e, e2e_videos=e2e_videos, videos=videos, workers=workers, trace=trace, out=out,
+        iters=iters, e2e_videos=e2e_videos, videos=videos, workers=workers, trace=trace, out=out,
         stages=stages or (), resume=resume, export=export_dir, note=note))
     click.echo(files[1].read_text(), err=True)
     click.echo(json.dumps({"results": [str(f) for f in files]}))
