@@ -53,6 +53,11 @@ FIXES: dict[str, str] = {
 }
 
 
+def worker_failure_reason(kind: str) -> str:
+    """The :data:`FIXES` code of a decode worker that failed (``WorkerFailure.kind``)."""
+    return {"crash": "decoder_crash", "timeout": "timeout"}.get(kind, "unreadable")
+
+
 class DecodeError(InputError):
     """A video that cannot be decoded; ``reason`` is one of :data:`FIXES`' keys (not_found,
     zero_bytes, unreadable, no_frames, corrupt)."""

@@ -28,15 +28,13 @@ def _stage(number: int, text: str) -> None:
 
 def run_demo(workdir: Path, *, bench: bool = True) -> dict[str, Any]:
     from sfdeploy.artifacts import MANIFEST_FILE, Manifest
-    from sfdeploy.clipspec import ClipSpec
-    from sfdeploy.compat import load_config
-    from sfdeploy.data.layout import PreparedData
+    from sfdeploy.data.layout import DATASET_JSON, PreparedData
     from sfdeploy.data.prepare import prepare
     from sfdeploy.data.synth import HINTS_JSON, SynthOptions, synthesize
     from sfdeploy.export.run import ExportOptions, export_work
     from sfdeploy.train.config import FinetuneOptions
     from sfdeploy.train.hooks import SUMMARY_FILE
-    from sfdeploy.train.presets import preset_path
+    from sfdeploy.train.presets import clip_frames
     from sfdeploy.train.run import finetune
 
     workdir = Path(workdir).resolve()
@@ -48,9 +46,8 @@ def run_demo(workdir: Path, *, bench: bool = True) -> dict[str, Any]:
     if not (videos / HINTS_JSON).is_file():
         synthesize(videos, SynthOptions())
     _stage(2, f"prepare -> {data_dir}")
-    if not (data_dir / "dataset.json").is_file():
-        clip_frames = ClipSpec.from_config(load_config(preset_path(PRESET))).min_frames
-        prepare(videos, data_dir, clip_frames=clip_frames)
+    if not (data_dir / DATASET_JSON).is_file():
+        prepare(videos, data_dir, clip_frames=clip_frames(PRESET))
     data = PreparedData.from_dir(data_dir)
 
     _stage(3, f"finetune {PRESET} -> {work}")

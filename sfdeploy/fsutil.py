@@ -32,6 +32,13 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
 
 
+def remove_partials(folder: Path) -> None:
+    """Delete the temporary files a process killed while writing into ``folder`` left behind
+    (:func:`partial_path` and :func:`replace_atomically` names)."""
+    for stale in Path(folder).glob(f".*{PARTIAL_SUFFIX}*"):
+        stale.unlink(missing_ok=True)
+
+
 def commit(partial: Path, final: Path) -> None:
     """Rename a finished temporary file onto its final name: atomic on one filesystem, so a reader
     (or a process killed at any moment) sees the old file or the new one, never half of one."""
@@ -47,7 +54,7 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     rename it over ``path``: readers, and other processes writing the same file (the nodes of a
     multi-node run on a shared filesystem), never see a partial file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}{PARTIAL_SUFFIX}{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.decode import FIXES, DecodeError, describe, open_video
+from sfdeploy.decode import FIXES, DecodeError, describe, open_video, worker_failure_reason
 from sfdeploy.workers import IsolatedPool, WorkerFailure
 
 
@@ -105,14 +105,13 @@ def _decode_task(job: tuple[str | bytes, ClipSpec]) -> np.ndarray | DecodeFailur
     try:
         return load_video(source, spec)
     except DecodeError as exc:  # this input's row says why; the others go on
-        what = {"not_found": "file not found", "zero_bytes": "the file is empty (0 bytes)"}.get(
-            exc.reason, f"cannot decode ({exc.message})")
+        what = exc.message if exc.reason in ("not_found", "zero_bytes") else f"cannot decode ({exc.message})"
         return DecodeFailure(describe(source), f"{what}; {exc.fix}")
 
 
 def _decode_failed(job: tuple[str | bytes, ClipSpec], failure: WorkerFailure) -> DecodeFailure:
     what = {"crash": "the decoder crashed", "timeout": "decoding timed out"}.get(failure.kind, "cannot decode")
-    fix = FIXES[{"crash": "decoder_crash", "timeout": "timeout"}.get(failure.kind, "unreadable")]
+    fix = FIXES[worker_failure_reason(failure.kind)]
     return DecodeFailure(describe(job[0]), f"{what} ({failure.detail}); {fix}")
 
 

@@ -65,8 +65,10 @@ def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: st
     used too, and listed as short.
     """
     from sfdeploy.data.prepare import prepare as run_prepare
+    from sfdeploy.train.presets import DEFAULT_PRESET
+    from sfdeploy.train.presets import clip_frames as preset_clip_frames
 
-    clip_frames = _preset_clip_frames(preset)
+    clip_frames = preset_clip_frames(preset or DEFAULT_PRESET)
     result = run_prepare(video_root, out, val_ratio=val_ratio, seed=seed, min_frames=min_frames or 1,
                          clip_frames=clip_frames, workers=workers)
     for warning in result.warnings:
@@ -116,10 +118,3 @@ def preview(data_dir: Path, split: str, count: int, out: Path, gif: bool, preset
 
 SHOW_SHORT = 5
 
-
-def _preset_clip_frames(preset: str | None) -> int:
-    from sfdeploy.clipspec import ClipSpec
-    from sfdeploy.compat import load_config
-    from sfdeploy.train.presets import DEFAULT_PRESET, preset_path
-
-    return ClipSpec.from_config(load_config(preset_path(preset or DEFAULT_PRESET))).min_frames

@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfdeploy.data import layout
-from sfdeploy.data.probe import FIXES, VIDEO_EXTENSIONS, VideoProbe, probe_videos
+from sfdeploy.data.probe import VIDEO_EXTENSIONS, VideoProbe, probe_videos
 from sfdeploy.data.synth import HINTS_JSON
 from sfdeploy.errors import InputError
 from sfdeploy.fsutil import ensure_writable_dir
+
+TOO_SHORT_FIX = ("use a longer video, or prepare with a lower --min-frames (videos shorter than the clip are kept "
+                 "by default: MMAction2 loops their frames)")
 
 
 @dataclass
@@ -44,7 +47,6 @@ class PrepareResult:
     val: int
     rejected: list[dict] = field(default_factory=list)
     short: list[dict] = field(default_factory=list)  # accepted, fewer frames than clip_frames
-    clip_frames: int | None = None
     ignored: list[dict] = field(default_factory=list)
     skipped_classes: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -160,7 +162,7 @@ def prepare(
         if not probe.ok:
             continue
         if probe.frames < min_frames:
-            rejected.append({**probe.to_dict(), "reason": "too_short", "fix": FIXES["too_short"],
+            rejected.append({**probe.to_dict(), "reason": "too_short", "fix": TOO_SHORT_FIX,
                              "detail": f"{probe.frames} frames, --min-frames is {min_frames}"})
             continue
         relative = cand.path.relative_to(video_root).as_posix()
@@ -216,7 +218,6 @@ def prepare(
         "val_ratio": None if presplit else val_ratio,
         "seed": seed,
         "min_frames": min_frames,
-        "clip_frames": clip_frames,
         "classes": classes,
         "counts": {split: {name: sum(1 for _, lab in entries[split] if lab == label[name])
                            for name in classes} for split in ("train", "val")},
@@ -237,7 +238,7 @@ def prepare(
     }
     (out / layout.REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     result = PrepareResult(out=out, classes=classes, train=len(entries["train"]), val=len(entries["val"]),
-                           rejected=report["rejected"], short=short, clip_frames=clip_frames, ignored=ignored,
+                           rejected=report["rejected"], short=short, ignored=ignored,
                            skipped_classes=skipped, warnings=warnings)
     if len(classes) < 2:
         raise InputError(

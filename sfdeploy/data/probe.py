@@ -15,19 +15,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sfdeploy.decode import FIXES as DECODE_FIXES
-from sfdeploy.decode import DecodeError, open_video
+from sfdeploy.decode import FIXES, DecodeError, open_video, worker_failure_reason
 from sfdeploy.progress import progress
 from sfdeploy.workers import WorkerFailure, imap_isolated
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 
-#: reason code -> what the user can do about it
-FIXES: dict[str, str] = {
-    **DECODE_FIXES,
-    "too_short": "use a longer video, or prepare with a lower --min-frames (videos shorter than the clip "
-    "are kept by default: MMAction2 loops their frames)",
-}
 
 
 @dataclass(frozen=True)
@@ -71,8 +64,7 @@ def probe_video(path: str) -> VideoProbe:
 
 
 def _on_failure(path: str, failure: WorkerFailure) -> VideoProbe:
-    reason = {"crash": "decoder_crash", "timeout": "timeout"}.get(failure.kind, "unreadable")
-    return VideoProbe(path, reason=reason, detail=failure.detail)
+    return VideoProbe(path, reason=worker_failure_reason(failure.kind), detail=failure.detail)
 
 
 def probe_videos(

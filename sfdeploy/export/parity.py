@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.data.layout import AnnotationList
+from sfdeploy.data.layout import AnnotationList, spread_by_class
 from sfdeploy.errors import InputError
 from sfdeploy.preprocess import load_video
 from sfdeploy.progress import progress
@@ -68,18 +68,9 @@ def val_videos(cfg: Any, limit: int, seed: int = 0) -> list[tuple[Path, int]]:
                          fix="restore it, or pass --parity-data DATA (a folder from `sfdeploy data prepare`)")
     prefix = Path(dataset.get("data_prefix", {}).get("video") or "")
     listed = AnnotationList.read(ann, int(cfg.model.cls_head.num_classes))
-    by_label: dict[int, list[Path]] = defaultdict(list)
-    for name, label in zip(listed.names, listed.labels, strict=True):
-        by_label[label].append(prefix / name)
-    rng = random.Random(seed)
-    for paths in by_label.values():
-        rng.shuffle(paths)
-    chosen: list[tuple[Path, int]] = []
-    while len(chosen) < limit and any(by_label.values()):
-        for label in sorted(by_label):
-            if by_label[label] and len(chosen) < limit:
-                chosen.append((by_label[label].pop(), label))
-    return chosen
+    entries = [(prefix / name, label) for name, label in zip(listed.names, listed.labels, strict=True)]
+    random.Random(seed).shuffle(entries)
+    return [entries[i] for i in spread_by_class([label for _, label in entries], limit)]
 
 
 def reference_decoder(path: Path) -> str:

@@ -34,7 +34,7 @@ from sfdeploy.artifacts import (
 )
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import ExportError, InputError
-from sfdeploy.fsutil import PARTIAL_SUFFIX, commit, ensure_writable_dir, partial_path
+from sfdeploy.fsutil import commit, ensure_writable_dir, partial_path, remove_partials
 
 log = logging.getLogger("sfdeploy")
 
@@ -82,8 +82,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
                          fix=f"use --formats with any of: {', '.join(FORMATS)}")
     out = Path(opts.out)
     ensure_writable_dir(out, "export folder", "--out folder")
-    for stale in out.glob(f".*{PARTIAL_SUFFIX}"):  # left by an export killed before it finished
-        stale.unlink()
+    remove_partials(out)  # left by an export killed before it finished
     device = resolve_device(opts.device)
     # Where each format's artifacts are checked and gated; an explicit device ONNX Runtime cannot
     # use fails here, before any work.

@@ -31,3 +31,12 @@ def preset_path(name_or_path: str) -> Path:
         raise InputError(f"unknown preset '{name_or_path}'",
                          fix=f"use one of: {', '.join(available_presets())} (or a path to a config .py)")
     return path
+
+
+def clip_frames(name_or_path: str = DEFAULT_PRESET) -> int:
+    """Frames one clip of the preset's test pipeline spans (clip_len x frame_interval): videos
+    shorter than this are what ``data prepare`` keeps and reports as short."""
+    from sfdeploy.clipspec import ClipSpec
+    from sfdeploy.compat import load_config
+
+    return ClipSpec.from_config(load_config(preset_path(name_or_path))).min_frames
