@@ -8,13 +8,17 @@ from pathlib import Path
 import click
 
 from sfdeploy.cli.options import BatchSize, GreedyOption, parse_cfg_options
+from sfdeploy.train.config import FinetuneOptions
+
+#: the library's defaults, shown by --help (one source for both)
+DEFAULTS = FinetuneOptions(work_dir=Path("."))
 
 
 @click.command()
 @click.argument("data", required=False, type=click.Path(path_type=Path))
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where the config, checkpoints, logs and summary go.")
-@click.option("--preset", default="slowfast_r50_4x16", show_default=True,
+@click.option("--preset", default=DEFAULTS.preset, show_default=True,
               help="slowfast_r50_4x16, slowfast_r50_8x8, slowfast_tiny, or a path to your own config .py.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [default: the preset's].")
 @click.option("--batch-size", type=BatchSize(),
@@ -22,17 +26,17 @@ from sfdeploy.cli.options import BatchSize, GreedyOption, parse_cfg_options
                    "halving on out-of-memory), on CPU the preset's [default: the preset's].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Learning rate, used as given [default: the preset's, scaled to the effective batch].")
-@click.option("--pretrained", default="default", show_default=True,
+@click.option("--pretrained", default=DEFAULTS.pretrained, show_default=True,
               help="PATH or URL of a checkpoint, 'none' to train from scratch, or 'default' "
                    "(the preset's: Kinetics-400 weights for the R50 presets).")
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only).")
 @click.option("--resume", is_flag=True, help="Continue the run in --work-dir from its last checkpoint.")
-@click.option("--gpus", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--gpus", default=DEFAULTS.gpus, show_default=True, type=click.IntRange(min=1),
               help="Processes per machine (torchrun DDP): GPUs, or CPU processes (gloo) on a machine without one.")
 @click.option("--flip/--no-flip", default=None,
               help="Horizontal flip augmentation [default: the preset's; off for direction-sensitive "
                    "data such as the synthetic set].")
-@click.option("--seed", default=0, show_default=True, help="Random seed.")
+@click.option("--seed", default=DEFAULTS.seed, show_default=True, help="Random seed.")
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms (slower).")
 @click.option("--balanced", is_flag=True, help="Class-balanced sampling (each class equally likely per draw).")
 @click.option("--patience", type=click.IntRange(min=1),
@@ -53,7 +57,7 @@ from sfdeploy.cli.options import BatchSize, GreedyOption, parse_cfg_options
                    "Needs pretrained weights.")
 @click.option("--backbone-lr-mult", type=click.FloatRange(min=0, min_open=True), metavar="F",
               help="Backbone learning rate = F x the head's (e.g. 0.1), through mmengine's paramwise_cfg.")
-@click.option("--accumulate", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+@click.option("--accumulate", default=DEFAULTS.accumulate, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="Gradient accumulation: one optimizer step per N batches (effective batch = batch x N x "
                    "processes; the learning rate is scaled to it).")
 @click.option("--class-weights", metavar="auto|FILE",
@@ -62,13 +66,13 @@ from sfdeploy.cli.options import BatchSize, GreedyOption, parse_cfg_options
 @click.option("--overfit", type=click.IntRange(min=1), metavar="N",
               help="Sanity check: train and validate on the same N training videos; the summary says "
                    "whether val top-1 reached 100% (training stops when it does).")
-@click.option("--nnodes", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--nnodes", default=DEFAULTS.nnodes, show_default=True, type=click.IntRange(min=1),
               help="Machines in a multi-node run; each runs this same command with its --node-rank "
                    "(--gpus stays the processes per machine).")
-@click.option("--node-rank", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--node-rank", default=DEFAULTS.node_rank, show_default=True, type=click.IntRange(min=0),
               help="This machine's rank (0..nnodes-1); node 0 writes WORK.")
 @click.option("--master-addr", help="Address of the node-0 machine (multi-node).")
-@click.option("--master-port", default=29500, show_default=True, type=click.IntRange(1, 65535),
+@click.option("--master-port", default=DEFAULTS.master_port, show_default=True, type=click.IntRange(1, 65535),
               help="Free TCP port on the node-0 machine (multi-node).")
 @click.option("--cfg-options", cls=GreedyOption, multiple=True, metavar="KEY=VALUE ...",
               help="Override config entries, e.g. --cfg-options model.cls_head.dropout_ratio=0.3")
@@ -83,7 +87,6 @@ def finetune(data: Path | None, work_dir: Path, train_list: Path | None, val_lis
     option combinations are refused before anything starts.
     """
     from sfdeploy.data.layout import PreparedData
-    from sfdeploy.train.config import FinetuneOptions
     from sfdeploy.train.run import finetune as run_finetune
 
     lists = (train_list, val_list, class_index)
@@ -99,7 +102,7 @@ def finetune(data: Path | None, work_dir: Path, train_list: Path | None, val_lis
             raise click.UsageError("pass DATA (from `sfdeploy data prepare`) or --train-list/--val-list/--class-index")
     opts = FinetuneOptions(work_dir=work_dir, cfg_options=parse_cfg_options(cfg_options), **options)
     summary = run_finetune(prepared, opts)
-    if "best_top1" not in summary:  # a node of rank > 0
+    if opts.node_rank != 0:  # its summary says where node 0 writes WORK
         click.echo(json.dumps(summary))
         return
     top1 = summary["best_top1"]

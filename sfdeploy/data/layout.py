@@ -125,6 +125,14 @@ class PreparedData:
     def format(self) -> str:
         return self.train.format
 
+    def mmaction_dataset(self, split: str) -> dict:
+        """Where MMAction2's dataset for ``split`` (train / val) reads: its type for this format,
+        the annotation list and the media root."""
+        video = self.format == "video"
+        ann = self.train if split == "train" else self.val
+        return dict(type="VideoDataset" if video else "RawframeDataset", ann_file=str(ann.path.resolve()),
+                    data_prefix={"video" if video else "img": str(self.media_root)})
+
     def val_videos(self) -> list[tuple[Path, int]]:
         """The val split as (video path, label) pairs, paths joined to the media root."""
         return [(self.media_root / name, label) for name, label in zip(self.val.names, self.val.labels, strict=True)]

@@ -112,8 +112,9 @@ def probe(config_path: Path, start: int) -> dict[str, Any]:
     if freeze and freeze[0].get("unfreeze_after") is None:
         # Head-only for the whole run: no backbone gradients, so larger batches fit. (With
         # --unfreeze-after the unfrozen phase is the one that must fit: probe it.)
-        for param in model.backbone.parameters():
-            param.requires_grad_(False)
+        from sfdeploy.train.freeze import set_backbone_frozen
+
+        set_backbone_frozen(model.backbone, True)
     sample = DATASETS.build(cfg.train_dataloader.dataset)[0]
     total = torch.cuda.get_device_properties(0).total_memory
     trials = []

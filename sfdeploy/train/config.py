@@ -21,6 +21,7 @@ from typing import Any
 from sfdeploy.clipspec import VIDEO_DECODE_STEPS, VIDEO_INIT_STEPS
 from sfdeploy.data.layout import PreparedData
 from sfdeploy.errors import EnvironmentProblem, InputError
+from sfdeploy.train.presets import DEFAULT_PRESET
 
 WARMUP_FRACTION = 0.1  # of all iterations, linear from 10% of the LR
 ETA_MIN_RATIO = 0.01  # cosine ends at 1% of the peak LR
@@ -33,7 +34,7 @@ class FinetuneOptions:
     """What ``sfdeploy finetune`` was asked for; None means "the preset's value"."""
 
     work_dir: Path
-    preset: str = "slowfast_r50_4x16"
+    preset: str = DEFAULT_PRESET
     epochs: int | None = None
     batch_size: int | str | None = None  # an int, "auto" (resolved by sfdeploy.train.autobatch), None
     lr: float | None = None
@@ -65,6 +66,14 @@ class FinetuneOptions:
     def world_size(self) -> int:
         """Training processes in all: per node times nodes."""
         return max(1, self.gpus) * max(1, self.nnodes)
+
+    def effective_batch(self, batch: int) -> int:
+        """Videos per optimizer step: ``batch`` per process x --accumulate x processes."""
+        return batch * self.accumulate * self.world_size
+
+    def train_videos(self, data: PreparedData) -> int:
+        """Videos one epoch trains on: the train list, or the --overfit subset."""
+        return self.overfit or len(data.train)
 
 
 def add_custom_imports(cfg: Any, *modules: str) -> None:
@@ -142,14 +151,14 @@ def _loader_workers(opts: FinetuneOptions, preset_workers: int) -> int:
     return max(1, min(preset_workers, cpus // (2 * max(1, opts.gpus))))
 
 
-def _set_learning_rate(cfg: Any, opts: FinetuneOptions, batch: int, world: int) -> None:
+def _set_learning_rate(cfg: Any, opts: FinetuneOptions, batch: int) -> None:
     """The preset's LR is for ``auto_scale_lr.base_batch_size`` videos per optimizer step; scale it
     linearly to this run's effective batch (batch x --accumulate x processes). sfdeploy does this
     itself (mmengine's own scaling counts batch x processes only, not accumulation) and turns
     mmengine's off, so WORK/config.py holds the LR that is actually used. ``--lr`` is used as given."""
     optimizer = cfg.optim_wrapper.optimizer
     scaling = cfg.get("auto_scale_lr") or {}
-    effective = batch * opts.accumulate * world
+    effective = opts.effective_batch(batch)
     if opts.lr is not None:
         if opts.lr <= 0:
             raise InputError(f"--lr must be positive, got {opts.lr}", fix="use e.g. --lr 1e-3")
@@ -177,10 +186,8 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
                                      fix=f"use --gpus {torch.cuda.device_count()}")
 
     cfg.model.cls_head.num_classes = len(data.classes)
-    dataset_type = "VideoDataset" if data.format == "video" else "RawframeDataset"
-    prefix_key = "video" if data.format == "video" else "img"
     flip = opts.flip if opts.flip is not None else (False if data.direction_sensitive else None)
-    for split, ann in (("train", data.train), ("val", data.val), ("test", data.val)):
+    for split in ("train", "val", "test"):
         loader = cfg[f"{split}_dataloader"]
         pipeline = list(cfg.get(f"{split}_pipeline") or loader.dataset.pipeline)
         if data.format == "rawframes":
@@ -193,9 +200,7 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
             pipeline = [step for step in pipeline if step["type"] != "Flip"]
         cfg[f"{split}_pipeline"] = pipeline
         loader.dataset = dict(
-            type=dataset_type,
-            ann_file=str(ann.path.resolve()),
-            data_prefix={prefix_key: str(data.media_root)},
+            **data.mmaction_dataset(split),  # test reads the val list
             pipeline=pipeline,
             **({"test_mode": True} if split != "train" else {}),
         )
@@ -217,9 +222,9 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
     if epochs < 1:
         raise InputError(f"--epochs must be >= 1, got {epochs}", fix="use e.g. --epochs 15")
     cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_begin=1, val_interval=1)
-    per_epoch = iters_per_epoch(opts.overfit or len(data.train), batch, world)
+    per_epoch = iters_per_epoch(opts.train_videos(data), batch, world)
     cfg.param_scheduler = schedule(epochs * per_epoch)
-    _set_learning_rate(cfg, opts, batch, world)
+    _set_learning_rate(cfg, opts, batch)
     if opts.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
@@ -229,9 +234,12 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(1, min(50, per_epoch // 4)),
                                     ignore_last=False)
     hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") != "EarlyStoppingHook"]
-    if opts.patience:
-        hooks.append(dict(type="EarlyStoppingHook", monitor=CHECKPOINT_METRIC, rule="greater",
-                          min_delta=1e-4, patience=opts.patience))
+    if opts.patience or opts.overfit:
+        stop = dict(type="EarlyStoppingHook", monitor=CHECKPOINT_METRIC, rule="greater", min_delta=1e-4,
+                    patience=opts.patience or epochs + 1)
+        if opts.overfit:  # stop at 100%: mmengine stops when the metric is strictly above the threshold
+            stop["stopping_threshold"] = 1.0 - 1e-6
+        hooks.append(stop)
     cfg.custom_hooks = hooks
     cfg.visualizer = dict(type="ActionVisualizer", vis_backends=[dict(type="LocalVisBackend"),
                                                                   dict(type="TensorboardVisBackend")])

@@ -43,11 +43,7 @@ class BackboneFreezeHook(Hook):
         return self.unfreeze_after is None or epoch < self.unfreeze_after
 
     def _set(self, runner: Any, frozen: bool) -> None:
-        backbone = self._backbone(runner)
-        for param in backbone.parameters():
-            param.requires_grad_(not frozen)
-        if frozen:
-            backbone.eval()
+        set_backbone_frozen(self._backbone(runner), frozen)
         self.frozen = frozen
 
     def before_train(self, runner: Any) -> None:
@@ -69,3 +65,12 @@ class BackboneFreezeHook(Hook):
             backbone = self._backbone(runner)
             if backbone.training:
                 backbone.eval()
+
+
+def set_backbone_frozen(backbone: Any, frozen: bool) -> None:
+    """Frozen: no gradients for the backbone's parameters and its BatchNorm in eval mode (running
+    statistics kept); unfrozen: gradients again (the train loop sets the mode)."""
+    for param in backbone.parameters():
+        param.requires_grad_(not frozen)
+    if frozen:
+        backbone.eval()

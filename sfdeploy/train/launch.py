@@ -27,11 +27,9 @@ def _set_threads(loader_workers: int) -> None:
 
     if torch.cuda.is_available():
         return
-    # OMP_NUM_THREADS, when set (by the user, or by `finetune` for its torchrun workers), wins.
-    threads = os.environ.get("OMP_NUM_THREADS")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    explicit = int(threads) if threads and threads.isdigit() and int(threads) > 0 else None
-    torch.set_num_threads(explicit or cpu_threads(local, loader_workers))
+    # OMP_NUM_THREADS, when set (by the user, or for torchrun workers by `finetune` or torchrun), wins.
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else cpu_threads(1, loader_workers))
 
 
 def run_training(work_dir: Path) -> None:

@@ -15,7 +15,6 @@ generators with ``seed + k``, so the same seed gives the same sheet.
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +51,6 @@ class PreviewResult:
     clips: list[PreviewClip]
 
 
-def seed_everything(seed: int) -> None:
-    """Seed every generator MMAction2's transforms may draw from."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def preview_config(data: PreparedData, *, preset: str | None = None, work: Path | None = None) -> Any:
     """The training config whose pipelines are previewed: what ``finetune --preset`` would build for
     DATA, or the config of the trained run in ``work`` pointed at DATA's lists."""
@@ -76,14 +66,12 @@ def preview_config(data: PreparedData, *, preset: str | None = None, work: Path 
             raise InputError("no config.py in the work dir", path=work,
                              fix="pass the --work-dir of a `sfdeploy finetune` run, or use --preset")
         cfg = load_config(path)
-        for split, ann in (("train", data.train), ("val", data.val)):
-            dataset = cfg[f"{split}_dataloader"].dataset
-            video = dataset.get("type") == "VideoDataset"
-            if video != (data.format == "video"):
+        for split in ("train", "val"):
+            dataset, source = cfg[f"{split}_dataloader"].dataset, data.mmaction_dataset(split)
+            if dataset.get("type") != source["type"]:
                 raise InputError(f"the run was trained on {dataset.get('type')} data, DATA is in {data.format} format",
                                  path=data.source, fix="preview with the DATA the run was trained on")
-            dataset.ann_file = str(ann.path.resolve())
-            dataset.data_prefix = {"video" if video else "img": str(data.media_root)}
+            dataset.update(source)
             dataset.pop("indices", None)
     else:
         name = preset or DEFAULT_PRESET
@@ -130,6 +118,7 @@ def preview_clips(data: PreparedData, *, split: str = "train", n: int = 8, seed:
         raise InputError(f"--n must be >= 1, got {n}", fix="use e.g. --n 8")
     ensure_mmaction()
     from mmaction.registry import DATASETS
+    from mmengine.runner import set_random_seed
 
     cfg = preview_config(data, preset=preset, work=work)
     dataset = DATASETS.build(cfg[f"{split}_dataloader"].dataset)
@@ -137,7 +126,7 @@ def preview_clips(data: PreparedData, *, split: str = "train", n: int = 8, seed:
     labels = data.train.labels if split == "train" else data.val.labels
     clips = []
     for k, i in enumerate(spread_by_class(labels, n)):
-        seed_everything(seed + k)
+        set_random_seed(seed + k)  # what MMAction2's transforms draw from, as the Runner seeds it
         result = dataset.prepare_data(i)  # get_data_info + the pipeline; no retry on another video
         video = data.media_root / names[i]
         if result is None:

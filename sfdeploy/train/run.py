@@ -69,7 +69,7 @@ def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> N
 
         _dump(cfg, work / CONFIG_FILE)  # what the probe builds the model and pipeline from
         batch_choice = auto_batch_size(work / CONFIG_FILE, cfg.train_dataloader.batch_size,
-                                       opts.overfit or len(data.train), opts.world_size)
+                                       opts.train_videos(data), opts.world_size)
         log.info("--batch-size auto: %d per process (%s%s)", batch_choice.batch_size, batch_choice.how,
                  f" on {batch_choice.device}" if batch_choice.how == "probe" else ": no CUDA GPU")
         opts = dataclasses.replace(opts, batch_size=batch_choice.batch_size)

@@ -122,7 +122,7 @@ def apply_strategies(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Non
     if opts.class_weights is not None:
         _set_class_weights(cfg, data, opts.class_weights)
     if opts.overfit is not None:
-        _overfit(cfg, data, opts.overfit, epochs)
+        _overfit(cfg, data, opts.overfit)
 
 
 def auto_class_weights(labels: list[int] | tuple[int, ...], num_classes: int, classes: list[str],
@@ -183,7 +183,8 @@ def _set_class_weights(cfg: Any, data: PreparedData, spec: str) -> None:
     cfg.model.cls_head.loss_cls = loss
 
 
-def _overfit(cfg: Any, data: PreparedData, n: int, epochs: int) -> None:
+def _overfit(cfg: Any, data: PreparedData, n: int) -> None:
+    """Train and validate on the same ``n`` videos (the stop at 100% is ``build_config``'s)."""
     if n > len(data.train):
         raise InputError(f"--overfit {n} but the train list has {len(data.train)} videos", path=data.train.path,
                          fix=f"use --overfit {min(8, len(data.train))}")
@@ -191,12 +192,6 @@ def _overfit(cfg: Any, data: PreparedData, n: int, epochs: int) -> None:
     train = cfg.train_dataloader.dataset
     train.indices = indices
     cfg.val_dataloader.dataset = dict(train, pipeline=cfg.val_pipeline, test_mode=True, indices=indices)
-    hooks = [h for h in cfg.custom_hooks if h.get("type") != "EarlyStoppingHook"]
-    patience = next((h["patience"] for h in cfg.custom_hooks if h.get("type") == "EarlyStoppingHook"), epochs + 1)
-    # mmengine stops when the metric is strictly greater than the threshold: just below 1.0.
-    hooks.append(dict(type="EarlyStoppingHook", monitor="acc/top1", rule="greater", min_delta=1e-4,
-                      patience=patience, stopping_threshold=1.0 - 1e-6))
-    cfg.custom_hooks = hooks
 
 
 def summary_facts(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> dict[str, Any]:
@@ -211,7 +206,7 @@ def summary_facts(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> dict[s
         "accumulate": opts.accumulate,
         "nnodes": opts.nnodes,
         "gpus_per_node": opts.gpus,
-        "effective_batch": batch * opts.accumulate * opts.world_size,
+        "effective_batch": opts.effective_batch(batch),
         "lr": cfg.optim_wrapper.optimizer.lr,
         "freeze_backbone": opts.freeze_backbone,
         "unfreeze_after": opts.unfreeze_after,
