@@ -99,7 +99,7 @@ class Video:
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._source: str | bytes = bytes(source)
             if not self._source:
-                raise DecodeError("the video is empty (0 bytes)", reason="zero_bytes", path=self.name)
+                raise DecodeError("the file is empty (0 bytes)", reason="zero_bytes", path=self.name)
             self._check_opens()
         else:
             self._source = os.fspath(source)

@@ -128,7 +128,7 @@ def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
         outputs=(probs_tensor(spec),
                  TensorConfig(LABEL_OUTPUT, "TYPE_STRING", (1,)), TensorConfig(ERROR_OUTPUT, "TYPE_STRING", (1,))),
         parameters={TARGET_MODEL: opts.name, MAX_VIDEO_BYTES: str(int(opts.max_video_mb * 2**20)),
-                    DECODE_TIMEOUT_S: str(preprocess.DEFAULT_TIMEOUT_S)})
+                    DECODE_TIMEOUT_S: f"{preprocess.DEFAULT_TIMEOUT_S:g}"})
 
 
 def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
