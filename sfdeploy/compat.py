@@ -30,6 +30,17 @@ leaves a correct installation alone.
    removed. sfdeploy pins ``setuptools<82``; if ``pkg_resources`` is missing anyway,
    :func:`load_config` resolves ``mmaction::<path>`` to the file under
    ``mmaction/.mim/configs/`` itself, so presets keep the portable form users copy.
+
+4. **transformers >= 5 breaks ``import mmaction.models``.** mmaction2 1.2.0 imports its multimodal
+   models (VindLU) whenever ``transformers>=4.28`` is installed (``mmaction.utils.dependency.
+   WITH_MULTIMODAL``), and they import ``apply_chunking_to_forward``, which transformers 5 removed,
+   plus ``timm``, ``einops`` and ``scipy``. GPU images ship transformers 5, and there nothing that
+   imports MMAction2 worked. The same import hook wraps the loading of ``mmaction.utils.dependency``
+   and turns ``WITH_MULTIMODAL`` off when those models cannot import here
+   (:func:`multimodal_unavailable`: transformers >= 5, or one of their other imports missing), so
+   MMAction2 registers its own placeholders for them (building one says what to install), exactly
+   as it does without transformers. Nothing is imported to decide (package metadata and
+   ``find_spec`` only). SlowFast never uses the multimodal models.
 """
 
 from __future__ import annotations
@@ -101,11 +112,89 @@ class _MissingDRNFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             module.DRN = DRN  # type: ignore[attr-defined]
 
 
+_DEPENDENCY_MODULE = "mmaction.utils.dependency"
+_MULTIMODAL_IMPORTS = ("timm", "einops", "scipy")  # what VindLU imports besides transformers
+
+
+def multimodal_unavailable() -> str | None:
+    """Why MMAction2's multimodal models cannot be imported here (None when they can, or when
+    transformers is absent, in which case MMAction2 leaves them out by itself)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+    major = version.split(".")[0]
+    if major.isdigit() and int(major) >= 5:
+        return (f"transformers {version} (mmaction2 1.2.0's VindLU imports apply_chunking_to_forward, "
+                "removed in transformers 5)")
+    missing = [name for name in _MULTIMODAL_IMPORTS if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"transformers {version} without {', '.join(missing)} (VindLU imports them)"
+    return None
+
+
+class _MultimodalGateLoader(importlib.abc.Loader):
+    """Runs the real ``mmaction.utils.dependency``, then turns ``WITH_MULTIMODAL`` off where the
+    multimodal models cannot import (see the module docstring, trap 4)."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        self.gate(module)
+
+    @staticmethod
+    def gate(module: types.ModuleType) -> None:
+        reason = multimodal_unavailable()
+        if reason and getattr(module, "WITH_MULTIMODAL", False):
+            module.WITH_MULTIMODAL = False  # type: ignore[attr-defined]
+            module.SFDEPLOY_MULTIMODAL_OFF = reason  # type: ignore[attr-defined]  # for doctor
+
+
+class _MultimodalGateFinder(importlib.abc.MetaPathFinder):
+    """Answers for ``mmaction.utils.dependency`` only: finds the real module with the other finders
+    and wraps its loader. It must sit *before* them (the real module exists), so it is first on
+    ``sys.meta_path``; for every other name it returns None at once."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != _DEPENDENCY_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _MultimodalGateLoader(spec.loader)
+                return spec
+        return None
+
+
+def multimodal_state() -> str:
+    """How MMAction2's multimodal models stand in this process (for doctor): imported, left out by
+    MMAction2 (no transformers), or turned off by sfdeploy with the reason."""
+    dependency = sys.modules.get(_DEPENDENCY_MODULE)
+    if dependency is None:
+        return "not imported yet"
+    if getattr(dependency, "SFDEPLOY_MULTIMODAL_OFF", None):
+        return f"multimodal models off: {dependency.SFDEPLOY_MULTIMODAL_OFF}"
+    return "multimodal models on" if dependency.WITH_MULTIMODAL else "multimodal models off (no transformers)"
+
+
 def install_import_hook() -> None:
-    """Make ``import mmaction.models`` work on the mmaction2 1.2.0 wheel, in any process that has
-    imported sfdeploy (done by ``sfdeploy/__init__.py``); idempotent."""
+    """Make ``import mmaction.models`` work on the mmaction2 1.2.0 wheel and beside transformers 5,
+    in any process that has imported sfdeploy (done by ``sfdeploy/__init__.py``); idempotent.
+    Must run before ``mmaction`` is imported to help with trap 4 (``import sfdeploy`` first)."""
     if not any(isinstance(finder, _MissingDRNFinder) for finder in sys.meta_path):
         sys.meta_path.append(_MissingDRNFinder())
+    if not any(isinstance(finder, _MultimodalGateFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _MultimodalGateFinder())
 
 
 def _safe_globals() -> list[Any]:
@@ -193,6 +282,9 @@ def ensure_mmaction() -> None:
     if _APPLIED:
         return
     install_import_hook()
+    dependency = sys.modules.get(_DEPENDENCY_MODULE)  # imported before sfdeploy: gate it now
+    if dependency is not None and "mmaction.models" not in sys.modules:
+        _MultimodalGateLoader.gate(dependency)
     with warnings.catch_warnings():
         # mmcv-lite has no compiled ops; SlowFast needs none, so its import-time warning is noise.
         warnings.filterwarnings("ignore", message=".*MultiScaleDeformableAttention.*")

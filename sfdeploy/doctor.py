@@ -89,10 +89,13 @@ def check_numpy() -> Check:
         return Check("numpy", FAIL, "not installed", f"pip install {_pins('numpy')}")
     if _parse(version) < (2,):
         return Check("numpy", OK, version)
+    pytriton = _version("nvidia-pytriton")
+    stub = (f"the tritonserver python backend stub of nvidia-pytriton {pytriton} is"
+            if pytriton else "the tritonserver python backend stub sfdeploy uses (nvidia-pytriton, not installed "
+            "here) is")
     return Check("numpy", WARN, f"{version}: decoding, training, export, in-process inference and the served <name> "
                  "models work; the server-side decoding models (<name>_video, `infer --server-decode`) refuse to "
-                 f"load: the tritonserver python backend stub of nvidia-pytriton {_version('nvidia-pytriton')} is "
-                 "built against numpy 1 and corrupts BYTES tensors under numpy 2",
+                 f"load: {stub} built against numpy 1 and corrupts BYTES tensors under numpy 2",
                  "to serve <name>_video, run the server from an environment with numpy<2 (pip install "
                  f"{_pins('numpy')}); otherwise serve without it (`sfdeploy repo --no-video`, or `sfdeploy serve "
                  "--models <name>`)")
@@ -120,8 +123,24 @@ def check_openmmlab() -> Check:
 
         ensure_mmaction()
     except Exception as exc:  # reported, not raised: doctor shows every problem at once
-        return Check("mmaction2 stack", FAIL, f"{detail}; import failed: {exc}", "reinstall sfdeploy")
+        return Check("mmaction2 stack", FAIL, f"{detail}; import failed: {type(exc).__name__}: {exc}",
+                     _import_fix(exc))
+    from sfdeploy.compat import multimodal_state
+
+    state = multimodal_state()
+    if "off: " in state:
+        detail += f"; {state} (SlowFast needs none)"
     return Check("mmaction2 stack", OK, detail)
+
+
+def _import_fix(exc: Exception) -> str:
+    """The fix for an MMAction2 import failure: name the module that is missing, if one is."""
+    missing = getattr(exc, "name", None)
+    if isinstance(exc, ModuleNotFoundError) and missing:
+        top = missing.split(".")[0]
+        return (f"pip install {_pins(top)}, or `pip uninstall {top}` if it is an optional package mmaction2 "
+                "imports only when present")
+    return "reinstall sfdeploy's pins: pip install -e '.[cpu]' (or the wheelhouse on an air-gapped host)"
 
 
 def check_pkg_resources() -> Check:

@@ -99,3 +99,58 @@ def test_scoped_config_paths_resolve_without_pkg_resources(monkeypatch: pytest.M
 def test_unknown_mmaction_config_is_an_input_error() -> None:
     with pytest.raises(InputError, match="not found"):
         compat.mmaction_config_path("recognition/nope.py")
+
+
+_MMACTION_BESIDE_TRANSFORMERS = """
+import sfdeploy  # installs the import hook, imports nothing heavy
+from importlib import metadata
+from mmaction.apis import inference_recognizer, init_recognizer  # MMAction2's own API, no sfdeploy call
+from mmaction.registry import MODELS
+from sfdeploy.compat import multimodal_state
+try:
+    MODELS.build(dict(type="VindLURetrieval"))  # imports mmaction.models (the registry's locations)
+except ImportError as exc:
+    print("placeholder:", exc)
+print(metadata.version("transformers"), "|", multimodal_state())
+"""
+
+
+def test_mmaction_imports_beside_the_real_transformers_5() -> None:
+    """GPU images ship transformers 5, which mmaction2 1.2.0's multimodal models cannot import;
+    [dev] installs the real package so this (and every other test) runs beside it."""
+    import subprocess
+    import sys
+
+    from importlib import metadata
+
+    if int(metadata.version("transformers").split(".")[0]) < 5:
+        pytest.skip("needs transformers >= 5 (installed by sfdeploy[dev])")
+    out = subprocess.run([sys.executable, "-c", _MMACTION_BESIDE_TRANSFORMERS], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    version, state = out.stdout.splitlines()[-1].split(" | ")
+    assert int(version.split(".")[0]) >= 5
+    assert state.startswith("multimodal models off: transformers 5")
+    assert "placeholder: VindLURetrieval requires extra multi-modal dependencies" in out.stdout
+
+
+def test_multimodal_gate_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision, from package metadata: transformers 5 or a missing VindLU import turns the
+    multimodal models off; no transformers leaves MMAction2's own rule (it leaves them out)."""
+    from importlib import metadata
+
+    def versions(v: str | None, missing: tuple[str, ...] = ()) -> str | None:
+        def version(name: str) -> str:
+            if name != "transformers" or v is None:
+                raise metadata.PackageNotFoundError(name)
+            return v
+        monkeypatch.setattr(metadata, "version", version)
+        monkeypatch.setattr(compat.importlib.util, "find_spec",
+                            lambda name, *a: None if name in missing else object())
+        return compat.multimodal_unavailable()
+
+    assert versions(None) is None
+    assert "transformers 5.0.0" in versions("5.0.0")
+    assert "without timm" in versions("4.46.0", missing=("timm",))
+    assert versions("4.46.0", missing=("einops", "scipy")).endswith("without einops, scipy (VindLU imports them)")
+    assert versions("4.46.0") is None  # everything VindLU imports is there: MMAction2 imports it

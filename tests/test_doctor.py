@@ -48,3 +48,28 @@ def test_numpy_2_is_a_warning_that_says_what_breaks(monkeypatch: pytest.MonkeyPa
     assert check.status == doctor.WARN and check.detail.startswith("2.5.2: ")
     assert "<name>_video" in check.detail and "refuse to load" in check.detail
     assert "numpy==1.26.4" in check.fix and "--no-video" in check.fix
+
+
+def test_numpy_2_warning_without_nvidia_pytriton_names_no_none_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed = doctor._version
+    monkeypatch.setattr(doctor, "_version", lambda dist: {"numpy": "2.5.2", "nvidia-pytriton": None}.get(
+        dist, installed(dist)) if dist in ("numpy", "nvidia-pytriton") else installed(dist))
+    check = doctor.check_numpy()
+    assert check.status == doctor.WARN
+    assert "None" not in check.detail and "nvidia-pytriton, not installed" in check.detail
+
+
+def test_mmaction2_stack_says_the_multimodal_models_are_off_beside_transformers_5() -> None:
+    """The test environment has the real transformers 5 (the [dev] extra), as GPU images do."""
+    from importlib import metadata
+
+    if int(metadata.version("transformers").split(".")[0]) < 5:
+        pytest.skip("needs transformers >= 5 (installed by sfdeploy[dev])")
+    check = doctor.check_openmmlab()
+    assert check.status == doctor.OK, check
+    assert "multimodal models off: transformers 5" in check.detail
+
+
+def test_an_import_failure_names_the_missing_module_in_its_fix() -> None:
+    fix = doctor._import_fix(ModuleNotFoundError("No module named 'timm'", name="timm"))
+    assert "pip install timm" in fix and "pip uninstall timm" in fix
