@@ -203,12 +203,17 @@ class Artifact:
     file: str
     size_bytes: int
     sha256: str
+    # the graph rewrites it was made with (sfdeploy.export.rewrites.STEPS), and for which device
+    rewrites: list[str] = field(default_factory=list)
+    optimized_for: str = ""
 
     @classmethod
-    def of(cls, fmt: str, precision: str, path: Path, file: str | None = None) -> Artifact:
+    def of(cls, fmt: str, precision: str, path: Path, file: str | None = None, rewrites: list[str] | None = None,
+           optimized_for: str = "") -> Artifact:
         """Describe the file at ``path`` (named ``file`` in the export, default its own name)."""
         path = Path(path)
-        return cls(fmt, precision, file or path.name, path.stat().st_size, sha256(path))
+        return cls(fmt, precision, file or path.name, path.stat().st_size, sha256(path), list(rewrites or []),
+                   optimized_for)
 
 
 @dataclass

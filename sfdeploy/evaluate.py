@@ -110,8 +110,9 @@ def evaluate(export_dir: Path, data_dir: Path, predictor: Predictor, *, batch_si
 
         source = Path(work_dir) if work_dir else Path(manifest.source["work_dir"])
         trained = load_trained(source, Path(manifest.source["checkpoint"]) if not work_dir else None)
-        recognizer = trained.recognizer.to(resolve_device(device))
-        ref = mmaction_reference(recognizer, spec, [paths[i] for i in done], show_progress).probs
+        where = resolve_device(device)
+        ref = mmaction_reference({where: trained.recognizer.to(where)}, spec, [paths[i] for i in done],
+                                 show_progress).probs[where]
         mm_top1, mm_top5 = _topk(ref, truth, 1), _topk(ref, truth, 5)
         identical = float((ref.argmax(1) == got.argmax(1)).mean())
         for row, ref_row in zip(rows, ref, strict=True):

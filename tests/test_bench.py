@@ -136,6 +136,25 @@ def test_record_keeps_rows_refuses_other_settings_and_retries_failures(tmp_path:
     assert set(ROW_KEY) <= set(again.rows[0])
 
 
+def test_a_resumed_record_accepts_an_added_package_but_not_a_changed_one(tmp_path: Path) -> None:
+    """A GPU host installed in two steps (the server after the model stage) continues its record;
+    a different version of anything it measured with does not."""
+    path = tmp_path / "r.json"
+    first = _header()
+    first["device_info"]["packages"] = {"torch": "2.11.0"}
+    Record.open(path, first, resume=False).add(_row("mmaction2", 1, 50.0, stage="model"))
+    later = _header()
+    later["device_info"]["packages"] = {"torch": "2.11.0", "nvidia-pytriton": "0.7.0"}
+    again = Record.open(path, later, resume=True)
+    assert again.data["device_info"]["packages"] == {"torch": "2.11.0", "nvidia-pytriton": "0.7.0"}
+    assert again.data["packages_added_on_resume"][0]["packages"] == {"nvidia-pytriton": "0.7.0"}
+    again.save()
+    changed = _header()
+    changed["device_info"]["packages"] = {"torch": "2.12.0", "nvidia-pytriton": "0.7.0"}
+    with pytest.raises(InputError, match="machine packages: torch record '2.11.0', now '2.12.0'"):
+        Record.open(path, changed, resume=True)
+
+
 def test_triton_is_compared_at_its_own_concurrency_only() -> None:
     """The committed CPU record compared Triton at 8 requests in flight with in-process at 1."""
     record = {**_header(), "rows": [_row("mmaction2", 1, 50.0, stage="model"), _row("torchscript", 1, 130.0),

@@ -74,17 +74,20 @@ def test_doctor_row_for_onnxruntime_on_cuda() -> None:
         assert check.status == doctor.OK and "torch sees no GPU" in check.detail
 
 
-def _precision_flags() -> tuple[str, str]:
-    return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+def _precision_flags() -> tuple[str, str, bool]:
+    return (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.cudnn.benchmark)
 
 
-def test_exact_fp32_turns_tf32_off_and_restores_the_flags() -> None:
+def test_exact_fp32_turns_tf32_and_cudnn_benchmark_off_and_restores_the_flags(monkeypatch: pytest.MonkeyPatch
+                                                                              ) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as a finetune in the same process leaves it
     before = _precision_flags()
     with exact_fp32():
-        assert _precision_flags() == ("ieee", "ieee")
+        assert _precision_flags() == ("ieee", "ieee", False)
         with exact_fp32():  # nested (a TorchScript predictor inside the gate)
-            assert _precision_flags() == ("ieee", "ieee")
-        assert _precision_flags() == ("ieee", "ieee")
+            assert _precision_flags() == ("ieee", "ieee", False)
+        assert _precision_flags() == ("ieee", "ieee", False)
     assert _precision_flags() == before
     with pytest.raises(RuntimeError, match="boom"), exact_fp32():
         raise RuntimeError("boom")
@@ -97,7 +100,10 @@ def test_the_parity_gate_records_what_it_ran_with(tiny_export: Path) -> None:
     parity = Manifest.read(tiny_export).parity
     settings = parity["settings"]
     assert settings["tf32"] is False and settings["reference_runtime"] == f"torch {torch.__version__}"
-    assert settings["reference_device"] == ("cuda:0" if GPU else "cpu")
+    assert settings["reference_device"] == ("cuda:0" if GPU else "cpu") and settings["truth_device"] == "cpu"
+    assert settings["cudnn_benchmark"] is False
+    if not GPU:  # one reference, on the CPU: no device noise, the plain 1e-4 bound
+        assert settings["device_noise"] == 0.0 and settings["fp32_bound"] == 1e-4
     ort_device = "cuda:0" if GPU and ort_cuda_installed() else "cpu"
     for key, result in parity["artifacts"].items():
         assert result["tf32"] is False, key

@@ -186,3 +186,38 @@ def test_eval_refuses_classes_the_model_does_not_know(tiny_export: Path, tmp_pat
     result = run_cli("eval", str(tiny_export), "--data", str(data), check=False)
     assert result.returncode == 1
     assert "val classes unknown to the model: rotate_ccw, rotate_cw" in result.stderr
+
+
+def test_parity_gate_fails_a_perturbed_artifact_and_bounds_by_measured_device_noise(
+        tiny_run: Path, tiny_export: Path) -> None:
+    """The gate's logic on the real model, artifact and clips: the exported artifact passes; the
+    same artifact fed frames 12 grey levels off (what a normalisation bug does) fails; on a device
+    whose own MMAction2 noise is larger, the fp32 bound grows with it (twice), never below 1e-4."""
+    from sfdeploy.export.parity import FP32_MAX_ABS_DIFF, fp32_bound, judge, run_gate, val_videos
+    from sfdeploy.export.source import load_trained
+    from sfdeploy.runtime import open_artifact
+
+    trained = load_trained(tiny_run)
+    exact = open_artifact(tiny_export / "model.pt", "torchscript", tf32=False)
+
+    class Shifted:
+        def __init__(self, inner, shift: int) -> None:
+            self.inner, self.shift = inner, shift
+            self.device, self.runtime, self.tf32 = inner.device, inner.runtime, inner.tf32
+
+        def predict(self, clips: np.ndarray) -> np.ndarray:
+            return self.inner.predict(np.clip(clips.astype(np.int16) + self.shift, 0, 255).astype(np.uint8))
+
+    videos = [p for p, _ in val_videos(trained.cfg, 4)]
+    gate = run_gate(trained.recognizer, exact.spec, {"exact": (exact, "fp32"), "shifted": (Shifted(exact, 12), "fp32")},
+                    videos, show_progress=False)
+    results = gate["artifacts"]
+    assert results["exact"]["passed"] and results["exact"]["max_abs_diff"] <= FP32_MAX_ABS_DIFF
+    assert not results["shifted"]["passed"] and results["shifted"]["max_abs_diff"] > 1e-3, results["shifted"]
+    # the bound follows the measured noise of the reference's device
+    assert fp32_bound(0.0) == FP32_MAX_ABS_DIFF and fp32_bound(3e-4) == pytest.approx(6e-4)
+    truth = np.array([[0.7, 0.2, 0.1]])
+    kwargs = dict(device="cuda:0", runtime="torch", tf32=False)
+    assert judge("a", "fp32", truth + [[-4e-4, 4e-4, 0]], truth, 3e-4, **kwargs).passed
+    assert not judge("a", "fp32", truth + [[-4e-4, 4e-4, 0]], truth, 1e-5, **kwargs).passed
+    assert not judge("a", "fp32", truth + [[-7e-4, 7e-4, 0]], truth, 3e-4, **kwargs).passed

@@ -98,7 +98,8 @@ print(json.dumps([int(inference_recognizer(model, path).pred_score.argmax()) for
 
     trained = load_trained(tiny_run)
     spec = ClipSpec.from_config(trained.cfg, trained.class_names)  # the config's test pipeline, all views
-    reference = mmaction_reference(trained.recognizer, spec, [Path(v) for v in videos], show_progress=False).probs
+    reference = mmaction_reference({"cpu": trained.recognizer}, spec, [Path(v) for v in videos],
+                                   show_progress=False).probs["cpu"]
     assert predicted == [int(i) for i in reference.argmax(1)]
     labels = [trained.class_names.index(Path(v).parent.name) for v in videos[:-1]]
     assert sum(p == t for p, t in zip(predicted[:-1], labels, strict=True)) >= len(labels) - 1  # not chance

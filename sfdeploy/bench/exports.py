@@ -44,10 +44,14 @@ def open_bench_export(export_dir: Path, model: BenchModel) -> Manifest | None:
     return manifest
 
 
-def ensure_bench_export(model: BenchModel, needs: list[Need], device: str, export_dir: Path) -> Path:
-    """``export_dir`` with every (format, precision) of ``needs``, exporting only those missing."""
+def ensure_bench_export(model: BenchModel, needs: list[Need], device: str, export_dir: Path,
+                        rewrites: str = "auto") -> Path:
+    """``export_dir`` with every (format, precision) of ``needs``, exporting only those missing,
+    made with ``rewrites`` (``auto``: what `sfdeploy export` makes on ``device``; ``none``: the
+    plain graph). One folder holds one kind: the plain export lives in its own folder."""
     from sfdeploy.bench.suites import deploy_module, random_clips
     from sfdeploy.export.onnx_export import export_onnx
+    from sfdeploy.export.run import resolve_rewrites
     from sfdeploy.export.torchscript import export_torchscript
 
     export_dir = Path(export_dir)
@@ -62,12 +66,14 @@ def ensure_bench_export(model: BenchModel, needs: list[Need], device: str, expor
     for fmt, precision in missing:
         # fp32 is traced on the CPU (an artifact that loads anywhere); half precisions where they run.
         where = device if precision != "fp32" else "cpu"
-        module = deploy_module(model, precision, where)
+        module = deploy_module(model, precision, where, rewrites)
         example = torch.from_numpy(random_clips(model.spec, 2)).to(where)
         path = export_dir / artifact_file(fmt, precision)
-        log.info("bench: exporting %s %s to %s", fmt, precision, path)
+        log.info("bench: exporting %s %s (rewrites: %s) to %s", fmt, precision, rewrites, path)
         exporters[fmt](module, example, path, model.spec.to_json(), precision)
-        manifest.artifacts[artifact_key(fmt, precision)] = Artifact.of(fmt, precision, path)
+        names = resolve_rewrites(rewrites, device).names
+        manifest.artifacts[artifact_key(fmt, precision)] = Artifact.of(
+            fmt, precision, path, rewrites=names, optimized_for=device if names else "")
         manifest.write(export_dir)  # each finished artifact is kept, whatever happens next
         del module
     return export_dir

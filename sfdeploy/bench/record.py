@@ -68,6 +68,11 @@ class Record:
             raise InputError("--resume with settings that differ from the record's: " + "; ".join(differences),
                              path=path, fix="resume with the record's settings (see its 'settings'), or start a "
                                             "new record with another --out")
+        added = added_packages(data, header)
+        if added:  # kept in the record: its later rows ran beside these
+            data["device_info"]["packages"].update(added)
+            data.setdefault("packages_added_on_resume", []).append(
+                {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "packages": added})
         return cls(path, data)
 
     @property
@@ -103,6 +108,20 @@ def _differences(data: dict[str, Any], header: dict[str, Any]) -> list[str]:
             out.append(f"--{name.replace('_', '-')}: record {recorded.get(name)!r}, now {now.get(name)!r}")
     for name in _MACHINE_FIELDS:
         a, b = data.get("device_info", {}).get(name), header["device_info"].get(name)
+        if name == "packages" and isinstance(a, dict) and isinstance(b, dict):
+            # A package installed since the record began (the server, added to a host in a second
+            # step) changes none of the rows measured before it: only a changed or removed one does.
+            changed = {dist: (a[dist], b.get(dist)) for dist in a if a[dist] != b.get(dist)}
+            if changed:
+                out.append("machine packages: " + ", ".join(f"{d} record {v!r}, now {w!r}"
+                                                            for d, (v, w) in sorted(changed.items())))
+            continue
         if a != b:
             out.append(f"machine {name}: record {a!r}, now {b!r}")
     return out
+
+
+def added_packages(data: dict[str, Any], header: dict[str, Any]) -> dict[str, str]:
+    """Packages present now that the record's machine did not have when it began."""
+    recorded = data.get("device_info", {}).get("packages", {})
+    return {d: v for d, v in header["device_info"].get("packages", {}).items() if d not in recorded}

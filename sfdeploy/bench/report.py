@@ -15,7 +15,8 @@ from sfdeploy.bench import PRECISIONS, STAGES
 from sfdeploy.bench.record import OK
 from sfdeploy.bench.targets import served_label
 
-_ORDER = ("mmaction2", "eager", "eager-channels-last", "torchscript", "onnxruntime", "triton-http", "triton-grpc",
+_ORDER = ("mmaction2", "eager", "eager-rewrites", "torchscript-plain", "torchscript", "onnxruntime", "triton-http",
+          "triton-grpc", "triton-shm",
           "eager-compile", "eager-cudagraphs", "eager-profile", "decode-only", "sfdeploy:triton-grpc",
           "sfdeploy:triton-http", "sfdeploy:torchscript", "sfdeploy:onnxruntime", "mmaction2:inference_recognizer")
 _PRECISIONS = (*PRECISIONS, "-")  # "-": rows without one (decode-only)
@@ -73,6 +74,18 @@ def markdown(record: dict[str, Any]) -> str:
         lines += ["", "## Model only (preprocessed clips in, probabilities out)", "",
                   _table(["stage", "backend", "precision", "batch", "concurrency", "clips/s", "p50 ms", "p95 ms",
                           "p99 ms", "peak MB", "x mmaction2", "note"], [_clips_cells(r, baseline) for r in clips])]
+    served = [r for r in clips if r.get("server")]
+    if served:
+        lines += ["", "## Where a served request's time goes (Triton's own statistics, per request)", "",
+                  "Mean ms per request in each phase of the server, over the row's window (warm-up included); "
+                  "`server clips/s`: inferences over that window's wall time, beside the client's figure.", "",
+                  _table(["backend", "batch", "concurrency", "requests", "batches run", "queue", "compute input",
+                          "compute infer", "compute output", "request (server)", "p50 (client)",
+                          "server clips/s", "client clips/s"],
+                         [[r["backend"], r["batch"], r["concurrency"], s["requests"], s["executions"], s["queue_ms"],
+                           s["compute_input_ms"], s["compute_infer_ms"], s["compute_output_ms"], s["request_ms"],
+                           r["p50_ms"], s["server_clips_per_s"], r["clips_per_s"]]
+                          for r in served for s in [r["server"]]])]
     videos = [r for r in rows if r["kind"] == "videos"]
     if videos:
         lines += ["", "## End to end (videos -> predictions)", "",

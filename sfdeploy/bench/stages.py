@@ -52,13 +52,14 @@ class Task:
         return (self.stage, self.backend, self.precision, self.batch, self.concurrency)
 
 
-def served_default() -> tuple[str, str]:
-    """(runtime, precision) of the python-backend model ``sfdeploy repo`` writes by default: the
-    configuration the Triton rows serve and the headline speed-up is about."""
-    from sfdeploy.serving.repo import RepoOptions
+def served_default(device: str) -> tuple[str, str]:
+    """(runtime, precision) of the python-backend model ``sfdeploy repo`` writes by default for
+    ``device``: the configuration the Triton rows serve and the headline speed-up is about."""
+    from sfdeploy.serving.repo import RepoOptions, served_precision
 
     defaults = RepoOptions(repo=Path("."))
-    return defaults.runtime, defaults.precision
+    kind = "gpu" if device.startswith("cuda") else "cpu"
+    return defaults.runtime, served_precision(defaults.precision, kind, defaults.runtime)
 
 
 class Context:
@@ -67,13 +68,17 @@ class Context:
     def __init__(self, opts: Any, model: BenchModel, device: str, work: Path, export_dir: Path) -> None:
         self.opts, self.model, self.device, self.work, self.export_dir = opts, model, device, work, export_dir
         self.workers = opts.workers or os.cpu_count() or 1
-        self.served_runtime, self.served_precision = served_default()
+        self.served_runtime, self.served_precision = served_default(device)
         self._held: tuple[Any, Any, Callable[[Any], None]] | None = None
         self._server: Any = None
         self._stack = contextlib.ExitStack()
 
-    def export(self, *needs: tuple[str, str]) -> Path:
-        return ensure_bench_export(self.model, list(needs), self.device, self.export_dir)
+    def export(self, *needs: tuple[str, str], rewrites: str = suites.REWRITTEN) -> Path:
+        """The bench export with ``needs``: made with the rewrites `sfdeploy export` applies on this
+        device (what is served), or, ``rewrites="none"``, the plain graph in a folder beside it."""
+        folder = self.export_dir if rewrites == suites.REWRITTEN else \
+            self.export_dir.with_name(f"{self.export_dir.name}-plain")
+        return ensure_bench_export(self.model, list(needs), self.device, folder, rewrites)
 
     def hold(self, key: Any, factory: Callable[[], Any], close: Callable[[Any], None] = lambda _: None) -> Any:
         """The resource for ``key``, made by ``factory`` unless it is the one held already. Only
@@ -94,13 +99,13 @@ class Context:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def local(self, backend: str, precision: str, device: str) -> Any:
+    def local(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN) -> Any:
         """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it)."""
         from sfdeploy.artifacts import backend_format
         from sfdeploy.runtime import open_local
 
-        export_dir = self.export((backend_format(backend), precision))
-        return self.hold((backend, precision, device), lambda: open_local(
+        export_dir = self.export((backend_format(backend), precision), rewrites=rewrites)
+        return self.hold((backend, precision, device, rewrites), lambda: open_local(
             backend, export_dir, precision=precision, device=device), lambda p: p.close())
 
     def ort_device(self) -> tuple[str, str]:
@@ -125,9 +130,10 @@ class Context:
             export_dir = self.export((backend_format(self.served_runtime), self.served_precision))
             repo = self.work / "repo"
             batches = [*self.opts.batch_sizes, self.opts.triton_batch]
-            # runtime and precision left at their defaults: the configuration users get
+            # the runtime and precision `repo` picks by default here: the configuration users get
             write_repository(export_dir, RepoOptions(repo=repo, name=SERVED_MODEL, max_batch=max(batches),
-                                                     device=self.device, native=False, require_parity=False))
+                                                     precision=self.served_precision, device=self.device,
+                                                     native=False, require_parity=False))
             self._server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(),
                                         metrics_port=free_port()).start()
             self._stack.callback(self._server.stop)
@@ -164,26 +170,37 @@ class Context:
 
 # -- stages ---------------------------------------------------------------------------------------
 
+#: the suffix of a row made with the plain graph (no rewrites), beside the served, rewritten one
+PLAIN_SUFFIX = "-plain"
+
+
 def _eager(stage: str, variant: str, precision: str, batch: int, warmup: int) -> Task:
+    rewrites = suites.REWRITTEN if variant == "eager-rewrites" else suites.PLAIN
+
     def measure(c: Context) -> dict[str, Any]:
         module = c.hold(("eager", variant, precision), lambda: suites.variant_module(
-            suites.deploy_module(c.model, precision, c.device), variant))
+            suites.deploy_module(c.model, precision, c.device, rewrites), variant))
         frames = torch.from_numpy(suites.random_clips(c.model.spec, batch)).to(c.device)
         return suites.sequential_row(stage, variant, precision, batch, suites.module_call(module, frames), c.device,
                                      warmup, c.opts.iters, note="input already on the device")
     return Task(stage, variant, precision, batch, 1, measure)
 
 
-def _local(backend: str, precision: str, batch: int) -> Task:
+def _local(backend: str, precision: str, batch: int, plain: bool = False) -> Task:
+    """``backend`` on the export `sfdeploy export` makes (rewrites for this device), or, ``plain``,
+    on the plain graph (row ``<backend>-plain``): the two side by side show what the rewrites give."""
+    name = backend + (PLAIN_SUFFIX if plain else "")
+
     def measure(c: Context) -> dict[str, Any]:
         device, why = c.ort_device() if backend == "onnxruntime" else (c.device, "")
         if not device:
-            return suites.unmeasured_row("model", backend, precision, batch, 1, SKIPPED, why)
-        predictor = c.local(backend, precision, device)
+            return suites.unmeasured_row("model", name, precision, batch, 1, SKIPPED, why)
+        predictor = c.local(backend, precision, device, suites.PLAIN if plain else suites.REWRITTEN)
         frames = suites.random_clips(c.model.spec, batch)
-        return suites.sequential_row("model", backend, precision, batch, lambda: predictor.predict(frames), device,
-                                     c.opts.warmup, c.opts.iters, note="numpy uint8 in, numpy out")
-    return Task("model", backend, precision, batch, 1, measure)
+        return suites.sequential_row("model", name, precision, batch, lambda: predictor.predict(frames), device,
+                                     c.opts.warmup, c.opts.iters, note="numpy uint8 in, numpy out" +
+                                     ("; plain graph, no rewrites" if plain else ""))
+    return Task("model", name, precision, batch, 1, measure)
 
 
 def _mmaction2(c: Context) -> dict[str, Any]:
@@ -193,25 +210,28 @@ def _mmaction2(c: Context) -> dict[str, Any]:
 
 
 def _profile(c: Context) -> dict[str, Any]:
-    module = c.hold(("eager", "eager", c.served_precision),
-                    lambda: suites.deploy_module(c.model, c.served_precision, c.device))
+    module = c.hold(("eager", "eager-rewrites", c.served_precision),  # the served graph's operators
+                    lambda: suites.deploy_module(c.model, c.served_precision, c.device, suites.REWRITTEN))
     frames = torch.from_numpy(suites.random_clips(c.model.spec, max(c.opts.batch_sizes))).to(c.device)
     return suites.profile_row(module, frames, c.served_precision, c.device)
 
 
 def plan_model(c: Context) -> list[Task]:
-    """MMAction2's batch-1 baseline; eager (and channels_last_3d on CUDA), TorchScript and ONNX
-    Runtime at every batch size and precision; the operator profile with --trace."""
+    """MMAction2's batch-1 baseline; eager (plain and rewritten), TorchScript (as exported, and
+    the plain graph beside it) and ONNX Runtime at every batch size and precision; the operator
+    profile of the served graph with --trace."""
     opts, tasks = c.opts, []
     if "mmaction2" in opts.backends:
         tasks.append(Task("model", "mmaction2", "fp32", 1, 1, _mmaction2))
-    variants = ["eager"] + (["eager-channels-last"] if c.device.startswith("cuda") else [])
     for precision in opts.precisions:
         if "eager" in opts.backends:
-            tasks += [_eager("model", v, precision, b, opts.warmup) for v in variants for b in opts.batch_sizes]
+            tasks += [_eager("model", v, precision, b, opts.warmup) for v in ("eager", "eager-rewrites")
+                      for b in opts.batch_sizes]
         for backend in LOCAL_BACKENDS:
             if backend in opts.backends:
                 tasks += [_local(backend, precision, b) for b in opts.batch_sizes]
+                if backend == "torchscript":  # the runtime `repo` serves: what the rewrites give it
+                    tasks += [_local(backend, precision, b, plain=True) for b in opts.batch_sizes]
     if opts.trace:
         tasks.append(Task("model", "eager-profile", c.served_precision, max(opts.batch_sizes), 1, _profile))
     return tasks
@@ -227,26 +247,39 @@ def _in_process(runtime: str, precision: str, batch: int, concurrency: int) -> T
     return Task("triton", runtime, precision, batch, concurrency, measure)
 
 
+#: how each served row reaches the server: (protocol, system shared memory for the input)
+SERVED_TRANSPORTS = {"triton-http": ("http", False), "triton-grpc": ("grpc", False), "triton-shm": ("grpc", True)}
+
+
 def _served(backend: str, precision: str, batch: int, concurrency: int) -> Task:
     def measure(c: Context) -> dict[str, Any]:
+        import time
+
         from sfdeploy.runtime.triton import TritonPredictor
 
-        server, protocol = c.server(), backend.split("-")[1]
+        server = c.server()
+        protocol, shm = SERVED_TRANSPORTS[backend]
         url = server.http_url if protocol == "http" else server.grpc_url
-        predictor = c.hold((backend,), lambda: TritonPredictor(url, model=SERVED_MODEL, protocol=protocol),
+        predictor = c.hold((backend,), lambda: TritonPredictor(url, model=SERVED_MODEL, protocol=protocol, shm=shm),
                            lambda p: p.close())
         frames = suites.random_clips(c.model.spec, batch)
-        return suites.concurrent_row("triton", backend, precision, batch, concurrency,
-                                     lambda: predictor.predict(frames), c.device, c.opts.warmup, c.opts.iters,
-                                     note=f"python backend, {c.served_runtime}; server memory not counted")
+        before, started = predictor.statistics(), time.perf_counter()
+        row = suites.concurrent_row("triton", backend, precision, batch, concurrency,
+                                    lambda: predictor.predict(frames), c.device, c.opts.warmup, c.opts.iters,
+                                    note=f"python backend, {c.served_runtime}; "
+                                         f"{'system shared memory, ' if shm else ''}server memory not counted")
+        if row.get("status") == "ok":  # Triton's own account of the same requests
+            row["server"] = suites.server_stats_delta(before, predictor.statistics(), time.perf_counter() - started)
+        return row
     return Task("triton", backend, precision, batch, concurrency, measure)
 
 
 def plan_triton(c: Context) -> list[Task]:
-    """The served model (HTTP, gRPC) and, at each of its concurrencies, the same runtime in this
-    process with as many threads: like for like, measured side by side."""
+    """The served model (HTTP, gRPC, gRPC with the input in system shared memory) and, at each of
+    its concurrencies, the same runtime in this process with as many threads: like for like,
+    measured side by side; each served row carries Triton's own statistics for its requests."""
     opts = c.opts
-    served = [b for b in ("triton-http", "triton-grpc") if b in opts.backends]
+    served = [b for b in SERVED_TRANSPORTS if b in opts.backends]
     if not served:
         return []
     precision, batch, tasks = c.served_precision, opts.triton_batch, []

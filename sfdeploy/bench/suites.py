@@ -55,10 +55,18 @@ def random_clips(spec: ClipSpec, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, *spec.input_shape), dtype=np.uint8)
 
 
-def deploy_module(model: BenchModel, precision: str, device: str) -> SlowFastDeploy:
-    dtype = DTYPES[precision]
-    recognizer = copy.deepcopy(model.recognizer).to(device=device, dtype=dtype)
-    return SlowFastDeploy(recognizer, model.spec.mean, model.spec.std, compute_dtype=dtype).eval().to(device)
+#: the graph rewrites a bench variant is made with: "auto" = what `sfdeploy export` does by
+#: default on the device (sfdeploy.export.rewrites.Rewrites.for_device), "none" = the plain graph
+PLAIN, REWRITTEN = "none", "auto"
+
+
+def deploy_module(model: BenchModel, precision: str, device: str, rewrites: str = PLAIN) -> SlowFastDeploy:
+    from sfdeploy.export.deploy import deploy_module as make
+    from sfdeploy.export.run import resolve_rewrites
+
+    module, _ = make(model.recognizer, model.spec.mean, model.spec.std, DTYPES[precision], device,
+                     resolve_rewrites(rewrites, device))
+    return module
 
 
 def concurrent_calls(iters: int, concurrency: int) -> int:
@@ -127,10 +135,8 @@ def module_call(module: Callable, frames: torch.Tensor) -> Callable[[], None]:
 def variant_module(module: SlowFastDeploy, variant: str) -> Callable:
     """Variants of the eager module that sfdeploy does not serve (listed apart from the served
     configuration). The compiled ones take minutes per shape on R50: only in the ``compile`` stage."""
-    if variant == "eager":
+    if variant in ("eager", "eager-rewrites"):  # the rewrites are made by deploy_module
         return module
-    if variant == "eager-channels-last":
-        return module.to(memory_format=torch.channels_last_3d)
     if variant == "eager-compile":
         return torch.compile(module, dynamic=False)
     if variant == "eager-cudagraphs":  # inductor + CUDA graphs: launch overhead gone, for small batches
@@ -202,3 +208,32 @@ def profile_row(module: Callable, frames: torch.Tensor, precision: str, device: 
     return {"stage": "model", "backend": "eager-profile", "precision": precision, "batch": int(frames.shape[0]),
             "concurrency": 1, "kind": "ops", "status": OK, "ops": ops, "note": "torch.profiler, 5 calls"}
 
+
+
+_SERVER_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def server_stats_delta(before: dict[str, Any], after: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """Where a served row's requests spent their time, by Triton's own statistics extension
+    (``/v2/models/<name>/stats``, cumulative: the difference over the row's window, warm-up
+    included): requests, model executions (batches), mean ms per request in each phase, and the
+    server-side throughput (inferences over the window's wall time)."""
+    def number(stats: dict[str, Any], *path: str) -> int:
+        value: Any = stats
+        for key in path:
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        return int(value) if isinstance(value, (int, str)) and str(value).isdigit() else 0
+
+    requests = number(after, "inference_stats", "success", "count") - number(before, "inference_stats", "success",
+                                                                            "count")
+    out: dict[str, Any] = {
+        "requests": requests,
+        "inferences": number(after, "inference_count") - number(before, "inference_count"),
+        "executions": number(after, "execution_count") - number(before, "execution_count"),
+        "window_s": round(wall_s, 3),
+    }
+    for phase in ("success", *_SERVER_PHASES):
+        ns = number(after, "inference_stats", phase, "ns") - number(before, "inference_stats", phase, "ns")
+        out[f"{'request' if phase == 'success' else phase}_ms"] = round(ns / 1e6 / requests, 3) if requests else None
+    out["server_clips_per_s"] = round(out["inferences"] / wall_s, 2) if wall_s > 0 else None
+    return out

@@ -27,8 +27,9 @@ from sfdeploy.cli.options import GreedyOption
 @click.option("--runtime", default="torchscript", show_default=True,
               type=click.Choice(["torchscript", "onnxruntime"]),
               help="What the python-backend model runs (torch: GPU when present, faster 3-D convs on CPU).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
-              help="Which artifact of the export to serve (fp16 needs `export --fp16`).")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16"]),
+              help="Which artifact of the export to serve: auto = on a GPU the fastest that passed the parity "
+                   "gate (fp16 if the export has it: `export --fp16`), on the CPU fp32.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
               help="Instance kind: GPU or CPU; auto = GPU if torch sees one here.")
 @click.option("--queue-delay-us", default=5000, show_default=True, type=click.IntRange(min=0),

@@ -7,11 +7,23 @@ artifact is fed by sfdeploy's client preprocessing. So the gate checks the whole
 deployed path (decode, sampling, resize, crop, normalisation, layout, model, view averaging)
 against MMAction2, and records separately whether the two preprocessings gave identical pixels.
 
-Tolerances: fp32 artifacts agree within 1e-4 on every probability; fp16 artifacts agree on the
-top-1 class for at least 99% of the clips. On a GPU the whole gate runs without TF32 (torch's
-flags for the reference and TorchScript, ``use_tf32=0`` for ONNX Runtime's sessions): TF32 rounds
-fp32 convolutions to 10 mantissa bits, which could fail the 1e-4 bound, or pass it by luck. What
-each artifact ran on (device, runtime, TF32) is recorded beside its numbers.
+The truth is the reference on the CPU in fp32 (IEEE arithmetic, no device-specific kernel
+choices). Tolerances: fp32 artifacts agree with it within ``max(1e-4, 2 x device noise)`` on every
+probability; fp16 artifacts agree on the top-1 class for at least 99% of the clips. The *device
+noise* is measured, not assumed: where the gate runs on a GPU, the same MMAction2 model also runs
+there on the same clips, and its own largest difference from the CPU reference is the noise (cuDNN
+picks other algorithms, summation orders and, for some convolutions, FFT or Winograd transforms,
+all legitimate, all off the CPU result by up to ~1e-4 on a trained model's confident softmax). An
+artifact may differ from the truth twice as much as MMAction2 itself does on that device, never
+less than 1e-4, never more: a wrong export (other normalisation, a channel swap, a missing view
+average) is off by 1e-2 or more. Both numbers are recorded in ``manifest.json`` beside each
+artifact's. On the CPU the noise is 0 and the bound is 1e-4.
+
+The whole gate runs without TF32 and without cuDNN's benchmark mode (torch's flags for the
+references and TorchScript, ``use_tf32=0`` for ONNX Runtime's sessions): TF32 rounds fp32
+convolutions to 10 mantissa bits, which could fail the bound, or pass it by luck, and benchmark
+mode may pick a less exact algorithm on one run and not the next. What each artifact ran on
+(device, runtime, TF32) is recorded beside its numbers.
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ from sfdeploy.runtime import LocalPredictor
 log = logging.getLogger("sfdeploy")
 
 FP32_MAX_ABS_DIFF = 1e-4
+# an artifact on a GPU may be this many times as far from the CPU truth as MMAction2 itself is there
+DEVICE_NOISE_FACTOR = 2.0
 FP16_MIN_TOP1_AGREEMENT = 0.99
 
 
@@ -95,23 +109,24 @@ def reference_decoder(path: Path) -> str:
 
 
 class Reference(NamedTuple):
-    probs: np.ndarray  # [n, num_classes], on the host
+    probs: dict[str, np.ndarray]  # device -> [n, num_classes] on the host: "cpu" (the truth) and the gate's device
     inputs: np.ndarray  # MMAction2's pipeline output as uint8 [n, V, T, H, W, 3]
     decoders: list[str]  # the reference decoder of each video (:func:`reference_decoder`)
 
 
-def mmaction_reference(recognizer: Any, spec: ClipSpec, videos: list[Path], show_progress: bool = True
+def mmaction_reference(recognizers: dict[str, Any], spec: ClipSpec, videos: list[Path], show_progress: bool = True
                        ) -> Reference:
-    """Probabilities of the eager recognizer on MMAction2's own pipeline, that pipeline's uint8
-    input, and the decoder it used per video. The recognizer may be on any device: its scores
-    come back to the host here."""
+    """Probabilities of the eager recognizer(s) on MMAction2's own pipeline (each video decoded
+    once, run by every recognizer: ``{device: recognizer on it}``), that pipeline's uint8 input, and
+    the decoder it used per video. Scores come back to the host here."""
     import torch
     from mmengine.dataset import Compose, pseudo_collate
     from mmengine.registry import init_default_scope
 
     init_default_scope("mmaction")
     pipelines: dict[str, Any] = {}
-    probs, inputs, decoders = [], [], []
+    probs: dict[str, list[np.ndarray]] = {device: [] for device in recognizers}
+    inputs, decoders = [], []
     for path in progress(videos, desc="parity: mmaction2", unit="video", enabled=show_progress):
         decoder = reference_decoder(path)
         decoders.append(decoder)
@@ -120,52 +135,77 @@ def mmaction_reference(recognizer: Any, spec: ClipSpec, videos: list[Path], show
         pipeline = pipelines.setdefault(decoder, Compose(spec.mmaction_pipeline(decoder)))
         data = pipeline(dict(filename=str(path), label=-1, start_index=0, modality="RGB"))
         inputs.append(data["inputs"].permute(0, 2, 3, 4, 1).cpu().numpy())  # [V, 3, T, H, W] -> [V, T, H, W, 3]
-        with torch.no_grad():
-            score = recognizer.test_step(pseudo_collate([data]))[0].pred_score.float()
-        if recognizer.cls_head.average_clips == "score":  # MMAction2 returns mean logits then
-            score = torch.softmax(score, dim=0)
-        probs.append(score.cpu().numpy())  # pred_score stays on the model's device
-    return Reference(np.stack(probs), np.stack(inputs), decoders)
+        for device, recognizer in recognizers.items():
+            with torch.no_grad():
+                score = recognizer.test_step(pseudo_collate([data]))[0].pred_score.float()
+            if recognizer.cls_head.average_clips == "score":  # MMAction2 returns mean logits then
+                score = torch.softmax(score, dim=0)
+            probs[device].append(score.cpu().numpy())  # pred_score stays on the model's device
+    return Reference({device: np.stack(p) for device, p in probs.items()}, np.stack(inputs), decoders)
+
+
+def fp32_bound(device_noise: float) -> float:
+    """The fp32 tolerance for a measured device noise (see the module docstring)."""
+    return max(FP32_MAX_ABS_DIFF, DEVICE_NOISE_FACTOR * device_noise)
+
+
+def judge(key: str, precision: str, probs: np.ndarray, truth: np.ndarray, device_noise: float, *, device: str,
+          runtime: str, tf32: bool) -> ParityResult:
+    """One artifact's verdict against the CPU truth (``device_noise``: MMAction2's own difference
+    from it on the device the gate ran on; 0 on the CPU)."""
+    diff = float(np.abs(probs - truth).max())
+    agreement = float((probs.argmax(1) == truth.argmax(1)).mean())
+    if precision == "fp32":
+        bound = fp32_bound(device_noise)
+        passed = diff <= bound
+        criterion = (f"max_abs_diff <= {bound:.3g} (max({FP32_MAX_ABS_DIFF:g}, {DEVICE_NOISE_FACTOR:g} x "
+                     f"MMAction2's own device noise {device_noise:.3g}))")
+    else:
+        passed, criterion = agreement >= FP16_MIN_TOP1_AGREEMENT, f"top1_agreement >= {FP16_MIN_TOP1_AGREEMENT:g}"
+    return ParityResult(key, precision, device, runtime, tf32, len(truth), diff, agreement, bool(passed), criterion)
 
 
 def run_gate(recognizer: Any, spec: ClipSpec, predictors: dict[str, tuple[LocalPredictor, str]],
              videos: list[Path], *, batch_size: int = 4, show_progress: bool = True) -> dict[str, Any]:
     """Compare every predictor with MMAction2 on ``videos``; returns the manifest's parity entry.
-    The recognizer runs where it is; open the predictors with ``tf32=False``."""
+    The recognizer (fp32, eval mode) runs where it is and, if that is not the CPU, on the CPU too
+    (the truth); open the predictors with ``tf32=False``."""
+    import copy
+
     import torch
 
     from sfdeploy.runtime.cuda import exact_fp32
 
+    device = str(next(recognizer.parameters()).device)
+    recognizers = {"cpu": recognizer} if device == "cpu" else {"cpu": copy.deepcopy(recognizer).cpu(),
+                                                                 device: recognizer}
     with exact_fp32():
-        reference, mm_inputs, decoders = mmaction_reference(recognizer, spec, videos, show_progress)
+        reference = mmaction_reference(recognizers, spec, videos, show_progress)
         clips = np.stack([load_video(str(p), spec) for p in videos])
         outputs = {key: np.concatenate([predictor.predict(clips[i:i + batch_size])
                                         for i in range(0, len(clips), batch_size)])
                    for key, (predictor, _) in predictors.items()}
-    pixel_diff = int(np.abs(clips.astype(np.int16) - mm_inputs.astype(np.int16)).max())
+    truth = reference.probs["cpu"]
+    noise = float(np.abs(reference.probs[device] - truth).max())
+    pixel_diff = int(np.abs(clips.astype(np.int16) - reference.inputs.astype(np.int16)).max())
     if pixel_diff:
         log.warning("client preprocessing differs from MMAction2's pipeline by up to %d grey levels", pixel_diff)
-    results = {}
-    for key, (predictor, precision) in predictors.items():
-        probs = outputs[key]
-        diff = float(np.abs(probs - reference).max())
-        agreement = float((probs.argmax(1) == reference.argmax(1)).mean())
-        if precision == "fp32":
-            passed, criterion = diff <= FP32_MAX_ABS_DIFF, f"max_abs_diff <= {FP32_MAX_ABS_DIFF:g}"
-        else:
-            passed, criterion = agreement >= FP16_MIN_TOP1_AGREEMENT, \
-                f"top1_agreement >= {FP16_MIN_TOP1_AGREEMENT:g}"
-        results[key] = ParityResult(key, precision, predictor.device, predictor.runtime, predictor.tf32, len(videos),
-                                    diff, agreement, bool(passed), criterion).to_dict()
+    results = {key: judge(key, precision, outputs[key], truth, noise, device=predictor.device,
+                          runtime=predictor.runtime, tf32=predictor.tf32).to_dict()
+               for key, (predictor, precision) in predictors.items()}
     return {
-        "reference": "MMAction2 eager recognizer on MMAction2's test pipeline for the clip spec",
-        "reference_decoders": dict(Counter(decoders)),
-        "settings": {"reference_device": str(next(recognizer.parameters()).device),
-                     "reference_runtime": f"torch {torch.__version__}", "tf32": False,
+        "reference": "MMAction2 eager recognizer on MMAction2's test pipeline for the clip spec, fp32 on the CPU "
+                     "(the truth); on a GPU also there, to measure the device's own noise",
+        "reference_decoders": dict(Counter(reference.decoders)),
+        "settings": {"reference_device": device, "truth_device": "cpu",
+                     "reference_runtime": f"torch {torch.__version__}", "tf32": False, "cudnn_benchmark": False,
+                     "device_noise": noise, "device_noise_factor": DEVICE_NOISE_FACTOR,
+                     "fp32_bound": fp32_bound(noise),
                      "note": "fp32 convolutions and matmuls in IEEE fp32 on every GPU side (no TF32: torch's "
-                             "flags, onnxruntime's use_tf32=0); the CPU has no TF32"},
+                             "flags, onnxruntime's use_tf32=0; cuDNN benchmark mode off); the CPU has no TF32. "
+                             "device_noise: max |MMAction2 on reference_device - MMAction2 on the CPU|"},
         "videos": [str(p) for p in videos],
-        "reference_top1": [int(i) for i in reference.argmax(1)],
+        "reference_top1": [int(i) for i in truth.argmax(1)],
         "preprocess_max_pixel_diff": pixel_diff,
         "artifacts": results,
     }

@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sfdeploy.artifacts import (
     FORMAT_BACKEND,
@@ -36,6 +37,9 @@ from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import ExportError, InputError
 from sfdeploy.fsutil import commit, ensure_writable_dir, partial_path, remove_partials
 
+if TYPE_CHECKING:
+    from sfdeploy.export.rewrites import Rewrites
+
 log = logging.getLogger("sfdeploy")
 
 
@@ -51,6 +55,9 @@ class ExportOptions:
     device: str = "auto"
     parity_videos: int = 64
     parity_data: Path | None = None  # a prepared DATA folder to take parity clips from
+    # graph rewrites (sfdeploy.export.rewrites): "auto" = the measured choice for `device`, "none",
+    # or a comma-separated list of steps
+    rewrites: str = "auto"
     show_progress: bool = True
 
 
@@ -69,7 +76,7 @@ def _parity_cfg(trained_cfg: object, parity_data: Path | None) -> object:
 def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     import torch
 
-    from sfdeploy.export.deploy import SlowFastDeploy
+    from sfdeploy.export.deploy import deploy_module
     from sfdeploy.export.onnx_export import export_onnx
     from sfdeploy.export.parity import run_gate, val_videos
     from sfdeploy.export.source import load_trained
@@ -101,15 +108,16 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
 
     variants = [("fp32", torch.float32)] + ([("fp16", torch.float16)] if opts.fp16 else [])
     recognizer = trained.recognizer
+    rewrites = resolve_rewrites(opts.rewrites, device)
+    if rewrites.names:
+        log.info("[2/5] graph rewrites for %s: %s", device, ", ".join(rewrites.names))
     example_cpu = torch.from_numpy(_example_batch(videos[0][0], spec))
     staged: dict[str, tuple[Artifact, Path]] = {}  # key -> (what it will be, where it is now)
     self_checks: dict[str, dict] = {}  # key -> what its reload-and-compare ran on and found
     for precision, dtype in variants:
-        model = copy.deepcopy(recognizer) if dtype != torch.float32 else recognizer
         # fp16 runs where it will be served (CUDA when present); fp32 traces on CPU.
         where = device if precision == "fp16" else "cpu"
-        model = model.to(device=where, dtype=dtype)
-        module = SlowFastDeploy(model, spec.mean, spec.std, compute_dtype=dtype).eval().to(where)
+        module, changed = deploy_module(recognizer, spec.mean, spec.std, dtype, where, rewrites)
         example = example_cpu.to(where)
         for fmt in opts.formats:
             filename = artifact_file(fmt, precision)
@@ -127,7 +135,9 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
                             "in fp32); on a GPU check it with `sfdeploy eval --device cuda --precision fp16`")
             else:
                 self_checks[key] = export_torchscript(module, example, tmp, spec_json, precision)
-            staged[key] = (Artifact.of(fmt, precision, tmp, file=filename), tmp)
+            staged[key] = (Artifact.of(fmt, precision, tmp, file=filename, rewrites=rewrites.names,
+                                       optimized_for=device if rewrites.names else ""), tmp)
+            self_checks[key]["rewrites"] = changed  # what each rewrite changed (layers)
 
     manifest = Manifest(
         clip_spec=spec,
@@ -163,6 +173,22 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
         raise ExportError(f"parity gate failed: {detail}", path=out / MANIFEST_FILE,
                           fix="do not deploy these artifacts; the numbers are in manifest.json 'parity'")
     return manifest
+
+
+def resolve_rewrites(value: str, device: str) -> Rewrites:
+    """``auto`` -> the measured choice for ``device``; ``none``; or a comma-separated list of steps."""
+    from sfdeploy.export.rewrites import STEPS, Rewrites
+
+    value = value.strip().lower()
+    if value == "auto":
+        return Rewrites.for_device(device)
+    if value == "none":
+        return Rewrites.none()
+    try:
+        return Rewrites.parse([v.strip() for v in value.split(",") if v.strip()])
+    except ValueError as exc:
+        raise InputError(str(exc), fix=f"--rewrites auto, none, or a comma-separated list of: {', '.join(STEPS)}") \
+            from exc
 
 
 def _commit(out: Path, manifest: Manifest, staged: dict[str, tuple[Artifact, Path]]) -> None:

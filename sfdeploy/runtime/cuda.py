@@ -2,9 +2,10 @@
 
 * :func:`cuda_device`: ``cuda`` / ``cuda:N`` -> the concrete ``cuda:N`` torch will use, or a clear
   error when torch cannot see it.
-* :func:`exact_fp32`: IEEE fp32 convolutions and matmuls in a block. On Ampere and later GPUs
-  cuDNN may run fp32 convolutions in TF32 (10 mantissa bits) by default; the fp32 parity gate
-  compares probabilities at 1e-4 and must neither fail nor pass by that rounding.
+* :func:`exact_fp32`: IEEE fp32 convolutions and matmuls in a block, cuDNN's benchmark mode off.
+  On Ampere and later GPUs cuDNN may run fp32 convolutions in TF32 (10 mantissa bits) by default;
+  the fp32 parity gate compares probabilities at ~1e-4 and must neither fail nor pass by that
+  rounding.
 * :class:`DeviceFeeder`: how a uint8 batch reaches the GPU. A host batch is copied into a pinned
   staging buffer (kept per thread and reused, grown only for a larger batch) and sent with a
   non-blocking copy on the thread's own CUDA stream, so several threads' copies and kernels can
@@ -46,11 +47,14 @@ def _fp32_flags() -> list[tuple[Any, str]]:
     import torch
 
     backends = torch.backends
+    # cuDNN's benchmark mode times several algorithms and keeps the fastest, which may be a less
+    # exact one (FFT, Winograd), and another on the next run: off inside the block too.
+    benchmark = (backends.cudnn, "benchmark")
     try:
         backends.cuda.matmul.fp32_precision  # noqa: B018 - probing for the new API
-        return [(backends.cudnn.conv, "fp32_precision"), (backends.cuda.matmul, "fp32_precision")]
+        return [(backends.cudnn.conv, "fp32_precision"), (backends.cuda.matmul, "fp32_precision"), benchmark]
     except AttributeError:
-        return [(backends.cudnn, "allow_tf32"), (backends.cuda.matmul, "allow_tf32")]
+        return [(backends.cudnn, "allow_tf32"), (backends.cuda.matmul, "allow_tf32"), benchmark]
 
 
 _exact = {"lock": threading.Lock(), "depth": 0, "saved": None}
@@ -138,3 +142,89 @@ class DeviceFeeder:
         # before the buffer can be written by this thread's next call.
         stream.synchronize()
         return result.numpy()
+
+
+#: batch sizes graphs are captured for; a batch runs in the smallest bucket that holds it (the
+#: rows past it are left over from an earlier batch and their outputs dropped)
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_GRAPH_WARMUP = 3  # eager calls before a capture: TorchScript's profiling runs, cuDNN's choices
+
+
+class CudaGraphs:
+    """Runs a module on CUDA through captured CUDA graphs, one per batch bucket (:data:`GRAPH_BUCKETS`).
+
+    Why: at small batches a SlowFast call is hundreds of kernel launches of a few microseconds
+    each, and the CPU that issues them, not the GPU, sets the pace; replaying a captured graph issues
+    them all at once. Each bucket gets a static input buffer and its graph on first use (a few eager
+    warm-up calls, then the capture); all graphs share one memory pool. A batch larger than the
+    largest bucket runs eagerly. Thread-safe: one replay at a time, ordered on the GPU after the
+    previous one by an event, so threads on their own streams never overwrite a buffer in use.
+    If a capture fails (an operator that cannot be captured), the module runs eagerly from then on
+    and the reason is kept in :attr:`disabled`.
+    """
+
+    def __init__(self, module: Callable[[Any], Any], device: Any, buckets: tuple[int, ...] = GRAPH_BUCKETS) -> None:
+        import torch
+
+        self.module, self.device, self.buckets = module, torch.device(device), tuple(sorted(buckets))
+        self._graphs: dict[tuple[int, tuple[int, ...]], tuple[Any, Any, Any]] = {}  # -> (graph, input, output)
+        self._pool: Any = None
+        self._lock = threading.Lock()
+        self._done: Any = None
+        self.disabled: str | None = None
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    @property
+    def captured(self) -> list[int]:
+        return sorted(b for b, _ in self._graphs)
+
+    def _capture(self, bucket: int, frames: Any) -> tuple[Any, Any, Any]:
+        import torch
+
+        static_in = torch.zeros((bucket, *frames.shape[1:]), dtype=frames.dtype, device=self.device)
+        static_in[: frames.shape[0]].copy_(frames)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(_GRAPH_WARMUP):
+                self.module(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = self.module(static_in)
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph, static_in, static_out
+
+    def __call__(self, frames: Any) -> Any:
+        import torch
+
+        n = int(frames.shape[0])
+        bucket = self.bucket(n)
+        if self.disabled or bucket is None:
+            return self.module(frames)
+        key = (bucket, tuple(frames.shape[1:]))
+        stream = torch.cuda.current_stream(self.device)
+        with self._lock:
+            if self._done is not None:
+                stream.wait_event(self._done)  # the previous replay (maybe on another stream) is done with the buffers
+            else:
+                self._done = torch.cuda.Event()
+            entry = self._graphs.get(key)
+            if entry is None:
+                try:
+                    entry = self._graphs[key] = self._capture(bucket, frames)
+                except RuntimeError as exc:
+                    self.disabled = f"CUDA graph capture failed at batch {bucket}: {exc}"
+                    import logging
+
+                    logging.getLogger("sfdeploy").warning("%s; running without CUDA graphs", self.disabled)
+                    return self.module(frames)
+            graph, static_in, static_out = entry
+            static_in[:n].copy_(frames)
+            graph.replay()
+            out = static_out[:n].clone()
+            self._done.record(stream)
+        return out

@@ -31,12 +31,16 @@ def load_torchscript(path: Path, device: str = "cpu") -> tuple[object, ClipSpec]
 
 
 class TorchScriptPredictor:
-    def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None, tf32: bool = True) -> None:
+    def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None, tf32: bool = True,
+                 cuda_graphs: bool = True) -> None:
         """``tf32=False``: each call runs inside :func:`sfdeploy.runtime.cuda.exact_fp32` (torch's
-        TF32 flags are process-wide: they are set for the call and restored after it)."""
+        TF32 flags are process-wide: they are set for the call and restored after it).
+        ``cuda_graphs``: on CUDA, calls replay graphs captured per batch bucket
+        (:class:`sfdeploy.runtime.cuda.CudaGraphs`); the served runtime's launch cost disappears."""
         import torch
 
         self._feeder = None
+        self._graphs = None
         self.device = resolve_device(device)  # raises when torch cannot see a CUDA device asked for
         if self.device != "cpu":
             from sfdeploy.runtime.cuda import DeviceFeeder
@@ -49,6 +53,15 @@ class TorchScriptPredictor:
         self.runtime = f"torch {torch.__version__}"
         self.module, self.spec = load_torchscript(Path(path), self.device)
         self.name = f"torchscript:{Path(path).name}"
+        self._run = self.module
+        if self._feeder is not None and self.tf32:
+            # Served shapes are fixed per batch size: let cuDNN time its algorithms once per shape and
+            # keep the fastest (process-wide; the parity gate turns it off inside exact_fp32).
+            torch.backends.cudnn.benchmark = True
+        if self._feeder is not None and cuda_graphs:
+            from sfdeploy.runtime.cuda import CudaGraphs
+
+            self._run = self._graphs = CudaGraphs(self.module, self.device)
 
     def predict(self, frames: Frames) -> np.ndarray:
         import torch
@@ -61,11 +74,21 @@ class TorchScriptPredictor:
                 probs = self.module(batch)
             return probs.float().cpu().numpy()
         if self.tf32:
-            return self._feeder.run(self.module, frames)
+            return self._feeder.run(self._run, frames)
         from sfdeploy.runtime.cuda import exact_fp32
 
         with exact_fp32():
-            return self._feeder.run(self.module, frames)
+            return self._feeder.run(self._run, frames)
+
+    @property
+    def graphs(self) -> str:
+        """How calls run on CUDA (for records and the server log): graph buckets captured so far,
+        or why not."""
+        if self._graphs is None:
+            return "no CUDA graphs"
+        if self._graphs.disabled:
+            return self._graphs.disabled
+        return f"CUDA graphs for batch buckets {', '.join(map(str, self._graphs.buckets))}"
 
     def host_buffer(self) -> object:
         """The calling thread's pinned staging buffer on CUDA (None on the CPU or before the first
@@ -73,4 +96,4 @@ class TorchScriptPredictor:
         return self._feeder.host_buffer() if self._feeder else None
 
     def close(self) -> None:
-        self.module = None
+        self.module = self._run = self._graphs = None

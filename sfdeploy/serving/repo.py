@@ -88,7 +88,9 @@ class RepoOptions:
     # (the onnxruntime installed for CPU does not), and on CPU its oneDNN 3-D convolutions were
     # 2x faster than onnxruntime's at batch 8 (benchmarks/results).
     runtime: str = "torchscript"
-    precision: str = "fp32"
+    # auto: on a GPU the fastest precision the export has that passed its parity gate (fp16 before
+    # fp32: ~2x on an H200's tensor cores, see benchmarks/results); on the CPU fp32 (no fp16 kernels)
+    precision: str = "auto"
     device: str = "auto"  # auto (GPU if torch sees one), cpu, gpu
     queue_delay_us: int = 5000
     tensorrt: bool = False  # TensorRT fp16 accelerator in <name>_onnx (NVIDIA's container)
@@ -131,6 +133,28 @@ def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
                     DECODE_TIMEOUT_S: f"{preprocess.DEFAULT_TIMEOUT_S:g}"})
 
 
+#: the precisions ``--precision auto`` may serve on a GPU, fastest first
+GPU_PRECISION_ORDER = ("fp16", "fp32")
+
+
+def served_precision(requested: str, kind: str, runtime: str, manifest: Manifest | None = None) -> str:
+    """The precision a repository serves: ``requested`` unless it is ``auto``; then on a ``gpu``
+    instance the first of :data:`GPU_PRECISION_ORDER` that the export has for ``runtime`` and that
+    passed the parity gate (without a manifest: the first of them), on the CPU fp32."""
+    if requested != "auto":
+        return requested
+    if kind != "gpu":
+        return "fp32"
+    if manifest is None:
+        return GPU_PRECISION_ORDER[0]
+    parity = manifest.parity.get("artifacts", {})
+    for precision in GPU_PRECISION_ORDER:
+        key = artifact_key(BACKEND_FORMAT[runtime], precision)
+        if key in manifest.artifacts and (parity.get(key, {}).get("passed") or not parity):
+            return precision
+    return "fp32"
+
+
 def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     """Write (or refresh) the models of one export; returns their folders."""
     manifest = Manifest.read(export_dir)
@@ -148,7 +172,10 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     spec = manifest.clip_spec
     # The repository may be written here for a GPU server elsewhere: "gpu" needs no GPU here.
     kind = "gpu" if resolve_device(opts.device, must_exist=False).startswith("cuda") else "cpu"
-    key = artifact_key(BACKEND_FORMAT[opts.runtime], opts.precision)
+    precision = served_precision(opts.precision, kind, opts.runtime, manifest)
+    if precision != opts.precision:
+        log.info("serving %s %s on %s (--precision %s)", opts.runtime, precision, kind, opts.precision)
+    key = artifact_key(BACKEND_FORMAT[opts.runtime], precision)
     runtime_artifact = manifest.artifact_path(export_dir, key)
     preferred = tuple(sorted({max(1, opts.max_batch // 4), max(1, opts.max_batch // 2), opts.max_batch}))
     common = dict(spec=spec, max_batch=opts.max_batch, preferred_batches=preferred,
@@ -156,12 +183,12 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     # (the model, the artifacts placed in its version folder, its python-backend model.py)
     models: list[tuple[ServedModel, dict[str, Path], str | None]] = [(
         ServedModel(name=opts.name, backend="python", parameters={
-            "runtime": opts.runtime, "artifact": runtime_artifact.name, "precision": opts.precision,
+            "runtime": opts.runtime, "artifact": runtime_artifact.name, "precision": precision,
             "artifact_sha256": manifest.artifacts[key].sha256}, **common),
         {runtime_artifact.name: runtime_artifact}, PYTHON_MODEL,
     )]
     if opts.native:
-        onnx_key, ts_key = (artifact_key(fmt, opts.precision) for fmt in ("onnx", "torchscript"))
+        onnx_key, ts_key = (artifact_key(fmt, precision) for fmt in ("onnx", "torchscript"))
         if onnx_key in manifest.artifacts:
             models.append((ServedModel(name=f"{opts.name}_onnx", backend="onnxruntime",
                                        tensorrt_fp16=opts.tensorrt, default_model_filename="model.onnx", **common),

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sfdeploy.errors import InputError, ServingError
-from sfdeploy.serving.config import TARGET_MODEL, parse_config
+from sfdeploy.serving.config import TARGET_MODEL, parse_config, python_shm_sizes
 from sfdeploy.serving.install import find_tritonserver, make_backend_dir
 
 log = logging.getLogger("sfdeploy")
@@ -113,6 +113,7 @@ class TritonServer:
     def __post_init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._configs: dict[str, Any] = {}
 
     @property
     def http_url(self) -> str:
@@ -127,7 +128,7 @@ class TritonServer:
         return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
 
     def _choose_models(self) -> list[str]:
-        available = repository_models(self.repo)
+        available = self._configs = repository_models(self.repo)
         if self.models:
             unknown = [m for m in self.models if m not in available]
             if unknown:
@@ -159,6 +160,7 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         models = self._choose_models()
+        shm_default, shm_growth = python_shm_sizes([self._configs[m] for m in models])
         for label, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
                             ("--metrics-port", self.metrics_port)):
             if not port_free(self.host, port):
@@ -181,6 +183,8 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--model-control-mode=explicit", *[f"--load-model={m}" for m in models],
             "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=5",
+            f"--backend-config=python,shm-default-byte-size={shm_default}",
+            f"--backend-config=python,shm-growth-byte-size={shm_growth}",
         ]
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.libs), env.get("LD_LIBRARY_PATH")) if p)

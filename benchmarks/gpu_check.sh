@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU checks of an air-gapped GPU host, as one prepared script in two calls (what one transfer can
+# carry is size-limited, so the kit arrives in two parts; see benchmarks/README.md "GPU host"):
+#
+#   benchmarks/gpu_check.sh 1   # install kit part 1 (training, export, decoding, client), doctor, then
+#                               # the bench record's model stage (R50 4x16, fp32 + fp16, plain vs rewritten)
+#   benchmarks/gpu_check.sh 2   # install kit part 2 (tritonserver), then `sfdeploy demo`, the record's
+#                               # triton and e2e stages, and `pytest -m gpu`
+#
+# Every step has its own time limit inside an overall deadline (BUDGET_S, default 540 s a call), and
+# what it produced is copied to $OUT as it finishes (the record after every stage): a call cut short
+# still brings back everything done before the cut. The kit is made here with benchmarks/gpukit.sh
+# --out .gpukit; state that must outlive a call (the record, the bench export, the demo) is in
+# $SFDEPLOY_GPU_STATE (default /tmp/sfdeploy-gpu), which a warm machine keeps between calls.
+# A plain GPU machine with internet can run the same: pip install -e ".[gpu,dev]" and KIT=none.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PHASE="${1:?usage: benchmarks/gpu_check.sh 1|2}"
+OUT="${OUT:-/tmp/sfdeploy-gpu-out}"
+STATE="${SFDEPLOY_GPU_STATE:-/tmp/sfdeploy-gpu}"
+KIT="${KIT:-.gpukit}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT" "$STATE"
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
+RECORD="$STATE/record.json"
+export PYTHONUNBUFFERED=1 SFDEPLOY_TEST_DEMO="$STATE/demo"
+# One set of bench settings for both calls (a resumed record refuses other settings).
+# (PROFILE=small DEVICE=cpu PRECISIONS=fp32 KIT=none rehearse the script on a CPU machine.)
+PROFILE_FLAG=(); [ "${PROFILE:-full}" = full ] && PROFILE_FLAG=(--full)
+BENCH=(bench "${PROFILE_FLAG[@]}" --device "${DEVICE:-cuda}" --precision "${PRECISIONS:-fp32,fp16}" --batch-sizes "${BATCHES:-1,32}"
+       --backends mmaction2,eager,torchscript,triton-grpc,triton-http,triton-shm --concurrency 1,8
+       --triton-batch 32 --iters "${ITERS:-20}" --warmup 5 --e2e-videos "${E2E_VIDEOS:-128}"
+       --mmaction2-videos 16 --trace --out "$RECORD" --resume)
+
+step() {  # step NAME SECONDS COMMAND...: run with the smaller of its limit and the time left
+  local name="$1" limit="$2"; shift 2
+  local left=$(( DEADLINE - $(date +%s) ))
+  local t=$(( limit < left ? limit : left ))
+  if [ "$t" -lt 10 ]; then echo "gpu_check: SKIP $name (deadline)"; echo "$name skipped-deadline" >> "$OUT/summary.txt"; return 0; fi
+  echo "gpu_check: === $name (limit ${t}s) $(date +%T)"
+  local start=$(date +%s)
+  timeout --kill-after=15 "$t" bash -c '"$@"' _ "$@"  # through bash: the functions below are steps too
+  local rc=$?
+  echo "gpu_check: === $name rc=$rc in $(( $(date +%s) - start ))s"
+  echo "$name rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/summary.txt"
+  return 0
+}
+
+save_record() {
+  [ -f "$RECORD" ] || return 0
+  local name
+  name="$("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); i=d["device_info"]
+import re; print(re.sub(r"[^a-z0-9]+","-",(i.get("gpu") or "gpu").lower()).strip("-")+"-"+d["date"])' "$RECORD")"
+  cp "$RECORD" "$OUT/$name.json"; cp "${RECORD%.json}.md" "$OUT/$name.md" 2>/dev/null || true
+}
+
+install_part() {
+  if [ "$KIT" = none ]; then return 0; fi
+  bash "$KIT/part$1/install_part.sh" --python "$PY" --checkout "$PWD" --no-doctor
+}
+
+env_report() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,power.limit --format=csv
+  "$PY" -c 'import torch, numpy, platform; print("python", platform.python_version(), "torch", torch.__version__,
+"cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "numpy", numpy.__version__,
+torch.cuda.get_device_name(0))'
+  df -h /dev/shm | tail -1
+  "$PY" -m sfdeploy doctor
+}
+
+export -f install_part env_report
+export KIT PY
+case "$PHASE" in
+  1)
+    step install-part1 120 install_part 1
+    # sfdeploy itself, so that its presets (installed as sfdeploy.presets) resolve before part 2 is in
+    step install-sfdeploy 60 "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+    step env 60 env_report
+    step bench-model 400 "$PY" -m sfdeploy "${BENCH[@]}" --stage model
+    save_record
+    ;;
+  2)
+    step install-part2 120 install_part 2
+    step demo 200 "$PY" -m sfdeploy demo --workdir "$STATE/demo"
+    [ -f "$STATE/demo/export/manifest.json" ] && cp "$STATE/demo/export/manifest.json" "$OUT/demo-manifest.json"
+    step pytest-gpu 200 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --timeout 190 --junitxml "$OUT/pytest-gpu.xml"
+    step bench-triton 150 "$PY" -m sfdeploy "${BENCH[@]}" --stage triton
+    save_record
+    step bench-e2e 90 "$PY" -m sfdeploy "${BENCH[@]}" --stage e2e
+    save_record
+    ;;
+  *) echo "usage: benchmarks/gpu_check.sh 1|2" >&2; exit 2 ;;
+esac
+echo "gpu_check: phase $PHASE done $(date +%T)"; cat "$OUT/summary.txt"
