@@ -30,7 +30,7 @@ PROFILE_FLAG=(); [ "${PROFILE:-full}" = full ] && PROFILE_FLAG=(--full)
 BENCH=(bench "${PROFILE_FLAG[@]}" --device "${DEVICE:-cuda}" --precision "${PRECISIONS:-fp32,fp16}" --batch-sizes "${BATCHES:-1,32}"
        --backends mmaction2,eager,torchscript,triton-grpc,triton-http,triton-shm --concurrency 1,8
        --triton-batch 32 --iters "${ITERS:-20}" --warmup 5 --e2e-videos "${E2E_VIDEOS:-128}"
-       --mmaction2-videos 16 --trace --out "$RECORD" --resume)
+       --trace --out "$RECORD" --resume)
 
 step() {  # step NAME SECONDS COMMAND...: run with the smaller of its limit and the time left
   local name="$1" limit="$2"; shift 2

@@ -172,9 +172,10 @@ def gpu_triton(gpu_export: Path, tmp_path_factory: pytest.TempPathFactory):
     from sfdeploy.serving.server import TritonServer, free_port
 
     repo = tmp_path_factory.mktemp("gpurepo") / "model_repository"
-    run_cli("repo", str(gpu_export), "--repo", str(repo), "--device", "gpu", "--no-native")
+    # fp32, to compare with the fp32 predictor in this process (a GPU repository serves fp16 by default)
+    run_cli("repo", str(gpu_export), "--repo", str(repo), "--device", "gpu", "--no-native", "--precision", "fp32")
     if ORT_GPU:
-        run_cli("repo", str(gpu_export), "--repo", str(repo), "--device", "gpu", "--no-native",
+        run_cli("repo", str(gpu_export), "--repo", str(repo), "--device", "gpu", "--no-native", "--precision", "fp32",
                 "--name", "slowfast_ort", "--runtime", "onnxruntime")
     server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     server.start()
