@@ -221,3 +221,5 @@ def test_parity_gate_fails_a_perturbed_artifact_and_bounds_by_measured_device_no
     assert judge("a", "fp32", truth + [[-4e-4, 4e-4, 0]], truth, 3e-4, **kwargs).passed
     assert not judge("a", "fp32", truth + [[-4e-4, 4e-4, 0]], truth, 1e-5, **kwargs).passed
     assert not judge("a", "fp32", truth + [[-7e-4, 7e-4, 0]], truth, 3e-4, **kwargs).passed
+    # noise only counts for a graph that is exact on the CPU: a wrong rewrite fails whatever the device
+    assert not judge("a", "fp32", truth + [[-4e-4, 4e-4, 0]], truth, 3e-4, graph_cpu_diff=2e-3, **kwargs).passed

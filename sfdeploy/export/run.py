@@ -114,10 +114,13 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     example_cpu = torch.from_numpy(_example_batch(videos[0][0], spec))
     staged: dict[str, tuple[Artifact, Path]] = {}  # key -> (what it will be, where it is now)
     self_checks: dict[str, dict] = {}  # key -> what its reload-and-compare ran on and found
+    graph: dict[str, torch.nn.Module] = {}  # the fp32 graph as eager modules, for the gate's noise measurement
     for precision, dtype in variants:
         # fp16 runs where it will be served (CUDA when present); fp32 traces on CPU.
         where = device if precision == "fp16" else "cpu"
         module, changed = deploy_module(recognizer, spec.mean, spec.std, dtype, where, rewrites)
+        if precision == "fp32":
+            graph["cpu"] = module
         example = example_cpu.to(where)
         for fmt in opts.formats:
             filename = artifact_file(fmt, precision)
@@ -156,9 +159,11 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
              ", ".join(f"{FORMAT_BACKEND[fmt]} on {where}" for fmt, where in run_on.items()))
     predictors = {key: (open_artifact(tmp, a.format, device=run_on[a.format], tf32=False), a.precision)
                   for key, (a, tmp) in staged.items()}
+    if device != "cpu":
+        graph[device] = deploy_module(recognizer, spec.mean, spec.std, torch.float32, device, rewrites)[0]
     try:
         manifest.parity = run_gate(recognizer.to(device=device, dtype=torch.float32), spec, predictors,
-                                   [p for p, _ in videos], show_progress=opts.show_progress)
+                                   [p for p, _ in videos], graph=graph, show_progress=opts.show_progress)
     finally:
         for predictor, _ in predictors.values():
             predictor.close()
