@@ -223,3 +223,14 @@ def test_parity_gate_fails_a_perturbed_artifact_and_bounds_by_measured_device_no
     assert not judge("a", "fp32", truth + [[-7e-4, 7e-4, 0]], truth, 3e-4, **kwargs).passed
     # noise only counts for a graph that is exact on the CPU: a wrong rewrite fails whatever the device
     assert not judge("a", "fp32", truth + [[-4e-4, 4e-4, 0]], truth, 3e-4, graph_cpu_diff=2e-3, **kwargs).passed
+
+
+def test_the_trace_bakes_exact_fp32_and_fast_half_precision_convolutions(tiny_export: Path) -> None:
+    """torch.jit.trace records cuDNN's flags into every convolution: an fp32 artifact must never
+    run them in TF32 (what the parity gate checks at 1e-4, on any GPU), an fp16 one uses cuDNN's
+    benchmark mode (its fastest kernels for the fixed served shapes)."""
+    from sfdeploy.export.torchscript import conv_flags
+
+    assert conv_flags(torch.jit.load(str(tiny_export / "model.pt"))) == {(False, False)}
+    assert {benchmark for benchmark, _ in conv_flags(torch.jit.load(str(tiny_export / "model_fp16.pt")))} == {True}
+    assert not torch.backends.cudnn.benchmark  # restored after tracing

@@ -3,11 +3,28 @@
 ``torch.jit.script`` cannot compile mmcv's ``Conv3d.forward``; tracing records the graph with the
 batch size read from the input (``aten::size``), so any batch size works. The trace is reloaded
 with plain ``torch.jit.load`` and compared with the module it came from before export returns.
+
+**The tracer bakes cuDNN's settings into the graph.** Every convolution is recorded as
+``aten::_convolution(..., benchmark, deterministic, cudnn_enabled, allow_tf32)`` with the values
+torch's global flags had *while tracing*; at run time the artifact ignores the flags of the process
+that runs it. Traced with torch's defaults, an fp32 artifact therefore ran its convolutions in TF32
+on every GPU, whatever the parity gate or the user set (on an H200: 1.1e-4..2.3e-4 off the CPU on
+the demo's probabilities, where the same graph run eagerly without TF32 was 2.4e-7 off), and no
+artifact ever used cuDNN's benchmark mode (the fp16 artifact ran at half the speed of the same graph
+run eagerly with it). So the flags are set on purpose while tracing (:func:`_baked_conv_flags`):
+
+* fp32: no TF32, no benchmark mode: IEEE fp32 with cuDNN's deterministic algorithm heuristics, the
+  arithmetic the parity gate holds to 1e-4, on any device. (On a GPU, fp16 is what is served by
+  default and the fast choice.)
+* fp16 / bf16: benchmark mode: cuDNN times its algorithms once per input shape and keeps the
+  fastest (the served shapes are fixed per batch size; TF32 does not apply to half precisions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +43,7 @@ def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Pat
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*torch.jit.trace.*")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        with torch.no_grad():
+        with torch.no_grad(), _baked_conv_flags(precision):
             traced = torch.jit.trace(module, (example,), check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={SPEC_FILE: spec_json})
         reloaded, _ = load_torchscript(path, str(example.device))
@@ -40,3 +57,33 @@ def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Pat
                       failure=f"the reloaded TorchScript model differs from the module it was traced from "
                               f"(shape {tuple(got.shape)})",
                       fix="report this with the model config; export --formats onnx meanwhile")
+
+
+@contextlib.contextmanager
+def _baked_conv_flags(precision: str) -> Iterator[None]:
+    """The cuDNN flags the tracer records into each convolution of a ``precision`` artifact (see
+    the module docstring); torch's own flags are restored afterwards."""
+    if precision == "fp32":
+        from sfdeploy.runtime.cuda import exact_fp32
+
+        with exact_fp32():  # TF32 and benchmark mode off
+            yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def conv_flags(module: torch.jit.ScriptModule) -> set[tuple[bool, bool]]:
+    """The (benchmark, allow_tf32) pairs baked into the convolutions of a traced module (for
+    tests and diagnostics)."""
+    found = set()
+    graphs = [module.graph] + [m.graph for m in module.modules() if hasattr(m, "graph")]
+    for graph in graphs:
+        for node in graph.findAllNodes("aten::_convolution"):
+            inputs = list(node.inputs())
+            found.add((bool(inputs[9].toIValue()), bool(inputs[12].toIValue())))
+    return found

@@ -34,7 +34,9 @@ class TorchScriptPredictor:
     def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None, tf32: bool = True,
                  cuda_graphs: bool = True) -> None:
         """``tf32=False``: each call runs inside :func:`sfdeploy.runtime.cuda.exact_fp32` (torch's
-        TF32 flags are process-wide: they are set for the call and restored after it).
+        TF32 flags are process-wide: they are set for the call and restored after it). They reach
+        the matmuls; the convolutions run as the export baked them (:mod:`sfdeploy.export.torchscript`:
+        an fp32 artifact never uses TF32 for them, an fp16 one uses cuDNN's benchmark mode).
         ``cuda_graphs``: on CUDA, calls replay graphs captured per batch bucket
         (:class:`sfdeploy.runtime.cuda.CudaGraphs`); the served runtime's launch cost disappears."""
         import torch
@@ -54,10 +56,6 @@ class TorchScriptPredictor:
         self.module, self.spec = load_torchscript(Path(path), self.device)
         self.name = f"torchscript:{Path(path).name}"
         self._run = self.module
-        if self._feeder is not None and self.tf32:
-            # Served shapes are fixed per batch size: let cuDNN time its algorithms once per shape and
-            # keep the fastest (process-wide; the parity gate turns it off inside exact_fp32).
-            torch.backends.cudnn.benchmark = True
         if self._feeder is not None and cuda_graphs:
             from sfdeploy.runtime.cuda import CudaGraphs
 
