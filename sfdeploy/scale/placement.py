@@ -48,8 +48,13 @@ class Placement:
 
 
 def node_names() -> dict[str, str]:
-    """Every node the cluster has known this session, lost ones too: id -> 'host, ip[, lost]'."""
+    """Every node the cluster has known this session, lost ones too: id -> 'host, ip[, lost]' (none
+    if the head does not answer: the run's own error, if any, is the one to show)."""
     import ray
 
+    try:
+        nodes = ray.nodes()
+    except (ray.exceptions.RayError, ConnectionError, TimeoutError):
+        return {}
     return {n["NodeID"]: f"{n['NodeManagerHostname']}, {n['NodeManagerAddress']}{'' if n['Alive'] else ', lost'}"
-            for n in ray.nodes()}
+            for n in nodes}

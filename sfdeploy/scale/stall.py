@@ -75,7 +75,7 @@ class StallWatch(ExecutionCallback):
         self.rule: StallRule | None = executor._data_context.get_config(CONFIG_KEY)
         self.rows_out = -1
         self.since = self.next_check = time.monotonic()
-        self.noticed = False
+        self.said: set[bool] = set()  # the notices given since the last row: waiting for room (True), slow (False)
 
     def on_execution_step(self, executor: Any) -> None:
         if self.rule is None:
@@ -83,32 +83,41 @@ class StallWatch(ExecutionCallback):
         output, _ = executor._output_node
         now = time.monotonic()
         if output.metrics.num_outputs_taken != self.rows_out:  # rows came: not stalled
-            self.rows_out, self.since, self.noticed = output.metrics.num_outputs_taken, now, False
+            self.rows_out, self.since, self.said = output.metrics.num_outputs_taken, now, set()
             return
         idle = now - self.since
         if idle < min(self.rule.notice_s, self.rule.timeout_s) or now < self.next_check:
             return
         self.next_check = now + CHECK_EVERY_S
-        waiting, cluster = unplaced_work(self.rule.needs)
+        found = unplaced_work(self.rule.needs)
+        if found is None:  # the head did not answer this time: decide at the next check
+            return
+        waiting, cluster = found
         if waiting and idle >= self.rule.timeout_s:
             raise stall_error(idle, waiting, cluster)
-        if not self.noticed:
-            self.noticed = True
-            if waiting:
-                log.warning("ray: no row for %.0f s: Ray cannot place %s (%s); the run stops after %.0f s of this "
-                            "(--stall-timeout)", idle, _work(waiting), cluster, self.rule.timeout_s)
-            else:
-                log.warning("ray: no row for %.0f s, and Ray has placed all of this run's work: a stage is slow "
-                            "(a long video, a big batch on a CPU); waiting", idle)
+        if bool(waiting) in self.said:
+            return
+        self.said.add(bool(waiting))
+        if waiting:
+            log.warning("ray: no row for %.0f s: Ray cannot place %s (%s); the run stops after %.0f s of this "
+                        "(--stall-timeout)", idle, _work(waiting), cluster, self.rule.timeout_s)
+        else:
+            log.warning("ray: no row for %.0f s, and Ray has placed all of this run's work: a stage is slow "
+                        "(a long video, a big batch on a CPU); waiting", idle)
 
 
-def unplaced_work(needs: tuple[StageNeed, ...]) -> tuple[list[tuple[StageNeed, int]], str]:
+def unplaced_work(needs: tuple[StageNeed, ...]) -> tuple[list[tuple[StageNeed, int]], str] | None:
     """This run's tasks and actors that Ray holds for lack of resources (from the head's view,
-    what ``ray status`` shows as Pending Demands), and the cluster's totals in words."""
+    what ``ray status`` shows as Pending Demands), and the cluster's totals in words; None if the
+    head did not answer."""
     import ray
     from ray.autoscaler.v2.sdk import get_cluster_status
 
-    status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
+    try:
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
+    except (ray.exceptions.RayError, ConnectionError, TimeoutError) as exc:
+        log.debug("ray: cluster status unavailable: %s", exc)
+        return None
     waiting: dict[StageNeed, int] = {}
     for demand in status.resource_demands.ray_task_actor_demand:
         for request in demand.bundles_by_count:
@@ -119,14 +128,14 @@ def unplaced_work(needs: tuple[StageNeed, ...]) -> tuple[list[tuple[StageNeed, i
     nodes = len(status.active_nodes) + len(status.idle_nodes)
     held = "; ".join(f"{_amount(name, usage[name].used)} of {_amount(name, usage[name].total)} in use"
                      for name in ("CPU", "GPU") if name in usage and usage[name].total)
-    return list(waiting.items()), f"the cluster: {nodes} node(s), {held or 'no CPUs'}"
+    return list(waiting.items()), f"Ray counts {nodes} node(s), {held or 'no CPU'}"
 
 
 def stall_error(idle: float, waiting: list[tuple[StageNeed, int]], cluster: str) -> ServingError:
     largest = max((need for need, _ in waiting), key=lambda n: dict(n.resources).get("CPU", 0))
     return ServingError(
         f"the Ray run stalled: no row for {idle:.0f} s, and Ray cannot place {_work(waiting)} ({cluster}). "
-        "Ray redoes a lost node's work only where the resources it asks for are free",
+        "Ray redoes lost work (a lost node's tasks and actors) only where what it asks for is free",
         fix=f"give the cluster room for a {largest.stage} (a node with {largest.describe()} free: "
             "`ray start --address HEAD:PORT` on it), or ask for less (--concurrency, --actor-cpus)")
 
