@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ray.data._internal.execution.execution_callback import ExecutionCallback
@@ -54,7 +54,7 @@ class StageNeed:
 class StallRule:
     timeout_s: float  # no row for this long while Ray cannot place this run's work: stop
     needs: tuple[StageNeed, ...]
-    notice_s: float = field(default=NOTICE_AFTER_S)
+    notice_s: float = NOTICE_AFTER_S  # say what the run waits for after this long
 
 
 def watch_settings(context: Any, rule: StallRule | None) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def watch_settings(context: Any, rule: StallRule | None) -> dict[str, Any]:
     (none for ``timeout_s`` 0: the check is off)."""
     if rule is None or rule.timeout_s <= 0:
         return {}
-    configs = dict(context._kv_configs)
+    configs = dict(context._kv_configs)  # get_config's store; a copy, as set_config would change the caller's
     configs[CONFIG_KEY] = rule
     return {"custom_execution_callback_classes": [*context.custom_execution_callback_classes, StallWatch],
             "_kv_configs": configs}
