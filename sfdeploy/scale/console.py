@@ -21,21 +21,24 @@ import os
 import re
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 
 HARMLESS = b"has constructor arguments in the object store and max_restarts > 0"
-# One line of Ray's C++ log: "[2026-12-04 17:10:18,737 E 19398 19398] core_worker.cc:2465: ..." (or a
-# JSON object with RAY_BACKEND_LOG_JSON=1). It may follow a progress bar's text on the terminal's line.
-_LINE = rb'(?:\[\d{4}-\d\d-\d\d [^\]\n]*\] |\{")[^\n]*?%s[^\n]*\n?'
+# Where a line of Ray's C++ log starts: "[2026-12-04 17:10:18,737 E 19398 19398] core_worker.cc:2465: ..."
+# (a JSON object with RAY_BACKEND_LOG_JSON=1). It may follow a progress bar's text on a terminal line.
+_RAY_LINE_START = rb'\[\d{4}-\d\d-\d\d [^\]\n]*\] |\{"'
+HOLD_S = 0.1  # how long the start of a Ray line may wait for its end before it is passed on as it is
 
 
 @contextlib.contextmanager
 def without_harmless_ray_line(marker: bytes = HARMLESS) -> Iterator[None]:
     """While the block runs, the Ray log line that contains ``marker`` is dropped from fd 2.
 
-    fd 2 becomes a pipe read by a thread that writes everything else to the real stderr. A
-    logger writes a line at once, and a pipe keeps writes of up to 4 KiB whole, so the line is
-    never split across two reads.
+    fd 2 becomes a pipe (a pseudo-terminal of the same size when stderr is a terminal, so progress
+    bars still see one) read by a thread that writes everything else to the real stderr at once.
+    At the end a unique last word goes through it: the thread has then passed on everything
+    written before (a pseudo-terminal may drop what is unread when its writer closes).
     """
     try:
         real = os.dup(2)
@@ -43,30 +46,83 @@ def without_harmless_ray_line(marker: bytes = HARMLESS) -> Iterator[None]:
         yield
         return
     sys.stderr.flush()
-    read_end, write_end = os.pipe()
+    read_end, write_end = _terminal_like(real) or os.pipe()
     os.dup2(write_end, 2)
-    os.close(write_end)
-    pattern = re.compile(_LINE % re.escape(marker))
-    pump = threading.Thread(target=_pump, args=(read_end, real, marker, pattern), name="sfdeploy-stderr",
+    last_word = b"\0sfdeploy-end-%s\0" % uuid.uuid4().hex.encode()
+    pump = threading.Thread(target=_pump, args=(read_end, real, marker, last_word), name="sfdeploy-stderr",
                             daemon=True)
     pump.start()
     try:
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(real, 2)  # the pipe's last writer is gone: the pump drains it, reads its end and exits
+        os.dup2(real, 2)
+        _write(write_end, last_word)
         pump.join(timeout=5)
+        os.close(write_end)
 
 
-def _pump(read_end: int, real: int, marker: bytes, pattern: re.Pattern[bytes]) -> None:
+def _terminal_like(real: int) -> tuple[int, int] | None:
+    """A pseudo-terminal as big as the terminal ``real``, passing bytes as written (raw); None
+    when ``real`` is no terminal (or no pseudo-terminal can be had)."""
+    import fcntl
+    import pty
+    import termios
+    import tty
+
+    if not os.isatty(real):
+        return None
     try:
-        while chunk := os.read(read_end, 1 << 16):
-            if marker in chunk:
-                chunk = pattern.sub(b"", chunk)
-                if marker in chunk:  # another format: drop the line that holds it
-                    chunk = b"".join(line for line in chunk.splitlines(keepends=True) if marker not in line)
-            while chunk:
-                chunk = chunk[os.write(real, chunk):]
+        reader, writer = pty.openpty()
+    except OSError:
+        return None
+    tty.setraw(writer)
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(writer, termios.TIOCSWINSZ, fcntl.ioctl(real, termios.TIOCGWINSZ, b"\0" * 8))
+    return reader, writer
+
+
+def _pump(read_end: int, real: int, marker: bytes, last_word: bytes) -> None:
+    """Copy ``read_end`` to ``real`` without the lines holding ``marker``, until ``last_word``.
+
+    A chunk that ends inside a Ray log line (or inside the last word) keeps that part back until
+    the rest comes, or :data:`HOLD_S` passes, so what was split across two reads is seen whole.
+    """
+    import select
+
+    harmless = re.compile(rb"(?:%s)[^\n]*?%s[^\n]*\n?" % (_RAY_LINE_START, re.escape(marker)))
+    starts = re.compile(_RAY_LINE_START)
+    held = b""
+    try:
+        while True:
+            if held and not select.select([read_end], [], [], HOLD_S)[0]:
+                _write(real, held)
+                held = b""
+                continue
+            try:
+                chunk = os.read(read_end, 1 << 16)
+            except OSError:  # a pseudo-terminal whose writers are gone
+                chunk = b""
+            data, end, _ = (held + chunk).partition(last_word)
+            data = harmless.sub(b"", data)
+            if marker in data:  # the line in another format: drop the line that holds it
+                data = b"".join(line for line in data.splitlines(keepends=True) if marker not in line)
+            if end or not chunk:
+                _write(real, data)
+                return
+            last = None
+            for last in starts.finditer(data):
+                pass
+            cut = last.start() if last and b"\n" not in data[last.start():] else len(data)
+            cut = min(cut, next((len(data) - n for n in range(len(last_word) - 1, 0, -1)
+                                 if data.endswith(last_word[:n])), len(data)))
+            _write(real, data[:cut])
+            held = data[cut:]
     finally:
         os.close(read_end)
         os.close(real)
+
+
+def _write(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
