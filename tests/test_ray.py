@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +23,8 @@ import pytest
 from click.testing import CliRunner
 
 from sfdeploy.cli import cli
-from sfdeploy.errors import EnvironmentProblem
-from sfdeploy.scale.cluster import Cluster, check_placement
+from sfdeploy.errors import EnvironmentProblem, InputError
+from sfdeploy.scale.cluster import PROBE_S, Cluster, check_address, check_placement
 
 from badvideos import not_a_video, truncated, zero_byte
 from conftest import csv_rows, link_copies, run_cli, running_triton, wait_for_rows
@@ -96,6 +97,39 @@ def test_model_actors_that_cannot_be_placed_fail_at_once_on_a_ray_of_fixed_size(
     finally:
         logging.getLogger("sfdeploy").removeHandler(caplog.handler)
     assert "waiting for the cluster to grow" in caplog.text
+
+
+def test_an_address_where_no_head_answers_fails_at_once_naming_it() -> None:
+    """Ray alone retries for ~20 s, then names its own node IP rather than the address typed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"  # bound, never listening: nothing answers
+        started = time.monotonic()
+        with pytest.raises(EnvironmentProblem, match=f"no Ray head answers at {address}") as caught:
+            check_address(address)
+    assert time.monotonic() - started < PROBE_S + 1 and "HOST:PORT" in caught.value.fix
+    with pytest.raises(InputError, match="is not HOST:PORT"):
+        check_address("head-without-port")
+
+
+def test_only_the_harmless_ray_line_is_kept_off_stderr() -> None:
+    """Ray's C++ logger writes straight to fd 2, after a progress bar's text on the same terminal
+    line: that one line goes, the bar's text, Ray's other errors and Python's own lines stay."""
+    script = (
+        "import os, sys\n"
+        "from sfdeploy.scale.console import without_harmless_ray_line\n"
+        "with without_harmless_ray_line():\n"
+        "    sys.stderr.write('\\rinfer 0/64 [00:00<?]'); sys.stderr.flush()\n"
+        "    os.write(2, b\"[2026-12-04 17:10:18,737 E 19398 19398] core_worker.cc:2465: Actor with class name: "
+        "'MapWorker(MapBatches(PredictStage))' has constructor arguments in the object store and max_restarts > 0. "
+        "See ...\\n\")\n"
+        "    os.write(2, b'[2026-12-04 17:10:19,001 E 19398 19398] core_worker.cc:99: something else\\n')\n"
+        "    print('a python line', file=sys.stderr)\n"
+        "print('after', file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)  # bytes: keep the \r
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (b"\rinfer 0/64 [00:00<?][2026-12-04 17:10:19,001 E 19398 19398] core_worker.cc:99: "
+                             b"something else\na python line\nafter\n")
 
 
 @pytest.fixture(scope="module")

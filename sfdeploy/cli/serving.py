@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from sfdeploy.cli.options import GreedyOption
+from sfdeploy.scale.cluster import STALL_TIMEOUT_S
 
 
 @click.command()
@@ -139,6 +140,9 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
               help="Decode processes [default: one per CPU core]; with --engine ray, decode tasks at once.")
 @click.option("--actor-cpus", type=click.FloatRange(min=0, min_open=True),
               help="--engine ray: CPUs reserved, and threads, per model actor [1 CPU with 2 threads; triton: 0.25].")
+@click.option("--stall-timeout", default=STALL_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
+              help="--engine ray: stop (rows kept, --resume continues) when no row came for this many seconds while "
+                   "Ray cannot place the run's work (a lost node and no room to redo it); 0: wait for ever.")
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per row.")
 @click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output: .csv, .jsonl or .parquet, one row per input.")
@@ -146,7 +150,8 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
 def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, backend: str,
           urls: tuple[str, ...], protocol: str, model_name: str, shm: bool, server_decode: bool,
           export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int | None,
-          workers: int | None, actor_cpus: float | None, topk: int, out: Path, resume: bool) -> None:
+          workers: int | None, actor_cpus: float | None, stall_timeout: float, topk: int, out: Path,
+          resume: bool) -> None:
     """Classify videos (files and folders) with a served or exported model.
 
     Decoding runs in parallel worker processes (with --server-decode: on the server, and the
@@ -171,7 +176,7 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
         summary = infer_ray(items, out, RayOptions(
             backend=backend, export_dir=export_dir, precision=precision, device=device, urls=urls, protocol=protocol,
             model=model_name, shm=shm, batch_size=batch_size, actors=concurrency or 1, actor_cpus=actor_cpus,
-            decode_tasks=workers, topk=topk, address=ray_address), resume=resume)
+            decode_tasks=workers, topk=topk, address=ray_address, stall_timeout_s=stall_timeout), resume=resume)
     else:
         summary = _infer_local(items, out, backend, urls, protocol, model_name, shm, server_decode, export_dir,
                                precision, device, batch_size, concurrency or 4, workers, topk, resume)

@@ -10,12 +10,14 @@ spill decoded video to disk. The settings are logged at the start of every run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sfdeploy.errors import EnvironmentProblem
+from sfdeploy.errors import EnvironmentProblem, InputError
 
 log = logging.getLogger("sfdeploy")
 
@@ -24,6 +26,9 @@ DATA_SHARE = 0.5  # Ray Data's default share of the object store (RAY_DATA_OBJEC
 BATCHES_PER_ACTOR = 4  # queued for each model actor, so it never waits for the next batch
 BATCHES_PER_DECODE_TASK = 2  # one being filled, one waiting to be taken
 MIN_BUDGET = 64 * MiB
+# A run with no row for this long while Ray cannot place its work stops (sfdeploy.scale.stall): long
+# enough for an autoscaler to add a node, short of leaving a user to wonder for an hour.
+STALL_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -46,28 +51,115 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> Cluster:
         raise EnvironmentProblem("--engine ray needs Ray, which is not installed",
                                  fix="pip install 'sfdeploy[ray]' (ray[data] with pins that fit sfdeploy's)") from exc
     owned = not ray.is_initialized()
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address)
     if owned:
         quiet = {"logging_level": logging.WARNING, "log_to_driver": False}  # stdout stays the summary
         try:
             if address:
+                check_address(address)
                 ray.init(address=address, **quiet)
             else:
                 # "local": a Ray of our own, even where `ray start` left a cluster running. It sends
                 # no usage statistics home unless the user's environment says otherwise.
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
+                # Ray says it turned token authentication on for the Ray it starts: as it should.
+                with quiet_loggers({"ray._private.authentication.authentication_token_setup": logging.ERROR}):
+                    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+        except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as exc:
             raise EnvironmentProblem(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'} "
                                      f"({type(exc).__name__}: {exc})",
-                                     fix="start the head with `ray start --head` and pass its address (`ray status` "
-                                         "prints it); a cluster with token authentication (Ray's default) also needs "
-                                         "RAY_AUTH_MODE=token and its token (`ray get-auth-token` on the head) in "
-                                         "~/.ray/auth_token or RAY_AUTH_TOKEN") from exc
+                                     fix=f"start the head with `ray start --head` and pass its address (`ray status` "
+                                         f"prints it); {TOKEN_FIX}") from exc
     resources = ray.cluster_resources()
     return Cluster(address=address or "local", started_here=owned and not address, owned=owned,
                    cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)),
                    object_store_bytes=int(resources.get("object_store_memory", 0)))
+
+
+TOKEN_FIX = ("a cluster with token authentication (Ray's default once a token exists) needs `export "
+             "RAY_AUTH_MODE=token` in every shell that runs `ray` or sfdeploy, and the head's token (`ray "
+             "get-auth-token` there) in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+PROBE_S = 5.0  # a head answers in milliseconds; Ray's own join retries for ~20 s before it gives up
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: ``--ray-address``, else ``RAY_ADDRESS`` (``ray job submit`` sets it), else none."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def preflight(address: str | None) -> None:
+    """:func:`check_address` for the cluster :func:`connect` would join, if it would join one."""
+    try:
+        import ray
+    except ImportError:
+        return  # connect says how to install it
+    address = cluster_address(address)
+    if address and not ray.is_initialized():
+        check_address(address)
+
+
+def check_address(address: str) -> None:
+    """Ask the head at ``HOST:PORT`` for its cluster id, as Ray's first call would, and say at once
+    what is wrong: nothing answers there, or it wants a token this shell does not send.
+
+    ``ray.init`` would retry for ~20 s and then name Ray's own node IP rather than the address
+    typed. ``auto`` and ``ray://`` (Ray Client) addresses, and TLS clusters, are left to Ray.
+    """
+    if address == "auto" or "://" in address or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise InputError(f"--ray-address {address} is not HOST:PORT",
+                         fix="pass the head's address, e.g. 10.0.0.1:6379 (`ray start --head --port 6379`), "
+                             "auto (a Ray started on this machine), or ray://HOST:10001")
+    import grpc
+    import ray
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    metadata: tuple[tuple[str, str], ...] = ()
+    if token_mode:
+        try:  # Ray raises rather than answer False when token mode is on and no token is found
+            loader = AuthenticationTokenLoader.instance()
+            metadata = tuple((k.lower(), v) for k, v in loader.get_token_for_http_header().items())
+        except ray.exceptions.AuthenticationError as exc:
+            raise EnvironmentProblem("RAY_AUTH_MODE is 'token' and this machine has no Ray token",
+                                     fix=TOKEN_FIX) from exc
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=PROBE_S, metadata=metadata)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                mode = os.environ.get("RAY_AUTH_MODE")
+                what = (f"this shell sends no token (RAY_AUTH_MODE is {repr(mode) if mode else 'unset'})"
+                        if not token_mode else
+                        "the token here is not the cluster's")
+                raise EnvironmentProblem(f"the Ray cluster at {address} uses token authentication and {what}",
+                                         fix=TOKEN_FIX) from exc
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise EnvironmentProblem(f"no Ray head answers at {address} (nothing listens there, or it cannot "
+                                         f"be reached within {PROBE_S:g} s)",
+                                         fix="check HOST:PORT: the head's `ray start --head --port PORT` (`ray status "
+                                             "--address HOST:PORT` on a node tells), and that this machine can reach "
+                                             "it") from exc
+            # anything else (an older head, a proxy): ray.init decides
+
+
+@contextlib.contextmanager
+def quiet_loggers(levels: dict[str, int]) -> Iterator[None]:
+    """Raise these loggers' levels while the block runs: Ray's notices stay off the user's
+    terminal, its warnings and errors (at or above the level given) do not."""
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def disconnect(cluster: Cluster) -> None:

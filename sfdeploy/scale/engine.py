@@ -17,8 +17,10 @@ Only paths travel to the decode tasks (not frames: ``ray.data.read_videos`` woul
 frame); decoded clips travel from decode tasks to model actors through the object store, bounded
 by :func:`sfdeploy.scale.cluster.size_object_store`; small rows come back. Rows are written by
 :func:`sfdeploy.client.write_predictions`, the writer of the local engine: same files, same
-``--resume``, same summary. Ray retries the work of a killed worker (a path may then arrive
-twice: it is written once); a file that crashes its decoder is its own error row.
+``--resume``, same summary, plus where the work ran (:mod:`sfdeploy.scale.placement`). Ray
+retries the work of a killed worker (a path may then arrive twice: it is written once); a file
+that crashes its decoder is its own error row; a run that cannot go on (a lost node, and no room
+left to redo its work) stops with a clear error (:mod:`sfdeploy.scale.stall`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +42,26 @@ from sfdeploy.errors import InputError, ServingError, SfdeployError
 from sfdeploy.progress import bar
 from sfdeploy.runtime import LOCAL_BACKENDS
 from sfdeploy.scale.cluster import (
+    STALL_TIMEOUT_S,
     MiB,
     check_placement,
     connect,
     disconnect,
+    preflight,
+    quiet_loggers,
     shm_note,
     size_object_store,
 )
+from sfdeploy.scale.console import without_harmless_ray_line
+from sfdeploy.scale.placement import Placement, node_names
 
 log = logging.getLogger("sfdeploy")
 
 MAX_VIDEOS_PER_TASK = 256  # a killed decode task redoes at most this many videos
 TASKS_PER_SLOT = 2  # decode tasks per decode slot: spreads the tail of the run over the cluster
+# Ray Data's per-run notices (progress bars off, execution finished) stay off the user's terminal.
+RAY_DATA_NOTICES = {"ray.data._internal.progress": logging.ERROR,
+                    "ray.data._internal.execution.streaming_executor": logging.WARNING}
 
 
 @dataclass
@@ -72,6 +82,7 @@ class RayOptions:
     decode_tasks: int | None = None  # decode tasks at once (--workers) [as many as the CPUs allow]
     topk: int = 5
     address: str | None = None  # --ray-address; None starts Ray on this machine (or uses the one this process runs)
+    stall_timeout_s: float = STALL_TIMEOUT_S  # no row for this long while Ray cannot place the run's work: stop (0: never)
 
     def model_cpus(self) -> float:
         """CPUs reserved per model actor: a fraction of one for a Triton client, else one (or
@@ -91,23 +102,43 @@ class RayOptions:
         return 2
 
 
+@dataclass
+class RaySummary(InferSummary):
+    """The summary of :func:`sfdeploy.client.infer`, and where the work ran."""
+
+    decoded_by_node: dict[str, int] = field(default_factory=dict)  # node id -> videos decoded (and written)
+    batches_by_actor: dict[str, dict[str, int]] = field(default_factory=dict)  # actor id -> node id -> batches
+    nodes: dict[str, str] = field(default_factory=dict)  # node id -> "host, ip[, lost]"
+
+
 def infer_ray(inputs: Sequence[str | Path], out: str | Path, options: RayOptions | None = None, *,
-              resume: bool = False, show_progress: bool = True) -> InferSummary:
-    """Classify ``inputs`` into ``out`` on Ray: the rows, ``--resume`` and summary of :func:`sfdeploy.client.infer`."""
+              resume: bool = False, show_progress: bool = True) -> RaySummary:
+    """Classify ``inputs`` into ``out`` on Ray: the rows, ``--resume`` and summary of
+    :func:`sfdeploy.client.infer`, and where the work ran (also logged at the end of the run)."""
     options = options or RayOptions()
+    placement = Placement()
+    # What would fail at once fails before --out is created: a bad --export or --url, a head that
+    # does not answer or wants a token (so the same command runs again once it is fixed).
+    spec = read_spec(options)
+    preflight(options.address)
     # Ray prints its raylet's notices (a task retried, a worker died) to stdout; ours carries the
     # summary that scripts parse, so notices go to stderr while the run lasts.
     with contextlib.redirect_stdout(sys.stderr):
-        return write_predictions(inputs, out, lambda todo: classify_ray(todo, options, show_progress=show_progress),
-                                 resume=resume)
+        summary = write_predictions(inputs, out, lambda todo: classify_ray(
+            todo, options, show_progress=show_progress, placement=placement, spec=spec), resume=resume)
+    return RaySummary(**vars(summary), decoded_by_node=dict(placement.decoded),
+                      batches_by_actor=placement.batch_counts(), nodes=placement.nodes)
 
 
-def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: bool = False) -> Iterator[Prediction]:
+def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: bool = False,
+                 placement: Placement | None = None, spec: ClipSpec | None = None) -> Iterator[Prediction]:
     """One :class:`Prediction` per input, in completion order (a retried one may come twice).
 
     Raises :class:`ServingError` (or the error a stage raised) if the run cannot finish; the
-    predictions yielded before stay valid.
+    predictions yielded before stay valid. ``placement`` counts where the work ran; ``spec`` is
+    :func:`read_spec`'s, when the caller has read it.
     """
+    placement = placement if placement is not None else Placement()
     if options.batch_size < 1 or options.actors < 1:
         raise InputError("batch size and concurrency must be >= 1", fix="use e.g. --batch-size 8 --concurrency 2")
     items = collect_inputs(inputs)
@@ -117,7 +148,7 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
     paths = [path for path, error in items if not error]
     if not paths:
         return
-    spec = read_spec(options)
+    spec = spec or read_spec(options)
     decode_slots = options.decode_tasks or os.cpu_count() or 1
     # Started here, Ray gets a CPU per decode slot beside the model actors' CPUs: one machine then
     # runs what the local engine runs (a decode process per core, and the model).
@@ -127,11 +158,12 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
         dataset = _pipeline(paths, spec, options, cluster)
         shown = bar(len(paths), desc=f"infer ray:{options.backend}", unit="video", enabled=show_progress)
         try:
-            with _quiet_ray_data():
+            with quiet_loggers(RAY_DATA_NOTICES), without_harmless_ray_line():
                 for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     for row in table.to_pylist():
-                        prediction = Prediction.from_arrow_row(row)
-                        if prediction.path not in seen:
+                        first = row["path"] not in seen
+                        prediction = Prediction.from_arrow_row(placement.take(row, written=first))
+                        if first:
                             seen.add(prediction.path)
                             shown.update(1)
                         yield prediction
@@ -139,6 +171,9 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
             raise _unwrap(exc) from exc
         finally:
             shown.close()
+            placement.nodes = node_names()
+            for line in placement.describe():
+                log.info("ray: %s", line)
     finally:
         disconnect(cluster)
     missing = len(set(paths) - seen)
@@ -181,6 +216,7 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
     import ray
 
     from sfdeploy.scale.stages import PredictStage, decode_videos
+    from sfdeploy.scale.stall import StageNeed, StallRule, watch_settings
 
     model_cpus = options.model_cpus()
     # One GPU per model actor for --device cuda, and for auto where the cluster has GPUs (the actor
@@ -211,6 +247,10 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
     # A decode task holds a batch being filled and one being handed over; reserving that memory
     # lets Ray place tasks by memory too (and keeps decode and model stages separate operators).
     decode_memory = 2 * sizing.batch_bytes + 256 * MiB
+    # What a task or actor of each stage asks Ray for: a lost one waits for this much to be free.
+    needs = (StageNeed("decode task", (("CPU", 1.0), ("memory", float(decode_memory)))),
+             StageNeed("model actor", (("CPU", model_cpus), *((("GPU", float(gpus)),) if gpus else ()))))
+    settings.update(watch_settings(context, StallRule(options.stall_timeout_s, needs)))
 
     log.info("ray: %s: %.0f CPUs, %.0f GPUs, object store %.1f GiB (%s)",
              "started on this machine" if cluster.started_here else f"cluster {cluster.address}",
@@ -251,22 +291,6 @@ def _data_context(context: Any, settings: dict[str, Any]) -> Iterator[None]:
             setattr(context, name, value)
 
 
-@contextlib.contextmanager
-def _quiet_ray_data() -> Iterator[None]:
-    """Ray Data's per-run notices (progress bars off, execution finished) stay out of the user's
-    terminal while the run lasts; its warnings and errors do not."""
-    levels = {"ray.data._internal.progress": logging.ERROR,
-              "ray.data._internal.execution.streaming_executor": logging.WARNING}
-    saved = {name: logging.getLogger(name).level for name in levels}
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    try:
-        yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
-
-
 def _unwrap(exc: BaseException) -> BaseException:
     """The sfdeploy error behind Ray's wrappers, else a :class:`ServingError` with Ray's message.
 
@@ -275,6 +299,8 @@ def _unwrap(exc: BaseException) -> BaseException:
     """
     import sfdeploy.errors
 
+    if isinstance(exc, SfdeployError):  # raised in this process (the stall watch)
+        return exc
     node: BaseException | None = exc
     for _ in range(8):
         cause = getattr(node, "cause", None)

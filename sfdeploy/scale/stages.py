@@ -7,7 +7,9 @@ store without pickling:
 * decoded: ``path``, ``error`` (null when decoded) and ``clip``: the uint8 views of one video as
   ``large_binary`` (its shape is the clip spec's ``input_shape``), empty for a failed video, so a
   broken file costs no object-store memory;
-* rows out: :func:`sfdeploy.client.arrow_schema`, the schema of the ``.parquet`` output.
+* rows out: :func:`sfdeploy.client.arrow_schema`, the schema of the ``.parquet`` output, plus
+  :data:`WHERE_COLUMNS`: which node decoded the video, and which model actor (on which node, in
+  which batch) classified it. The driver counts them for the run's summary and writes only the row.
 
 Ray imports nothing of this at the driver; workers import it by module name, so sfdeploy must be
 installed on every node.
@@ -25,6 +27,20 @@ import numpy as np
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import InputError
 
+DECODE_NODE = "decode_node"  # the Ray node id of the decode task (decoded table and rows out)
+WHERE_COLUMNS = (DECODE_NODE, "model_actor", "model_node", "model_batch")  # rows out, beside the row itself
+
+
+def ray_place() -> tuple[str, str]:
+    """(node id, actor id) of the Ray worker this code runs in; '' for what does not apply (a task
+    has no actor id; outside Ray, as a stage built in a test, neither)."""
+    import ray
+
+    if not ray.is_initialized():
+        return "", ""
+    context = ray.get_runtime_context()
+    return context.get_node_id(), context.get_actor_id() or ""
+
 
 def decode_videos(paths: Any, *, spec_json: str, batch_size: int) -> Iterator[Any]:
     """Decode one block of paths (a Ray task): yields tables of up to ``batch_size`` decoded videos.
@@ -40,6 +56,7 @@ def decode_videos(paths: Any, *, spec_json: str, batch_size: int) -> Iterator[An
     from sfdeploy.preprocess import DecodeFailure, decode_many
 
     spec = ClipSpec.from_json(spec_json)
+    node, _ = ray_place()
     names = paths.column("path").to_pylist()
     files = paths.column("file").to_pylist()
     ready: dict[int, Any] = {}  # decoded out of order, waiting for the ones before them
@@ -51,13 +68,13 @@ def decode_videos(paths: Any, *, spec_json: str, batch_size: int) -> Iterator[An
             chunk.append((names[following], ready.pop(following)))
             following += 1
             if len(chunk) == batch_size:
-                yield _clips_table(chunk, pa, DecodeFailure)
+                yield _clips_table(chunk, node, pa, DecodeFailure)
                 chunk = []
     if chunk:
-        yield _clips_table(chunk, pa, DecodeFailure)
+        yield _clips_table(chunk, node, pa, DecodeFailure)
 
 
-def _clips_table(rows: list[tuple[str, Any]], pa: Any, failure_type: type) -> Any:
+def _clips_table(rows: list[tuple[str, Any]], node: str, pa: Any, failure_type: type) -> Any:
     """Decoded videos -> one table; the clips are copied once, into one contiguous buffer."""
     clips = [result for _, result in rows if not isinstance(result, failure_type)]
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -67,7 +84,7 @@ def _clips_table(rows: list[tuple[str, Any]], pa: Any, failure_type: type) -> An
                                               [None, pa.py_buffer(offsets), pa.py_buffer(data)])
     errors = [r.error if isinstance(r, failure_type) else None for _, r in rows]
     return pa.table({"path": pa.array([p for p, _ in rows], pa.string()), "error": pa.array(errors, pa.string()),
-                     "clip": column})
+                     "clip": column, DECODE_NODE: pa.array([node] * len(rows), pa.string())})
 
 
 def _clip_views(column: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -105,8 +122,13 @@ class PredictStage:
                                      "during the run)")
         self.turn = itertools.cycle(self.predictors)
         self.topk = topk
+        self.node, self.actor = ray_place()
 
     def __call__(self, batch: Any) -> Any:
+        import uuid
+
+        import pyarrow as pa
+
         from sfdeploy.client import Prediction, predictions_to_arrow
 
         paths = batch.column("path").to_pylist()
@@ -118,7 +140,13 @@ class PredictStage:
             decoded = [i for i in range(len(paths)) if i not in rows]
             for i, row in zip(decoded, probs, strict=True):
                 rows[i] = Prediction.from_probs(paths[i], row, self.spec.class_names, self.topk)
-        return predictions_to_arrow(rows[i] for i in range(len(paths)))
+        table = predictions_to_arrow(rows[i] for i in range(len(paths)))
+        # Where it ran: a batch id (not a counter) stays distinct when Ray restarts this actor.
+        where = (batch.column(DECODE_NODE), self.actor, self.node, uuid.uuid4().hex)
+        for name, value in zip(WHERE_COLUMNS, where, strict=True):
+            table = table.append_column(name, value if isinstance(value, pa.ChunkedArray)
+                                        else pa.array([value] * len(paths), pa.string()))
+        return table
 
     def __del__(self) -> None:
         for predictor in getattr(self, "predictors", []):
