@@ -128,8 +128,12 @@ def pack(tree: Path, out: Path) -> Path:
     return out
 
 
-def order_key(dist: str) -> tuple[int, str]:
-    return (PART_ORDER.index(dist) if dist in PART_ORDER else len(PART_ORDER) - 1, dist)
+def order_key(dist: str) -> tuple[int, int, str]:
+    """Where ``dist`` goes in :data:`PART_ORDER`; a distribution it does not name goes just before
+    the last one (the server: the largest, and needed last)."""
+    if dist in PART_ORDER:
+        return (PART_ORDER.index(dist), 1, dist)
+    return (len(PART_ORDER) - 1, 0, dist)
 
 
 def assign_parts(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -151,27 +155,33 @@ def assign_parts(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 INSTALL_PART_SH = r"""#!/usr/bin/env bash
 # Install one part of an sfdeploy GPU kit (written by benchmarks/gpukit.sh for CPython @PYTHON@).
-#   bash PART_DIR/install_part.sh [--python PY] [--checkout DIR] [--no-doctor]
-# Untars this part's packs into PY's purelib (site-packages). When every part of the kit has been
-# installed on this host, installs the sfdeploy checkout (default: the current directory) over them
-# (pip install --no-deps --no-build-isolation -e: nothing is downloaded) and runs `sfdeploy doctor`.
+#   bash PART_DIR/install_part.sh [--python PY] [--checkout DIR] [--site DIR] [--kit-only] [--no-doctor]
+# Untars this part's packs into PY's purelib (site-packages; --site: another folder). When every part
+# of the kit has been installed there, installs the sfdeploy checkout (default: the current
+# directory) over them (pip install --no-deps --no-build-isolation -e: nothing is downloaded) and
+# runs `sfdeploy doctor` (--kit-only: neither).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY=python3
 CHECKOUT="$PWD"
+SITE=""
 DOCTOR=1
+CHECKOUT_INSTALL=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) PY="$2"; shift 2 ;;
     --checkout) CHECKOUT="$2"; shift 2 ;;
+    --site) SITE="$2"; shift 2 ;;
+    --kit-only) CHECKOUT_INSTALL=0; DOCTOR=0; shift ;;
     --no-doctor) DOCTOR=0; shift ;;
-    *) echo "install_part.sh: unknown option $1 (use --python PY, --checkout DIR, --no-doctor)" >&2; exit 2 ;;
+    *) echo "install_part.sh: unknown option $1 (use --python PY, --checkout DIR, --site DIR, --kit-only, --no-doctor)" >&2
+       exit 2 ;;
   esac
 done
 fail() { echo "install_part.sh: $1" >&2; echo "  fix: $2" >&2; exit 1; }
 "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (@PY_MAJOR@, @PY_MINOR@))' \
   || fail "$PY is not Python @PYTHON@" "pass --python with a Python @PYTHON@, or rebuild the kit with --python X.Y"
-SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+[ -n "$SITE" ] || SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 [ -w "$SITE" ] || fail "$SITE is not writable" "run as a user who may install into $PY's site-packages"
 (cd "$HERE" && sha256sum --quiet -c SHA256SUMS) \
   || fail "a pack of $(basename "$HERE") does not match its sha256" "copy the part again"
@@ -187,6 +197,10 @@ for part in @PARTS@; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install_part.sh: still to install: ${missing[*]}"
+  exit 0
+fi
+if [ "$CHECKOUT_INSTALL" = 0 ]; then
+  echo "install_part.sh: every part installed in $SITE"
   exit 0
 fi
 [ -f "$CHECKOUT/pyproject.toml" ] || fail "$CHECKOUT is not an sfdeploy checkout" "pass --checkout DIR"
