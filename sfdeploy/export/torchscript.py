@@ -81,9 +81,8 @@ def conv_flags(module: torch.jit.ScriptModule) -> set[tuple[bool, bool]]:
     """The (benchmark, allow_tf32) pairs baked into the convolutions of a traced module (for
     tests and diagnostics)."""
     found = set()
-    graphs = [module.graph] + [m.graph for m in module.modules() if hasattr(m, "graph")]
-    for graph in graphs:
-        for node in graph.findAllNodes("aten::_convolution"):
-            inputs = list(node.inputs())
-            found.add((bool(inputs[9].toIValue()), bool(inputs[12].toIValue())))
+    graph = module.inlined_graph  # the submodules' calls inlined; kept alive while its nodes are read
+    for node in graph.findAllNodes("aten::_convolution"):
+        inputs = list(node.inputs())
+        found.add((bool(inputs[9].toIValue()), bool(inputs[12].toIValue())))
     return found
