@@ -205,7 +205,9 @@ def test_batch_size_auto_probes_the_gpu(prepared: Path, tmp_path: Path) -> None:
     run_cli("finetune", str(prepared), "--work-dir", str(work), *TINY, "--epochs", "1", "--batch-size", "auto")
     summary = json.loads((work / "finetune_summary.json").read_text())
     choice = summary["batch_size_auto"]
-    assert choice["how"] == "probe" and choice["trials"][-1]["fits"]
-    assert summary["batch_size"] == choice["batch_size"] == choice["trials"][-1]["batch"]
-    assert all(not t["fits"] for t in choice["trials"][:-1])
+    assert choice["how"] == "probe" and choice["reason"] in ("steps-limit", "fits-limit") and choice["why"]
+    trials = choice["trials"]
+    assert summary["batch_size"] == choice["batch_size"] == max(t["batch"] for t in trials if t["fits"])
+    assert all(not t["fits"] for t in trials if t["batch"] > choice["batch_size"])
+    assert all(t["peak_gib"] > 0 for t in trials if t["fits"])
     assert summary["epochs_run"] == 1 and summary["best_top1"] is not None

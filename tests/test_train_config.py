@@ -273,8 +273,36 @@ def test_batch_size_auto_on_cpu_is_the_presets(data: PreparedData, tmp_path: Pat
     assert (choice.batch_size, choice.how, choice.trials) == (8, "preset", [])
 
 
+def test_batch_size_auto_decides_on_memory_and_steps_per_epoch() -> None:
+    """The decision of --batch-size auto, with a fake GPU: a trial fits when base + per-video
+    memory x batch stays under the limit. The real trials run on CUDA (gpu-marked tests)."""
+    from sfdeploy.train.autobatch import MAX_BATCH, MIN_STEPS_PER_EPOCH, choose_batch, steps_limit
+
+    def gpu(limit_gib: float, per_video_gib: float = 1.0, base_gib: float = 0.5):
+        return lambda batch: {"batch": batch, "fits": base_gib + per_video_gib * batch <= limit_gib}
+
+    # The synthetic set (52 videos) on a large GPU: not one batch of 52 (one step per epoch), but
+    # the largest batch that keeps MIN_STEPS_PER_EPOCH steps; one trial.
+    batch, reason, why, trials = choose_batch(gpu(1000), 52, world_size=1)
+    assert (batch, reason, len(trials)) == (52 // MIN_STEPS_PER_EPOCH, "steps-limit", 1)
+    assert f"keeps {MIN_STEPS_PER_EPOCH} optimizer steps per epoch" in why
+    assert steps_limit(52, 1, accumulate=2) == 3 and steps_limit(52, 2) == 3  # steps are optimizer steps
+    assert steps_limit(5, 1) == 1  # never 0; below 8 videos an epoch cannot have 8 steps
+    # A large set on a small GPU: memory decides, and the largest fitting batch is found (halving
+    # from the step limit, then bisecting), not a power of two below it.
+    batch, reason, why, trials = choose_batch(gpu(30.6), 3200, world_size=1)
+    assert (batch, reason) == (30, "fits-limit") and "fits in GPU memory" in why
+    assert trials[0]["batch"] == MAX_BATCH and not trials[0]["fits"]
+    assert all(t["fits"] == (t["batch"] <= 30) for t in trials) and len(trials) <= 10
+    # Activation checkpointing keeps less per video: the same GPU then allows a larger batch.
+    assert choose_batch(gpu(30.6, per_video_gib=0.5), 3200, world_size=1)[0] > batch
+    assert choose_batch(gpu(0.9), 52, world_size=1)[0] is None  # not even a batch of 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["--freeze-backbone", "--unfreeze-after", "1"], "contradict each other"),
+    (["--checkpointing", "--freeze-backbone", "--pretrained", "w.pth"], "--freeze-backbone does not run"),
+    (["--checkpointing", "--unfreeze-after", "1", "--gpus", "2", "--pretrained", "w.pth"], "mark a variable ready"),
     (["--freeze-backbone", "--backbone-lr-mult", "0.1"], "does not train"),
     (["--freeze-backbone"], "no pretrained weights"),
     (["--unfreeze-after", "5", "--epochs", "5", "--pretrained", "w.pth"], "would never train the backbone"),

@@ -15,21 +15,25 @@ DEFAULTS = FinetuneOptions(work_dir=Path("."))
 
 
 @click.command()
-@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.argument("data", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where the config, checkpoints, logs and summary go.")
 @click.option("--preset", default=DEFAULTS.preset, show_default=True,
               help="slowfast_r50_4x16, slowfast_r50_8x8, slowfast_tiny, or a path to your own config .py.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [default: the preset's].")
 @click.option("--batch-size", type=BatchSize(),
-              help="Videos per batch per process, or 'auto': on CUDA the largest that fits (trial steps, "
-                   "halving on out-of-memory), on CPU the preset's [default: the preset's].")
+              help="Videos per batch per process, or 'auto': on CUDA the largest that fits (trial steps) and "
+                   "keeps 8 optimizer steps per epoch (the summary says which limit decided), on CPU the "
+                   "preset's [default: the preset's].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Learning rate, used as given [default: the preset's, scaled to the effective batch].")
 @click.option("--pretrained", default=DEFAULTS.pretrained, show_default=True,
               help="PATH or URL of a checkpoint, 'none' to train from scratch, or 'default' "
                    "(the preset's: Kinetics-400 weights for the R50 presets).")
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only).")
+@click.option("--checkpointing", is_flag=True,
+              help="Activation (gradient) checkpointing in the backbone (MMAction2's with_cp): less GPU memory "
+                   "per video (R50: -59%), a second forward pass of the residual blocks per step; same losses.")
 @click.option("--resume", is_flag=True, help="Continue the run in --work-dir from its last checkpoint.")
 @click.option("--gpus", default=DEFAULTS.gpus, show_default=True, type=click.IntRange(min=1),
               help="Processes per machine (torchrun DDP): GPUs, or CPU processes (gloo) on a machine without one.")
@@ -43,12 +47,15 @@ DEFAULTS = FinetuneOptions(work_dir=Path("."))
               help="Stop early after this many epochs without a better val top-1.")
 @click.option("--workers", type=click.IntRange(min=0),
               help="Data loader workers per process [default: sized to the CPU].")
-@click.option("--train-list", type=click.Path(dir_okay=False, path_type=Path),
-              help="An existing MMAction2 train list (video or rawframes format) instead of DATA.")
-@click.option("--val-list", type=click.Path(dir_okay=False, path_type=Path), help="... its val list.")
-@click.option("--class-index", type=click.Path(dir_okay=False, path_type=Path), help="... class names, one per line.")
-@click.option("--media-root", type=click.Path(file_okay=False, path_type=Path),
-              help="... the folder the paths in the lists are relative to.")
+@click.option("--train-list", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="An existing MMAction2 train list (video or rawframes format) instead of DATA; repeat "
+                   "the four options for several sets (the n-th of each go together).")
+@click.option("--val-list", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="... its val list.")
+@click.option("--class-index", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="... class names, one per line (once for all sets, or once per set).")
+@click.option("--media-root", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="... the folder the paths in the lists are relative to (none, once, or once per set).")
 @click.option("--freeze-backbone", is_flag=True,
               help="Train the head only: backbone weights and BatchNorm statistics stay as pretrained. "
                    "Needs pretrained weights.")
@@ -76,32 +83,23 @@ DEFAULTS = FinetuneOptions(work_dir=Path("."))
               help="Free TCP port on the node-0 machine (multi-node).")
 @click.option("--cfg-options", cls=GreedyOption, multiple=True, metavar="KEY=VALUE ...",
               help="Override config entries, e.g. --cfg-options model.cls_head.dropout_ratio=0.3")
-def finetune(data: Path | None, work_dir: Path, train_list: Path | None, val_list: Path | None,
-             class_index: Path | None, media_root: Path | None, cfg_options: tuple[str, ...],
+def finetune(data: tuple[Path, ...], work_dir: Path, train_list: tuple[Path, ...], val_list: tuple[Path, ...],
+             class_index: tuple[Path, ...], media_root: tuple[Path, ...], cfg_options: tuple[str, ...],
              **options: object) -> None:
-    """Finetune SlowFast with MMAction2 on DATA (a folder from `sfdeploy data prepare`).
+    """Finetune SlowFast with MMAction2 on DATA (a folder from `sfdeploy data prepare`), or on
+    the union of several: DATA1 DATA2 ... (classes merged by name; each set keeps its own val
+    split, and the union of those is validated on).
 
     Writes WORK/config.py (the full MMAction2 config), the best checkpoint by val top-1,
     WORK/class_index.txt and WORK/finetune_summary.json. Training logs and TensorBoard events
     (loss, accuracy, the learning rate of each module) go to WORK/<timestamp>/. Nonsensical
     option combinations are refused before anything starts.
     """
-    from sfdeploy.data.layout import PreparedData
     from sfdeploy.train.run import finetune as run_finetune
 
-    lists = (train_list, val_list, class_index)
-    if any(lists) and not all(lists):
-        raise click.UsageError("--train-list, --val-list and --class-index go together")
-    prepared = None
-    if not options["resume"]:
-        if all(lists):
-            prepared = PreparedData.from_annotations(train_list, val_list, class_index, media_root)
-        elif data is not None:
-            prepared = PreparedData.from_dir(data)
-        else:
-            raise click.UsageError("pass DATA (from `sfdeploy data prepare`) or --train-list/--val-list/--class-index")
+    sets = None if options["resume"] else _datasets(data, train_list, val_list, class_index, media_root)
     opts = FinetuneOptions(work_dir=work_dir, cfg_options=parse_cfg_options(cfg_options), **options)
-    summary = run_finetune(prepared, opts)
+    summary = run_finetune(sets, opts)
     if opts.node_rank != 0:  # its summary says where node 0 writes WORK
         click.echo(json.dumps(summary))
         return
@@ -113,3 +111,26 @@ def finetune(data: Path | None, work_dir: Path, train_list: Path | None, val_lis
         reached = summary["overfit"]["reached_100"]
         click.echo(f"overfit check on {summary['overfit']['videos']} videos: "
                    + ("reached 100%" if reached else "did NOT reach 100%: check labels, pipeline and LR"), err=True)
+
+
+def _datasets(data: tuple[Path, ...], train_list: tuple[Path, ...], val_list: tuple[Path, ...],
+              class_index: tuple[Path, ...], media_root: tuple[Path, ...]) -> list:
+    """The sets to train on: DATA folders, then --train-list sets (the n-th --val-list,
+    --class-index and --media-root go with the n-th --train-list; one of the last two serves all)."""
+    from sfdeploy.data.layout import PreparedData
+
+    n = len(train_list)
+    if (n or val_list or class_index) and not (n and len(val_list) == n and len(class_index) in (1, n)):
+        raise click.UsageError("--train-list, --val-list and --class-index go together: one --val-list per "
+                               "--train-list, and --class-index once (for all) or once per --train-list")
+    if len(media_root) not in (0, 1, n) or (media_root and not n):
+        raise click.UsageError("--media-root goes with --train-list: none, once (for all), or once per --train-list")
+    if not data and not n:
+        raise click.UsageError("pass DATA (from `sfdeploy data prepare`) or --train-list/--val-list/--class-index")
+    part = len(data) + n > 1  # one set of several: checked as a union
+    sets = [PreparedData.from_dir(folder, part=part) for folder in data]
+    for i in range(n):
+        sets.append(PreparedData.from_annotations(train_list[i], val_list[i], class_index[min(i, len(class_index) - 1)],
+                                                  media_root[min(i, len(media_root) - 1)] if media_root else None,
+                                                  part=part))
+    return sets

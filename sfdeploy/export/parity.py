@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.data.layout import AnnotationList, spread_by_class
+from sfdeploy.data.layout import AnnotationList, leaf_datasets, spread_by_class
 from sfdeploy.errors import InputError
 from sfdeploy.preprocess import load_video
 from sfdeploy.progress import progress
@@ -79,18 +79,20 @@ class ParityResult:
 
 def val_videos(cfg: Any, limit: int, seed: int = 0) -> list[tuple[Path, int]]:
     """Up to ``limit`` val videos of the training config, spread over the classes (round robin
-    over classes, so that every class is represented before any has two)."""
-    dataset = cfg.val_dataloader.dataset
-    ann = Path(dataset.ann_file)
-    if dataset.get("type", "VideoDataset") != "VideoDataset":
-        raise InputError("the parity gate decodes videos; this run was trained on rawframes", path=ann,
-                         fix="pass --parity-data DATA with a video val list (`sfdeploy data prepare`)")
-    if not ann.is_file():
-        raise InputError("the val list of the training config is gone", path=ann,
-                         fix="restore it, or pass --parity-data DATA (a folder from `sfdeploy data prepare`)")
-    prefix = Path(dataset.get("data_prefix", {}).get("video") or "")
-    listed = AnnotationList.read(ann, int(cfg.model.cls_head.num_classes))
-    entries = [(prefix / name, label) for name, label in zip(listed.names, listed.labels, strict=True)]
+    over classes, so that every class is represented before any has two). A run on several
+    datasets validates on a ``ConcatDataset``: its sets' lists (in the union's labels) are read."""
+    entries = []
+    for dataset in leaf_datasets(cfg.val_dataloader.dataset):
+        ann = Path(dataset.get("ann_file") or "")
+        if dataset.get("type", "VideoDataset") != "VideoDataset":
+            raise InputError(f"the parity gate decodes videos; this run validates on {dataset.get('type')}",
+                             path=ann, fix="pass --parity-data DATA with a video val list (`sfdeploy data prepare`)")
+        if not ann.is_file():
+            raise InputError("the val list of the training config is gone", path=ann,
+                             fix="restore it, or pass --parity-data DATA (a folder from `sfdeploy data prepare`)")
+        prefix = Path(dataset.get("data_prefix", {}).get("video") or "")
+        listed = AnnotationList.read(ann, int(cfg.model.cls_head.num_classes), allow_empty=True)
+        entries += [(prefix / name, label) for name, label in zip(listed.names, listed.labels, strict=True)]
     random.Random(seed).shuffle(entries)
     return [entries[i] for i in spread_by_class([label for _, label in entries], limit)]
 

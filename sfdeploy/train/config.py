@@ -56,6 +56,7 @@ class FinetuneOptions:
     accumulate: int = 1  # batches whose gradients make one optimizer step
     class_weights: str | None = None  # "auto" or a file of per-class weights
     overfit: int | None = None  # train and validate on this many training videos
+    checkpointing: bool = False  # MMAction2's activation checkpointing (with_cp) in the backbone
     # Multi-node DDP (torchrun); --gpus stays the processes per node
     nnodes: int = 1
     node_rank: int = 0
@@ -199,11 +200,9 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
         if flip is False:
             pipeline = [step for step in pipeline if step["type"] != "Flip"]
         cfg[f"{split}_pipeline"] = pipeline
-        loader.dataset = dict(
-            **data.mmaction_dataset(split),  # test reads the val list
-            pipeline=pipeline,
-            **({"test_mode": True} if split != "train" else {}),
-        )
+        # test reads the val list; several sets are a ConcatDataset, each set with the pipeline
+        loader.dataset = data.mmaction_dataset(split, pipeline=pipeline,
+                                               **({"test_mode": True} if split != "train" else {}))
     batch = opts.batch_size if isinstance(opts.batch_size, int) else cfg.train_dataloader.batch_size
     if batch < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch}", fix="use e.g. --batch-size 8")

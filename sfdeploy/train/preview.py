@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sfdeploy.data.layout import PreparedData, spread_by_class
+from sfdeploy.data.layout import PreparedData, leaf_datasets, spread_by_class
 from sfdeploy.errors import InputError
 
 SPLITS = ("train", "val")
@@ -67,12 +67,13 @@ def preview_config(data: PreparedData, *, preset: str | None = None, work: Path 
                              fix="pass the --work-dir of a `sfdeploy finetune` run, or use --preset")
         cfg = load_config(path)
         for split in ("train", "val"):
-            dataset, source = cfg[f"{split}_dataloader"].dataset, data.mmaction_dataset(split)
+            # A run on several datasets reads a ConcatDataset: its first set's settings, DATA's lists.
+            loader, source = cfg[f"{split}_dataloader"], data.mmaction_dataset(split)
+            dataset = leaf_datasets(loader.dataset)[0]
             if dataset.get("type") != source["type"]:
                 raise InputError(f"the run was trained on {dataset.get('type')} data, DATA is in {data.format} format",
                                  path=data.source, fix="preview with the DATA the run was trained on")
-            dataset.update(source)
-            dataset.pop("indices", None)
+            loader.dataset = {k: v for k, v in {**dataset, **source}.items() if k != "indices"}
     else:
         name = preset or DEFAULT_PRESET
         cfg = build_config(load_config(preset_path(name)), data,

@@ -8,6 +8,11 @@
     WORK/best_acc_top1_*.pth     best checkpoint by val top-1 (mmengine's CheckpointHook)
     WORK/epoch_*.pth, last_checkpoint, <timestamp>/ (logs, TensorBoard events)
     WORK/finetune_summary.json   best top-1, best checkpoint, epochs, classes, preset, wall time
+    WORK/annotations/            several datasets: each set's lists in the union's class index
+
+Several datasets (``finetune DATA1 DATA2 ...``) train on their union and validate on the union of
+their val splits, as MMAction2's multi-dataset training does (a ``ConcatDataset`` in
+``WORK/config.py``); classes are merged by name (:func:`sfdeploy.data.layout.merge_datasets`).
 
 ``--resume`` continues the run in WORK from ``WORK/config.py`` and its last checkpoint, with the
 schedule it started with.
@@ -26,11 +31,12 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sfdeploy.compat import ensure_mmaction, load_config
-from sfdeploy.data.layout import CLASS_INDEX, PreparedData, write_class_index
+from sfdeploy.data.layout import CLASS_INDEX, PreparedData, merge_datasets, write_class_index
 from sfdeploy.errors import InputError, TrainingError
 from sfdeploy.fsutil import ensure_writable_dir, replace_atomically
 from sfdeploy.train.config import FinetuneOptions, build_config, use_cuda
@@ -43,6 +49,7 @@ from sfdeploy.train.strategies import check_options, summary_facts
 log = logging.getLogger("sfdeploy")
 
 CONFIG_FILE = "config.py"
+ANNOTATIONS_DIR = "annotations"  # WORK/annotations: the union's rewritten lists
 
 
 def _has_run(work: Path) -> bool:
@@ -59,9 +66,13 @@ def _dump(cfg: Any, path: Path) -> None:
 
 
 def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> None:
-    if _has_run(work):
-        raise InputError("the work dir already holds a training run", path=work,
-                         fix="pass --resume to continue it, or choose a new --work-dir")
+    if data.parts:
+        log.info("training on the union of %d datasets: %d classes, %d train and %d val videos (lists in %s)",
+                 len(data.parts), len(data.classes), len(data.train), len(data.val), work / ANNOTATIONS_DIR)
+    without_val = data.classes_without_val()
+    if without_val:
+        log.warning("class(es) with training videos but none in the val split(s), so their accuracy is not "
+                    "measured: %s", ", ".join(without_val))
     cfg = _config(data, opts)
     batch_choice = None
     if opts.batch_size == "auto":
@@ -69,9 +80,9 @@ def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> N
 
         _dump(cfg, work / CONFIG_FILE)  # what the probe builds the model and pipeline from
         batch_choice = auto_batch_size(work / CONFIG_FILE, cfg.train_dataloader.batch_size,
-                                       opts.train_videos(data), opts.world_size)
-        log.info("--batch-size auto: %d per process (%s%s)", batch_choice.batch_size, batch_choice.how,
-                 f" on {batch_choice.device}" if batch_choice.how == "probe" else ": no CUDA GPU")
+                                       opts.train_videos(data), opts.world_size, opts.accumulate)
+        log.info("--batch-size auto on %s: %d per process (%s: %s)", batch_choice.device, batch_choice.batch_size,
+                 batch_choice.reason, batch_choice.why)
         opts = dataclasses.replace(opts, batch_size=batch_choice.batch_size)
         cfg = _config(data, opts)  # the schedule and the LR follow the batch
     if data.clip_frames is not None:
@@ -101,6 +112,8 @@ def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> N
         "train_videos": len(data.train),
         "val_videos": len(data.val),
         "data": str(data.source) if data.source else None,
+        "datasets": data.extra.get("datasets") if data.parts else None,
+        "classes_without_val": without_val,
         "config": str(work / CONFIG_FILE),
         "seed": opts.seed,
         "flip": any(s["type"] == "Flip" for s in cfg.train_pipeline),
@@ -113,7 +126,7 @@ def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> N
 
 #: Options that WORK/config.py fixes for the whole run: a resumed run keeps its own.
 _RUN_SETTINGS = ("freeze_backbone", "unfreeze_after", "backbone_lr_mult", "accumulate", "class_weights",
-                 "overfit", "batch_size")
+                 "overfit", "batch_size", "checkpointing")
 
 
 def _prepare_resume(opts: FinetuneOptions, work: Path) -> None:
@@ -166,9 +179,10 @@ def _launch(work: Path, opts: FinetuneOptions) -> None:
                             fix="read the log above / in WORK/<timestamp>/ (on node 0); resume with --resume")
 
 
-def finetune(data: PreparedData | None, opts: FinetuneOptions) -> dict[str, Any]:
+def finetune(data: PreparedData | Sequence[PreparedData] | None, opts: FinetuneOptions) -> dict[str, Any]:
     """Train (or resume) and return the contents of ``finetune_summary.json`` (on a node of rank
-    > 0 of a multi-node run, which writes no summary: where node 0 writes it)."""
+    > 0 of a multi-node run, which writes no summary: where node 0 writes it). ``data``: one
+    dataset, or several, read with ``part=True``, to train on their union."""
     if opts.gpus < 1:
         raise InputError(f"--gpus must be >= 1, got {opts.gpus}", fix="use --gpus 1 (or the number of GPUs)")
     check_options(opts)
@@ -178,8 +192,13 @@ def finetune(data: PreparedData | None, opts: FinetuneOptions) -> dict[str, Any]
     if opts.resume:
         _prepare_resume(opts, work)
     else:
-        if data is None:
+        if not data:
             raise InputError("no data given", fix="pass DATA (a folder from `sfdeploy data prepare`)")
+        if _has_run(work):  # checked before anything (the union's lists) is written into WORK
+            raise InputError("the work dir already holds a training run", path=work,
+                             fix="pass --resume to continue it, or choose a new --work-dir")
+        if not isinstance(data, PreparedData):
+            data = data[0] if len(data) == 1 else merge_datasets(data, work / ANNOTATIONS_DIR)
         _prepare_new_run(data, opts, work)
     summary_path = work / SUMMARY_FILE
     if opts.node_rank == 0:

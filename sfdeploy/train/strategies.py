@@ -8,6 +8,11 @@
 ``--class-weights``        ``model.cls_head.loss_cls.class_weight = [...]``
 ``--overfit N``            train and val datasets = the same N training videos (``indices``), and
                            mmengine's ``EarlyStoppingHook`` stops once val top-1 is 100%
+``--checkpointing``        ``with_cp=True`` in each ResNet3d of the backbone (for SlowFast: in
+                           ``slow_pathway`` and ``fast_pathway``): MMAction2's activation
+                           checkpointing, which recomputes each residual block's activations in
+                           the backward pass instead of keeping them; ``custom_hooks +=
+                           CheckpointBatchNormHook()`` (:mod:`sfdeploy.train.checkpointing`)
 =========================  ===================================================================
 
 Combinations that cannot mean anything are refused here, before any work starts, by
@@ -17,6 +22,7 @@ config or the data).
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +36,9 @@ if TYPE_CHECKING:
 FREEZE_MODULE = "sfdeploy.train.freeze"
 FREEZE_HOOK = "BackboneFreezeHook"
 BACKBONE_KEY = "backbone"  # paramwise_cfg key: every parameter of model.backbone
+PATHWAYS = ("slow_pathway", "fast_pathway")  # ResNet3dSlowFast's two ResNet3d: where with_cp goes
+CHECKPOINTING_MODULE = "sfdeploy.train.checkpointing"
+CHECKPOINTING_HOOK = "CheckpointBatchNormHook"  # keeps BatchNorm statistics exact under with_cp
 WEIGHTED_LOSSES = ("CrossEntropyLoss", "BCELossWithLogits")  # MMAction2 losses with class_weight
 
 
@@ -59,6 +68,15 @@ def check_options(opts: FinetuneOptions) -> None:
                          fix="use one of them: --balanced (sampling) or --class-weights auto (loss)")
     if opts.overfit is not None and opts.overfit < 1:
         raise InputError(f"--overfit must be >= 1, got {opts.overfit}", fix="use e.g. --overfit 8")
+    if opts.checkpointing and opts.freeze_backbone:
+        raise InputError("--checkpointing saves the memory of the backbone's backward pass, which "
+                         "--freeze-backbone does not run (MMAction2 checkpoints nothing then)",
+                         fix="drop --checkpointing (a frozen backbone keeps no activations for backward)")
+    if opts.checkpointing and opts.unfreeze_after is not None and opts.world_size > 1:
+        raise InputError("--checkpointing with --unfreeze-after on several processes: DDP must then look for "
+                         "the frozen backbone's unused parameters, and MMAction2's (reentrant) checkpointing "
+                         "hides the backbone's parameters from that search (DDP fails: 'mark a variable ready "
+                         "only once')", fix="drop one of them, or train on one process")
     _check_nodes(opts)
 
 
@@ -123,6 +141,40 @@ def apply_strategies(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Non
         _set_class_weights(cfg, data, opts.class_weights)
     if opts.overfit is not None:
         _overfit(cfg, data, opts.overfit)
+    if opts.checkpointing:
+        _enable_checkpointing(cfg)
+
+
+def _enable_checkpointing(cfg: Any) -> None:
+    """``with_cp=True`` where MMAction2 reads it: on a ResNet3d backbone itself, or, for
+    ``ResNet3dSlowFast`` (which takes no ``with_cp``), on both pathways; a pathway the config
+    leaves out gets ResNet3dSlowFast's default, as MMAction2 would build it."""
+    from sfdeploy.compat import ensure_mmaction
+    from sfdeploy.train.config import add_custom_imports
+
+    ensure_mmaction()
+    from mmaction.registry import MODELS
+
+    backbone = cfg.model.get("backbone") or {}
+    cls = MODELS.get(backbone.get("type", ""))
+    params = inspect.signature(cls.__init__).parameters if cls else {}
+    if all(key in params for key in PATHWAYS):
+        for key in PATHWAYS:
+            backbone[key] = dict(backbone.get(key) or params[key].default, with_cp=True)
+    elif "with_cp" in params:
+        backbone["with_cp"] = True
+    else:
+        raise InputError(f"--checkpointing: the backbone {backbone.get('type')!r} has no activation "
+                         "checkpointing (with_cp)", fix="drop --checkpointing, or use a ResNet3d-based backbone")
+    add_custom_imports(cfg, CHECKPOINTING_MODULE)
+    cfg.custom_hooks = [*cfg.custom_hooks, dict(type=CHECKPOINTING_HOOK)]
+
+
+def checkpointing_enabled(model: Any) -> bool:
+    """Whether the model config has MMAction2's activation checkpointing on (in the backbone or
+    in its pathways)."""
+    backbone = model.get("backbone") or {}
+    return bool(backbone.get("with_cp")) or any((backbone.get(key) or {}).get("with_cp") for key in PATHWAYS)
 
 
 def auto_class_weights(labels: list[int] | tuple[int, ...], num_classes: int, classes: list[str],
@@ -189,9 +241,8 @@ def _overfit(cfg: Any, data: PreparedData, n: int) -> None:
         raise InputError(f"--overfit {n} but the train list has {len(data.train)} videos", path=data.train.path,
                          fix=f"use --overfit {min(8, len(data.train))}")
     indices = spread_by_class(data.train.labels, n)
-    train = cfg.train_dataloader.dataset
-    train.indices = indices
-    cfg.val_dataloader.dataset = dict(train, pipeline=cfg.val_pipeline, test_mode=True, indices=indices)
+    cfg.train_dataloader.dataset = data.mmaction_dataset("train", indices, pipeline=cfg.train_pipeline)
+    cfg.val_dataloader.dataset = data.mmaction_dataset("train", indices, pipeline=cfg.val_pipeline, test_mode=True)
 
 
 def summary_facts(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> dict[str, Any]:
@@ -200,7 +251,7 @@ def summary_facts(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> dict[s
     batch = cfg.train_dataloader.batch_size
     loss = cfg.model.cls_head.get("loss_cls") or {}
     weights = loss.get("class_weight")
-    indices = cfg.train_dataloader.dataset.get("indices")
+    indices = spread_by_class(data.train.labels, opts.overfit) if opts.overfit else None  # as _overfit
     return {
         "batch_size": batch,
         "accumulate": opts.accumulate,
@@ -215,4 +266,5 @@ def summary_facts(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> dict[s
             "source": opts.class_weights, "weights": dict(zip(data.classes, weights, strict=True))},
         "overfit": None if indices is None else {
             "videos": len(indices), "files": [data.train.names[i] for i in indices]},
+        "checkpointing": checkpointing_enabled(cfg.model),
     }
