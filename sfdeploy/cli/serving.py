@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from sfdeploy.cli.options import GreedyOption
+from sfdeploy.cli.options import GreedyOption, max_video_pixels_option
 
 
 @click.command()
@@ -41,10 +41,12 @@ from sfdeploy.cli.options import GreedyOption
 @click.option("--decode-instances", type=click.IntRange(min=1),
               help="<name>_video instances, each decoding one video at a time [default: the CPU count].")
 @click.option("--max-video-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="<name>_video refuses larger videos before decoding them.")
+              help="<name>_video refuses larger videos before decoding them; `serve` refuses larger requests to it "
+                   "before reading them.")
+@max_video_pixels_option("<name>_video")
 def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances: int, version: int, runtime: str,
          precision: str, device: str, queue_delay_us: int, tensorrt: bool, native: bool, video: bool,
-         decode_instances: int | None, max_video_mb: float) -> None:
+         decode_instances: int | None, max_video_mb: float, max_pixels: int) -> None:
     """Write a Triton model repository for EXPORT (an `sfdeploy export` folder).
 
     <name> runs the artifact in Triton's python backend (what `sfdeploy serve` serves here);
@@ -59,7 +61,7 @@ def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances:
     folders = write_repository(export_dir, RepoOptions(
         repo=repo_dir, name=name, max_batch=max_batch, instances=instances, version=version, runtime=runtime,
         precision=precision, device=device, queue_delay_us=queue_delay_us, tensorrt=tensorrt, native=native,
-        video=video, decode_instances=decode_instances, max_video_mb=max_video_mb))
+        video=video, decode_instances=decode_instances, max_video_mb=max_video_mb, max_video_pixels=max_pixels))
     click.echo(json.dumps({"repo": str(repo_dir), "models": [f.name for f in folders], "version": version}))
 
 
@@ -76,17 +78,29 @@ def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances:
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Server log [default: a temp file].")
 @click.option("--startup-timeout", default=180, show_default=True, type=click.IntRange(min=1),
               help="Seconds to wait for the models to be ready.")
+@click.option("--allow-model-control", is_flag=True,
+              help="Let clients list, load and unload the repository's models (closed by default).")
+@click.option("--idle-timeout", default=60.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds a client connection may stay open with no request in flight.")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Client connections at once (HTTP and gRPC together); more are refused.")
 def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, models: tuple[str, ...],
-          log_file: Path | None, startup_timeout: int) -> None:
+          log_file: Path | None, startup_timeout: int, allow_model_control: bool, idle_timeout: float,
+          max_connections: int) -> None:
     """Run the tritonserver shipped in nvidia-pytriton on a model repository until Ctrl-C.
 
     Binds 127.0.0.1 unless --host says otherwise, waits until the models are ready, prints the
-    endpoints, and shuts the server down cleanly on Ctrl-C or SIGTERM.
+    endpoints, and shuts the server down cleanly on Ctrl-C or SIGTERM. Requests larger than their
+    model accepts (its largest clip batch; for <name>_video, `repo --max-video-mb`) are refused
+    before they are read, idle connections are closed, model control is closed unless asked for,
+    and when the server dies or is killed nothing of it is left running.
     """
     from sfdeploy.serving.server import TritonServer
 
     server = TritonServer(repo_dir, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          models=list(models) or None, log_file=log_file, startup_timeout_s=startup_timeout)
+                          models=list(models) or None, log_file=log_file, startup_timeout_s=startup_timeout,
+                          allow_model_control=allow_model_control, idle_timeout_s=idle_timeout,
+                          max_connections=max_connections)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -94,15 +108,18 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
     try:
         click.echo(f"ready: http {server.http_url}  grpc {server.grpc_url}  metrics {host}:{metrics_port}", err=True)
         click.echo(f"models: {', '.join(server.loaded)}", err=True)
+        click.echo("request limits: " + ", ".join(f"{m} {size / 2**20:.1f} MB" for m, size in server.limits.items())
+                   + f"; idle connections closed after {idle_timeout:g} s; model control "
+                   + ("open" if allow_model_control else "closed"), err=True)
         for name, why in server.skipped.items():
             click.echo(f"not loaded: {name} ({why})", err=True)
         click.echo(f"log: {server.log_file}", err=True)
-        click.echo(json.dumps({"http": server.http_url, "grpc": server.grpc_url, "models": server.loaded}))
+        click.echo(json.dumps({"http": server.http_url, "grpc": server.grpc_url, "models": server.loaded,
+                               "pid": server.process.pid}))
         sys.stdout.flush()
         while not stop.wait(0.5):
-            if server.process.poll() is not None:
-                raise click.ClickException(f"tritonserver exited unexpectedly (code {server.process.returncode}); "
-                                           f"see {server.log_file}")
+            if (ended := server.running()) is not None:
+                raise click.ClickException(f"{ended} unexpectedly; see {server.log_file}")
         click.echo("stopping tritonserver", err=True)
     finally:
         server.stop()
@@ -142,10 +159,11 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
 @click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output: .csv, .jsonl or .parquet, one row per input.")
 @click.option("--resume", is_flag=True, help="Skip inputs already in --out and append the rest.")
+@max_video_pixels_option("Decoding here")
 def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, backend: str,
           urls: tuple[str, ...], protocol: str, model_name: str, shm: bool, server_decode: bool,
           export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int | None,
-          workers: int | None, actor_cpus: float | None, topk: int, out: Path, resume: bool) -> None:
+          workers: int | None, actor_cpus: float | None, topk: int, out: Path, resume: bool, max_pixels: int) -> None:
     """Classify videos (files and folders) with a served or exported model.
 
     Decoding runs in parallel worker processes (with --server-decode: on the server, and the
@@ -170,10 +188,10 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
         summary = infer_ray(items, out, RayOptions(
             backend=backend, export_dir=export_dir, precision=precision, device=device, urls=urls, protocol=protocol,
             model=model_name, shm=shm, batch_size=batch_size, actors=concurrency or 1, actor_cpus=actor_cpus,
-            decode_tasks=workers, topk=topk, address=ray_address), resume=resume)
+            decode_tasks=workers, topk=topk, max_pixels=max_pixels, address=ray_address), resume=resume)
     else:
         summary = _infer_local(items, out, backend, urls, protocol, model_name, shm, server_decode, export_dir,
-                               precision, device, batch_size, concurrency or 4, workers, topk, resume)
+                               precision, device, batch_size, concurrency or 4, workers, topk, resume, max_pixels)
     for failure in summary.failures:
         click.echo(f"failed: {failure['path']}: {failure['error']}", err=True)
     click.echo(f"{summary.ok} classified, {summary.failed} failed, {summary.skipped} already in {out}; "
@@ -186,7 +204,8 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
 
 def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...], protocol: str, model_name: str,
                  shm: bool, server_decode: bool, export_dir: Path | None, precision: str, device: str,
-                 batch_size: int, concurrency: int, workers: int | None, topk: int, resume: bool) -> Any:
+                 batch_size: int, concurrency: int, workers: int | None, topk: int, resume: bool,
+                 max_pixels: int) -> Any:
     from sfdeploy.client import Classifier
     from sfdeploy.client import infer as run_infer
     from sfdeploy.runtime import open_predictor
@@ -201,4 +220,4 @@ def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...
         classifier = Classifier(open_predictor(backend, export_dir=export_dir, precision=precision, device=device))
     with classifier:
         return run_infer(items, out, classifier, batch_size=batch_size, concurrency=concurrency, topk=topk,
-                         workers=workers, resume=resume)
+                         workers=workers, resume=resume, max_pixels=max_pixels)

@@ -10,6 +10,7 @@ default to the deployed model's (uint8 clips in, probabilities out); ``<name>_vi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ LABELS_FILE = "labels.txt"  # beside config.pbtxt: class names, one per line, fo
 # parameters of <name>_video (server-side decoding; sfdeploy/serving/video_backend.py reads them)
 TARGET_MODEL = "target_model"  # the model its decoded clips go to
 MAX_VIDEO_BYTES = "max_video_bytes"  # larger payloads are refused before decoding
+MAX_VIDEO_PIXELS_KEY = "max_video_pixels"  # videos with larger frames are refused before decoding
 DECODE_TIMEOUT_S = "decode_timeout_s"  # a decode that takes longer fails (its worker is replaced)
 
 
@@ -124,3 +126,30 @@ def parse_config(text: str) -> Any:
 def spec_of(config: Any) -> ClipSpec:
     """The clip spec a served model carries in its ``parameters``."""
     return ClipSpec.from_json(config.parameters[SPEC_KEY].string_value)
+
+
+#: Bytes per element of the fixed-size types; a request of any other type is held to VARIABLE_LIMIT.
+_ITEM_BYTES = {"TYPE_BOOL": 1, "TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_UINT16": 2, "TYPE_INT16": 2, "TYPE_FP16": 2,
+               "TYPE_BF16": 2, "TYPE_UINT32": 4, "TYPE_INT32": 4, "TYPE_FP32": 4, "TYPE_UINT64": 8, "TYPE_INT64": 8,
+               "TYPE_FP64": 8}
+VARIABLE_LIMIT = 64 << 20
+REQUEST_HEADROOM = 1 << 20  # a request's JSON header, tensor names and shapes, BYTES length prefixes
+
+
+def request_limit(config: Any) -> int:
+    """The largest request (HTTP body, gRPC message) a served model accepts, in bytes: its inputs
+    at ``max_batch_size`` (a clip model: the largest clip batch), or for a video model its
+    ``max_video_bytes`` of encoded videos in all; plus :data:`REQUEST_HEADROOM`. The server
+    refuses larger requests before reading them (:mod:`sfdeploy.serving.guard`)."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    if MAX_VIDEO_BYTES in config.parameters:
+        return int(config.parameters[MAX_VIDEO_BYTES].string_value) + REQUEST_HEADROOM
+    batch = max(1, config.max_batch_size)
+    payload = 0
+    for tensor in config.input:
+        item = _ITEM_BYTES.get(pb.DataType.Name(tensor.data_type))
+        if item is None or any(d < 0 for d in tensor.dims):  # variable size: no bound in the config
+            return VARIABLE_LIMIT
+        payload += batch * math.prod(tensor.dims) * item
+    return payload + REQUEST_HEADROOM

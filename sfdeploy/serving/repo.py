@@ -38,11 +38,13 @@ from sfdeploy.artifacts import (
     video_model_name,
 )
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import InputError
 from sfdeploy.serving.config import (
     DECODE_TIMEOUT_S,
     LABELS_FILE,
     MAX_VIDEO_BYTES,
+    MAX_VIDEO_PIXELS_KEY,
     TARGET_MODEL,
     ServedModel,
     TensorConfig,
@@ -96,6 +98,7 @@ class RepoOptions:
     video: bool = True  # also write <name>_video (server-side decoding)
     decode_instances: int | None = None  # <name>_video instances; default: the CPU count here
     max_video_mb: float = 256.0  # <name>_video refuses larger payloads before decoding
+    max_video_pixels: int = MAX_VIDEO_PIXELS  # <name>_video refuses videos with larger frames before decoding
     require_parity: bool = True  # only `sfdeploy bench` turns this off, for its own speed-only exports
 
 
@@ -128,6 +131,7 @@ def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
         outputs=(probs_tensor(spec),
                  TensorConfig(LABEL_OUTPUT, "TYPE_STRING", (1,)), TensorConfig(ERROR_OUTPUT, "TYPE_STRING", (1,))),
         parameters={TARGET_MODEL: opts.name, MAX_VIDEO_BYTES: str(int(opts.max_video_mb * 2**20)),
+                    MAX_VIDEO_PIXELS_KEY: str(opts.max_video_pixels),
                     DECODE_TIMEOUT_S: f"{preprocess.DEFAULT_TIMEOUT_S:g}"})
 
 
@@ -145,6 +149,9 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
                          fix="use positive values")
     if not opts.max_video_mb > 0:
         raise InputError(f"--max-video-mb must be > 0 (got {opts.max_video_mb})", fix="use e.g. --max-video-mb 256")
+    if opts.max_video_pixels < 1:
+        raise InputError(f"--max-video-pixels must be >= 1 (got {opts.max_video_pixels})",
+                         fix="use e.g. --max-video-pixels 3840x2160")
     spec = manifest.clip_spec
     # The repository may be written here for a GPU server elsewhere: "gpu" needs no GPU here.
     kind = "gpu" if resolve_device(opts.device, must_exist=False).startswith("cuda") else "cpu"

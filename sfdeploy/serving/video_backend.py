@@ -19,8 +19,8 @@ time and kept between requests): a decoder that crashes or hangs on a payload co
 What a client gets back:
 
 * a request of one video that cannot be classified (empty, truncated, corrupt, not a video, over
-  ``max_video_bytes``, refused before decoding) fails with the cause and the fix (``INVALID_ARG``:
-  HTTP 400, gRPC ``INVALID_ARGUMENT``);
+  ``max_video_bytes``, or with frames of more than ``max_video_pixels``: both refused before
+  decoding) fails with the cause and the fix (``INVALID_ARG``: HTTP 400, gRPC ``INVALID_ARGUMENT``);
 * in a request of several videos every item has its own answer: ``error`` says why an item failed
   (``""`` for an item that was classified), a failed item's ``probs`` are zeros and its ``label``
   is ``""``; the other items are classified;
@@ -42,9 +42,10 @@ import numpy as np
 
 from sfdeploy.artifacts import ERROR_OUTPUT, INPUT_NAME, LABEL_OUTPUT, OUTPUT_NAME, VIDEO_INPUT
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
+from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import EnvironmentProblem
 from sfdeploy.preprocess import DecodeFailure, DecodePool
-from sfdeploy.serving.config import DECODE_TIMEOUT_S, MAX_VIDEO_BYTES, TARGET_MODEL
+from sfdeploy.serving.config import DECODE_TIMEOUT_S, MAX_VIDEO_BYTES, MAX_VIDEO_PIXELS_KEY, TARGET_MODEL
 from sfdeploy.serving.tensors import bytes_items, bytes_tensor, from_array, require_numpy_bridge, to_array
 
 
@@ -71,7 +72,9 @@ class TritonPythonModel:
         self.max_bytes = int(params[MAX_VIDEO_BYTES])
         # `sfdeploy repo` gives <name>_video the max_batch_size of <name>: a request's clips fit one call
         self.max_batch = max(1, int(config.get("max_batch_size", 1)))
-        self.decoder = DecodePool(self.spec, workers=1, timeout_s=float(params[DECODE_TIMEOUT_S]))
+        max_pixels = int(params.get(MAX_VIDEO_PIXELS_KEY, MAX_VIDEO_PIXELS))  # older repositories: the default
+        self.decoder = DecodePool(self.spec, workers=1, timeout_s=float(params[DECODE_TIMEOUT_S]),
+                                  max_pixels=max_pixels)
         self.decoder.warm()  # a decoder that cannot start fails the load, with its reason
 
     def classify(self, videos: list[bytes], run_model: Any) -> list[np.ndarray | str]:
