@@ -44,9 +44,16 @@ from sfdeploy.cli.options import GreedyOption, max_video_pixels_option
               help="<name>_video refuses larger videos before decoding them; `serve` refuses larger requests to it "
                    "before reading them.")
 @max_video_pixels_option("<name>_video")
+@click.option("--decode-queue-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="<name>_video: a request waiting longer for a decode instance is refused (HTTP 503, gRPC "
+                   "UNAVAILABLE: retry later) instead of waiting on; 0: no limit.")
+@click.option("--decode-max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="<name>_video: requests arriving when this many wait are refused at once (503); each waiting "
+                   "request holds its upload in memory; 0: no limit.")
 def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances: int, version: int, runtime: str,
          precision: str, device: str, queue_delay_us: int, tensorrt: bool, native: bool, video: bool,
-         decode_instances: int | None, max_video_mb: float, max_pixels: int) -> None:
+         decode_instances: int | None, max_video_mb: float, max_pixels: int, decode_queue_timeout: float,
+         decode_max_queue: int) -> None:
     """Write a Triton model repository for EXPORT (an `sfdeploy export` folder).
 
     <name> runs the artifact in Triton's python backend (what `sfdeploy serve` serves here);
@@ -61,7 +68,8 @@ def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances:
     folders = write_repository(export_dir, RepoOptions(
         repo=repo_dir, name=name, max_batch=max_batch, instances=instances, version=version, runtime=runtime,
         precision=precision, device=device, queue_delay_us=queue_delay_us, tensorrt=tensorrt, native=native,
-        video=video, decode_instances=decode_instances, max_video_mb=max_video_mb, max_video_pixels=max_pixels))
+        video=video, decode_instances=decode_instances, max_video_mb=max_video_mb, max_video_pixels=max_pixels,
+        decode_queue_timeout_s=decode_queue_timeout, decode_max_queue=decode_max_queue))
     click.echo(json.dumps({"repo": str(repo_dir), "models": [f.name for f in folders], "version": version}))
 
 

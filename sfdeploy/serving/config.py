@@ -53,6 +53,8 @@ class ServedModel:
     warmup: bool = True
     default_model_filename: str | None = None
     dynamic_batching: bool = True  # False: Triton's default scheduler, one request per execution
+    queue_timeout_us: int = 0  # a request queued longer is refused (UNAVAILABLE); 0: it waits as long as it takes
+    max_queue: int = 0  # requests queued beyond this are refused at once (UNAVAILABLE); 0: no limit
     inputs: tuple[TensorConfig, ...] = ()  # default: the deployed model's clips (input_name)
     outputs: tuple[TensorConfig, ...] = ()  # default: its probabilities (output_name)
 
@@ -87,6 +89,10 @@ def build_config(model: ServedModel) -> Any:
         preferred = sorted(b for b in set(model.preferred_batches) if 1 <= b <= model.max_batch)
         config.dynamic_batching.CopyFrom(pb.ModelDynamicBatching(
             preferred_batch_size=preferred, max_queue_delay_microseconds=model.queue_delay_us))
+        if model.queue_timeout_us or model.max_queue:  # a bounded wait, refused with Triton's own reason
+            config.dynamic_batching.default_queue_policy.CopyFrom(pb.ModelQueuePolicy(
+                timeout_action=pb.ModelQueuePolicy.REJECT, default_timeout_microseconds=model.queue_timeout_us,
+                max_queue_size=model.max_queue))
     config.instance_group.append(pb.ModelInstanceGroup(
         count=model.instances, kind=getattr(pb.ModelInstanceGroup, KINDS[model.kind])))
     parameters = {SPEC_KEY: spec.to_json(), **model.parameters}

@@ -281,8 +281,7 @@ class TritonServer:
             f"--grpc-restricted-protocol={','.join(restricted)}:{ADMIN_HEADER}={self._key}",
             *control, "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=5",
         ]
-        env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.libs), env.get("LD_LIBRARY_PATH")) if p)
+        env = install.env(dict(os.environ))
         # The python-backend stub takes its interpreter (and so its packages) from PATH.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         log.info("starting tritonserver on %s (http %d, grpc %d) with %s", self.host, self.http_port,

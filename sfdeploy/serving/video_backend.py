@@ -7,10 +7,15 @@ then sends the views to ``<name>`` (parameter ``target_model``) in one BLS reque
 dynamic batcher merges the clips of the video requests of every ``_video`` instance into one
 model call, on ``<name>``'s own instance (its GPU where it has one).
 
-``<name>_video`` itself has no dynamic batcher, on purpose: Triton's default scheduler hands each
-request to the next free instance, so the instances (``sfdeploy repo --decode-instances``, default
-the CPU count) decode that many videos at once. A dynamic batcher would give a whole queue of
-requests to one instance, to decode one after the other while the others wait.
+``<name>_video`` hands each request to the next free instance alone, so the instances (``sfdeploy
+repo --decode-instances``, default the CPU count) decode that many videos at once: its dynamic
+batcher prefers batches of one request and never waits (a batcher free to merge would give a whole
+queue of requests to one instance, to decode one after the other while the others wait). The
+batcher is there for its queue policy: requests are served first come, first served (a soak at
+concurrency 64 on 2 cores: no request overtaken by more than a handful of later ones), and one
+that waits longer than ``--decode-queue-timeout`` for an instance, or arrives when
+``--decode-max-queue`` are waiting, is refused (``UNAVAILABLE``: HTTP 503, retry later) rather
+than left to wait without bound, each waiting request holding its upload in the server's memory.
 
 Decoding runs in a child process of the instance (one :class:`DecodePool` worker, started at load
 time and kept between requests): a decoder that crashes or hangs on a payload costs that item
