@@ -49,7 +49,8 @@ def _send(url: str, payload: bytes, protocol: str = "http", model: str = "slowfa
     video.set_data_from_numpy(data)
     client = client_module.InferenceServerClient(url)
     try:
-        result = client.infer(model, [video], outputs=[client_module.InferRequestedOutput(n) for n in ("label", "error")])
+        outputs = [client_module.InferRequestedOutput(name) for name in ("label", "error")]
+        result = client.infer(model, [video], outputs=outputs)
         return {name: result.as_numpy(name) for name in ("label", "error")}
     finally:
         client.close()
@@ -167,7 +168,7 @@ def test_idle_clients_are_let_go_and_a_killed_server_leaves_nothing_behind(tiny_
         for sock in (idle, slow):
             sock.settimeout(15)
             started = time.monotonic()
-            assert _closed_by_server(sock) and time.monotonic() - started < 10
+            assert _closed_by_server(sock) and time.monotonic() - started < 8  # closed after the 2 s idle timeout
             sock.close()
 
         pgid = server.process.pid
@@ -197,21 +198,6 @@ def test_idle_clients_are_let_go_and_a_killed_server_leaves_nothing_behind(tiny_
     finally:
         if serve.poll() is None:
             serve.kill()
-
-
-def test_a_busy_port_names_who_holds_it(tiny_repo: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import socket, sys, time; s = socket.socket(); "
-                               "s.bind(('127.0.0.1', 0)); s.listen(); print(s.getsockname()[1], flush=True); "
-                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(holder.stdout.readline())
-        with pytest.raises(ServingError) as info:
-            TritonServer(tiny_repo, http_port=port, grpc_port=free_port(), metrics_port=free_port()).start()
-    finally:
-        holder.kill()
-        holder.wait()
-    assert f"port {port} on 127.0.0.1 is already in use by pid {holder.pid} (python" in info.value.message
-    assert "--http-port" in info.value.fix
 
 
 def _unloadable_stub(folder: Path) -> Path:
@@ -245,7 +231,8 @@ def test_a_stub_that_cannot_start_fails_serve_at_once_with_its_line(tiny_repo: P
                      startup_timeout_s=120).start()
     assert time.monotonic() - started < 60  # not the startup timeout
     assert "python backend stub cannot start" in info.value.message
-    assert "error while loading shared libraries: libpython" in info.value.message and "sfdeploy doctor" in info.value.fix
+    assert "error while loading shared libraries: libpython" in info.value.message
+    assert "sfdeploy doctor" in info.value.fix
 
     # doctor's check runs the same stub through the loader, with the library path `serve` gives it
     found = install.find_tritonserver()

@@ -12,26 +12,33 @@ from typing import Any
 import click
 
 from sfdeploy.cli.options import GreedyOption, max_video_pixels_option
+from sfdeploy.serving.repo import RepoOptions
+from sfdeploy.serving.server import TritonServer
+
+REPO = RepoOptions(repo=Path("model_repository"))  # the defaults of `repo`, and of `serve` below
+SERVE = TritonServer(REPO.repo)
 
 
 @click.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
-@click.option("--repo", "repo_dir", default="model_repository", show_default=True,
+@click.option("--repo", "repo_dir", default=REPO.repo, show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="The Triton model repository to write into.")
-@click.option("--name", default="slowfast", show_default=True,
+@click.option("--name", default=REPO.name, show_default=True,
               help="Model name (native variants add _onnx, _torchscript).")
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="max_batch_size.")
-@click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances.")
-@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-batch", default=REPO.max_batch, show_default=True, type=click.IntRange(min=1),
+              help="max_batch_size.")
+@click.option("--instances", default=REPO.instances, show_default=True, type=click.IntRange(min=1),
+              help="Model instances.")
+@click.option("--version", "version", default=REPO.version, show_default=True, type=click.IntRange(min=1),
               help="Version folder to write (a new number keeps the older versions).")
-@click.option("--runtime", default="torchscript", show_default=True,
+@click.option("--runtime", default=REPO.runtime, show_default=True,
               type=click.Choice(["torchscript", "onnxruntime"]),
               help="What the python-backend model runs (torch: GPU when present, faster 3-D convs on CPU).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+@click.option("--precision", default=REPO.precision, show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Which artifact of the export to serve (fp16 needs `export --fp16`).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
+@click.option("--device", default=REPO.device, show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
               help="Instance kind: GPU or CPU; auto = GPU if torch sees one here.")
-@click.option("--queue-delay-us", default=5000, show_default=True, type=click.IntRange(min=0),
+@click.option("--queue-delay-us", default=REPO.queue_delay_us, show_default=True, type=click.IntRange(min=0),
               help="How long the dynamic batcher waits to fill a batch.")
 @click.option("--tensorrt", is_flag=True, help="Add the TensorRT fp16 accelerator to <name>_onnx (NVIDIA's container).")
 @click.option("--native/--no-native", default=True, show_default=True,
@@ -40,14 +47,16 @@ from sfdeploy.cli.options import GreedyOption, max_video_pixels_option
               help="Also write <name>_video: send encoded video files, decoded on the server.")
 @click.option("--decode-instances", type=click.IntRange(min=1),
               help="<name>_video instances, each decoding one video at a time [default: the CPU count].")
-@click.option("--max-video-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-video-mb", default=REPO.max_video_mb, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
               help="<name>_video refuses larger videos before decoding them; `serve` refuses larger requests to it "
                    "before reading them.")
 @max_video_pixels_option("<name>_video")
-@click.option("--decode-queue-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--decode-queue-timeout", default=REPO.decode_queue_timeout_s, show_default=True,
+              type=click.FloatRange(min=0),
               help="<name>_video: a request waiting longer for a decode instance is refused (HTTP 503, gRPC "
                    "UNAVAILABLE: retry later) instead of waiting on; 0: no limit.")
-@click.option("--decode-max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+@click.option("--decode-max-queue", default=REPO.decode_max_queue, show_default=True, type=click.IntRange(min=0),
               help="<name>_video: requests arriving when this many wait are refused at once (503); each waiting "
                    "request holds its upload in memory; 0: no limit.")
 def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances: int, version: int, runtime: str,
@@ -63,7 +72,7 @@ def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances:
     with sfdeploy's preprocessing on the server and runs the clips through <name>. Safe to
     re-run: unchanged files are left alone.
     """
-    from sfdeploy.serving.repo import RepoOptions, write_repository
+    from sfdeploy.serving.repo import write_repository
 
     folders = write_repository(export_dir, RepoOptions(
         repo=repo_dir, name=name, max_batch=max_batch, instances=instances, version=version, runtime=runtime,
@@ -74,23 +83,23 @@ def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances:
 
 
 @click.command()
-@click.option("--repo", "repo_dir", default="model_repository", show_default=True,
+@click.option("--repo", "repo_dir", default=REPO.repo, show_default=True,
               type=click.Path(path_type=Path), help="The model repository to serve.")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default=SERVE.host, show_default=True,
               help="Address to bind; 0.0.0.0 exposes the server to the network.")
-@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--http-port", default=SERVE.http_port, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--grpc-port", default=SERVE.grpc_port, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--metrics-port", default=SERVE.metrics_port, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--models", cls=GreedyOption, multiple=True, metavar="NAME ...",
               help="Models to load [default: every python-backend model of the repository].")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Server log [default: a temp file].")
-@click.option("--startup-timeout", default=180, show_default=True, type=click.IntRange(min=1),
+@click.option("--startup-timeout", default=int(SERVE.startup_timeout_s), show_default=True, type=click.IntRange(min=1),
               help="Seconds to wait for the models to be ready.")
 @click.option("--allow-model-control", is_flag=True,
               help="Let clients list, load and unload the repository's models (closed by default).")
-@click.option("--idle-timeout", default=60.0, show_default=True, type=click.FloatRange(min=1),
+@click.option("--idle-timeout", default=SERVE.idle_timeout_s, show_default=True, type=click.FloatRange(min=1),
               help="Seconds a client connection may stay open with no request in flight.")
-@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-connections", default=SERVE.max_connections, show_default=True, type=click.IntRange(min=1),
               help="Client connections at once (HTTP and gRPC together); more are refused.")
 def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, models: tuple[str, ...],
           log_file: Path | None, startup_timeout: int, allow_model_control: bool, idle_timeout: float,
@@ -103,8 +112,6 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
     before they are read, idle connections are closed, model control is closed unless asked for,
     and when the server dies or is killed nothing of it is left running.
     """
-    from sfdeploy.serving.server import TritonServer
-
     server = TritonServer(repo_dir, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           models=list(models) or None, log_file=log_file, startup_timeout_s=startup_timeout,
                           allow_model_control=allow_model_control, idle_timeout_s=idle_timeout,

@@ -43,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-HEADER_TIMEOUT_S = 10.0  # to send a request head (HTTP) or the connection preface (gRPC)
+HEADER_TIMEOUT_S = 10.0  # to send a request head (HTTP) or the connection preface (gRPC); at most the idle timeout
 BODY_TIMEOUT_S = 60.0  # the longest pause while a client sends a body
 DRAIN_TIMEOUT_S = 30.0  # how long a refused body is read (and dropped) so the client sees the answer
 MAX_HEAD = 64 * 1024
@@ -104,12 +104,23 @@ def _send(sock: socket.socket, data: bytes | memoryview) -> None:
         raise _Closed(str(exc)) from exc
 
 
+def _send_parts(sock: socket.socket, *parts: bytes) -> None:
+    """Several buffers in one system call where the kernel takes them all (no joined copy)."""
+    try:
+        sent = sock.sendmsg(parts)
+    except OSError as exc:
+        raise _Closed(str(exc)) from exc
+    if sent < sum(len(part) for part in parts):
+        _send(sock, b"".join(parts)[sent:])
+
+
 class _Reader:
     """Buffered reads from one socket: heads up to a blank line, exact byte counts, chunk lines."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
+        self.scratch: memoryview | None = None
 
     def head(self, idle_s: float | None, complete_s: float | None) -> bytes | None:
         """The next head (through its blank line); None if the peer closes or stays idle first."""
@@ -140,15 +151,28 @@ class _Reader:
         return line
 
     def copy(self, size: int, to: socket.socket | None) -> None:
-        """Move ``size`` bytes to ``to`` (None: drop them)."""
-        while size > 0:
-            if not self.buffer:
-                self.buffer += _recv(self.sock, min(CHUNK, size))
-            part = self.buffer[:size]
+        """Move ``size`` bytes to ``to`` (None: drop them): what is buffered, then straight from
+        the socket through one reused buffer (a body of hundreds of MB is never held whole)."""
+        if self.buffer:
+            part = min(size, len(self.buffer))
             if to is not None:
-                _send(to, part)
-            size -= len(part)
-            del self.buffer[:len(part)]
+                _send(to, memoryview(self.buffer)[:part])
+            del self.buffer[:part]
+            size -= part
+        if size <= 0:
+            return
+        if self.scratch is None:
+            self.scratch = memoryview(bytearray(CHUNK))
+        while size > 0:
+            try:
+                got = self.sock.recv_into(self.scratch, min(CHUNK, size))
+            except (TimeoutError, OSError) as exc:
+                raise _Closed(str(exc)) from exc
+            if not got:
+                raise _Closed("closed")
+            if to is not None:
+                _send(to, self.scratch[:got])
+            size -= got
 
     def rest(self, to: socket.socket) -> None:
         """Everything until the peer closes."""
@@ -245,7 +269,7 @@ class HttpConnection:
 
     def one_request(self) -> bool:
         """Serve one request; False when the connection is to end."""
-        head = self.reader.head(self.config.idle_timeout_s, HEADER_TIMEOUT_S)
+        head = self.reader.head(self.config.idle_timeout_s, min(HEADER_TIMEOUT_S, self.config.idle_timeout_s))
         if head is None:
             return False
         start, headers = _parse_head(head)
@@ -450,11 +474,13 @@ class GrpcConnection:
         self.open: set[int] = set()
         self.last_stream = 0
         self.active = time.monotonic()
+        self.pending: list[bytes] = []  # frames read from the client, not yet sent on
+        self.pending_bytes = 0
 
     def run(self) -> None:
         reader = _Reader(self.client)
         try:
-            self.client.settimeout(HEADER_TIMEOUT_S)
+            self.client.settimeout(min(HEADER_TIMEOUT_S, self.config.idle_timeout_s))
             if _take(reader, len(PREFACE)) != PREFACE:
                 return
             self.upstream = socket.create_connection(("127.0.0.1", self.config.upstream_grpc), timeout=10)
@@ -480,6 +506,8 @@ class GrpcConnection:
     def client_to_server(self, reader: _Reader) -> None:
         self.client.settimeout(1.0)  # a tick to check for idleness
         while True:
+            if len(reader.buffer) < 9 or self.pending_bytes > CHUNK or len(self.pending) > 500:  # a read may wait
+                self.flush()
             try:
                 header, kind, flags, stream, payload = _read_frame(reader)
             except _Closed as exc:
@@ -504,7 +532,16 @@ class GrpcConnection:
                     self.open.discard(stream)
             if flags & END_STREAM and kind in (HEADERS, DATA) or kind == RST_STREAM:
                 self.messages.pop(stream, None)
-            _send(self.upstream, header + payload)
+            self.pending += (header, payload)
+            self.pending_bytes += len(header) + len(payload)
+
+    def flush(self) -> None:
+        """Send the frames read so far in one system call: a large message comes in thousands of
+        small DATA frames, and one call each would cost more than the copying."""
+        if self.pending:
+            _send_parts(self.upstream, *self.pending)
+            self.pending.clear()
+            self.pending_bytes = 0
 
     def check(self, stream: int, flags: int, payload: bytes) -> bool:
         """Follow the request messages in a DATA frame; False (and the call refused) for one over the limit."""
@@ -537,6 +574,7 @@ class GrpcConnection:
         return True
 
     def refuse(self, stream: int, message: str) -> None:
+        self.flush()  # the frames before this one go first
         with self.lock:
             self.refused.add(stream)
             self.open.discard(stream)
@@ -569,10 +607,10 @@ class GrpcConnection:
                     self.to_client.acquire()
                     held = True
                 if held:
-                    _send(self.client, header + payload)
+                    _send_parts(self.client, header, payload)
                 else:
                     with self.to_client:
-                        _send(self.client, header + payload)
+                        _send_parts(self.client, header, payload)
                 if held and kind in (HEADERS, CONTINUATION) and flags & END_HEADERS:
                     self.to_client.release()
                     held = False

@@ -25,7 +25,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfdeploy import preprocess
 from sfdeploy.artifacts import (
     BACKEND_FORMAT,
     ERROR_OUTPUT,
@@ -102,7 +101,7 @@ class RepoOptions:
     # <name>_video's queue: a request that waits longer for a free decode instance, or finds this many
     # waiting, is refused (503 / UNAVAILABLE, retry later) instead of waiting on (0: no bound)
     decode_queue_timeout_s: float = 30.0
-    decode_max_queue: int = 64
+    decode_max_queue: int = 128
     require_parity: bool = True  # only `sfdeploy bench` turns this off, for its own speed-only exports
 
 
@@ -128,6 +127,8 @@ def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
     that each request goes to the next free instance alone (see :mod:`sfdeploy.serving.video_backend`)
     and the wait in its queue is bounded (``decode_queue_timeout_s``, ``decode_max_queue``); the max
     batch of ``<name>`` (a request's clips fit one call of it)."""
+    from sfdeploy.preprocess import DEFAULT_TIMEOUT_S  # numpy: not at import (the CLI reads RepoOptions)
+
     return ServedModel(
         name=video_model_name(opts.name), backend="python", spec=spec, max_batch=opts.max_batch,
         instances=opts.decode_instances or max(1, os.cpu_count() or 1), kind="cpu", preferred_batches=(1,),
@@ -138,7 +139,7 @@ def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
                  TensorConfig(LABEL_OUTPUT, "TYPE_STRING", (1,)), TensorConfig(ERROR_OUTPUT, "TYPE_STRING", (1,))),
         parameters={TARGET_MODEL: opts.name, MAX_VIDEO_BYTES: str(int(opts.max_video_mb * 2**20)),
                     MAX_VIDEO_PIXELS_KEY: str(opts.max_video_pixels),
-                    DECODE_TIMEOUT_S: f"{preprocess.DEFAULT_TIMEOUT_S:g}"})
+                    DECODE_TIMEOUT_S: f"{DEFAULT_TIMEOUT_S:g}"})
 
 
 def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
@@ -157,7 +158,7 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
         raise InputError(f"--max-video-mb must be > 0 (got {opts.max_video_mb})", fix="use e.g. --max-video-mb 256")
     if opts.decode_queue_timeout_s < 0 or opts.decode_max_queue < 0:
         raise InputError("--decode-queue-timeout and --decode-max-queue must be >= 0 (0: no bound)",
-                         fix="use e.g. --decode-queue-timeout 30 --decode-max-queue 64")
+                         fix="use e.g. --decode-queue-timeout 30 --decode-max-queue 128")
     if opts.max_video_pixels < 1:
         raise InputError(f"--max-video-pixels must be >= 1 (got {opts.max_video_pixels})",
                          fix="use e.g. --max-video-pixels 3840x2160")
