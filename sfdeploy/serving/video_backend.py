@@ -12,7 +12,7 @@ repo --decode-instances``, default the CPU count) decode that many videos at onc
 batcher prefers batches of one request and never waits (a batcher free to merge would give a whole
 queue of requests to one instance, to decode one after the other while the others wait). The
 batcher is there for its queue policy: requests are served first come, first served (a soak at
-concurrency 64 on 2 cores: no request overtaken by more than a handful of later ones), and one
+concurrency 64 and 128 on 2 cores: no request overtaken by more than 22 later ones), and one
 that waits longer than ``--decode-queue-timeout`` for an instance, or arrives when
 ``--decode-max-queue`` are waiting, is refused (``UNAVAILABLE``: HTTP 503, retry later) rather
 than left to wait without bound, each waiting request holding its upload in the server's memory.
