@@ -119,7 +119,7 @@ def test_an_oversized_request_is_refused_before_it_is_read(triton) -> None:
     oversized = bytes(300 << 20)
     with pytest.raises(InferenceServerException) as info:
         _send(triton.grpc_url, oversized, protocol="grpc")
-    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", info.value.message()
     assert "the request message is 300.0 MB, over the 257.0 MB that this server accepts" in info.value.message()
     grown = triton.memory()["peak_mb"] - before["peak_mb"]
     assert grown < 64, f"the server's process tree grew by {grown:.0f} MB on refused requests"  # was +800 MB

@@ -579,8 +579,10 @@ class GrpcConnection:
             self.refused.add(stream)
             self.open.discard(stream)
             self.messages.pop(stream, None)
-        _send(self.upstream, frame(RST_STREAM, 0, stream, CANCEL.to_bytes(4, "big")))
+        # The client's answer first: cancelled, the server ends the call its own way ("Unable to parse
+        # request", INTERNAL), and that must not reach the client before the reason.
         self.inject(grpc_refusal(stream, RESOURCE_EXHAUSTED, message))
+        _send(self.upstream, frame(RST_STREAM, 0, stream, CANCEL.to_bytes(4, "big")))
 
     def inject(self, data: bytes) -> None:
         self.server_spoke.wait(HEADER_TIMEOUT_S)

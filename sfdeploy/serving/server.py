@@ -52,10 +52,10 @@ log = logging.getLogger("sfdeploy")
 # E-lines the server prints on every machine without a GPU; they are not why it failed.
 _BENIGN = ("CudaDriverHelper has not been initialized", "DCGM", "NVML", "GPU metrics")
 _ERROR_LINE = re.compile(r"^(E\d{4} |error: |.*failed to load|.*Address already in use|.*Unexpected)")
-# Lines after which the server would wait for a model forever: a backend stub that cannot start
-# (its shared libraries do not load), or dies while starting.
-_STUB_FAILURE = re.compile(r"error while loading shared libraries|Stub process .*(not healthy|failed|exited)|"
-                           r"Failed to initialize Python stub")
+# Lines after which the server would wait for a model forever: the backend stub binary cannot start
+# (the dynamic loader's "<stub path>: error while loading shared libraries: ...", "symbol lookup
+# error", a missing GLIBC version). A model whose Python fails to load ends the server by itself.
+_STUB_FAILURE = re.compile(r"triton_python_backend_stub: |error while loading shared libraries")
 ADMIN_HEADER = "sfdeploy-admin-key"  # the header tritonserver's restricted APIs expect, with a key per server
 
 
