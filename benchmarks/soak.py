@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 from sfdeploy.bench.measure import device_info, device_slug
@@ -35,11 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-dir", type=Path, default=REPO / "sfdeploy-demo",
-                        help="an `sfdeploy demo` workdir (made if missing) for the repository and videos")
-    parser.add_argument("--repo", type=Path, help="model repository [the demo's]")
-    parser.add_argument("--videos", type=Path, help="folder of good videos [the demo's 64 synthetic ones]")
     parser.add_argument("--model", default="slowfast", help="requests go to <model>_video")
+    parser.add_argument("--repo", type=Path, help="the model repository to serve [the demo's]")
+    parser.add_argument("--videos", type=Path, help="the good videos [the demo's 64 synthetic ones]")
+    parser.add_argument("--demo-dir", type=Path, default=REPO / "sfdeploy-demo",
+                        help="without --repo: an `sfdeploy demo` workdir, made if missing")
     parser.add_argument("--requests", type=int, default=2000, help="requests per run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64], help="one run per value")
     parser.add_argument("--corrupt-share", type=float, default=0.01)
@@ -51,7 +49,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="soak: %(message)s")
 
     if args.repo is None and not (args.demo_dir / "model_repository").is_dir():
-        subprocess.run([sys.executable, "-m", "sfdeploy", "demo", "--workdir", str(args.demo_dir)], check=True)
+        from sfdeploy.demo import run_demo
+
+        run_demo(args.demo_dir, bench=False)
     repo = args.repo or args.demo_dir / "model_repository"
     videos = sorted(p for p in (args.videos or args.demo_dir / "videos").rglob("*")
                     if p.suffix.lower() in VIDEO_EXTENSIONS)
