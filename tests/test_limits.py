@@ -27,7 +27,6 @@ from sfdeploy.errors import ServingError
 from sfdeploy.serving.server import TritonServer, free_port, port_free
 
 from badvideos import decompression_bomb, many_small_frames
-from conftest import running_triton
 
 numpy_1 = pytest.mark.skipif(int(np.__version__.split(".")[0]) >= 2,
                              reason="numpy 2: <name>_video does not load (tests/test_server_decode.py)")

@@ -286,7 +286,8 @@ class TritonServer:
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         log.info("starting tritonserver on %s (http %d, grpc %d) with %s", self.host, self.http_port,
                  self.grpc_port, ", ".join(models))
-        with open(self.log_file, "wb") as sink:
+        Path(self.log_file).write_bytes(b"")
+        with open(self.log_file, "ab") as sink:  # appending, as the guard does to the same log
             self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
         try:
