@@ -337,8 +337,7 @@ class TritonServer:
             if self.process.poll() is not None:
                 errors = error_lines(self.log_text())
                 raise ServingError(
-                    f"tritonserver exited (code {self.process.returncode}) while starting: "
-                    + (errors[-1] if errors else "no error line in its log"),
+                    f"tritonserver exited (code {self.process.returncode}) while starting: " + _cause(errors),
                     path=self.log_file, fix="read the server log; " + _hint(errors))
             stub = stub_failure(self.log_text())
             if stub:  # tritonserver would wait for this model forever
@@ -420,6 +419,14 @@ def _stub_hint(line: str) -> str:
         return ("the stub's shared libraries do not load for this Python: run `sfdeploy doctor` (its 'python backend "
                 "stub' row names what is missing), e.g. install the python3.X shared library (libpython3.X.so)")
     return "read the server log; run `sfdeploy doctor`"
+
+
+def _cause(errors: list[str]) -> str:
+    """The error line that says why: a model's own load failure (with its reason) rather than the
+    server's closing "failed to load all models"."""
+    if not errors:
+        return "no error line in its log"
+    return next((line for line in reversed(errors) if re.search(r"failed to load '[^']+' version", line)), errors[-1])
 
 
 def _hint(errors: list[str]) -> str:
