@@ -34,6 +34,7 @@ import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.data.probe import VIDEO_EXTENSIONS
+from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import InputError, ServingError
 from sfdeploy.inputs import require_pyarrow
 from sfdeploy.preprocess import DecodeFailure, decode_many
@@ -150,8 +151,10 @@ class Classifier:
         return self.predictor.predict(frames)
 
     def classify(self, inputs: Iterable[str | Path], *, batch_size: int = 8, concurrency: int = 1, topk: int = 5,
-                 workers: int | None = None, show_progress: bool = False) -> Iterator[Prediction]:
-        """One :class:`Prediction` per input (folders expanded), in completion order.
+                 workers: int | None = None, show_progress: bool = False,
+                 max_pixels: int = MAX_VIDEO_PIXELS) -> Iterator[Prediction]:
+        """One :class:`Prediction` per input (folders expanded), in completion order. A video with
+        frames of more than ``max_pixels`` is refused (its row says so) before it is decoded.
 
         Raises :class:`ServingError` if the backend stops answering; the predictions yielded
         before that stay valid.
@@ -200,7 +203,7 @@ class Classifier:
 
                 stream = read_encoded(paths)
             else:
-                stream = decode_many(paths, self.spec, workers=workers)
+                stream = decode_many(paths, self.spec, workers=workers, max_pixels=max_pixels)
             try:
                 for index, clip in stream:
                     if isinstance(clip, DecodeFailure):
@@ -349,12 +352,12 @@ class InferSummary:
 
 def infer(inputs: Sequence[str | Path], out: str | Path, classifier: Classifier, *, batch_size: int = 8,
           concurrency: int = 4, topk: int = 5, workers: int | None = None, resume: bool = False,
-          show_progress: bool = True) -> InferSummary:
+          show_progress: bool = True, max_pixels: int = MAX_VIDEO_PIXELS) -> InferSummary:
     """Classify ``inputs`` into ``out``; on a backend failure the rows so far are kept and a
     :class:`ServingError` says how to continue."""
     return write_predictions(inputs, out, lambda todo: classifier.classify(
         todo, batch_size=batch_size, concurrency=concurrency, topk=topk, workers=workers,
-        show_progress=show_progress), resume=resume)
+        show_progress=show_progress, max_pixels=max_pixels), resume=resume)
 
 
 def write_predictions(inputs: Sequence[str | Path], out: str | Path,

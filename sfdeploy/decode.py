@@ -17,9 +17,19 @@ depend on which decoder delivers the pixels. PyAV decodes sequentially from the 
 seeking, so every index is exact) and keeps only the frames asked for.
 
 A source is a path or the bytes of an encoded file; both decoders read from memory, so bytes need
-no temporary file. Everything that decodes goes through here: the client and server-side
-preprocessing (:mod:`sfdeploy.preprocess`), ``data prepare``'s probe (:mod:`sfdeploy.data.probe`)
-and MMAction2 training/inference (:mod:`sfdeploy.train.transforms`).
+no temporary file.
+
+Hostile input costs bounded memory. A small file can declare huge frames (a 0.8 MB h264 mp4 of
+four 8192x8192 frames took 8 GB to classify): every video is probed first, its stream header read
+by FFmpeg with decoding capped at the limit (``max_pixels``), and a stream whose frames are larger
+than :data:`MAX_VIDEO_PIXELS` (or the caller's ``max_pixels``) is refused (``frame_too_large``)
+before any frame is allocated. The number of frames decoded is the caller's (the clip spec's
+sampled indices), never the file's: a 20,000-frame video decodes the same 32 frames as any other,
+so one decode holds at most ``len(indices) x max_pixels x 3`` bytes of frames.
+
+Everything that decodes goes through here: the client and server-side preprocessing
+(:mod:`sfdeploy.preprocess`), ``data prepare``'s probe (:mod:`sfdeploy.data.probe`) and MMAction2
+training/inference (:mod:`sfdeploy.train.transforms`).
 """
 
 from __future__ import annotations
@@ -28,13 +38,19 @@ import io
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from sfdeploy.errors import InputError
 
+if TYPE_CHECKING:  # numpy is imported where frames are made: the CLI reads this module's limits at start
+    import numpy as np
+
 Source = str | os.PathLike | bytes | bytearray | memoryview
+
+#: The largest frame decoded by default (DCI 4K, 4096x2160): larger streams are refused before
+#: decoding. The one default of ``--max-video-pixels`` (``data prepare``, ``infer``, ``repo``).
+MAX_VIDEO_SIZE: tuple[int, int] = (4096, 2160)
+MAX_VIDEO_PIXELS: int = MAX_VIDEO_SIZE[0] * MAX_VIDEO_SIZE[1]
 
 #: The message of decord's width bug: the one decord error on which PyAV takes over.
 DECORD_MISDECODE = "DECORDArrayCopyFromTo"
@@ -47,6 +63,8 @@ FIXES: dict[str, str] = {
     "e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`, or remove it",
     "no_frames": "the video has no decodable frames: re-encode it or remove it",
     "corrupt": "decoding fails partway (truncated or damaged file): re-encode it or remove it",
+    "frame_too_large": "re-encode it smaller (e.g. `ffmpeg -i IN -vf scale=-2:1080 OUT.mp4`), or raise the limit "
+    "with --max-video-pixels (`data prepare`, `infer`; `repo` for a server's <name>_video)",
     # what a worker process reports (sfdeploy.workers) when decoding kills or hangs it
     "decoder_crash": "the decoder crashed on this file: re-encode it or remove it",
     "timeout": "decoding took too long: re-encode it or remove it",
@@ -60,7 +78,7 @@ def worker_failure_reason(kind: str) -> str:
 
 class DecodeError(InputError):
     """A video that cannot be decoded; ``reason`` is one of :data:`FIXES`' keys (not_found,
-    zero_bytes, unreadable, no_frames, corrupt)."""
+    zero_bytes, unreadable, no_frames, corrupt, frame_too_large)."""
 
     def __init__(self, message: str, *, reason: str, path: str) -> None:
         self.reason = reason
@@ -85,28 +103,30 @@ def describe(source: Source) -> str:
 
 
 class Video:
-    """An opened video: :attr:`num_frames`, :attr:`fps`, and :meth:`frames` at any indices.
+    """An opened video: :attr:`num_frames`, :attr:`fps`, :attr:`width`, :attr:`height`, and
+    :meth:`frames` at any indices.
 
     :attr:`decoder` is ``"decord"`` until decord turns out to mis-decode the stream (found on the
     first :meth:`frames` call), ``"pyav"`` after. Raises :class:`DecodeError` for a source that
-    cannot be opened or has no frames.
+    cannot be opened, has no frames, or has frames of more than ``max_pixels`` pixels.
     """
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, *, max_pixels: int = MAX_VIDEO_PIXELS) -> None:
         import decord
 
         self.name = describe(source)
+        self.max_pixels = max_pixels
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._source: str | bytes = bytes(source)
             if not self._source:
                 raise DecodeError("the file is empty (0 bytes)", reason="zero_bytes", path=self.name)
-            self._check_opens()
         else:
             self._source = os.fspath(source)
             if not os.path.isfile(self._source):
                 raise DecodeError("file not found", reason="not_found", path=self.name)
             if os.path.getsize(self._source) == 0:
                 raise DecodeError("the file is empty (0 bytes)", reason="zero_bytes", path=self.name)
+        self.width, self.height = self._probe()
         try:
             self._decord: Any = decord.VideoReader(self._open(), num_threads=1)
         except (decord.DECORDError, RuntimeError) as exc:  # RuntimeError: decord's "Error reading ..."
@@ -118,18 +138,39 @@ class Video:
         self.fps = float(self._decord.get_avg_fps())
         self.decoder = "decord"
 
-    def _check_opens(self) -> None:
-        """Bytes that FFmpeg cannot open are refused before decord sees them: decord prints a
-        failed source's *content* to stderr as its name (a whole upload, into a server's log)."""
+    def _probe(self) -> tuple[int, int]:
+        """(width, height) of the video stream, from its header, before decord opens it.
+
+        FFmpeg reads the header with its decoders capped at ``max_pixels`` (its own option), so
+        probing a bomb allocates no frame of it; a larger stream is refused here. A source FFmpeg
+        cannot open is refused before decord sees it, too: decord prints a failed source's *content*
+        to stderr as its name (a whole upload, into a server's log)."""
         import av
 
         try:
-            with av.open(self._open()) as container:
-                if not container.streams.video:
+            with av.open(self._open(), options=self._codec_options()) as container:  # every stream's decoder
+                stream = container.streams.best("video")  # decord's choice: av_find_best_stream
+                if stream is None:
                     raise DecodeError("no video stream", reason="unreadable", path=self.name)
+                width, height = int(stream.codec_context.width), int(stream.codec_context.height)
         except av.FFmpegError as exc:
             raise DecodeError(f"cannot open the video ({short_error(exc)})", reason="unreadable",
                               path=self.name) from exc
+        if not (width and height):  # the capped decoder refused its first frame: no size without decoding it
+            raise DecodeError(f"the decoder cannot read a frame of it within the limit of {self.max_pixels:,} "
+                              "pixels (larger frames, or a damaged stream); not decoded", reason="frame_too_large",
+                              path=self.name)
+        self._check_size(width, height)
+        return width, height
+
+    def _codec_options(self) -> dict[str, str]:
+        """FFmpeg decoder options: no frame over the limit is ever allocated."""
+        return {"max_pixels": str(self.max_pixels)}
+
+    def _check_size(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise DecodeError(f"frames of {width}x{height} ({width * height:,} pixels) are over the limit of "
+                              f"{self.max_pixels:,} pixels; not decoded", reason="frame_too_large", path=self.name)
 
     def _open(self) -> Any:
         """What the decoders read: the path, or a file object over the bytes."""
@@ -139,6 +180,7 @@ class Video:
         """uint8 RGB frames ``[len(indices), H, W, 3]`` at ``indices`` (any order, repeats allowed),
         as MMAction2's ``DecordDecode`` (accurate mode) returns them."""
         import decord
+        import numpy as np
 
         wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
         if wanted.size == 0:
@@ -164,6 +206,7 @@ class Video:
 
     def _pyav_frames(self, wanted: np.ndarray) -> np.ndarray:
         import av
+        import numpy as np
         from av.video.reformatter import VideoReformatter
 
         needed = set(wanted.tolist())
@@ -176,10 +219,12 @@ class Video:
                 if stream is None:
                     raise DecodeError("PyAV finds no video stream", reason="unreadable", path=self.name)
                 stream.codec_context.thread_count = 1  # as decord's num_threads=1: workers are the parallelism
+                stream.codec_context.options = self._codec_options()  # a stream that grows mid-way too
                 # One reformatter for the stream: frame.to_ndarray(format="rgb24") builds a new
                 # swscale context per frame (same pixels, most of the time on small frames).
                 rgb = VideoReformatter()
                 for frame in container.decode(stream):
+                    self._check_size(frame.width, frame.height)
                     if decoded in needed:
                         kept[decoded] = rgb.reformat(frame, format="rgb24").to_ndarray()
                     decoded += 1
@@ -205,7 +250,7 @@ class Video:
         self.close()
 
 
-def open_video(source: Source) -> Video:
+def open_video(source: Source, *, max_pixels: int = MAX_VIDEO_PIXELS) -> Video:
     """Open a video from a path or from the bytes of an encoded file (see :class:`Video`)."""
-    return Video(source)
+    return Video(source, max_pixels=max_pixels)
 

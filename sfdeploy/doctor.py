@@ -272,7 +272,7 @@ def check_tritonserver() -> Check:
         return Check("tritonserver", FAIL, exc.message, exc.fix or "")
     import os
 
-    env = {**os.environ, **install.env()}
+    env = install.env(dict(os.environ))
     try:
         out = subprocess.run([str(install.binary), "--help"], capture_output=True, text=True, env=env, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -283,6 +283,42 @@ def check_tritonserver() -> Check:
                      f"pip install --force-reinstall {_pins('nvidia-pytriton')}")
     return Check("tritonserver", OK, f"nvidia-pytriton {_version('nvidia-pytriton')}, python backend stub for "
                  f"{install.stub.parent.name}")
+
+
+def check_python_backend_stub() -> Check:
+    """The tritonserver python-backend stub for this Python loads: its shared libraries resolve
+    with the library path ``serve`` gives it (``ldd``). A stub that cannot start makes the server
+    wait for its model forever; ``serve`` fails fast with the stub's line, this says why first."""
+    from sfdeploy.errors import SfdeployError
+    from sfdeploy.serving.install import find_tritonserver, python_library_dir
+
+    name = "python backend stub"
+    try:
+        install = find_tritonserver()
+    except SfdeployError as exc:
+        return Check(name, WARN, f"skipped: {exc.message} (see the tritonserver row)", "")
+    import os
+
+    try:
+        out = subprocess.run(["ldd", str(install.stub)], capture_output=True, text=True, timeout=30,
+                             env=install.env(dict(os.environ)))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check(name, WARN, f"cannot run ldd on {install.stub}: {exc}", "install ldd (libc-bin) to check it")
+    links = dict(line.strip().split(" => ", 1) for line in out.stdout.splitlines() if " => " in line)
+    missing = sorted(lib for lib, where in links.items() if where.startswith("not found"))
+    py = install.stub.parent.name
+    if missing:
+        libpython = [lib for lib in missing if lib.startswith("libpython")]
+        fix = (f"install the shared Python library {libpython[0]} (Debian/Ubuntu: apt-get install libpython{py}; "
+               f"pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install {py}) or put its folder on "
+               "LD_LIBRARY_PATH" if libpython else
+               f"put the folder holding them on LD_LIBRARY_PATH, or pip install --force-reinstall "
+               f"{_pins('nvidia-pytriton')}")
+        return Check(name, FAIL, f"the stub for Python {py} cannot start: {', '.join(missing)} not found "
+                     f"({install.stub})", fix)
+    libpython = next((where.split(" (")[0] for lib, where in links.items() if lib.startswith("libpython")), "?")
+    return Check(name, OK, f"Python {py} stub loads (libpython: {libpython}; this Python's: "
+                 f"{python_library_dir() or 'static'})")
 
 
 def check_ray() -> Check:
@@ -306,7 +342,8 @@ def check_ray() -> Check:
 
 CHECKS: list[Callable[[], Check]] = [
     check_python, check_torch, check_numpy, check_openmmlab, check_pkg_resources, check_opencv,
-    check_decoders, check_onnx, check_onnxruntime_cuda, check_tritonclient, check_tritonserver, check_ray,
+    check_decoders, check_onnx, check_onnxruntime_cuda, check_tritonclient, check_tritonserver,
+    check_python_backend_stub, check_ray,
 ]
 
 

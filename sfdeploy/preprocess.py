@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.decode import FIXES, DecodeError, describe, open_video, worker_failure_reason
+from sfdeploy.decode import MAX_VIDEO_PIXELS, FIXES, DecodeError, describe, open_video, worker_failure_reason
 from sfdeploy.workers import IsolatedPool, WorkerFailure
 
 
@@ -78,15 +78,16 @@ def clip_views(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(views, axis=0))  # crop-major, like FormatShape
 
 
-def load_video(source: str | Path | bytes, spec: ClipSpec) -> np.ndarray:
+def load_video(source: str | Path | bytes, spec: ClipSpec, *, max_pixels: int = MAX_VIDEO_PIXELS) -> np.ndarray:
     """Decode and preprocess one video: uint8 ``[V, T, crop, crop, 3]`` RGB.
 
     ``source`` is a path or the bytes of an encoded file (server-side decoding receives those; no
     temporary file is written). Decoding is :mod:`sfdeploy.decode`'s, the decoder MMAction2 trains
-    with here (decord, PyAV on the streams decord mis-decodes). Raises
-    :class:`sfdeploy.decode.DecodeError` (an :class:`InputError` naming the video and the fix).
+    with here (decord, PyAV on the streams decord mis-decodes); a stream with frames of more than
+    ``max_pixels`` is refused before decoding. Raises :class:`sfdeploy.decode.DecodeError` (an
+    :class:`InputError` naming the video and the fix).
     """
-    with open_video(source) as video:
+    with open_video(source, max_pixels=max_pixels) as video:
         frames = video.frames(sample_indices(video.num_frames, spec).reshape(-1))
     return clip_views(frames, spec)
 
@@ -99,17 +100,18 @@ class DecodeFailure:
     error: str
 
 
-def _decode_task(job: tuple[str | bytes, ClipSpec]) -> np.ndarray | DecodeFailure:
+def _decode_task(job: tuple[str | bytes, ClipSpec, int]) -> np.ndarray | DecodeFailure:
     """Decode one video, or say why not and what to do."""
-    source, spec = job
+    source, spec, max_pixels = job
     try:
-        return load_video(source, spec)
+        return load_video(source, spec, max_pixels=max_pixels)
     except DecodeError as exc:  # this input's row says why; the others go on
-        what = exc.message if exc.reason in ("not_found", "zero_bytes") else f"cannot decode ({exc.message})"
+        plain = exc.reason in ("not_found", "zero_bytes", "frame_too_large")
+        what = exc.message if plain else f"cannot decode ({exc.message})"
         return DecodeFailure(describe(source), f"{what}; {exc.fix}")
 
 
-def _decode_failed(job: tuple[str | bytes, ClipSpec], failure: WorkerFailure) -> DecodeFailure:
+def _decode_failed(job: tuple[str | bytes, ClipSpec, int], failure: WorkerFailure) -> DecodeFailure:
     what = {"crash": "the decoder crashed", "timeout": "decoding timed out"}.get(failure.kind, "cannot decode")
     fix = FIXES[worker_failure_reason(failure.kind)]
     return DecodeFailure(describe(job[0]), f"{what} ({failure.detail}); {fix}")
@@ -128,11 +130,13 @@ class DecodePool:
     """Decode worker processes kept between calls: the pool behind :func:`decode_many`, and what a
     Triton model instance (``<name>_video``) decodes its requests with, request after request,
     without starting an interpreter per request. A video that crashes or hangs the decoder costs
-    its own result and its worker (replaced), never the caller's process."""
+    its own result and its worker (replaced), never the caller's process; one with frames of more
+    than ``max_pixels`` is refused before decoding (:mod:`sfdeploy.decode`)."""
 
     def __init__(self, spec: ClipSpec, *, workers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 prefetch: int = 2) -> None:
+                 prefetch: int = 2, max_pixels: int = MAX_VIDEO_PIXELS) -> None:
         self.spec = spec
+        self.max_pixels = max_pixels
         self._pool = IsolatedPool(_decode_task, workers=workers or max(1, os.cpu_count() or 1),
                                   on_failure=_decode_failed, timeout_s=timeout_s, prefetch=prefetch,
                                   init=_single_threaded)
@@ -143,7 +147,8 @@ class DecodePool:
 
     def decode(self, sources: Sequence[str | Path | bytes]) -> Iterator[tuple[int, np.ndarray | DecodeFailure]]:
         """``(index, views or DecodeFailure)`` for each source, as they complete."""
-        jobs = [(bytes(s) if isinstance(s, (bytes, bytearray, memoryview)) else str(s), self.spec) for s in sources]
+        jobs = [(bytes(s) if isinstance(s, (bytes, bytearray, memoryview)) else str(s), self.spec, self.max_pixels)
+                for s in sources]
         yield from self._pool.imap(jobs)
 
     def close(self) -> None:
@@ -157,10 +162,10 @@ class DecodePool:
 
 
 def decode_many(sources: Sequence[str | Path | bytes], spec: ClipSpec, *, workers: int | None = None,
-                timeout_s: float = DEFAULT_TIMEOUT_S, prefetch: int = 2
+                timeout_s: float = DEFAULT_TIMEOUT_S, prefetch: int = 2, max_pixels: int = MAX_VIDEO_PIXELS
                 ) -> Iterator[tuple[int, np.ndarray | DecodeFailure]]:
     """Decode videos (paths or encoded bytes) in worker processes (:mod:`sfdeploy.workers`); yields
     ``(index, views or DecodeFailure)`` as they complete. A video that crashes or hangs the decoder
     fails alone; a failure's ``path`` is the path, or ``<N bytes of an encoded video>``."""
-    with DecodePool(spec, workers=workers, timeout_s=timeout_s, prefetch=prefetch) as pool:
+    with DecodePool(spec, workers=workers, timeout_s=timeout_s, prefetch=prefetch, max_pixels=max_pixels) as pool:
         yield from pool.decode(sources)

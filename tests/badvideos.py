@@ -118,3 +118,31 @@ def bad_input_matrix(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         "not_a_video": not_a_video(b / "notes.avi"),
     }
     return usable, failing
+
+
+def decompression_bomb(path: Path, width: int = 4096, height: int = 4096, frames: int = 2) -> Path:
+    """A small file of huge frames (flat black compresses to almost nothing: 4096x4096 x 2 is ~50 KB,
+    made in under a second), as an attacker would send; decoding its frames takes gigabytes."""
+    return _flat_h264(path, width, height, frames)
+
+
+def many_small_frames(path: Path, frames: int = 20_000, size: int = 16) -> Path:
+    """The harmless opposite: a long video of tiny frames (decodes the clip's frames only)."""
+    return _flat_h264(path, size, size, frames)
+
+
+def _flat_h264(path: Path, width: int, height: int, frames: int) -> Path:
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "40"}
+        image = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), dtype=np.uint8), format="rgb24")
+        for _ in range(frames):
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -89,3 +89,32 @@ def test_a_checkpoint_that_runs_code_is_refused_unrun(code_payload: tuple[Path, 
     with pytest.raises(InputError, match="could run code when loaded"):
         load_checkpoint_file(payload)
     assert not marker.exists()
+
+
+def test_model_control_is_closed_to_clients(triton) -> None:
+    """Listing, loading and unloading models, and the server's logging and trace settings (which can
+    make it write files where a client says), answer no client of `sfdeploy serve` unless asked
+    (`--allow-model-control`; tests/test_serving.py loads a model through it)."""
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    def post(path: str, body: bytes = b"{}") -> tuple[int, str]:
+        request = urllib.request.Request(f"http://{triton.http_url}{path}", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    for path in ("/v2/repository/index", "/v2/repository/models/slowfast/unload",
+                 "/v2/repository/models/slowfast_onnx/load", "/v2/logging", "/v2/trace/setting"):
+        status, body = post(path, b'{"log_file": "/tmp/x"}' if path == "/v2/logging" else b"{}")
+        assert status == 403 and "restricted" in body, (path, status, body)
+    client = grpc.InferenceServerClient(triton.grpc_url)
+    for call in (client.get_model_repository_index, lambda: client.unload_model("slowfast")):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            call()
+    assert client.is_model_ready("slowfast")  # still served

@@ -111,7 +111,11 @@ def test_video_configs_parse_and_name_their_model(tiny_repo: Path, spec) -> None
         assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
             ("probs", 11, [4]), ("label", 13, [1]), ("error", 13, [1])]  # FP32, TYPE_STRING
         assert config.output[0].label_filename == "labels.txt"
-        assert not config.HasField("dynamic_batching")  # each request to the next free instance
+        batching = config.dynamic_batching  # each request alone to the next free instance, with a bounded wait
+        assert list(batching.preferred_batch_size) == [1] and batching.max_queue_delay_microseconds == 0
+        assert batching.default_queue_policy.default_timeout_microseconds == 30_000_000
+        assert batching.default_queue_policy.max_queue_size == 128 and batching.default_queue_policy.timeout_action == 0
+        assert int(config.parameters["max_video_pixels"].string_value) == 4096 * 2160
         assert config.instance_group[0].count == instances and config.instance_group[0].kind == 2  # KIND_CPU
         assert config.parameters["target_model"].string_value == name.removesuffix("_video")
         assert int(config.parameters["max_video_bytes"].string_value) == limit * 2**20

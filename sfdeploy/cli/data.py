@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from sfdeploy.cli.options import max_video_pixels_option
+
 
 @click.group()
 def data() -> None:
@@ -54,8 +56,9 @@ def synth(out: Path, classes: int, per_class: int, frames: int, size: int, seed:
               help="Reject videos with fewer frames than this [default: keep every decodable video].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel probe processes [default: one per CPU core].")
+@max_video_pixels_option("The probe")
 def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: str | None,
-            min_frames: int | None, workers: int | None) -> None:
+            min_frames: int | None, workers: int | None, max_pixels: int) -> None:
     """Probe and split VIDEO_ROOT/<class>/*.mp4 (or VIDEO_ROOT/{train,val}/<class>/) into
     MMAction2 annotation lists.
 
@@ -70,7 +73,7 @@ def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: st
 
     clip_frames = preset_clip_frames(preset or DEFAULT_PRESET)
     result = run_prepare(video_root, out, val_ratio=val_ratio, seed=seed, min_frames=min_frames or 1,
-                         clip_frames=clip_frames, workers=workers)
+                         clip_frames=clip_frames, workers=workers, max_pixels=max_pixels)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     for item in result.rejected:

@@ -64,3 +64,32 @@ class BatchSize(click.ParamType):
         if number < 1:
             self.fail(f"must be >= 1, got {number}", param, ctx)
         return number
+
+
+class FrameSize(click.ParamType):
+    """A frame size limit, in pixels: ``WxH`` (``7680x4320``) or a number (``33177600``)."""
+
+    name = "WxH|PIXELS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        width, sep, height = str(value).lower().partition("x")
+        try:
+            pixels = int(width) * int(height) if sep else int(width)
+        except ValueError:
+            self.fail(f"'{value}' is neither WxH (e.g. 7680x4320) nor a number of pixels", param, ctx)
+        if pixels < 1:
+            self.fail(f"must be >= 1 pixel, got {value}", param, ctx)
+        return pixels
+
+
+def max_video_pixels_option(where: str) -> Any:
+    """``--max-video-pixels``: videos with larger frames are refused before they are decoded
+    (:mod:`sfdeploy.decode` owns the default)."""
+    from sfdeploy.decode import MAX_VIDEO_SIZE
+
+    return click.option("--max-video-pixels", "max_pixels", default="x".join(map(str, MAX_VIDEO_SIZE)),
+                        show_default=True, type=FrameSize(),
+                        help=f"{where} refuses videos with larger frames (WxH or pixels) before decoding them: a "
+                             "small file can hold huge frames, and decoding them would take gigabytes.")

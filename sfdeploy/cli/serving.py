@@ -11,29 +11,36 @@ from typing import Any
 
 import click
 
-from sfdeploy.cli.options import GreedyOption
+from sfdeploy.cli.options import GreedyOption, max_video_pixels_option
 from sfdeploy.scale.cluster import STALL_TIMEOUT_S
+from sfdeploy.serving.repo import RepoOptions
+from sfdeploy.serving.server import TritonServer
+
+REPO = RepoOptions(repo=Path("model_repository"))  # the defaults of `repo`, and of `serve` below
+SERVE = TritonServer(REPO.repo)
 
 
 @click.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
-@click.option("--repo", "repo_dir", default="model_repository", show_default=True,
+@click.option("--repo", "repo_dir", default=REPO.repo, show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="The Triton model repository to write into.")
-@click.option("--name", default="slowfast", show_default=True,
+@click.option("--name", default=REPO.name, show_default=True,
               help="Model name (native variants add _onnx, _torchscript).")
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="max_batch_size.")
-@click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances.")
-@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-batch", default=REPO.max_batch, show_default=True, type=click.IntRange(min=1),
+              help="max_batch_size.")
+@click.option("--instances", default=REPO.instances, show_default=True, type=click.IntRange(min=1),
+              help="Model instances.")
+@click.option("--version", "version", default=REPO.version, show_default=True, type=click.IntRange(min=1),
               help="Version folder to write (a new number keeps the older versions).")
-@click.option("--runtime", default="torchscript", show_default=True,
+@click.option("--runtime", default=REPO.runtime, show_default=True,
               type=click.Choice(["torchscript", "onnxruntime"]),
               help="What the python-backend model runs (torch: GPU when present, faster 3-D convs on CPU).")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16"]),
+@click.option("--precision", default=REPO.precision, show_default=True, type=click.Choice(["auto", "fp32", "fp16"]),
               help="Which artifact of the export to serve: auto = on a GPU the fastest that passed the parity "
                    "gate (fp16 if the export has it: `export --fp16`), on the CPU fp32.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
+@click.option("--device", default=REPO.device, show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
               help="Instance kind: GPU or CPU; auto = GPU if torch sees one here.")
-@click.option("--queue-delay-us", default=5000, show_default=True, type=click.IntRange(min=0),
+@click.option("--queue-delay-us", default=REPO.queue_delay_us, show_default=True, type=click.IntRange(min=0),
               help="How long the dynamic batcher waits to fill a batch.")
 @click.option("--tensorrt", is_flag=True, help="Add the TensorRT fp16 accelerator to <name>_onnx (NVIDIA's container).")
 @click.option("--native/--no-native", default=True, show_default=True,
@@ -42,11 +49,22 @@ from sfdeploy.scale.cluster import STALL_TIMEOUT_S
               help="Also write <name>_video: send encoded video files, decoded on the server.")
 @click.option("--decode-instances", type=click.IntRange(min=1),
               help="<name>_video instances, each decoding one video at a time [default: the CPU count].")
-@click.option("--max-video-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="<name>_video refuses larger videos before decoding them.")
+@click.option("--max-video-mb", default=REPO.max_video_mb, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="<name>_video refuses larger videos before decoding them; `serve` refuses larger requests to it "
+                   "before reading them.")
+@max_video_pixels_option("<name>_video")
+@click.option("--decode-queue-timeout", default=REPO.decode_queue_timeout_s, show_default=True,
+              type=click.FloatRange(min=0),
+              help="<name>_video: a request waiting longer for a decode instance is refused (HTTP 503, gRPC "
+                   "UNAVAILABLE: retry later) instead of waiting on; 0: no limit.")
+@click.option("--decode-max-queue", default=REPO.decode_max_queue, show_default=True, type=click.IntRange(min=0),
+              help="<name>_video: requests arriving when this many wait are refused at once (503); each waiting "
+                   "request holds its upload in memory; 0: no limit.")
 def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances: int, version: int, runtime: str,
          precision: str, device: str, queue_delay_us: int, tensorrt: bool, native: bool, video: bool,
-         decode_instances: int | None, max_video_mb: float) -> None:
+         decode_instances: int | None, max_video_mb: float, max_pixels: int, decode_queue_timeout: float,
+         decode_max_queue: int) -> None:
     """Write a Triton model repository for EXPORT (an `sfdeploy export` folder).
 
     <name> runs the artifact in Triton's python backend (what `sfdeploy serve` serves here);
@@ -56,39 +74,50 @@ def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances:
     with sfdeploy's preprocessing on the server and runs the clips through <name>. Safe to
     re-run: unchanged files are left alone.
     """
-    from sfdeploy.serving.repo import RepoOptions, write_repository
+    from sfdeploy.serving.repo import write_repository
 
     folders = write_repository(export_dir, RepoOptions(
         repo=repo_dir, name=name, max_batch=max_batch, instances=instances, version=version, runtime=runtime,
         precision=precision, device=device, queue_delay_us=queue_delay_us, tensorrt=tensorrt, native=native,
-        video=video, decode_instances=decode_instances, max_video_mb=max_video_mb))
+        video=video, decode_instances=decode_instances, max_video_mb=max_video_mb, max_video_pixels=max_pixels,
+        decode_queue_timeout_s=decode_queue_timeout, decode_max_queue=decode_max_queue))
     click.echo(json.dumps({"repo": str(repo_dir), "models": [f.name for f in folders], "version": version}))
 
 
 @click.command()
-@click.option("--repo", "repo_dir", default="model_repository", show_default=True,
+@click.option("--repo", "repo_dir", default=REPO.repo, show_default=True,
               type=click.Path(path_type=Path), help="The model repository to serve.")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default=SERVE.host, show_default=True,
               help="Address to bind; 0.0.0.0 exposes the server to the network.")
-@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--http-port", default=SERVE.http_port, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--grpc-port", default=SERVE.grpc_port, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--metrics-port", default=SERVE.metrics_port, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--models", cls=GreedyOption, multiple=True, metavar="NAME ...",
               help="Models to load [default: every python-backend model of the repository].")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Server log [default: a temp file].")
-@click.option("--startup-timeout", default=180, show_default=True, type=click.IntRange(min=1),
+@click.option("--startup-timeout", default=int(SERVE.startup_timeout_s), show_default=True, type=click.IntRange(min=1),
               help="Seconds to wait for the models to be ready.")
+@click.option("--allow-model-control", is_flag=True,
+              help="Let clients list, load and unload the repository's models (closed by default).")
+@click.option("--idle-timeout", default=SERVE.idle_timeout_s, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds a client connection may stay open with no request in flight.")
+@click.option("--max-connections", default=SERVE.max_connections, show_default=True, type=click.IntRange(min=1),
+              help="Client connections at once (HTTP and gRPC together); more are refused.")
 def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, models: tuple[str, ...],
-          log_file: Path | None, startup_timeout: int) -> None:
+          log_file: Path | None, startup_timeout: int, allow_model_control: bool, idle_timeout: float,
+          max_connections: int) -> None:
     """Run the tritonserver shipped in nvidia-pytriton on a model repository until Ctrl-C.
 
     Binds 127.0.0.1 unless --host says otherwise, waits until the models are ready, prints the
-    endpoints, and shuts the server down cleanly on Ctrl-C or SIGTERM.
+    endpoints, and shuts the server down cleanly on Ctrl-C or SIGTERM. Requests larger than their
+    model accepts (its largest clip batch; for <name>_video, `repo --max-video-mb`) are refused
+    before they are read, idle connections are closed, model control is closed unless asked for,
+    and when the server dies or is killed nothing of it is left running.
     """
-    from sfdeploy.serving.server import TritonServer
-
     server = TritonServer(repo_dir, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          models=list(models) or None, log_file=log_file, startup_timeout_s=startup_timeout)
+                          models=list(models) or None, log_file=log_file, startup_timeout_s=startup_timeout,
+                          allow_model_control=allow_model_control, idle_timeout_s=idle_timeout,
+                          max_connections=max_connections)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -96,15 +125,18 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
     try:
         click.echo(f"ready: http {server.http_url}  grpc {server.grpc_url}  metrics {host}:{metrics_port}", err=True)
         click.echo(f"models: {', '.join(server.loaded)}", err=True)
+        click.echo("request limits: " + ", ".join(f"{m} {size / 2**20:.1f} MB" for m, size in server.limits.items())
+                   + f"; idle connections closed after {idle_timeout:g} s; model control "
+                   + ("open" if allow_model_control else "closed"), err=True)
         for name, why in server.skipped.items():
             click.echo(f"not loaded: {name} ({why})", err=True)
         click.echo(f"log: {server.log_file}", err=True)
-        click.echo(json.dumps({"http": server.http_url, "grpc": server.grpc_url, "models": server.loaded}))
+        click.echo(json.dumps({"http": server.http_url, "grpc": server.grpc_url, "models": server.loaded,
+                               "pid": server.process.pid}))
         sys.stdout.flush()
         while not stop.wait(0.5):
-            if server.process.poll() is not None:
-                raise click.ClickException(f"tritonserver exited unexpectedly (code {server.process.returncode}); "
-                                           f"see {server.log_file}")
+            if (ended := server.running()) is not None:
+                raise click.ClickException(f"{ended} unexpectedly; see {server.log_file}")
         click.echo("stopping tritonserver", err=True)
     finally:
         server.stop()
@@ -147,11 +179,12 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
 @click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output: .csv, .jsonl or .parquet, one row per input.")
 @click.option("--resume", is_flag=True, help="Skip inputs already in --out and append the rest.")
+@max_video_pixels_option("Decoding here")
 def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, backend: str,
           urls: tuple[str, ...], protocol: str, model_name: str, shm: bool, server_decode: bool,
           export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int | None,
           workers: int | None, actor_cpus: float | None, stall_timeout: float, topk: int, out: Path,
-          resume: bool) -> None:
+          resume: bool, max_pixels: int) -> None:
     """Classify videos (files and folders) with a served or exported model.
 
     Decoding runs in parallel worker processes (with --server-decode: on the server, and the
@@ -176,10 +209,11 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
         summary = infer_ray(items, out, RayOptions(
             backend=backend, export_dir=export_dir, precision=precision, device=device, urls=urls, protocol=protocol,
             model=model_name, shm=shm, batch_size=batch_size, actors=concurrency or 1, actor_cpus=actor_cpus,
-            decode_tasks=workers, topk=topk, address=ray_address, stall_timeout_s=stall_timeout), resume=resume)
+            decode_tasks=workers, topk=topk, max_pixels=max_pixels, address=ray_address,
+            stall_timeout_s=stall_timeout), resume=resume)
     else:
         summary = _infer_local(items, out, backend, urls, protocol, model_name, shm, server_decode, export_dir,
-                               precision, device, batch_size, concurrency or 4, workers, topk, resume)
+                               precision, device, batch_size, concurrency or 4, workers, topk, resume, max_pixels)
     for failure in summary.failures:
         click.echo(f"failed: {failure['path']}: {failure['error']}", err=True)
     click.echo(f"{summary.ok} classified, {summary.failed} failed, {summary.skipped} already in {out}; "
@@ -192,7 +226,8 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
 
 def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...], protocol: str, model_name: str,
                  shm: bool, server_decode: bool, export_dir: Path | None, precision: str, device: str,
-                 batch_size: int, concurrency: int, workers: int | None, topk: int, resume: bool) -> Any:
+                 batch_size: int, concurrency: int, workers: int | None, topk: int, resume: bool,
+                 max_pixels: int) -> Any:
     from sfdeploy.client import Classifier
     from sfdeploy.client import infer as run_infer
     from sfdeploy.runtime import open_predictor
@@ -207,4 +242,4 @@ def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...
         classifier = Classifier(open_predictor(backend, export_dir=export_dir, precision=precision, device=device))
     with classifier:
         return run_infer(items, out, classifier, batch_size=batch_size, concurrency=concurrency, topk=topk,
-                         workers=workers, resume=resume)
+                         workers=workers, resume=resume, max_pixels=max_pixels)

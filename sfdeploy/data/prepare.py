@@ -25,6 +25,7 @@ from pathlib import Path
 from sfdeploy.data import layout
 from sfdeploy.data.probe import VIDEO_EXTENSIONS, VideoProbe, probe_videos
 from sfdeploy.data.synth import HINTS_JSON
+from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import InputError
 from sfdeploy.fsutil import ensure_writable_dir
 
@@ -135,11 +136,13 @@ def prepare(
     clip_frames: int | None = None,
     workers: int | None = None,
     show_progress: bool = True,
+    max_pixels: int = MAX_VIDEO_PIXELS,
 ) -> PrepareResult:
     """Scan, probe, split and write ``out`` (see :mod:`sfdeploy.data.layout`).
 
     ``min_frames`` rejects shorter videos (``too_short``); ``clip_frames`` (the frames one training
-    clip spans, :attr:`ClipSpec.min_frames`) only marks the shorter ones as ``short`` in the report.
+    clip spans, :attr:`ClipSpec.min_frames`) only marks the shorter ones as ``short`` in the report;
+    videos with frames of more than ``max_pixels`` are rejected (``frame_too_large``) undecoded.
     """
     video_root = Path(video_root).resolve()
     out = Path(out).resolve()
@@ -155,7 +158,8 @@ def prepare(
             "VIDEO_ROOT/<class>/<video>",
         )
 
-    probes = probe_videos([c.path for c in candidates], workers=workers, show_progress=show_progress)
+    probes = probe_videos([c.path for c in candidates], workers=workers, show_progress=show_progress,
+                          max_pixels=max_pixels)
     rejected = [p.to_dict() for p in probes if not p.ok]
     usable: list[tuple[Candidate, VideoProbe]] = []
     for cand, probe in zip(candidates, probes, strict=True):

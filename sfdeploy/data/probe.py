@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sfdeploy.decode import FIXES, DecodeError, open_video, worker_failure_reason
+from sfdeploy.decode import FIXES, MAX_VIDEO_PIXELS, DecodeError, open_video, worker_failure_reason
 from sfdeploy.progress import progress
 from sfdeploy.workers import WorkerFailure, imap_isolated
 
@@ -51,10 +51,10 @@ class VideoProbe:
         return data
 
 
-def probe_video(path: str) -> VideoProbe:
+def probe_video(path: str, max_pixels: int = MAX_VIDEO_PIXELS) -> VideoProbe:
     """Probe one file; never raises for a bad file (the result says what is wrong)."""
     try:
-        with open_video(path) as video:
+        with open_video(path, max_pixels=max_pixels) as video:
             ends = video.frames([0, video.num_frames - 1])
             return VideoProbe(path, frames=video.num_frames, fps=video.fps, width=int(ends.shape[2]),
                               height=int(ends.shape[1]), decoder=video.decoder)
@@ -63,8 +63,12 @@ def probe_video(path: str) -> VideoProbe:
         return VideoProbe(path, reason=reason, detail=exc.message)
 
 
-def _on_failure(path: str, failure: WorkerFailure) -> VideoProbe:
-    return VideoProbe(path, reason=worker_failure_reason(failure.kind), detail=failure.detail)
+def _probe_job(job: tuple[str, int]) -> VideoProbe:
+    return probe_video(*job)
+
+
+def _on_failure(job: tuple[str, int], failure: WorkerFailure) -> VideoProbe:
+    return VideoProbe(job[0], reason=worker_failure_reason(failure.kind), detail=failure.detail)
 
 
 def probe_videos(
@@ -73,15 +77,17 @@ def probe_videos(
     workers: int | None = None,
     timeout_s: float = 120.0,
     show_progress: bool = True,
+    max_pixels: int = MAX_VIDEO_PIXELS,
 ) -> list[VideoProbe]:
     """Probe many files in parallel worker processes; results in the order of ``paths``.
 
-    A file that crashes or hangs the decoder is reported as such; the others are unaffected.
+    A file that crashes or hangs the decoder is reported as such; the others are unaffected; one
+    with frames of more than ``max_pixels`` is refused (``frame_too_large``) before decoding.
     """
     workers = workers or max(1, os.cpu_count() or 1)
-    jobs = [str(p) for p in paths]
+    jobs = [(str(p), max_pixels) for p in paths]
     results: list[VideoProbe | None] = [None] * len(jobs)
-    stream = imap_isolated(probe_video, jobs, workers=workers, on_failure=_on_failure,
+    stream = imap_isolated(_probe_job, jobs, workers=workers, on_failure=_on_failure,
                            timeout_s=timeout_s, prefetch=8)
     for index, probe in progress(stream, desc="probe", unit="video", total=len(jobs),
                                  enabled=show_progress):

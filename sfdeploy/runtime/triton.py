@@ -59,7 +59,12 @@ class TritonPredictor:
             raise ServingError(f"the Triton server at {self.url} is not ready",
                                fix="wait until `sfdeploy serve` prints that it is ready, or read its log")
         if not client.is_model_ready(model):
-            index = client.get_model_repository_index()
+            try:
+                index = client.get_model_repository_index()
+            except Exception:  # the repository API is closed (`sfdeploy serve` without --allow-model-control)
+                raise ServingError(f"model '{model}' is not ready on {self.url}",
+                                   fix="pass --model with a model the server serves (`sfdeploy serve` prints "
+                                       "them)") from None
             rows = index if isinstance(index, list) else [{"name": m.name, "state": m.state} for m in index.models]
             ready = [r["name"] for r in rows if r.get("state") == "READY"]
             raise ServingError(f"model '{model}' is not ready on {self.url} (ready: {', '.join(ready) or 'none'})",

@@ -20,8 +20,11 @@ from sfdeploy.errors import ServingError
 from sfdeploy.preprocess import DecodeFailure
 from sfdeploy.runtime.triton import TritonPredictor
 
-# How the server says "this one video cannot be classified" (INVALID_ARG), per protocol.
-_INVALID_INPUT = {"400", "StatusCode.INVALID_ARGUMENT"}
+# How the server says "this one video cannot be classified" (INVALID_ARG; or too large, refused by
+# the server's front before it was read: sfdeploy.serving.guard), per protocol.
+_INVALID_INPUT = {"400", "StatusCode.INVALID_ARGUMENT", "413", "StatusCode.RESOURCE_EXHAUSTED"}
+# How Triton's queue policy refuses a request when too many wait, or it waited too long (503 / UNAVAILABLE).
+BUSY = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 class TritonVideoPredictor(TritonPredictor):
@@ -57,6 +60,9 @@ class TritonVideoPredictor(TritonPredictor):
         except InferenceServerException as exc:
             if len(videos) == 1 and str(exc.status()) in _INVALID_INPUT:  # this video's own error
                 return [exc.message() or str(exc)]
+            if any(reason in exc.message() for reason in BUSY):  # its queue policy (`sfdeploy repo --decode-*`)
+                raise ServingError(f"the server at {self.url} is busy and refused the request ({exc.message()})",
+                                   fix="retry later, or send fewer requests at once (--concurrency)") from exc
             raise ServingError(f"inference on {self.url} failed ({exc})",
                                fix="check that the server still runs (`sfdeploy serve` log)") from exc
         except Exception as exc:  # a broken connection: tritonclient raises several types

@@ -38,6 +38,7 @@ from typing import Any
 
 from sfdeploy.client import InferSummary, Prediction, collect_inputs, write_predictions
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import InputError, ServingError, SfdeployError
 from sfdeploy.progress import bar
 from sfdeploy.runtime import LOCAL_BACKENDS
@@ -81,6 +82,7 @@ class RayOptions:
     actor_cpus: float | None = None  # CPUs (threads) per model actor [see model_cpus]
     decode_tasks: int | None = None  # decode tasks at once (--workers) [as many as the CPUs allow]
     topk: int = 5
+    max_pixels: int = MAX_VIDEO_PIXELS  # videos with larger frames are refused before decoding
     address: str | None = None  # --ray-address; None starts Ray on this machine (or uses the one this process runs)
     stall_timeout_s: float = STALL_TIMEOUT_S  # no row for this long while Ray cannot place the run's work: stop (0: never)
 
@@ -273,7 +275,8 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
         return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
                 .map_batches(decode_videos, batch_size=None, batch_format="pyarrow", num_cpus=1,
                              memory=decode_memory, compute=ray.data.TaskPoolStrategy(size=decode_slots),
-                             fn_kwargs={"spec_json": spec.to_json(), "batch_size": options.batch_size})
+                             fn_kwargs={"spec_json": spec.to_json(), "batch_size": options.batch_size,
+                                        "max_pixels": options.max_pixels})
                 .map_batches(PredictStage, batch_size=options.batch_size, batch_format="pyarrow",
                              fn_constructor_kwargs=stage, num_cpus=model_cpus, num_gpus=gpus,
                              compute=ray.data.ActorPoolStrategy(size=options.actors)))

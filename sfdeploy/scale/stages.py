@@ -42,7 +42,7 @@ def ray_place() -> tuple[str, str]:
     return context.get_node_id(), context.get_actor_id() or ""
 
 
-def decode_videos(paths: Any, *, spec_json: str, batch_size: int) -> Iterator[Any]:
+def decode_videos(paths: Any, *, spec_json: str, batch_size: int, max_pixels: int) -> Iterator[Any]:
     """Decode one block of paths (a Ray task): yields tables of up to ``batch_size`` decoded videos.
 
     Decoding runs through :func:`sfdeploy.preprocess.decode_many` in one isolated worker process,
@@ -62,7 +62,7 @@ def decode_videos(paths: Any, *, spec_json: str, batch_size: int) -> Iterator[An
     ready: dict[int, Any] = {}  # decoded out of order, waiting for the ones before them
     following = 0
     chunk: list[tuple[str, np.ndarray | DecodeFailure]] = []
-    for index, result in decode_many(files, spec, workers=1):
+    for index, result in decode_many(files, spec, workers=1, max_pixels=max_pixels):
         ready[index] = result
         while following in ready:
             chunk.append((names[following], ready.pop(following)))

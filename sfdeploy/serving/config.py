@@ -10,6 +10,7 @@ default to the deployed model's (uint8 clips in, probabilities out); ``<name>_vi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ LABELS_FILE = "labels.txt"  # beside config.pbtxt: class names, one per line, fo
 # parameters of <name>_video (server-side decoding; sfdeploy/serving/video_backend.py reads them)
 TARGET_MODEL = "target_model"  # the model its decoded clips go to
 MAX_VIDEO_BYTES = "max_video_bytes"  # larger payloads are refused before decoding
+MAX_VIDEO_PIXELS_KEY = "max_video_pixels"  # videos with larger frames are refused before decoding
 DECODE_TIMEOUT_S = "decode_timeout_s"  # a decode that takes longer fails (its worker is replaced)
 
 
@@ -51,6 +53,8 @@ class ServedModel:
     warmup: bool = True
     default_model_filename: str | None = None
     dynamic_batching: bool = True  # False: Triton's default scheduler, one request per execution
+    queue_timeout_us: int = 0  # a request queued longer is refused (UNAVAILABLE); 0: it waits as long as it takes
+    max_queue: int = 0  # requests queued beyond this are refused at once (UNAVAILABLE); 0: no limit
     inputs: tuple[TensorConfig, ...] = ()  # default: the deployed model's clips (input_name)
     outputs: tuple[TensorConfig, ...] = ()  # default: its probabilities (output_name)
 
@@ -85,6 +89,10 @@ def build_config(model: ServedModel) -> Any:
         preferred = sorted(b for b in set(model.preferred_batches) if 1 <= b <= model.max_batch)
         config.dynamic_batching.CopyFrom(pb.ModelDynamicBatching(
             preferred_batch_size=preferred, max_queue_delay_microseconds=model.queue_delay_us))
+        if model.queue_timeout_us or model.max_queue:  # a bounded wait, refused with Triton's own reason
+            config.dynamic_batching.default_queue_policy.CopyFrom(pb.ModelQueuePolicy(
+                timeout_action=pb.ModelQueuePolicy.REJECT, default_timeout_microseconds=model.queue_timeout_us,
+                max_queue_size=model.max_queue))
     config.instance_group.append(pb.ModelInstanceGroup(
         count=model.instances, kind=getattr(pb.ModelInstanceGroup, KINDS[model.kind])))
     parameters = {SPEC_KEY: spec.to_json(), **model.parameters}
@@ -126,27 +134,35 @@ def spec_of(config: Any) -> ClipSpec:
     return ClipSpec.from_json(config.parameters[SPEC_KEY].string_value)
 
 
-#: bytes per element of the fixed-size types sfdeploy's models exchange
-_TYPE_BYTES = {"TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_FP16": 2, "TYPE_BF16": 2, "TYPE_INT32": 4, "TYPE_FP32": 4,
-               "TYPE_INT64": 8, "TYPE_FP64": 8}
-#: shared memory the python backend gives each model instance beyond its largest fixed-size request
-#: (outputs, BYTES requests), and how much it grows at a time when that is not enough
-PYTHON_SHM_MARGIN_BYTES = 64 << 20
-PYTHON_SHM_GROWTH_BYTES = 64 << 20
+#: Bytes per element of the fixed-size types; a request of any other type is held to VARIABLE_LIMIT.
+_ITEM_BYTES = {"TYPE_BOOL": 1, "TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_UINT16": 2, "TYPE_INT16": 2, "TYPE_FP16": 2,
+               "TYPE_BF16": 2, "TYPE_UINT32": 4, "TYPE_INT32": 4, "TYPE_FP32": 4, "TYPE_UINT64": 8, "TYPE_INT64": 8,
+               "TYPE_FP64": 8}
+VARIABLE_LIMIT = 64 << 20
+REQUEST_HEADROOM = 1 << 20  # a request's JSON header, tensor names and shapes, BYTES length prefixes
 
 
-def largest_request_bytes(config: Any) -> int:
-    """The bytes of the largest request ``config`` (a parsed ``ModelConfig``) accepts in its
-    fixed-size inputs: max_batch_size x every input's size (BYTES inputs count 0: unbounded)."""
+def request_limit(config: Any) -> int:
+    """The largest request (HTTP body, gRPC message) a served model accepts, in bytes: its inputs
+    at ``max_batch_size`` (a clip model: the largest clip batch), or for a video model its
+    ``max_video_bytes`` of encoded videos in all; plus :data:`REQUEST_HEADROOM`. The server
+    refuses larger requests before reading them (:mod:`sfdeploy.serving.guard`)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
-    total = 0
+    if MAX_VIDEO_BYTES in config.parameters:
+        return int(config.parameters[MAX_VIDEO_BYTES].string_value) + REQUEST_HEADROOM
+    batch = max(1, config.max_batch_size)
+    payload = 0
     for tensor in config.input:
-        size = _TYPE_BYTES.get(pb.DataType.Name(tensor.data_type), 0)
-        for dim in tensor.dims:
-            size *= max(int(dim), 0)
-        total += size
-    return total * max(1, int(config.max_batch_size))
+        item = _ITEM_BYTES.get(pb.DataType.Name(tensor.data_type))
+        if item is None or any(d < 0 for d in tensor.dims):  # variable size: no bound in the config
+            return VARIABLE_LIMIT
+        payload += batch * math.prod(tensor.dims) * item
+    return payload + REQUEST_HEADROOM
+#: shared memory the python backend gives each model instance beyond its largest request (outputs),
+#: and how much it grows at a time when that is not enough
+PYTHON_SHM_MARGIN_BYTES = 64 << 20
+PYTHON_SHM_GROWTH_BYTES = 64 << 20
 
 
 def python_shm_sizes(configs: list[Any]) -> tuple[int, int]:
@@ -155,7 +171,8 @@ def python_shm_sizes(configs: list[Any]) -> tuple[int, int]:
     Each python-backend instance moves tensors through a shared-memory region that starts at 1 MB
     and grows 1 MB at a time by default: a 154 MB batch of R50 clips made it grow ~150 times per
     request, which is most of why the served model ran at 10% of in-process speed on an H200. The
-    region starts large enough for the largest request any served model accepts (plus a margin),
-    and grows in large steps beyond it (pages are only backed once touched)."""
-    largest = max([largest_request_bytes(c) for c in configs if c.backend == "python"] or [0])
+    region starts large enough for the largest request any served model accepts
+    (:func:`request_limit`, plus a margin for the outputs), and grows in large steps beyond it
+    (tmpfs pages are only backed once touched)."""
+    largest = max([request_limit(c) for c in configs if c.backend == "python"] or [0])
     return largest + PYTHON_SHM_MARGIN_BYTES, PYTHON_SHM_GROWTH_BYTES

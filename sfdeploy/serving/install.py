@@ -3,14 +3,19 @@
 The wheel carries the server binary, its shared libraries (``nvidia_pytriton.libs``), the python
 backend (``libtriton_python.so``) and one backend stub per Python version. The server needs the
 libraries on ``LD_LIBRARY_PATH`` and a backend directory in which the stub for *this* Python sits
-beside the backend library; :func:`make_backend_dir` builds that directory.
+beside the backend library; :func:`make_backend_dir` builds that directory. The stub links the
+shared Python library (``libpython3.X.so.1.0``): :meth:`TritonInstall.env` also puts the folder of
+this interpreter's own one on the path (a pyenv or conda Python keeps it outside the system's
+library folders, where the stub would not find it).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +31,18 @@ class TritonInstall:
     python_backend: Path  # folder holding libtriton_python.so and triton_python_backend_utils.py
     stub: Path  # triton_python_backend_stub built for this Python version
 
-    def env(self) -> dict[str, str]:
-        """Environment additions the binary needs."""
-        return {"LD_LIBRARY_PATH": str(self.libs)}
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        """``base`` (an environment) with what the server and its backend stub need to load their
+        shared libraries: the wheel's libraries, then ``base``'s path, then the folder of this
+        Python's shared library."""
+        paths = [str(self.libs), base.get("LD_LIBRARY_PATH", ""), python_library_dir() or ""]
+        return {**base, "LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p)}
+
+
+def python_library_dir() -> str | None:
+    """The folder holding this interpreter's shared library (``libpython3.X.so.1.0``), if it has one."""
+    folder, name = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    return folder if folder and name and os.path.isfile(os.path.join(folder, name)) else None
 
 
 def find_tritonserver() -> TritonInstall:

@@ -25,7 +25,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfdeploy import preprocess
 from sfdeploy.artifacts import (
     BACKEND_FORMAT,
     ERROR_OUTPUT,
@@ -38,11 +37,13 @@ from sfdeploy.artifacts import (
     video_model_name,
 )
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import InputError
 from sfdeploy.serving.config import (
     DECODE_TIMEOUT_S,
     LABELS_FILE,
     MAX_VIDEO_BYTES,
+    MAX_VIDEO_PIXELS_KEY,
     TARGET_MODEL,
     ServedModel,
     TensorConfig,
@@ -98,6 +99,11 @@ class RepoOptions:
     video: bool = True  # also write <name>_video (server-side decoding)
     decode_instances: int | None = None  # <name>_video instances; default: the CPU count here
     max_video_mb: float = 256.0  # <name>_video refuses larger payloads before decoding
+    max_video_pixels: int = MAX_VIDEO_PIXELS  # <name>_video refuses videos with larger frames before decoding
+    # <name>_video's queue: a request that waits longer for a free decode instance, or finds this many
+    # waiting, is refused (503 / UNAVAILABLE, retry later) instead of waiting on (0: no bound)
+    decode_queue_timeout_s: float = 30.0
+    decode_max_queue: int = 128
     require_parity: bool = True  # only `sfdeploy bench` turns this off, for its own speed-only exports
 
 
@@ -119,18 +125,23 @@ def _place(source: Path, dest: Path, digest: str) -> None:
 
 def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
     """``<name>_video``: one encoded video per item in; probabilities, label, error out. CPU
-    instances (decoding), no dynamic batcher (each request to the next free instance: see
-    :mod:`sfdeploy.serving.video_backend`), the max batch of ``<name>`` (a request's clips fit one
-    call of it)."""
+    instances (decoding); a dynamic batcher whose preferred batch is one request, with no delay, so
+    that each request goes to the next free instance alone (see :mod:`sfdeploy.serving.video_backend`)
+    and the wait in its queue is bounded (``decode_queue_timeout_s``, ``decode_max_queue``); the max
+    batch of ``<name>`` (a request's clips fit one call of it)."""
+    from sfdeploy.preprocess import DEFAULT_TIMEOUT_S  # numpy: not at import (the CLI reads RepoOptions)
+
     return ServedModel(
         name=video_model_name(opts.name), backend="python", spec=spec, max_batch=opts.max_batch,
-        instances=opts.decode_instances or max(1, os.cpu_count() or 1), kind="cpu", dynamic_batching=False,
+        instances=opts.decode_instances or max(1, os.cpu_count() or 1), kind="cpu", preferred_batches=(1,),
+        queue_delay_us=0, queue_timeout_us=int(opts.decode_queue_timeout_s * 1e6), max_queue=opts.decode_max_queue,
         warmup=False,  # its warm-up is the decoder's start at load; <name> may still be loading
         inputs=(TensorConfig(VIDEO_INPUT, "TYPE_STRING", (1,)),),
         outputs=(probs_tensor(spec),
                  TensorConfig(LABEL_OUTPUT, "TYPE_STRING", (1,)), TensorConfig(ERROR_OUTPUT, "TYPE_STRING", (1,))),
         parameters={TARGET_MODEL: opts.name, MAX_VIDEO_BYTES: str(int(opts.max_video_mb * 2**20)),
-                    DECODE_TIMEOUT_S: f"{preprocess.DEFAULT_TIMEOUT_S:g}"})
+                    MAX_VIDEO_PIXELS_KEY: str(opts.max_video_pixels),
+                    DECODE_TIMEOUT_S: f"{DEFAULT_TIMEOUT_S:g}"})
 
 
 #: the precisions ``--precision auto`` may serve on a GPU, fastest first
@@ -169,6 +180,12 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
                          fix="use positive values")
     if not opts.max_video_mb > 0:
         raise InputError(f"--max-video-mb must be > 0 (got {opts.max_video_mb})", fix="use e.g. --max-video-mb 256")
+    if opts.decode_queue_timeout_s < 0 or opts.decode_max_queue < 0:
+        raise InputError("--decode-queue-timeout and --decode-max-queue must be >= 0 (0: no bound)",
+                         fix="use e.g. --decode-queue-timeout 30 --decode-max-queue 128")
+    if opts.max_video_pixels < 1:
+        raise InputError(f"--max-video-pixels must be >= 1 (got {opts.max_video_pixels})",
+                         fix="use e.g. --max-video-pixels 3840x2160")
     spec = manifest.clip_spec
     # The repository may be written here for a GPU server elsewhere: "gpu" needs no GPU here.
     kind = "gpu" if resolve_device(opts.device, must_exist=False).startswith("cuda") else "cpu"

@@ -1,13 +1,26 @@
 """Start and stop the real tritonserver (the one in ``nvidia-pytriton``) on a model repository.
 
 :class:`TritonServer` checks the ports first, builds the python-backend directory for this
-Python, starts the server bound to 127.0.0.1 (unless told otherwise) with the current virtual
-environment first on ``PATH`` (that is how the backend stub finds sfdeploy, numpy, onnxruntime,
-torch), loads the python-backend models of the repository, and waits until they are ready. If
-the server exits instead, the error names the server's own error line from its log.
+Python, starts the server with the current virtual environment first on ``PATH`` (that is how the
+backend stub finds sfdeploy, numpy, onnxruntime, torch), loads the python-backend models of the
+repository, and waits until they are ready. If the server exits instead, or a model's backend stub
+cannot start (the server itself would wait for it forever), the error names the failing line of
+the server's log.
 
-The server runs in its own process group, so a Ctrl-C in the terminal reaches sfdeploy first,
-which then shuts the server down cleanly.
+What clients reach is :mod:`sfdeploy.serving.guard`, on the public ports (127.0.0.1 unless told
+otherwise): it refuses a request larger than what its model accepts (:func:`request_limit` of
+each loaded model's config) before reading it, closes idle connections, and forwards the rest to
+tritonserver on private loopback ports. Model control is closed unless ``allow_model_control``:
+the server runs in tritonserver's ``none`` mode on a repository of links to the chosen models
+(nothing can be loaded or unloaded), and the repository API (index, load, unload) and the logging
+and trace settings (which can make the server write files where a client says) answer only
+requests carrying a key this object makes per server (tritonserver's restricted-API options).
+
+Nothing outlives the server: tritonserver, its python-backend stubs and their decode workers share
+one process group, in a session of its own (a Ctrl-C in the terminal reaches sfdeploy first, which
+then shuts the server down cleanly). :meth:`TritonServer.stop` kills what is left of the group and
+the guard and removes the backend's shared-memory segments; the guard's watchdog does the same
+when tritonserver dies or the process that started it is killed.
 """
 
 from __future__ import annotations
@@ -15,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -28,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from sfdeploy.errors import InputError, ServingError
-from sfdeploy.serving.config import TARGET_MODEL, parse_config, python_shm_sizes
+from sfdeploy.serving.config import TARGET_MODEL, parse_config, python_shm_sizes, request_limit
+from sfdeploy.serving.guard import GuardConfig, remove_shm
 from sfdeploy.serving.install import find_tritonserver, make_backend_dir
 
 log = logging.getLogger("sfdeploy")
@@ -36,6 +52,11 @@ log = logging.getLogger("sfdeploy")
 # E-lines the server prints on every machine without a GPU; they are not why it failed.
 _BENIGN = ("CudaDriverHelper has not been initialized", "DCGM", "NVML", "GPU metrics")
 _ERROR_LINE = re.compile(r"^(E\d{4} |error: |.*failed to load|.*Address already in use|.*Unexpected)")
+# Lines after which the server would wait for a model forever: the backend stub binary cannot start
+# (the dynamic loader's "<stub path>: error while loading shared libraries: ...", "symbol lookup
+# error", a missing GLIBC version). A model whose Python fails to load ends the server by itself.
+_STUB_FAILURE = re.compile(r"triton_python_backend_stub: |error while loading shared libraries")
+ADMIN_HEADER = "sfdeploy-admin-key"  # the header tritonserver's restricted APIs expect, with a key per server
 
 
 def repository_models(repo: Path) -> dict[str, Any]:
@@ -71,7 +92,10 @@ def stub_passes_bytes() -> bool:
 
 
 def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """Whether ``port`` can be bound on ``host`` (as the guard binds it: connections of an earlier
+    server lingering in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -83,6 +107,64 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def port_owner(port: int) -> str | None:
+    """Who listens on ``port``: ``pid N (command)``, from the kernel's socket table and the open
+    files of the processes this user may see; None if none of them."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                command = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                return f"pid {proc.name} ({Path(command).name or '?'})"
+        except OSError:
+            continue
+    return None
+
+
+def _busy_port(host: str, port: int, option: str) -> ServingError:
+    owner = port_owner(port)
+    leftover = owner is not None and ("tritonserver" in owner or "triton_python_backend_stub" in owner)
+    why = f" by {owner}" if owner else ""
+    if leftover:
+        why += (", left running by a tritonserver that was killed (a backend stub keeps the listening socket it "
+                "inherited)")
+    fix = f"stop it (`kill {owner.split()[1]}`) or pass another {option}" if leftover and owner else (
+        f"pass another {option}, or stop the program using it")
+    return ServingError(f"port {port} on {host} is already in use{why}", fix=fix)
+
+
+def process_group_memory(*pgids: int) -> dict[str, float]:
+    """Memory of every process in the groups ``pgids`` (tritonserver's: the server, its stubs,
+    their decode workers; the guard's), in MB: ``rss`` now and ``peak``, the sum of each process's
+    high-water mark."""
+    rss = peak = 0
+    processes = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) not in pgids:
+                continue
+            status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
+        except (OSError, ValueError, IndexError):
+            continue
+        processes += 1
+        rss += int(status.get("VmRSS", "0 kB").split()[0])
+        peak += int(status.get("VmHWM", "0 kB").split()[0])
+    return {"processes": processes, "rss_mb": round(rss / 1024, 1), "peak_mb": round(peak / 1024, 1)}
 
 
 def error_lines(log_text: str) -> list[str]:
@@ -108,12 +190,19 @@ class TritonServer:
     models: list[str] | None = None  # default: every python-backend model of the repository
     startup_timeout_s: float = 180.0
     log_file: Path | None = None
+    allow_model_control: bool = False  # open load/unload and the repository index to clients
+    idle_timeout_s: float = 60.0  # a client connection with nothing in flight this long is closed
+    max_connections: int = 256  # client connections at once; more are refused
     skipped: dict[str, str] = field(default_factory=dict)  # model -> why it is not loaded
 
     def __post_init__(self) -> None:
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen | None = None  # tritonserver
+        self.guard: subprocess.Popen | None = None
+        self.limits: dict[str, int] = {}  # model -> the largest request it accepts, in bytes
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._configs: dict[str, Any] = {}
+        self._key = secrets.token_hex(16)  # opens the restricted APIs: never printed, never sent by a client
+        self._shm_prefix = f"sfdeploy_{os.getpid()}_{secrets.token_hex(4)}_"
 
     @property
     def http_url(self) -> str:
@@ -160,12 +249,13 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         models = self._choose_models()
-        shm_default, shm_growth = python_shm_sizes([self._configs[m] for m in models])
+        configs = self._configs  # parsed once, by _choose_models
+        self.limits = {name: request_limit(configs[name]) for name in models}
+        shm_default, shm_growth = python_shm_sizes([configs[m] for m in models])
         for label, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
                             ("--metrics-port", self.metrics_port)):
             if not port_free(self.host, port):
-                raise ServingError(f"port {port} on {self.host} is already in use", fix=f"pass another {label}, "
-                                   "or stop the program using it")
+                raise _busy_port(self.host, port, label)
         install = find_tritonserver()
         self._tmp = tempfile.TemporaryDirectory(prefix="sfdeploy-triton-")
         backends = make_backend_dir(install, Path(self._tmp.name) / "backends")
@@ -173,35 +263,71 @@ class TritonServer:
             handle, name = tempfile.mkstemp(prefix="sfdeploy-tritonserver-", suffix=".log")
             os.close(handle)
             self.log_file = Path(name)
+        upstream_http, upstream_grpc = free_port(), free_port()
+        restricted = ["logging", "trace", *([] if self.allow_model_control else ["model-repository"])]
+        if self.allow_model_control:  # the whole repository, the chosen models loaded, the others loadable
+            repository, control = Path(self.repo).resolve(), ["--model-control-mode=explicit",
+                                                             *[f"--load-model={m}" for m in models]]
+        else:  # only the chosen models, loaded at start, none loadable or unloadable after
+            repository, control = self._serving_repository(models), ["--model-control-mode=none"]
         command = [
             str(install.binary),
-            f"--model-repository={Path(self.repo).resolve()}",
+            f"--model-repository={repository}",
             f"--backend-directory={backends}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            "--http-address=127.0.0.1", f"--http-port={upstream_http}",  # behind the guard
+            "--grpc-address=127.0.0.1", f"--grpc-port={upstream_grpc}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
-            "--model-control-mode=explicit", *[f"--load-model={m}" for m in models],
-            "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=5",
+            f"--http-restricted-api={','.join(restricted)}:{ADMIN_HEADER}={self._key}",
+            f"--grpc-restricted-protocol={','.join(restricted)}:{ADMIN_HEADER}={self._key}",
+            *control, "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=5",
             f"--backend-config=python,shm-default-byte-size={shm_default}",
             f"--backend-config=python,shm-growth-byte-size={shm_growth}",
         ]
-        env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.libs), env.get("LD_LIBRARY_PATH")) if p)
+        env = install.env(dict(os.environ))
         # The python-backend stub takes its interpreter (and so its packages) from PATH.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         log.info("starting tritonserver on %s (http %d, grpc %d) with %s", self.host, self.http_port,
                  self.grpc_port, ", ".join(models))
-        with open(self.log_file, "wb") as sink:
+        Path(self.log_file).write_bytes(b"")
+        with open(self.log_file, "ab") as sink:  # appending, as the guard does to the same log
             self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
         try:
+            self._start_guard(upstream_http, upstream_grpc)
             self._wait_ready(models)
         except BaseException:
             self.stop()
             raise
         self.loaded = models
         return self
+
+    def _serving_repository(self, models: list[str]) -> Path:
+        """A repository of links to the chosen models only: what the server loads at start when
+        model control is closed (tritonserver's ``none`` mode loads its whole repository)."""
+        served = Path(self._tmp.name) / "repository"
+        served.mkdir()
+        for name in models:
+            (served / name).symlink_to(Path(self.repo).resolve() / name, target_is_directory=True)
+        return served
+
+    def _start_guard(self, upstream_http: int, upstream_grpc: int) -> None:
+        """The guard on the public ports, in a session of its own (a Ctrl-C in the terminal is for
+        sfdeploy, which stops it); waits until it listens."""
+        config = GuardConfig(
+            host=self.host, http_port=self.http_port, grpc_port=self.grpc_port, upstream_http=upstream_http,
+            upstream_grpc=upstream_grpc, http_limits=self.limits, grpc_limit=max(self.limits.values()),
+            idle_timeout_s=self.idle_timeout_s, max_connections=self.max_connections, parent_pid=os.getpid(),
+            server_pid=self.process.pid, shm_prefix=self._shm_prefix)
+        with open(self.log_file, "ab") as sink:
+            self.guard = subprocess.Popen([sys.executable, "-m", "sfdeploy.serving.guard", config.to_json()],
+                                          stdout=subprocess.PIPE, stderr=sink, start_new_session=True)
+        ready, _, _ = select.select([self.guard.stdout], [], [], 30)
+        line = self.guard.stdout.readline().decode(errors="replace").strip() if ready else ""
+        if line != "listening":
+            raise ServingError(f"the server's front (sfdeploy.serving.guard) did not start: {line or 'no answer'}",
+                               path=self.log_file, fix="pass other --http-port/--grpc-port, or read the log")
 
     def log_text(self) -> str:
         try:
@@ -215,9 +341,16 @@ class TritonServer:
             if self.process.poll() is not None:
                 errors = error_lines(self.log_text())
                 raise ServingError(
-                    f"tritonserver exited (code {self.process.returncode}) while starting: "
-                    + (errors[-1] if errors else "no error line in its log"),
+                    f"tritonserver exited (code {self.process.returncode}) while starting: " + _cause(errors),
                     path=self.log_file, fix="read the server log; " + _hint(errors))
+            stub = stub_failure(self.log_text())
+            if stub:  # tritonserver would wait for this model forever
+                raise ServingError(f"a model's python backend stub cannot start: {stub}", path=self.log_file,
+                                   fix=_stub_hint(stub))
+            if self.guard.poll() is not None:
+                raise ServingError(f"the server's front (sfdeploy.serving.guard) exited (code "
+                                   f"{self.guard.returncode}) while starting", path=self.log_file,
+                                   fix="read the server log")
             if self._ready(models):
                 return
             time.sleep(0.25)
@@ -235,15 +368,40 @@ class TritonServer:
             return False
         return True
 
+    def running(self) -> str | None:
+        """None while the server and its front run; otherwise what stopped."""
+        if self.process is not None and self.process.poll() is not None:
+            return f"tritonserver exited (code {self.process.returncode})"
+        if self.guard is not None and self.guard.poll() is not None:
+            return f"the server's front (sfdeploy.serving.guard) exited (code {self.guard.returncode})"
+        return None
+
+    def memory(self) -> dict[str, float]:
+        """Memory of the server's whole process tree, the guard included (see :func:`process_group_memory`)."""
+        return process_group_memory(self.process.pid, *([self.guard.pid] if self.guard else []))
+
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Ask the server to shut down (SIGTERM), then kill it if it does not within the timeout."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        """Ask the server to shut down (SIGTERM), kill it if it does not within the timeout, then
+        kill whatever is left of its process group (stubs, decode workers, the guard) and remove
+        the python backend's shared-memory segments."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            except OSError:  # nothing left in the group
+                pass
+            self.process.wait()
+        if self.guard is not None:
+            if self.guard.poll() is None:
+                self.guard.terminate()
+            self.guard.wait()
+            self.guard.stdout.close()
+        remove_shm(self._shm_prefix)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -253,6 +411,26 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stub_failure(log_text: str) -> str | None:
+    """The line of the server log saying a backend stub could not start, if there is one."""
+    return next((line.strip() for line in log_text.splitlines() if _STUB_FAILURE.search(line)), None)
+
+
+def _stub_hint(line: str) -> str:
+    if "error while loading shared libraries" in line:
+        return ("the stub's shared libraries do not load for this Python: run `sfdeploy doctor` (its 'python backend "
+                "stub' row names what is missing), e.g. install the python3.X shared library (libpython3.X.so)")
+    return "read the server log; run `sfdeploy doctor`"
+
+
+def _cause(errors: list[str]) -> str:
+    """The error line that says why: a model's own load failure (with its reason) rather than the
+    server's closing "failed to load all models"."""
+    if not errors:
+        return "no error line in its log"
+    return next((line for line in reversed(errors) if re.search(r"failed to load '[^']+' version", line)), errors[-1])
 
 
 def _hint(errors: list[str]) -> str:

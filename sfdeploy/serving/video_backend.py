@@ -7,10 +7,15 @@ then sends the views to ``<name>`` (parameter ``target_model``) in one BLS reque
 dynamic batcher merges the clips of the video requests of every ``_video`` instance into one
 model call, on ``<name>``'s own instance (its GPU where it has one).
 
-``<name>_video`` itself has no dynamic batcher, on purpose: Triton's default scheduler hands each
-request to the next free instance, so the instances (``sfdeploy repo --decode-instances``, default
-the CPU count) decode that many videos at once. A dynamic batcher would give a whole queue of
-requests to one instance, to decode one after the other while the others wait.
+``<name>_video`` hands each request to the next free instance alone, so the instances (``sfdeploy
+repo --decode-instances``, default the CPU count) decode that many videos at once: its dynamic
+batcher prefers batches of one request and never waits (a batcher free to merge would give a whole
+queue of requests to one instance, to decode one after the other while the others wait). The
+batcher is there for its queue policy: requests are served first come, first served (a soak at
+concurrency 64 and 128 on 2 cores: no request overtaken by more than 22 later ones), and one
+that waits longer than ``--decode-queue-timeout`` for an instance, or arrives when
+``--decode-max-queue`` are waiting, is refused (``UNAVAILABLE``: HTTP 503, retry later) rather
+than left to wait without bound, each waiting request holding its upload in the server's memory.
 
 Decoding runs in a child process of the instance (one :class:`DecodePool` worker, started at load
 time and kept between requests): a decoder that crashes or hangs on a payload costs that item
@@ -19,8 +24,8 @@ time and kept between requests): a decoder that crashes or hangs on a payload co
 What a client gets back:
 
 * a request of one video that cannot be classified (empty, truncated, corrupt, not a video, over
-  ``max_video_bytes``, refused before decoding) fails with the cause and the fix (``INVALID_ARG``:
-  HTTP 400, gRPC ``INVALID_ARGUMENT``);
+  ``max_video_bytes``, or with frames of more than ``max_video_pixels``: both refused before
+  decoding) fails with the cause and the fix (``INVALID_ARG``: HTTP 400, gRPC ``INVALID_ARGUMENT``);
 * in a request of several videos every item has its own answer: ``error`` says why an item failed
   (``""`` for an item that was classified), a failed item's ``probs`` are zeros and its ``label``
   is ``""``; the other items are classified;
@@ -42,9 +47,10 @@ import numpy as np
 
 from sfdeploy.artifacts import ERROR_OUTPUT, INPUT_NAME, LABEL_OUTPUT, OUTPUT_NAME, VIDEO_INPUT
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
+from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import EnvironmentProblem
 from sfdeploy.preprocess import DecodeFailure, DecodePool
-from sfdeploy.serving.config import DECODE_TIMEOUT_S, MAX_VIDEO_BYTES, TARGET_MODEL
+from sfdeploy.serving.config import DECODE_TIMEOUT_S, MAX_VIDEO_BYTES, MAX_VIDEO_PIXELS_KEY, TARGET_MODEL
 from sfdeploy.serving.tensors import bytes_items, bytes_tensor, from_array, require_numpy_bridge, to_array
 
 
@@ -71,7 +77,9 @@ class TritonPythonModel:
         self.max_bytes = int(params[MAX_VIDEO_BYTES])
         # `sfdeploy repo` gives <name>_video the max_batch_size of <name>: a request's clips fit one call
         self.max_batch = max(1, int(config.get("max_batch_size", 1)))
-        self.decoder = DecodePool(self.spec, workers=1, timeout_s=float(params[DECODE_TIMEOUT_S]))
+        max_pixels = int(params.get(MAX_VIDEO_PIXELS_KEY, MAX_VIDEO_PIXELS))  # older repositories: the default
+        self.decoder = DecodePool(self.spec, workers=1, timeout_s=float(params[DECODE_TIMEOUT_S]),
+                                  max_pixels=max_pixels)
         self.decoder.warm()  # a decoder that cannot start fails the load, with its reason
 
     def classify(self, videos: list[bytes], run_model: Any) -> list[np.ndarray | str]:
