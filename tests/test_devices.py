@@ -123,8 +123,9 @@ def test_the_parity_gate_records_what_it_ran_with(tiny_export: Path) -> None:
 @pytest.mark.parametrize("backend", ["torchscript", "onnxruntime"])
 def test_predictors_take_numpy_and_torch_and_compute_what_the_runtime_does(tiny_export: Path, clips: np.ndarray,
                                                                            backend: str) -> None:
-    """On the CPU, bit for bit what the plain runtime computes; a torch tensor (contiguous or not)
-    gives the same; a batch of the wrong type is refused by name."""
+    """On the CPU, bit for bit what the plain runtime computes (TorchScript: frozen and optimised
+    for inference, as the predictor loads it); a torch tensor (contiguous or not) gives the same; a
+    batch of the wrong type is refused by name."""
     import onnxruntime as ort
 
     from sfdeploy.runtime import open_local
@@ -132,8 +133,12 @@ def test_predictors_take_numpy_and_torch_and_compute_what_the_runtime_does(tiny_
     predictor = open_local(backend, tiny_export)
     assert predictor.device == "cpu" and predictor.tf32 is False
     if backend == "torchscript":
+        assert predictor.optimized == "freeze + optimize_for_inference"
+        loaded = torch.jit.load(str(tiny_export / "model.pt"))
         with torch.inference_mode():
-            plain = torch.jit.load(str(tiny_export / "model.pt"))(torch.from_numpy(clips)).numpy()
+            unoptimized = loaded(torch.from_numpy(clips)).numpy()
+            plain = torch.jit.optimize_for_inference(torch.jit.freeze(loaded.eval()))(torch.from_numpy(clips)).numpy()
+        assert np.abs(plain - unoptimized).max() <= 1e-6  # the CPU optimisation keeps the function
     else:
         plain = ort.InferenceSession(str(tiny_export / "model.onnx"),
                                      providers=["CPUExecutionProvider"]).run(None, {"frames": clips})[0]

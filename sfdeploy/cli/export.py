@@ -41,7 +41,8 @@ def _formats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[st
 @click.option("--rewrites", default="auto", show_default=True,
               help="Graph rewrites that keep every output and make the graph faster: auto (the measured "
                    "choice for --device: on a GPU fold_bn, frame_conv2d, pad_stem, channels_last; on the CPU "
-                   "fold_bn, frame_conv2d), none (the plain graph), or a comma-separated list of those steps. "
+                   "none, the runtime optimises the plain graph), none (the plain graph), or a comma-separated "
+                   "list of those steps. "
                    "Every artifact still passes the parity gate; manifest.json records the steps.")
 def export(work: Path, out: Path, checkpoint: Path | None, formats: tuple[str, ...], fp16: bool, views: int,
            device: str, parity_videos: int, parity_data: Path | None, rewrites: str) -> None:

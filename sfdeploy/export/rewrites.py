@@ -14,10 +14,10 @@ Why each one, from profiles of SlowFast R50 (``benchmarks/``):
   computed in float64) it costs nothing. On an H200 in fp16 the separate BN kernels were 12% of
   the time.
 * ``frame_conv2d``: a ``(1, k, k)`` Conv3d (most of SlowFast's convolutions) is a 2-D convolution
-  applied to every frame. PyTorch's CPU path runs such 3-D convolutions in its reference kernel
-  (``slow_conv3d_forward``, 38% of R50's CPU time); folding time into the batch and calling conv2d
-  (oneDNN) gave the same result 4x faster on the large layers. With channels-last activations
-  the fold is a view (no copy).
+  applied to every frame: cuDNN's 2-D kernels are its most tuned, and with channels-last
+  activations the fold is a view (no copy). (On the CPU PyTorch once ran such 3-D convolutions in
+  its reference kernel, ``slow_conv3d_forward``; with two threads it takes oneDNN's path, and the
+  runtime's optimize_for_inference does better without the rewrite: see :meth:`Rewrites.for_device`.)
 * ``pad_stem``: the two stem convolutions read 3 input channels; cuDNN's fast fp16 kernels want a
   multiple of 4 (8): with 3 the fast pathway's 5x7x7 stem alone was 48% of the fp16 time on an
   H200 (30.6 ms at batch 32), with the input zero-padded to 4 channels and zero weights for the
@@ -60,11 +60,16 @@ class Rewrites:
 
     @classmethod
     def for_device(cls, device: str) -> Rewrites:
-        """The measured choice: everything on a GPU; on the CPU no stem padding (slower there) and
-        no channels-last (oneDNN's 2-D path is what pays there; see benchmarks/README.md)."""
+        """The measured choice: everything on a GPU (H200, R50 fp16 batch 32, eager: 480 -> 1,114
+        clips/s); none on the CPU, where the TorchScript runtime's own freeze + optimize_for_inference
+        (oneDNN's prepacked weights, conv+BN folding, conv+ReLU fusion; :mod:`sfdeploy.runtime.torchscript`)
+        does better on the plain graph than on a rewritten one, whose reshapes around the 2-D
+        convolutions break oneDNN's layout chain. R50 batch 1, one thread, CPU time, 2026-12-04:
+        plain 1,090 ms, rewritten 974, plain optimised 684, rewritten optimised 876 (slowfast_tiny
+        batch 8: 64.5 / 62.7 / 54.1 / 59.4)."""
         if device.startswith("cuda"):
             return cls(fold_bn=True, frame_conv2d=True, pad_stem=True, channels_last=True)
-        return cls(fold_bn=True, frame_conv2d=True)
+        return cls()
 
     @classmethod
     def parse(cls, names: list[str] | tuple[str, ...]) -> Rewrites:
