@@ -99,13 +99,21 @@ class Context:
             torch.cuda.empty_cache()
 
     def local(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN) -> Any:
-        """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it)."""
-        from sfdeploy.artifacts import backend_format
+        """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it); for the
+        plain TorchScript rows, the plain graph run as loaded: no rewrites, no CUDA graphs, no CPU
+        optimisation (what sfdeploy ran before them, measured beside what it runs now)."""
+        from sfdeploy.artifacts import Manifest, artifact_key, backend_format
         from sfdeploy.runtime import open_local
+        from sfdeploy.runtime.torchscript import TorchScriptPredictor
 
-        export_dir = self.export((backend_format(backend), precision), rewrites=rewrites)
-        return self.hold((backend, precision, device, rewrites), lambda: open_local(
-            backend, export_dir, precision=precision, device=device), lambda p: p.close())
+        fmt = backend_format(backend)
+        export_dir = self.export((fmt, precision), rewrites=rewrites)
+        if fmt == "torchscript" and rewrites == suites.PLAIN:
+            path = Manifest.read(export_dir).artifact_path(export_dir, artifact_key(fmt, precision))
+            factory = lambda: TorchScriptPredictor(path, device=device, cuda_graphs=False, optimize=False)  # noqa: E731
+        else:
+            factory = lambda: open_local(backend, export_dir, precision=precision, device=device)  # noqa: E731
+        return self.hold((backend, precision, device, rewrites), factory, lambda p: p.close())
 
     def ort_device(self) -> tuple[str, str]:
         """Where ONNX Runtime runs rows asked for on ``self.device``, and why not there if not."""
@@ -198,7 +206,8 @@ def _local(backend: str, precision: str, batch: int, plain: bool = False) -> Tas
         frames = suites.random_clips(c.model.spec, batch)
         return suites.sequential_row("model", name, precision, batch, lambda: predictor.predict(frames), device,
                                      c.opts.warmup, c.opts.iters, note="numpy uint8 in, numpy out" +
-                                     ("; plain graph, no rewrites" if plain else ""))
+                                     ("; plain graph run as loaded (no rewrites, CUDA graphs or CPU optimisation)"
+                                      if plain else ""))
     return Task("model", name, precision, batch, 1, measure)
 
 
