@@ -151,9 +151,15 @@ def check_pkg_resources() -> Check:
                  "MMAction2's own tools need it)")
 
 
+_OPENCV_DISTS = ("opencv-python", "opencv-contrib-python", "opencv-python-headless", "opencv-contrib-python-headless")
+
+
 def check_opencv() -> Check:
+    """cv2 imports; the OpenCV distributions installed are named (a GPU image's
+    opencv-python-headless provides cv2 as well as sfdeploy's pinned pair)."""
     a, b = _version("opencv-python"), _version("opencv-contrib-python")
-    detail = f"opencv-python {a}, opencv-contrib-python {b}"
+    installed = {dist: _version(dist) for dist in _OPENCV_DISTS}
+    detail = ", ".join(f"{dist} {version}" for dist, version in installed.items() if version) or "no OpenCV package"
     if a and b and a != b:
         return Check("opencv", FAIL, detail, f"pip install opencv-python=={b} (same version as contrib)")
     try:

@@ -73,3 +73,14 @@ def test_mmaction2_stack_says_the_multimodal_models_are_off_beside_transformers_
 def test_an_import_failure_names_the_missing_module_in_its_fix() -> None:
     fix = doctor._import_fix(ModuleNotFoundError("No module named 'timm'", name="timm"))
     assert "pip install timm" in fix and "pip uninstall timm" in fix
+
+
+def test_opencv_row_names_the_packages_installed_never_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU image has opencv-python-headless (cv2 5) and neither of sfdeploy's pinned pair."""
+    installed = doctor._version
+    image = {"opencv-python": None, "opencv-contrib-python": None, "opencv-python-headless": "5.0.0",
+             "opencv-contrib-python-headless": None}
+    monkeypatch.setattr(doctor, "_version", lambda dist: image[dist] if dist in image else installed(dist))
+    check = doctor.check_opencv()
+    assert check.status == doctor.OK and "None" not in check.detail
+    assert check.detail.startswith("opencv-python-headless 5.0.0, cv2 ")
