@@ -73,3 +73,16 @@ def test_mmaction2_stack_says_the_multimodal_models_are_off_beside_transformers_
 def test_an_import_failure_names_the_missing_module_in_its_fix() -> None:
     fix = doctor._import_fix(ModuleNotFoundError("No module named 'timm'", name="timm"))
     assert "pip install timm" in fix and "pip uninstall timm" in fix
+
+
+def test_gpu_video_decoding_is_optional_and_says_what_is_here() -> None:
+    import torch
+
+    from sfdeploy.doctor import OK, WARN, check_gpu_decoders
+
+    check = check_gpu_decoders()
+    assert check.name == "GPU video decoding" and "pynvvideocodec" in check.detail and "torchcodec" in check.detail
+    if not torch.cuda.is_available():  # this machine: optional, not a failure
+        assert check.status == OK and "(optional: NVDEC on a GPU host)" in check.detail
+    else:
+        assert check.status in (OK, WARN)
