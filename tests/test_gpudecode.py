@@ -261,8 +261,16 @@ def test_the_bench_plans_gpu_decoding_rows_and_skips_them_with_the_reason(tmp_pa
         for name in (f"gpu-decode-only:{backend}", f"sfdeploy:torchscript (gpu decode: {backend})"):
             row = rows[name].measure(ctx)  # nothing is exported, decoded or started to say why not
             assert row["status"] == "skipped" and row["kind"] == "videos"
-            assert "the model runs on cpu" in row["note"], row
+            assert row["note"] == "GPU decoding is measured with --device cuda (this run: cpu)", row
     assert rows["sfdeploy:torchscript"].key == ("e2e", "sfdeploy:torchscript", "fp32", 8, 8)
+    from sfdeploy.bench.stages import _gpu_decode
+
+    if not NOT_INSTALLED:
+        return
+    # on CUDA (a device name only: nothing runs there) the reason is the decoder's own
+    cuda = Context(BenchOptions(backends=("torchscript",)), None, "cuda:0", tmp_path, tmp_path / "export")
+    row = _gpu_decode("torchcodec", "torchscript", None, 1, 1).measure(cuda)
+    assert row["status"] == "skipped" and row["note"].startswith("--decode torchcodec: no GPU video decoder here")
 
 
 def test_the_gpu_decoding_targets_of_a_record() -> None:

@@ -351,6 +351,8 @@ def _gpu_decode(backend: str, runtime: str, precision: str | None, batch: int, c
         from sfdeploy.gpudecode.select import plan_decoding, probe_backend
 
         try:
+            if not c.device.startswith("cuda"):
+                raise EnvironmentProblem(f"GPU decoding is measured with --device cuda (this run: {c.device})")
             plan = plan_decoding(backend, device=c.device, statuses=[probe_backend(backend)])
         except SfdeployError as exc:
             return suites.unmeasured_row("e2e", name, precision or "-", batch, concurrency, SKIPPED, exc.message,

@@ -200,7 +200,10 @@ class GpuClipMaker:
         unique, order = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
         stream = self._stream()
         with torch.cuda.device(self.reader.device), torch.cuda.stream(stream):
-            frames = self.reader.frames(source, unique.tolist(), info)
-            views = gpu_clip_views(frames, order, self.spec)
-            stream.synchronize()
+            try:
+                frames = self.reader.frames(source, unique.tolist(), info)
+                views = gpu_clip_views(frames, order, self.spec)
+                stream.synchronize()
+            except torch.cuda.OutOfMemoryError as exc:  # the model's batches hold the GPU: this one on the CPU
+                raise GpuDecodeFailed(f"out of GPU memory ({_first_line(exc)})") from exc
         return views
