@@ -293,3 +293,21 @@ def test_the_gpu_decoding_targets_of_a_record() -> None:
     record["rows"] = record["rows"][:2]
     assert {t["target"]: t["status"] for t in targets(record)}[
         "GPU decode-only >= 5x the CPU decode-only ceiling"] == "missing"
+
+
+def test_the_fidelity_script_on_the_cpu_stand_in(tiny_export: Path, tmp_path: Path) -> None:
+    """benchmarks/gpu_fidelity.py end to end (sweep 96 px to 1080p, record); a CPU candidate writes no gate."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "fidelity.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_fidelity.py"), "--export", str(tiny_export),
+                             "--candidate", "pyav", "--device", "cpu", "--codecs", "mpeg4", "--per-size", "1",
+                             "--frames", "8", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"record": str(out), "gate": None, "passed": ["mpeg4"]}
+    record = json.loads(out.read_text())
+    assert record["sweep"]["videos"] == 7 and {v["size"] for v in record["videos"]} >= {"96x96", "1920x1080"}
+    assert record["codecs"]["mpeg4"]["agreement"] == 1.0 and not (tiny_export / "decode_fidelity.json").exists()

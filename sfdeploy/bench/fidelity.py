@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gate", action="store_true", help="do not write the record into EXPORT as its gate")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="sfdeploy: %(message)s")
-    record, out = run_fidelity(FidelityOptions(
-        export=args.export, candidate=args.candidate, device=args.device, runtime=args.runtime,
-        precision=args.precision, per_size=args.per_size, frames=args.frames,
-        codecs=tuple(c for c in args.codecs.split(",") if c), sweep_dir=args.sweep, out=args.out,
-        gate=not args.no_gate))
+    from sfdeploy.errors import SfdeployError
+
+    try:
+        record, out = run_fidelity(FidelityOptions(
+            export=args.export, candidate=args.candidate, device=args.device, runtime=args.runtime,
+            precision=args.precision, per_size=args.per_size, frames=args.frames,
+            codecs=tuple(c for c in args.codecs.split(",") if c), sweep_dir=args.sweep, out=args.out,
+            gate=not args.no_gate))
+    except SfdeployError as exc:
+        print(f"gpu_fidelity.py: {exc}", file=sys.stderr)
+        return 1
     print("\n".join(summary_lines(record)))
     print(json.dumps({"record": str(out), "gate": record.get("gate"),
                       "passed": sorted(c for c, s in record["codecs"].items() if s["passed"])}))
