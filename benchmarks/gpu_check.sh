@@ -6,6 +6,10 @@
 #                               # the bench record's model stage (R50 4x16, fp32 + fp16, plain vs rewritten)
 #   benchmarks/gpu_check.sh 2   # install kit part 2 (tritonserver), then `sfdeploy demo`, the record's
 #                               # triton and e2e stages, and `pytest -m gpu`
+#   benchmarks/gpu_check.sh 3   # GPU decoding (issue 19; a kit made with --extra nvdec): install the kit's
+#                               # further parts, the decoders' probe, tests/test_gpu_decode.py, the fidelity
+#                               # gate per decoder on the demo export, and the record's e2e stage again (its
+#                               # gpu-decode rows beside the CPU decode-only ceiling measured in call 2)
 #
 # Every step has its own time limit inside an overall deadline (BUDGET_S, default 540 s a call), and
 # what it produced is copied to $OUT as it finishes (the record after every stage): a call cut short
@@ -15,7 +19,7 @@
 # A plain GPU machine with internet can run the same: pip install -e ".[gpu,dev]" and KIT=none.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE="${1:?usage: benchmarks/gpu_check.sh 1|2}"
+PHASE="${1:?usage: benchmarks/gpu_check.sh 1|2|3}"
 OUT="${OUT:-/tmp/sfdeploy-gpu-out}"
 STATE="${SFDEPLOY_GPU_STATE:-/tmp/sfdeploy-gpu}"
 KIT="${KIT:-.gpukit}"
@@ -89,6 +93,23 @@ case "$PHASE" in
     step bench-e2e 90 "$PY" -m sfdeploy "${BENCH[@]}" --stage e2e
     save_record
     ;;
-  *) echo "usage: benchmarks/gpu_check.sh 1|2" >&2; exit 2 ;;
+  3)
+    for part in "$KIT"/part*; do  # parts 3.. (made by --extra nvdec); 1 and 2 again are harmless
+      [ -d "$part" ] && step "install-$(basename "$part")" 60 install_part "${part##*part}"
+    done
+    step nvdec-probe 60 "$PY" -c 'from sfdeploy.gpudecode.select import probe_backends
+for s in probe_backends(): print(s)'
+    step demo 120 "$PY" -m sfdeploy demo --workdir "$STATE/demo"
+    step pytest-gpu-decode 240 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --timeout 230 \
+      --junitxml "$OUT/pytest-gpu-decode.xml" tests/test_gpu_decode.py
+    for decoder in pynvvideocodec torchcodec; do
+      step "fidelity-$decoder" 150 "$PY" benchmarks/gpu_fidelity.py --export "$STATE/demo/export" \
+        --candidate "$decoder" --per-size "${FIDELITY_PER_SIZE:-2}" --frames 32 --sweep "$STATE/sweep" \
+        --out "$OUT/decode-fidelity-$decoder.json"
+    done
+    step bench-e2e-gpu-decode 150 "$PY" -m sfdeploy "${BENCH[@]}" --stage e2e
+    save_record
+    ;;
+  *) echo "usage: benchmarks/gpu_check.sh 1|2|3" >&2; exit 2 ;;
 esac
 echo "gpu_check: phase $PHASE done $(date +%T)"; cat "$OUT/summary.txt"

@@ -9,7 +9,8 @@
             print(p.path, p.label, p.score)
 
 The pipeline: worker processes decode and preprocess (a file that crashes or hangs its decoder
-fails alone), the main thread packs clips into batches, and up to ``concurrency`` batches are in
+fails alone; with a model on a GPU, NVDEC decodes the streams it can in this process and their
+clips stay on the GPU: :mod:`sfdeploy.gpudecode`), the main thread packs clips into batches, and up to ``concurrency`` batches are in
 flight at once on a thread pool. With server-side decoding (``from_triton(..., server_decode=True)``)
 the batches hold the files' bytes instead, and ``<model>_video`` decodes them on the server. Every
 input yields exactly one :class:`Prediction`, failed ones with their error. :func:`infer` writes
@@ -36,14 +37,16 @@ from sfdeploy.clipspec import ClipSpec
 from sfdeploy.data.probe import VIDEO_EXTENSIONS
 from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import InputError, ServingError
+from sfdeploy.gpudecode.pool import DecodedBy, decode_routed, stack_clips
+from sfdeploy.gpudecode.select import DecodePlan
 from sfdeploy.inputs import require_pyarrow
-from sfdeploy.preprocess import DecodeFailure, decode_many
+from sfdeploy.preprocess import DecodeFailure
 from sfdeploy.progress import bar
 from sfdeploy.runtime import Predictor, open_predictor
 
 log = logging.getLogger("sfdeploy")
 
-OUTPUT_FIELDS = ("path", "status", "label", "score", "top_k", "error")
+OUTPUT_FIELDS = ("path", "status", "label", "score", "top_k", "error", "decoder", "decoder_reason")
 
 
 @dataclass(frozen=True)
@@ -54,16 +57,19 @@ class Prediction:
     score: float | None = None
     top_k: tuple[tuple[str, float], ...] = ()
     error: str | None = None
+    decoder: str | None = None  # which decoder read the video (nvdec:<backend>, decord, pyav) ...
+    decoder_reason: str | None = None  # ... and why that one (sfdeploy.gpudecode.select)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
     @classmethod
-    def from_probs(cls, path: str, probs: np.ndarray, classes: Sequence[str], k: int) -> Prediction:
+    def from_probs(cls, path: str, probs: np.ndarray, classes: Sequence[str], k: int,
+                   decoded_by: DecodedBy | None = None) -> Prediction:
         """The row of a classified video from its probabilities ``[num_classes]``."""
         best = top_k(probs, classes, k)
-        return cls(path, "ok", label=best[0][0], score=best[0][1], top_k=best)
+        return cls(path, "ok", label=best[0][0], score=best[0][1], top_k=best, **_decoder_fields(decoded_by))
 
     def to_arrow_row(self) -> dict[str, Any]:
         """This row in :func:`arrow_schema` (``top_k`` as label/score records)."""
@@ -72,7 +78,14 @@ class Prediction:
     @classmethod
     def from_arrow_row(cls, row: dict[str, Any]) -> Prediction:
         return cls(row["path"], row["status"], row["label"], row["score"],
-                   tuple((pair["label"], pair["score"]) for pair in row["top_k"] or ()), row["error"])
+                   tuple((pair["label"], pair["score"]) for pair in row["top_k"] or ()), row["error"],
+                   row.get("decoder"), row.get("decoder_reason"))
+
+
+def _decoder_fields(decoded_by: DecodedBy | None) -> dict[str, str | None]:
+    if decoded_by is None or not decoded_by.decoder:
+        return {}
+    return {"decoder": decoded_by.decoder, "decoder_reason": decoded_by.reason}
 
 
 def arrow_schema() -> Any:
@@ -82,7 +95,8 @@ def arrow_schema() -> Any:
 
     pair = pa.struct([("label", pa.string()), ("score", pa.float64())])
     return pa.schema([("path", pa.string()), ("status", pa.string()), ("label", pa.string()),
-                      ("score", pa.float64()), ("top_k", pa.list_(pair)), ("error", pa.string())])
+                      ("score", pa.float64()), ("top_k", pa.list_(pair)), ("error", pa.string()),
+                      ("decoder", pa.string()), ("decoder_reason", pa.string())])
 
 
 def predictions_to_arrow(predictions: Iterable[Prediction]) -> Any:
@@ -118,8 +132,9 @@ def top_k(probs: np.ndarray, classes: Sequence[str], k: int) -> tuple[tuple[str,
 class Classifier:
     """A predictor plus the batching/concurrency pipeline around it."""
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: Predictor, export_dir: str | Path | None = None) -> None:
         self.predictor = predictor
+        self.export_dir = Path(export_dir) if export_dir is not None else None  # its GPU-decoding fidelity record
 
     @classmethod
     def from_triton(cls, url: str = "127.0.0.1:8000", model: str = "slowfast", protocol: str = "http",
@@ -140,11 +155,29 @@ class Classifier:
     @classmethod
     def from_export(cls, export_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
                     device: str = "cpu") -> Classifier:
-        return cls(open_predictor(backend, export_dir=Path(export_dir), precision=precision, device=device))
+        return cls(open_predictor(backend, export_dir=Path(export_dir), precision=precision, device=device),
+                   export_dir)
 
     @property
     def spec(self) -> ClipSpec:
         return self.predictor.spec
+
+    def decode_plan(self, decode: str = "auto") -> DecodePlan:
+        """Where this classifier's videos are decoded (``--decode``: auto, cpu, gpu, or a GPU
+        decoder by name; :func:`sfdeploy.gpudecode.select.plan_decoding`), said once in the log.
+        Raises when ``gpu`` (or a decoder by name) cannot be had, with the fix."""
+        from sfdeploy.gpudecode.fidelity import read_gates
+        from sfdeploy.gpudecode.select import plan_decoding, probe_backends
+
+        device = getattr(self.predictor, "device", "remote")
+        on_gpu = decode != "cpu" and device.startswith("cuda")
+        plan = plan_decoding(decode, device=device, statuses=probe_backends() if on_gpu else [],
+                             gates=read_gates(self.export_dir) if on_gpu else None)
+        if plan.backend:
+            log.info("decoding: NVDEC (%s) on %s where the stream allows, else the CPU", plan.why, plan.device)
+        elif decode != "cpu":
+            log.info("decoding on the CPU: %s", plan.why)
+        return plan
 
     def predict_clips(self, frames: np.ndarray) -> np.ndarray:
         """uint8 ``[N, V, T, H, W, 3]`` (see :func:`sfdeploy.preprocess.load_video`) -> probabilities."""
@@ -152,15 +185,18 @@ class Classifier:
 
     def classify(self, inputs: Iterable[str | Path], *, batch_size: int = 8, concurrency: int = 1, topk: int = 5,
                  workers: int | None = None, show_progress: bool = False,
-                 max_pixels: int = MAX_VIDEO_PIXELS) -> Iterator[Prediction]:
+                 max_pixels: int = MAX_VIDEO_PIXELS, decode: str | DecodePlan = "auto") -> Iterator[Prediction]:
         """One :class:`Prediction` per input (folders expanded), in completion order. A video with
         frames of more than ``max_pixels`` is refused (its row says so) before it is decoded.
+        ``decode``: where videos are decoded (:meth:`decode_plan`); each row says which decoder read
+        its video and why.
 
         Raises :class:`ServingError` if the backend stops answering; the predictions yielded
         before that stay valid.
         """
         if batch_size < 1 or concurrency < 1:
             raise InputError("batch size and concurrency must be >= 1", fix="use e.g. --batch-size 8 --concurrency 4")
+        plan = decode if isinstance(decode, DecodePlan) else self.decode_plan(decode)
         items = collect_inputs(inputs)
         classes = self.spec.class_names
         for path, error in items:
@@ -168,7 +204,7 @@ class Classifier:
                 yield Prediction(path, "error", error=error)
         paths = [path for path, error in items if not error]
         shown = bar(len(paths), desc=f"infer {self.predictor.name}", unit="video", enabled=show_progress)
-        inflight: dict[Future, list[str]] = {}
+        inflight: dict[Future, list[tuple[str, DecodedBy | None]]] = {}
         failure: BaseException | None = None
 
         def finished(futures: Iterable[Future]) -> Iterator[Prediction]:
@@ -180,37 +216,33 @@ class Classifier:
                 except ServingError as exc:
                     failure = failure or exc
                     continue
-                for path, row in zip(batch_paths, probs, strict=True):
+                for (path, how), row in zip(batch_paths, probs, strict=True):
                     shown.update(1)
                     if isinstance(row, str):  # server-side decoding: why the server could not classify it
                         yield Prediction(path, "error", error=row)
                         continue
-                    yield Prediction.from_probs(path, row, classes, topk)
+                    yield Prediction.from_probs(path, row, classes, topk, how)
 
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sfdeploy-infer") as pool:
-            batch: list[tuple[str, np.ndarray]] = []
+            batch: list[tuple[str, Any, DecodedBy | None]] = []
 
             server_decode = getattr(self.predictor, "decodes_on_server", False)
 
             def submit() -> None:
-                items = [item for _, item in batch]  # clips, or the encoded files (server-side decoding)
-                inflight[pool.submit(self.predictor.predict, items if server_decode else np.stack(items))] = [
-                    p for p, _ in batch]
+                items = [item for _, item, _ in batch]  # clips, or the encoded files (server-side decoding)
+                inflight[pool.submit(self.predictor.predict, items if server_decode else stack_clips(items))] = [
+                    (p, how) for p, _, how in batch]
                 batch.clear()
 
-            if server_decode:
-                from sfdeploy.runtime.triton_video import read_encoded
-
-                stream = read_encoded(paths)
-            else:
-                stream = decode_many(paths, self.spec, workers=workers, max_pixels=max_pixels)
+            stream = _encoded(paths) if server_decode else decode_routed(paths, self.spec, plan, workers=workers,
+                                                                            max_pixels=max_pixels)
             try:
-                for index, clip in stream:
+                for index, clip, how in stream:
                     if isinstance(clip, DecodeFailure):
                         shown.update(1)
                         yield Prediction(paths[index], "error", error=clip.error)
                         continue
-                    batch.append((paths[index], clip))
+                    batch.append((paths[index], clip, how))
                     if len(batch) >= batch_size:
                         submit()
                     done = [f for f in inflight if f.done()]
@@ -237,6 +269,18 @@ class Classifier:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _encoded(paths: Sequence[str]) -> Iterator[tuple[int, bytes, None]]:
+    """The files' bytes for server-side decoding (the server says nothing of its decoder)."""
+    from sfdeploy.runtime.triton_video import read_encoded
+
+    encoded = read_encoded(paths)
+    try:
+        for index, data in encoded:
+            yield index, data, None
+    finally:
+        encoded.close()
 
 
 class PredictionWriter:
@@ -269,10 +313,20 @@ class PredictionWriter:
         except OSError as exc:
             raise InputError(f"cannot write the output ({exc.strerror})", path=self.path,
                              fix="choose a writable --out") from exc
-        self.csv = csv.DictWriter(self.handle, fieldnames=OUTPUT_FIELDS) if self.format == "csv" else None
+        # a file begun by an earlier sfdeploy keeps its columns (rows written under its own header)
+        fields = self._csv_header() or OUTPUT_FIELDS
+        self.csv = csv.DictWriter(self.handle, fieldnames=fields, extrasaction="ignore") if self.format == "csv" else None
         if self.csv and self.handle.tell() == 0:
             self.csv.writeheader()
             self.handle.flush()
+
+    def _csv_header(self) -> list[str] | None:
+        """The columns of the CSV being continued, when they are a subset of :data:`OUTPUT_FIELDS`."""
+        if self.format != "csv" or not self.path.is_file() or self.path.stat().st_size == 0:
+            return None
+        with open(self.path, newline="") as existing:
+            header = next(csv.reader(existing), [])
+        return header if header and set(header) <= set(OUTPUT_FIELDS) else None
 
     def _read_done(self) -> set[str]:
         """Paths of the complete rows; a row cut off by a kill (no final newline) is dropped."""
@@ -320,7 +374,10 @@ class PredictionWriter:
         with pq.ParquetWriter(partial, arrow_schema()) as parquet:
             if self.path.exists():
                 for batch in pq.ParquetFile(self.path).iter_batches(batch_size=chunk):
-                    parquet.write_batch(batch)
+                    if batch.schema.equals(parquet.schema):
+                        parquet.write_batch(batch)
+                    else:  # a file begun by an earlier sfdeploy (fewer columns): its rows as rows of this one
+                        parquet.write_table(predictions_to_arrow(Prediction.from_arrow_row(r) for r in batch.to_pylist()))
             with open(self.journal) as lines:
                 rows: list[Prediction] = []
                 for line in lines:
@@ -352,12 +409,14 @@ class InferSummary:
 
 def infer(inputs: Sequence[str | Path], out: str | Path, classifier: Classifier, *, batch_size: int = 8,
           concurrency: int = 4, topk: int = 5, workers: int | None = None, resume: bool = False,
-          show_progress: bool = True, max_pixels: int = MAX_VIDEO_PIXELS) -> InferSummary:
+          show_progress: bool = True, max_pixels: int = MAX_VIDEO_PIXELS, decode: str = "auto") -> InferSummary:
     """Classify ``inputs`` into ``out``; on a backend failure the rows so far are kept and a
-    :class:`ServingError` says how to continue."""
+    :class:`ServingError` says how to continue. ``decode``: see :meth:`Classifier.decode_plan`
+    (decided before the output is opened: a ``gpu`` that cannot be had writes nothing)."""
+    plan = classifier.decode_plan(decode)
     return write_predictions(inputs, out, lambda todo: classifier.classify(
         todo, batch_size=batch_size, concurrency=concurrency, topk=topk, workers=workers,
-        show_progress=show_progress, max_pixels=max_pixels), resume=resume)
+        show_progress=show_progress, max_pixels=max_pixels, decode=plan), resume=resume)
 
 
 def write_predictions(inputs: Sequence[str | Path], out: str | Path,

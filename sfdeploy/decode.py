@@ -52,6 +52,10 @@ Source = str | os.PathLike | bytes | bytearray | memoryview
 MAX_VIDEO_SIZE: tuple[int, int] = (4096, 2160)
 MAX_VIDEO_PIXELS: int = MAX_VIDEO_SIZE[0] * MAX_VIDEO_SIZE[1]
 
+#: Which CPU decoder :class:`Video` reads with: ``auto`` (decord, PyAV on the streams decord
+#: mis-decodes: what training and serving use) or ``pyav`` (PyAV for every stream).
+CPU_DECODERS = ("auto", "pyav")
+
 #: The message of decord's width bug: the one decord error on which PyAV takes over.
 DECORD_MISDECODE = "DECORDArrayCopyFromTo"
 
@@ -107,13 +111,19 @@ class Video:
     :meth:`frames` at any indices.
 
     :attr:`decoder` is ``"decord"`` until decord turns out to mis-decode the stream (found on the
-    first :meth:`frames` call), ``"pyav"`` after. Raises :class:`DecodeError` for a source that
-    cannot be opened, has no frames, or has frames of more than ``max_pixels`` pixels.
+    first :meth:`frames` call), ``"pyav"`` after; ``decoder="pyav"`` decodes with PyAV from the
+    start (the fidelity harness compares the two, :mod:`sfdeploy.gpudecode.fidelity`). Counting
+    and indexing stay decord's either way. :attr:`codec` and :attr:`pix_fmt` are the stream's, from
+    its header (what a GPU decoder's capability check reads, :mod:`sfdeploy.gpudecode.select`).
+    Raises :class:`DecodeError` for a source that cannot be opened, has no frames, or has frames of
+    more than ``max_pixels`` pixels.
     """
 
-    def __init__(self, source: Source, *, max_pixels: int = MAX_VIDEO_PIXELS) -> None:
+    def __init__(self, source: Source, *, max_pixels: int = MAX_VIDEO_PIXELS, decoder: str = "auto") -> None:
         import decord
 
+        if decoder not in CPU_DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(CPU_DECODERS)}, not {decoder!r}")
         self.name = describe(source)
         self.max_pixels = max_pixels
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -136,7 +146,7 @@ class Video:
             raise DecodeError("the video has no frames", reason="no_frames", path=self.name) from exc
         self.num_frames = len(self._decord)
         self.fps = float(self._decord.get_avg_fps())
-        self.decoder = "decord"
+        self.decoder = "pyav" if decoder == "pyav" else "decord"
 
     def _probe(self) -> tuple[int, int]:
         """(width, height) of the video stream, from its header, before decord opens it.
@@ -153,6 +163,8 @@ class Video:
                 if stream is None:
                     raise DecodeError("no video stream", reason="unreadable", path=self.name)
                 width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+                self.codec = str(stream.codec_context.name)
+                self.pix_fmt = str(stream.codec_context.pix_fmt or "")
         except av.FFmpegError as exc:
             raise DecodeError(f"cannot open the video ({short_error(exc)})", reason="unreadable",
                               path=self.name) from exc
@@ -250,7 +262,7 @@ class Video:
         self.close()
 
 
-def open_video(source: Source, *, max_pixels: int = MAX_VIDEO_PIXELS) -> Video:
+def open_video(source: Source, *, max_pixels: int = MAX_VIDEO_PIXELS, decoder: str = "auto") -> Video:
     """Open a video from a path or from the bytes of an encoded file (see :class:`Video`)."""
-    return Video(source, max_pixels=max_pixels)
+    return Video(source, max_pixels=max_pixels, decoder=decoder)
 

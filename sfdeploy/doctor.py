@@ -346,9 +346,25 @@ def check_ray() -> Check:
                  "give the container more shared memory (docker run --shm-size=8g)" if small else "")
 
 
+def check_gpu_decoders() -> Check:
+    """GPU video decoding (NVDEC, optional): which decoders can run; a warning only on a GPU host
+    without any (``infer --decode auto`` then decodes on the CPU)."""
+    import torch
+
+    from sfdeploy.gpudecode.select import INSTALL_FIX, probe_backends
+
+    statuses = probe_backends()
+    detail = "; ".join(s.detail for s in statuses)
+    if any(s.available for s in statuses):
+        return Check("GPU video decoding", OK, detail)
+    if torch.cuda.is_available():
+        return Check("GPU video decoding", WARN, f"{detail}: videos are decoded on the CPU", INSTALL_FIX)
+    return Check("GPU video decoding", OK, f"{detail} (optional: NVDEC on a GPU host)")
+
+
 CHECKS: list[Callable[[], Check]] = [
     check_python, check_torch, check_numpy, check_openmmlab, check_pkg_resources, check_opencv,
-    check_decoders, check_onnx, check_onnxruntime_cuda, check_tritonclient, check_tritonserver,
+    check_decoders, check_gpu_decoders, check_onnx, check_onnxruntime_cuda, check_tritonclient, check_tritonserver,
     check_python_backend_stub, check_ray,
 ]
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name as canonical
 
 from sfdeploy.artifacts import sha256
-from sfdeploy.wheelhouse import REPO, download, resolve, select, sfdeploy_requirements
+from sfdeploy.wheelhouse import REPO, download, resolve, select, sfdeploy_project, sfdeploy_requirements
 
 #: a distribution sfdeploy requires -> host distributions that provide the same import (any one will do)
 EQUIVALENT: dict[str, tuple[str, ...]] = {
@@ -49,11 +49,12 @@ EQUIVALENT: dict[str, tuple[str, ...]] = {
 }
 #: never shipped: the host's CUDA torch and what only torch pulls in
 ALWAYS_SKIP = ("torch", "triton", "nvidia-cu*", "nvidia-nccl*", "nvidia-nv*", "cuda-*")
-#: packing order: what training/export/decoding need, then the client, then the server (largest)
+#: packing order: what training/export/decoding need, then the client, the GPU decoders (``--extra nvdec``),
+#: then the server (largest)
 PART_ORDER = ("mmengine", "mmcv-lite", "mmaction2", "addict", "yapf", "platformdirs", "termcolor",
               "importlib-metadata", "zipp", "decord", "av", "tritonclient", "python-rapidjson",
               "geventhttpclient", "gevent", "greenlet", "zope-event", "zope-interface", "brotli",
-              "nvidia-pytriton")
+              "pynvvideocodec", "torchcodec", "nvidia-pytriton")
 #: files inside a distribution that only a host of Python 3.<minor> can use: nvidia-pytriton's
 #: python-backend stub per Python, and the libpython auditwheel vendored for one of them
 #: (``nvidia_pytriton.libs/libpython3-419a3a08.13.so.1.0``: 32 MB for 3.13 alone)
@@ -79,6 +80,17 @@ def kit_requirements(ort: str, host: set[str]) -> list[str]:
     from packaging.requirements import Requirement
 
     return [r for r in sfdeploy_requirements(ort) if not host_provides(canonical(Requirement(r).name), host)]
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """``--extra``: requirements, each as given or, when it names one of sfdeploy's extras
+    (``nvdec``), that extra's pinned requirements from ``pyproject.toml``."""
+    extras = sfdeploy_project()["optional-dependencies"]
+    out: list[str] = []
+    for item in (part.strip() for part in extra.split(",")):
+        if item:
+            out += extras.get(item, [item])
+    return out
 
 
 def _keep(member: str, python: str) -> bool:
@@ -236,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ort", choices=("none", "gpu", "cpu"), default="none",
                         help="ONNX Runtime build to ship: none (keep the host's), gpu (onnxruntime-gpu: "
                              "~256 MB, its own parts), cpu [none]")
-    parser.add_argument("--extra", default="", help="comma-separated extra requirements (e.g. pytest-timeout)")
+    parser.add_argument("--extra", default="", help="comma-separated extra requirements (e.g. pytest-timeout), or "
+                        "sfdeploy extras by name (nvdec: the GPU video decoders)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     if out.exists() and any(out.iterdir()):
         parser.error(f"--out {out} is not empty: choose a new folder")
     host = read_host_packages(args.host_packages)
-    requirements = kit_requirements(args.ort, host) + [r for r in args.extra.split(",") if r.strip()]
+    requirements = kit_requirements(args.ort, host) + extra_requirements(args.extra)
     print(f"gpukit: resolving {len(requirements)} requirements for CPython {args.python} (the host has "
           f"{len(host)} distributions)", file=sys.stderr)
     skip = [*ALWAYS_SKIP, *sorted(host), *[d for d in EQUIVALENT if host_provides(d, host)]]

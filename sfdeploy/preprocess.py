@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.decode import MAX_VIDEO_PIXELS, FIXES, DecodeError, describe, open_video, worker_failure_reason
+from sfdeploy.decode import MAX_VIDEO_PIXELS, FIXES, DecodeError, Video, describe, open_video, worker_failure_reason
 from sfdeploy.workers import IsolatedPool, WorkerFailure
 
 
@@ -78,18 +78,24 @@ def clip_views(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(views, axis=0))  # crop-major, like FormatShape
 
 
-def load_video(source: str | Path | bytes, spec: ClipSpec, *, max_pixels: int = MAX_VIDEO_PIXELS) -> np.ndarray:
+def load_video(source: str | Path | bytes, spec: ClipSpec, *, max_pixels: int = MAX_VIDEO_PIXELS,
+               decoder: str = "auto") -> np.ndarray:
     """Decode and preprocess one video: uint8 ``[V, T, crop, crop, 3]`` RGB.
 
     ``source`` is a path or the bytes of an encoded file (server-side decoding receives those; no
     temporary file is written). Decoding is :mod:`sfdeploy.decode`'s, the decoder MMAction2 trains
     with here (decord, PyAV on the streams decord mis-decodes); a stream with frames of more than
     ``max_pixels`` is refused before decoding. Raises :class:`sfdeploy.decode.DecodeError` (an
-    :class:`InputError` naming the video and the fix).
+    :class:`InputError` naming the video and the fix). ``decoder="pyav"``: PyAV for every stream
+    (:data:`sfdeploy.decode.CPU_DECODERS`).
     """
-    with open_video(source, max_pixels=max_pixels) as video:
-        frames = video.frames(sample_indices(video.num_frames, spec).reshape(-1))
-    return clip_views(frames, spec)
+    with open_video(source, max_pixels=max_pixels, decoder=decoder) as video:
+        return video_clip(video, spec)
+
+
+def video_clip(video: Video, spec: ClipSpec) -> np.ndarray:
+    """The views of an opened video: its sampled frames, resized and cropped."""
+    return clip_views(video.frames(sample_indices(video.num_frames, spec).reshape(-1)), spec)
 
 
 @dataclass(frozen=True)
@@ -106,18 +112,28 @@ def _decode_task(job: tuple[str | bytes, ClipSpec, int]) -> np.ndarray | DecodeF
     try:
         return load_video(source, spec, max_pixels=max_pixels)
     except DecodeError as exc:  # this input's row says why; the others go on
-        plain = exc.reason in ("not_found", "zero_bytes", "frame_too_large")
-        what = exc.message if plain else f"cannot decode ({exc.message})"
-        return DecodeFailure(describe(source), f"{what}; {exc.fix}")
+        return decode_failure(source, exc)
+
+
+def decode_failure(source: str | bytes, exc: DecodeError) -> DecodeFailure:
+    """The row of a video the decoder refused: what went wrong and the fix."""
+    plain = exc.reason in ("not_found", "zero_bytes", "frame_too_large")
+    what = exc.message if plain else f"cannot decode ({exc.message})"
+    return DecodeFailure(describe(source), f"{what}; {exc.fix}")
+
+
+def worker_failure(source: str | bytes, failure: WorkerFailure) -> DecodeFailure:
+    """The row of a video whose decode worker crashed or hung on it."""
+    what = {"crash": "the decoder crashed", "timeout": "decoding timed out"}.get(failure.kind, "cannot decode")
+    fix = FIXES[worker_failure_reason(failure.kind)]
+    return DecodeFailure(describe(source), f"{what} ({failure.detail}); {fix}")
 
 
 def _decode_failed(job: tuple[str | bytes, ClipSpec, int], failure: WorkerFailure) -> DecodeFailure:
-    what = {"crash": "the decoder crashed", "timeout": "decoding timed out"}.get(failure.kind, "cannot decode")
-    fix = FIXES[worker_failure_reason(failure.kind)]
-    return DecodeFailure(describe(job[0]), f"{what} ({failure.detail}); {fix}")
+    return worker_failure(job[0], failure)
 
 
-def _single_threaded() -> None:
+def single_threaded() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one decode per worker process; the processes are the parallelism
@@ -139,7 +155,7 @@ class DecodePool:
         self.max_pixels = max_pixels
         self._pool = IsolatedPool(_decode_task, workers=workers or max(1, os.cpu_count() or 1),
                                   on_failure=_decode_failed, timeout_s=timeout_s, prefetch=prefetch,
-                                  init=_single_threaded)
+                                  init=single_threaded)
 
     def warm(self) -> None:
         """Start the workers now (imports done before the first video arrives)."""

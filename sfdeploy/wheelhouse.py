@@ -39,10 +39,15 @@ DEFAULT_HOST_FIRST = "numpy"
 PART = ".part"  # name.whl -> name.whl.part000, name.whl.part001, ...
 
 
-def sfdeploy_requirements(ort: str) -> list[str]:
+def sfdeploy_project() -> dict:
+    """The ``[project]`` table of this checkout's ``pyproject.toml``."""
     import tomllib
 
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def sfdeploy_requirements(ort: str) -> list[str]:
+    project = sfdeploy_project()
     return [*project["dependencies"], *project["optional-dependencies"].get(ort, [])]  # --ort none: no extra
 
 

@@ -84,3 +84,16 @@ def test_opencv_row_names_the_packages_installed_never_none(monkeypatch: pytest.
     check = doctor.check_opencv()
     assert check.status == doctor.OK and "None" not in check.detail
     assert check.detail.startswith("opencv-python-headless 5.0.0, cv2 ")
+
+
+def test_gpu_video_decoding_is_optional_and_says_what_is_here() -> None:
+    import torch
+
+    from sfdeploy.doctor import OK, WARN, check_gpu_decoders
+
+    check = check_gpu_decoders()
+    assert check.name == "GPU video decoding" and "pynvvideocodec" in check.detail and "torchcodec" in check.detail
+    if not torch.cuda.is_available():  # this machine: optional, not a failure
+        assert check.status == OK and "(optional: NVDEC on a GPU host)" in check.detail
+    else:
+        assert check.status in (OK, WARN)

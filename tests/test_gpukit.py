@@ -48,6 +48,20 @@ def test_parts_follow_the_install_order_and_the_size_limit() -> None:
         gpukit.assign_parts(sizes, 20 * mb)
 
 
+def test_the_gpu_decoders_ship_as_an_extra_before_the_server() -> None:
+    """`--extra nvdec` names the pinned GPU decoders of pyproject's [nvdec] (never sfdeploy's default
+    dependencies); packed after the client, before the server, at their real sizes they fill a part
+    of their own ahead of it."""
+    assert gpukit.extra_requirements("nvdec, pytest-timeout") == ["pynvvideocodec==2.2.4", "torchcodec==0.17.0",
+                                                                  "pytest-timeout"]
+    assert not any(r.startswith(("pynvvideocodec", "torchcodec")) for r in gpukit.kit_requirements("gpu", set()))
+    mb = 1_000_000
+    sizes = {"nvidia-pytriton": 34 * mb, "tritonclient": 5 * mb, "av": 25 * mb, "pynvvideocodec": 27 * mb,
+             "torchcodec": 10 * mb}
+    assert gpukit.assign_parts(sizes, 58 * mb) == [["av", "tritonclient", "pynvvideocodec"], ["torchcodec",
+                                                                                            "nvidia-pytriton"]]
+
+
 def _kit(tmp_path: Path) -> Path:
     """A two-part kit of two small wheels, made by gpukit's own functions."""
     wheels, packs, kit = tmp_path / "wheels", tmp_path / "packs", tmp_path / "kit"

@@ -151,7 +151,7 @@ def device_info(device: str) -> dict:
         "packages": {},
     }
     for dist in ("torch", "onnxruntime", "onnxruntime-gpu", "mmaction2", "mmengine", "tritonclient",
-                 "nvidia-pytriton", "numpy", "decord", "sfdeploy"):
+                 "nvidia-pytriton", "numpy", "decord", "av", "pynvvideocodec", "torchcodec", "sfdeploy"):
         try:
             info["packages"][dist] = md.version(dist)
         except md.PackageNotFoundError:

@@ -299,7 +299,10 @@ def plan_triton(c: Context) -> list[Task]:
 
 def plan_e2e(c: Context) -> list[Task]:
     """Videos -> predictions: decode only (the ceiling), sfdeploy (through the served model when
-    Triton is benchmarked, else in process), MMAction2's inference_recognizer one video at a time."""
+    Triton is benchmarked, else in process), MMAction2's inference_recognizer one video at a time;
+    then, for each GPU decoder, decode-only and end to end with GPU decoding (the served runtime in
+    process on the GPU: the measured comparison of the decoders), each recorded as skipped, with
+    the reason, where that decoder cannot run."""
     opts = c.opts
     via = next((b for b in ("triton-grpc", "triton-http") if b in opts.backends), c.served_runtime)
     batch, concurrency = opts.triton_batch, max(opts.concurrency)
@@ -336,7 +339,47 @@ def plan_e2e(c: Context) -> list[Task]:
         tasks += [_decode_where(server_decode, c.served_precision, concurrency) for server_decode in (True, False)]
     if "mmaction2" in opts.backends:
         tasks.append(Task("e2e", "mmaction2:inference_recognizer", "fp32", 1, 1, mmaction2))
+    from sfdeploy.gpudecode.select import GPU_BACKENDS
+
+    for backend in GPU_BACKENDS:
+        tasks += [_gpu_decode(backend, c.served_runtime, None, 1, 1),
+                  _gpu_decode(backend, c.served_runtime, c.served_precision, batch, concurrency)]
     return tasks
+
+
+#: the names of the GPU-decoding rows of the e2e stage
+GPU_DECODE_ONLY = "gpu-decode-only:{}"
+GPU_DECODE_E2E = "sfdeploy:{} (gpu decode: {})"
+
+
+def _gpu_decode(backend: str, runtime: str, precision: str | None, batch: int, concurrency: int) -> Task:
+    """GPU decoding with ``backend``: decode only (``precision`` None) or end to end through the
+    served runtime in process on the bench's GPU (Triton takes host clips here)."""
+    def measure(c: Context) -> dict[str, Any]:
+        from sfdeploy.errors import SfdeployError
+        from sfdeploy.gpudecode.select import plan_decoding, probe_backend
+
+        try:
+            if not c.device.startswith("cuda"):
+                raise EnvironmentProblem(f"GPU decoding is measured with --device cuda (this run: {c.device})")
+            plan = plan_decoding(backend, device=c.device, statuses=[probe_backend(backend)])
+        except SfdeployError as exc:
+            return suites.unmeasured_row("e2e", name, precision or "-", batch, concurrency, SKIPPED, exc.message,
+                                         kind="videos")
+        c.release()
+        if precision is None:
+            return suites.gpu_decode_only_row(name, c.model.spec, c.videos(), plan, c.workers)
+        from sfdeploy.artifacts import backend_format
+        from sfdeploy.client import Classifier
+
+        classifier = Classifier.from_export(c.export((backend_format(runtime), precision)), runtime, precision,
+                                            c.device)
+        with classifier:
+            return suites.sfdeploy_row(name, classifier, precision, c.videos(), workers=c.workers, batch=batch,
+                                       concurrency=concurrency, decode=backend)
+
+    name = GPU_DECODE_ONLY.format(backend) if precision is None else GPU_DECODE_E2E.format(runtime, backend)
+    return Task("e2e", name, precision or "-", batch, concurrency, measure)
 
 
 def _decode_where(server_decode: bool, precision: str, concurrency: int) -> Task:

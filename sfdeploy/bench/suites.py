@@ -154,15 +154,42 @@ def decode_only_row(spec: ClipSpec, paths: list[Path], workers: int) -> dict[str
                       f"{workers} decode workers, no model")
 
 
-def sfdeploy_row(backend: str, classifier: Any, precision: str, paths: list[Path], *, workers: int, batch: int,
-                 concurrency: int) -> dict[str, Any]:
-    """:meth:`sfdeploy.client.Classifier.classify`: decode workers feeding batched requests."""
+def gpu_decode_only_row(name: str, spec: ClipSpec, paths: list[Path], plan: Any, workers: int) -> dict[str, Any]:
+    """The ceiling of end to end with GPU decoding: the routed decoding of ``sfdeploy infer`` (CPU
+    workers probe, NVDEC decodes, the clips stay on the GPU) with no model. CUDA and the decoder are
+    started by an untimed first video; the workers start in the timed window, as in decode-only."""
+    from collections import Counter
+
+    from sfdeploy.gpudecode.pool import GPU_THREADS, decode_routed
+    from sfdeploy.preprocess import DecodeFailure
+
+    list(decode_routed(paths[:1], spec, plan, workers=1))  # CUDA context, NVDEC session, torch kernels
+    by: Counter[str] = Counter()
     start = time.perf_counter()
-    classified = sum(p.ok for p in classifier.classify(paths, batch_size=batch, concurrency=concurrency,
-                                                       workers=workers))
-    return videos_row(backend, precision, batch, concurrency,
-                      classified, time.perf_counter() - start, len(paths), workers,
-                      f"{workers} decode workers, batch {batch}, {concurrency} requests in flight")
+    for _, clip, how in decode_routed(paths, spec, plan, workers=workers):
+        if not isinstance(clip, DecodeFailure):
+            by[how.decoder] += 1
+    torch.cuda.synchronize()
+    row = videos_row(name, "-", 1, 1, sum(by.values()), time.perf_counter() - start, len(paths), workers,
+                     f"{plan.why}: {GPU_THREADS} NVDEC threads, {workers} workers probing; no model; decoded by "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(by.items())))
+    return {**row, "decoded_by": dict(by)}
+
+
+def sfdeploy_row(backend: str, classifier: Any, precision: str, paths: list[Path], *, workers: int, batch: int,
+                 concurrency: int, decode: str = "cpu") -> dict[str, Any]:
+    """:meth:`sfdeploy.client.Classifier.classify`: decode workers feeding batched requests
+    (``decode``: where, as ``infer --decode``; each row says how many videos each decoder read)."""
+    from collections import Counter
+
+    start = time.perf_counter()
+    by: Counter[str] = Counter()
+    for p in classifier.classify(paths, batch_size=batch, concurrency=concurrency, workers=workers, decode=decode):
+        by[p.decoder or ""] += p.ok
+    row = videos_row(backend, precision, batch, concurrency,
+                     sum(by.values()), time.perf_counter() - start, len(paths), workers,
+                     f"{workers} decode workers, batch {batch}, {concurrency} requests in flight")
+    return {**row, "decoded_by": {k: v for k, v in sorted(by.items()) if k}} if decode != "cpu" else row
 
 
 def mmaction2_videos_row(model: BenchModel, paths: list[Path], device: str) -> dict[str, Any]:

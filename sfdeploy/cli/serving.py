@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from sfdeploy.cli.options import GreedyOption, max_video_pixels_option
+from sfdeploy.gpudecode.select import DECODE_MODES
 from sfdeploy.scale.cluster import STALL_TIMEOUT_S
 from sfdeploy.serving.repo import RepoOptions
 from sfdeploy.serving.server import TritonServer
@@ -180,11 +181,17 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
               help="Output: .csv, .jsonl or .parquet, one row per input.")
 @click.option("--resume", is_flag=True, help="Skip inputs already in --out and append the rest.")
 @max_video_pixels_option("Decoding here")
+@click.option("--decode", default="auto", show_default=True, type=click.Choice(DECODE_MODES),
+              help="Where videos are decoded. auto: on the GPU (NVDEC) when the model runs there (--device cuda, "
+                   "local backend), a GPU decoder is installed and the export's fidelity record passed the stream's "
+                   "codec; else the CPU, saying why once. cpu. gpu: NVDEC where the stream allows (fails with the fix "
+                   "when no GPU decoder is here); pynvvideocodec / torchcodec: that decoder. Each row's decoder and "
+                   "decoder_reason say which decoder read the video and why.")
 def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, backend: str,
           urls: tuple[str, ...], protocol: str, model_name: str, shm: bool, server_decode: bool,
           export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int | None,
           workers: int | None, actor_cpus: float | None, stall_timeout: float, topk: int, out: Path,
-          resume: bool, max_pixels: int) -> None:
+          resume: bool, max_pixels: int, decode: str) -> None:
     """Classify videos (files and folders) with a served or exported model.
 
     Decoding runs in parallel worker processes (with --server-decode: on the server, and the
@@ -200,6 +207,10 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
         raise click.UsageError("no inputs: pass videos or folders, or --inputs-from FILE")
     if server_decode and backend != "triton":
         raise click.BadParameter("decoding on the server needs --backend triton", param_hint="--server-decode")
+    if decode not in ("auto", "cpu") and (server_decode or engine == "ray"):
+        elsewhere = "--server-decode decodes on the server" if server_decode else "--engine ray decodes in CPU tasks"
+        raise click.BadParameter(f"--decode {decode} decodes here, into the GPU of a local model; {elsewhere}",
+                                 param_hint="--decode")
     if engine == "ray":
         if server_decode:
             raise click.BadParameter("--engine ray decodes in its own CPU tasks; use --engine local with "
@@ -213,7 +224,8 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
             stall_timeout_s=stall_timeout), resume=resume)
     else:
         summary = _infer_local(items, out, backend, urls, protocol, model_name, shm, server_decode, export_dir,
-                               precision, device, batch_size, concurrency or 4, workers, topk, resume, max_pixels)
+                               precision, device, batch_size, concurrency or 4, workers, topk, resume, max_pixels,
+                               decode)
     for failure in summary.failures:
         click.echo(f"failed: {failure['path']}: {failure['error']}", err=True)
     click.echo(f"{summary.ok} classified, {summary.failed} failed, {summary.skipped} already in {out}; "
@@ -227,7 +239,7 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
 def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...], protocol: str, model_name: str,
                  shm: bool, server_decode: bool, export_dir: Path | None, precision: str, device: str,
                  batch_size: int, concurrency: int, workers: int | None, topk: int, resume: bool,
-                 max_pixels: int) -> Any:
+                 max_pixels: int, decode: str = "auto") -> Any:
     from sfdeploy.client import Classifier
     from sfdeploy.client import infer as run_infer
     from sfdeploy.runtime import open_predictor
@@ -239,7 +251,8 @@ def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...
         classifier = Classifier.from_triton(urls[0], model=model_name, protocol=protocol, shm=shm,
                                             server_decode=server_decode)
     else:
-        classifier = Classifier(open_predictor(backend, export_dir=export_dir, precision=precision, device=device))
+        classifier = Classifier(open_predictor(backend, export_dir=export_dir, precision=precision, device=device),
+                                export_dir)
     with classifier:
         return run_infer(items, out, classifier, batch_size=batch_size, concurrency=concurrency, topk=topk,
-                         workers=workers, resume=resume, max_pixels=max_pixels)
+                         workers=workers, resume=resume, max_pixels=max_pixels, decode=decode)

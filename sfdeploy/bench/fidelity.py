@@ -1,0 +1,129 @@
+"""The GPU-decoding fidelity run (``benchmarks/gpu_fidelity.py``): make the sweep, compare a
+candidate decoder with the CPU path through an export's model, write the record and, for a GPU
+decoder, the gate ``sfdeploy infer`` reads (:mod:`sfdeploy.gpudecode.fidelity`).
+
+::
+
+    python benchmarks/gpu_fidelity.py --export EXPORT --candidate pynvvideocodec   # on a GPU host
+    python benchmarks/gpu_fidelity.py --export EXPORT --candidate pyav --device cpu  # the harness's own check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sfdeploy.fsutil import atomic_write_text
+
+log = logging.getLogger("sfdeploy")
+
+#: what ``--candidate`` may name: a GPU decoder, or PyAV (the CPU stand-in that checks the harness)
+CPU_STAND_IN = "pyav"
+
+
+@dataclass
+class FidelityOptions:
+    export: Path
+    candidate: str = "pynvvideocodec"
+    device: str = "cuda"
+    runtime: str = "torchscript"
+    precision: str = "fp32"
+    per_size: int = 4
+    frames: int = 48
+    codecs: tuple[str, ...] | None = None
+    sweep_dir: Path | None = None  # [default: <out>.sweep/]
+    out: Path | None = None  # [default: benchmarks/results/decode-fidelity-<candidate>-<device>-<date>.json]
+    gate: bool = True  # a GPU candidate's record becomes the export's gate
+
+
+def run_fidelity(opts: FidelityOptions) -> tuple[dict[str, Any], Path]:
+    """Measure, write the record (and the gate); returns (record, its path)."""
+    from sfdeploy.artifacts import Manifest, backend_device
+    from sfdeploy.bench.measure import device_info, device_slug
+    from sfdeploy.gpudecode.fidelity import (ENCODERS, cpu_decoder, default_sweep, gpu_decoder, make_sweep,
+                                             measure_fidelity, write_gate)
+    from sfdeploy.gpudecode.select import plan_decoding, probe_backend
+    from sfdeploy.runtime import open_local
+
+    export = Path(opts.export)
+    spec = Manifest.read(export).clip_spec
+    device = backend_device(opts.runtime, opts.device)
+    if opts.candidate != CPU_STAND_IN:  # the GPU decoder must be here: the error says what to install
+        plan_decoding(opts.candidate, device=device, statuses=[probe_backend(opts.candidate)])
+    out = Path(opts.out) if opts.out else (Path("benchmarks/results") / f"decode-fidelity-{opts.candidate}-"
+                                            f"{device_slug(device_info(device))}.json")
+    sweep_dir = Path(opts.sweep_dir) if opts.sweep_dir else out.with_suffix(".sweep")
+    videos = default_sweep(opts.per_size, opts.codecs or tuple(ENCODERS))
+    log.info("fidelity: encoding %d sweep videos into %s", len(videos), sweep_dir)
+    paths, skipped = make_sweep(sweep_dir, videos, opts.frames)
+    predictor = open_local(opts.runtime, export, precision=opts.precision, device=device)
+    try:
+        reference = cpu_decoder(spec)
+        candidate = (cpu_decoder(spec, CPU_STAND_IN) if opts.candidate == CPU_STAND_IN
+                     else gpu_decoder(spec, opts.candidate, predictor.device))
+        log.info("fidelity: %s against %s on %d videos through %s", candidate.name, reference.name, len(paths),
+                 predictor.name)
+        record = measure_fidelity(paths, reference, candidate, predictor.predict)
+    finally:
+        predictor.close()
+    record.update(export=str(export), model=predictor.name, runtime=opts.runtime, precision=opts.precision,
+                  device_info=device_info(predictor.device),
+                  sweep={"folder": str(sweep_dir), "videos": len(paths), "frames": opts.frames,
+                         "per_size": opts.per_size, "not_encoded": skipped})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    if opts.gate and record["backend"]:
+        record["gate"] = str(write_gate(export, record))
+    return record, out
+
+
+def summary_lines(record: dict[str, Any]) -> list[str]:
+    """The per-codec table of a record, as text."""
+    lines = [f"{record['candidate']} vs {record['reference']}: top-1 agreement needs {record['threshold']:.1%}",
+             "codec  compared  agreement  worst prob diff  max pixel diff  refused  failed  passed"]
+    for codec, s in sorted(record["codecs"].items()):
+        agreement = f"{s['agreement']:.2%}" if s["agreement"] is not None else "-"
+        lines.append(f"{codec:6} {s['compared']:8d}  {agreement:>9}  {s['worst_prob_diff']:15.5f}  "
+                     f"{s['max_pixel_diff']:14d}  {s['refused']:7d}  {s['failed']:6d}  {s['passed']}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sfdeploy.gpudecode.fidelity import ENCODERS
+    from sfdeploy.gpudecode.select import GPU_BACKENDS
+
+    parser = argparse.ArgumentParser(prog="gpu_fidelity.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", required=True, type=Path, help="an `sfdeploy export` folder")
+    parser.add_argument("--candidate", default=GPU_BACKENDS[0], choices=(*GPU_BACKENDS, CPU_STAND_IN),
+                        help=f"the decoder compared with the CPU path [{GPU_BACKENDS[0]}]; pyav: the harness's CPU check")
+    parser.add_argument("--device", default="cuda", help="where the model runs [cuda]")
+    parser.add_argument("--runtime", default="torchscript", choices=("torchscript", "onnxruntime"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    parser.add_argument("--per-size", type=int, default=4, help="videos per codec and size [4]")
+    parser.add_argument("--frames", type=int, default=48, help="frames per sweep video [48]")
+    parser.add_argument("--codecs", default=",".join(ENCODERS), help=f"comma-separated [{','.join(ENCODERS)}]")
+    parser.add_argument("--sweep", type=Path, help="where the sweep videos are (made if missing) [<out>.sweep]")
+    parser.add_argument("--out", type=Path, help="the record [benchmarks/results/decode-fidelity-...json]")
+    parser.add_argument("--no-gate", action="store_true", help="do not write the record into EXPORT as its gate")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="sfdeploy: %(message)s")
+    from sfdeploy.errors import SfdeployError
+
+    try:
+        record, out = run_fidelity(FidelityOptions(
+            export=args.export, candidate=args.candidate, device=args.device, runtime=args.runtime,
+            precision=args.precision, per_size=args.per_size, frames=args.frames,
+            codecs=tuple(c for c in args.codecs.split(",") if c), sweep_dir=args.sweep, out=args.out,
+            gate=not args.no_gate))
+    except SfdeployError as exc:
+        print(f"gpu_fidelity.py: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(summary_lines(record)))
+    print(json.dumps({"record": str(out), "gate": record.get("gate"),
+                      "passed": sorted(c for c, s in record["codecs"].items() if s["passed"])}))
+    return 0
