@@ -4,7 +4,7 @@
 
     from sfdeploy.client import Classifier
 
-    with Classifier.from_triton("127.0.0.1:8000", model="slowfast") as clf:   # or from_export(...)
+    with Classifier.from_triton("127.0.0.1:8000", model="slowfast") as clf:   # or from_export("EXPORT")
         for p in clf.classify(["videos/"], batch_size=8, concurrency=8):
             print(p.path, p.label, p.score)
 
@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,14 +32,17 @@ from typing import Any
 
 import numpy as np
 
+from sfdeploy.artifacts import DEFAULT_DEVICE
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.data.probe import VIDEO_EXTENSIONS
 from sfdeploy.decode import MAX_VIDEO_PIXELS
+from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL
 from sfdeploy.errors import InputError, ServingError
 from sfdeploy.inputs import require_pyarrow
 from sfdeploy.preprocess import DecodeFailure, decode_many
 from sfdeploy.progress import bar
-from sfdeploy.runtime import Predictor, open_predictor
+from sfdeploy.runtime import Predictor
+from sfdeploy.target import DEFAULT_LOCAL_BACKEND, SERVED, ModelTarget
 
 log = logging.getLogger("sfdeploy")
 
@@ -116,31 +119,33 @@ def top_k(probs: np.ndarray, classes: Sequence[str], k: int) -> tuple[tuple[str,
 
 
 class Classifier:
-    """A predictor plus the batching/concurrency pipeline around it."""
+    """A predictor plus the batching/concurrency pipeline around it.
 
-    def __init__(self, predictor: Predictor) -> None:
+    ``server_decode``: the predictor takes the encoded files (``<model>_video``, which decodes them
+    on the server) instead of decoded clips; :meth:`open` sets it from the target."""
+
+    def __init__(self, predictor: Predictor, *, server_decode: bool = False) -> None:
         self.predictor = predictor
+        self.server_decode = server_decode
 
     @classmethod
-    def from_triton(cls, url: str = "127.0.0.1:8000", model: str = "slowfast", protocol: str = "http",
+    def open(cls, target: ModelTarget) -> Classifier:
+        """The classifier of ``target``: what ``sfdeploy infer`` runs."""
+        return cls(target.open(), server_decode=target.server_decode)
+
+    @classmethod
+    def from_triton(cls, url: str = DEFAULT_HTTP_URL, model: str = DEFAULT_MODEL, protocol: str = "http",
                     shm: bool = False, server_decode: bool = False) -> Classifier:
         """A served model. ``server_decode``: send the encoded files to ``<model>_video``, which decodes
         them on the server (nothing decoded here; the file's bytes on the wire, not uint8 clips)."""
-        if server_decode:
-            from sfdeploy.runtime.triton_video import TritonVideoPredictor
-
-            if shm:
-                raise InputError("--shm carries decoded clips; with --server-decode the encoded files are sent",
-                                 fix="drop --shm or --server-decode")
-            return cls(TritonVideoPredictor(url=url, model=model, protocol=protocol))
-        from sfdeploy.runtime.triton import TritonPredictor
-
-        return cls(TritonPredictor(url=url, model=model, protocol=protocol, shm=shm))
+        return cls.open(ModelTarget(backend=SERVED, urls=(url,), model=model, protocol=protocol, shm=shm,
+                                    server_decode=server_decode))
 
     @classmethod
-    def from_export(cls, export_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
-                    device: str = "cpu") -> Classifier:
-        return cls(open_predictor(backend, export_dir=Path(export_dir), precision=precision, device=device))
+    def from_export(cls, export_dir: str | Path, backend: str = DEFAULT_LOCAL_BACKEND, precision: str = "fp32",
+                    device: str = DEFAULT_DEVICE) -> Classifier:
+        """An exported model, run in this process."""
+        return cls.open(ModelTarget(backend=backend, export_dir=Path(export_dir), precision=precision, device=device))
 
     @property
     def spec(self) -> ClipSpec:
@@ -162,72 +167,26 @@ class Classifier:
         if batch_size < 1 or concurrency < 1:
             raise InputError("batch size and concurrency must be >= 1", fix="use e.g. --batch-size 8 --concurrency 4")
         items = collect_inputs(inputs)
-        classes = self.spec.class_names
         for path, error in items:
             if error:
                 yield Prediction(path, "error", error=error)
         paths = [path for path, error in items if not error]
         shown = bar(len(paths), desc=f"infer {self.predictor.name}", unit="video", enabled=show_progress)
-        inflight: dict[Future, list[str]] = {}
-        failure: BaseException | None = None
+        stream = self._inputs(paths, workers, max_pixels)
+        try:
+            yield from _Pipeline(self, paths, topk, shown).run(stream, batch_size, concurrency)
+        finally:
+            shown.close()
 
-        def finished(futures: Iterable[Future]) -> Iterator[Prediction]:
-            nonlocal failure
-            for future in futures:
-                batch_paths = inflight.pop(future)
-                try:
-                    probs = future.result()
-                except ServingError as exc:
-                    failure = failure or exc
-                    continue
-                for path, row in zip(batch_paths, probs, strict=True):
-                    shown.update(1)
-                    if isinstance(row, str):  # server-side decoding: why the server could not classify it
-                        yield Prediction(path, "error", error=row)
-                        continue
-                    yield Prediction.from_probs(path, row, classes, topk)
+    def _inputs(self, paths: list[str], workers: int | None,
+                max_pixels: int) -> Generator[tuple[int, Any], None, None]:
+        """``(index, what the predictor takes)`` per path, or a :class:`DecodeFailure`: clips decoded
+        by worker processes, or with server-side decoding the files' bytes."""
+        if self.server_decode:
+            from sfdeploy.runtime.triton_video import read_encoded
 
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sfdeploy-infer") as pool:
-            batch: list[tuple[str, np.ndarray]] = []
-
-            server_decode = getattr(self.predictor, "decodes_on_server", False)
-
-            def submit() -> None:
-                items = [item for _, item in batch]  # clips, or the encoded files (server-side decoding)
-                inflight[pool.submit(self.predictor.predict, items if server_decode else np.stack(items))] = [
-                    p for p, _ in batch]
-                batch.clear()
-
-            if server_decode:
-                from sfdeploy.runtime.triton_video import read_encoded
-
-                stream = read_encoded(paths)
-            else:
-                stream = decode_many(paths, self.spec, workers=workers, max_pixels=max_pixels)
-            try:
-                for index, clip in stream:
-                    if isinstance(clip, DecodeFailure):
-                        shown.update(1)
-                        yield Prediction(paths[index], "error", error=clip.error)
-                        continue
-                    batch.append((paths[index], clip))
-                    if len(batch) >= batch_size:
-                        submit()
-                    done = [f for f in inflight if f.done()]
-                    yield from finished(done)
-                    while len(inflight) >= concurrency and failure is None:
-                        yield from finished(wait(inflight, return_when=FIRST_COMPLETED).done)
-                    if failure is not None:
-                        break
-                if batch and failure is None:
-                    submit()
-            finally:
-                stream.close()  # stops the decode workers if we leave early
-            while inflight:
-                yield from finished(wait(inflight, return_when=FIRST_COMPLETED).done)
-        shown.close()
-        if failure is not None:
-            raise failure
+            return read_encoded(paths)
+        return decode_many(paths, self.spec, workers=workers, max_pixels=max_pixels)
 
     def close(self) -> None:
         self.predictor.close()
@@ -237,6 +196,66 @@ class Classifier:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Pipeline:
+    """One :meth:`Classifier.classify` run: packs the inputs into batches, keeps up to
+    ``concurrency`` of them in flight on a thread pool, and turns answers into predictions."""
+
+    def __init__(self, classifier: Classifier, paths: list[str], topk: int, shown: Any) -> None:
+        self.classifier, self.paths, self.topk, self.shown = classifier, paths, topk, shown
+        self.inflight: dict[Future, list[str]] = {}
+        self.failure: BaseException | None = None
+
+    def run(self, stream: Generator[tuple[int, Any], None, None], batch_size: int,
+            concurrency: int) -> Iterator[Prediction]:
+        batch: list[tuple[str, Any]] = []
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sfdeploy-infer") as pool:
+            try:
+                for index, item in stream:
+                    if isinstance(item, DecodeFailure):
+                        self.shown.update(1)
+                        yield Prediction(self.paths[index], "error", error=item.error)
+                        continue
+                    batch.append((self.paths[index], item))
+                    if len(batch) >= batch_size:
+                        self._submit(pool, batch)
+                        batch = []
+                    yield from self._finished([f for f in self.inflight if f.done()])
+                    while len(self.inflight) >= concurrency and self.failure is None:
+                        yield from self._finished(wait(self.inflight, return_when=FIRST_COMPLETED).done)
+                    if self.failure is not None:
+                        break
+                if batch and self.failure is None:
+                    self._submit(pool, batch)
+            finally:
+                stream.close()  # stops the decode workers if we leave early
+            while self.inflight:
+                yield from self._finished(wait(self.inflight, return_when=FIRST_COMPLETED).done)
+        if self.failure is not None:
+            raise self.failure
+
+    def _submit(self, pool: ThreadPoolExecutor, batch: list[tuple[str, Any]]) -> None:
+        items = [item for _, item in batch]  # clips, or the encoded files (server-side decoding)
+        predictor = self.classifier.predictor
+        request = items if self.classifier.server_decode else np.stack(items)
+        self.inflight[pool.submit(predictor.predict, request)] = [path for path, _ in batch]
+
+    def _finished(self, futures: Iterable[Future]) -> Iterator[Prediction]:
+        classes = self.classifier.spec.class_names
+        for future in futures:
+            batch_paths = self.inflight.pop(future)
+            try:
+                probs = future.result()
+            except ServingError as exc:
+                self.failure = self.failure or exc
+                continue
+            for path, row in zip(batch_paths, probs, strict=True):
+                self.shown.update(1)
+                if isinstance(row, str):  # server-side decoding: why the server could not classify it
+                    yield Prediction(path, "error", error=row)
+                    continue
+                yield Prediction.from_probs(path, row, classes, self.topk)
 
 
 class PredictionWriter:
@@ -348,6 +367,11 @@ class InferSummary:
     @property
     def videos_per_s(self) -> float:
         return (self.ok + self.failed) / self.wall_time_s if self.wall_time_s else 0.0
+
+    def describe(self) -> str:
+        """The run in one line; a rate only when videos were classified (failures are no throughput)."""
+        line = f"{self.ok} classified, {self.failed} failed, {self.skipped} already in {self.out}"
+        return line + (f"; {self.videos_per_s:.1f} videos/s" if self.ok else "")
 
 
 def infer(inputs: Sequence[str | Path], out: str | Path, classifier: Classifier, *, batch_size: int = 8,

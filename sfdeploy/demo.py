@@ -75,7 +75,7 @@ def run_demo(workdir: Path, *, bench: bool = True) -> dict[str, Any]:
     with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
         _stage(7, f"infer the {len(truth)} val videos through the served model -> {predictions}")
         predictions.unlink(missing_ok=True)
-        with Classifier.from_triton(server.grpc_url, model="slowfast", protocol="grpc") as classifier:
+        with Classifier.from_triton(server.grpc_url, protocol="grpc") as classifier:
             infer(sorted(truth), predictions, classifier, batch_size=4, concurrency=4)
     rows = list(csv.DictReader(predictions.open()))
     served_top1 = sum(row["label"] == truth[row["path"]] for row in rows) / len(rows)

@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from sfdeploy.cli import cli
 from sfdeploy.errors import EnvironmentProblem, InputError
 from sfdeploy.scale.cluster import PROBE_S, Cluster, check_address, check_placement
+from sfdeploy.target import ModelTarget
 
 from badvideos import not_a_video, truncated, zero_byte
 from conftest import csv_rows, link_copies, run_cli, running_triton, wait_for_rows
@@ -70,13 +71,12 @@ def test_a_cpu_model_actor_runs_two_threads_that_do_not_spin(tiny_export: Path) 
     from sfdeploy.scale.stages import PredictStage
 
     spec_json = Manifest.read(tiny_export).clip_spec.to_json()
-    for options, cpus, threads in ((RayOptions(backend="onnxruntime"), 1.0, 2),
-                                   (RayOptions(backend="onnxruntime", actor_cpus=3), 3, 3),
-                                   (RayOptions(backend="triton"), 0.25, 2)):
+    local = ModelTarget(export_dir=tiny_export)
+    for options, cpus, threads in ((RayOptions(local), 1.0, 2), (RayOptions(local, actor_cpus=3), 3, 3),
+                                   (RayOptions(ModelTarget()), 0.25, 2)):
         assert (options.model_cpus(), options.model_threads()) == (cpus, threads)
-        if options.backend == "onnxruntime":
-            stage = PredictStage(backend="onnxruntime", spec_json=spec_json, export_dir=str(tiny_export),
-                                 threads=options.model_threads())
+        if options.target.local:
+            stage = PredictStage(target=options.target, spec_json=spec_json, threads=options.model_threads())
             session = stage.predictors[0].session.get_session_options()
             assert session.intra_op_num_threads == threads
             assert session.get_session_config_entry("session.intra_op.allow_spinning") == "0"

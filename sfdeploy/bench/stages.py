@@ -30,11 +30,12 @@ from sfdeploy.bench import suites
 from sfdeploy.bench.exports import ensure_bench_export
 from sfdeploy.bench.model import BenchModel
 from sfdeploy.bench.record import SKIPPED, Key
+from sfdeploy.endpoints import DEFAULT_MODEL as SERVED_MODEL
 from sfdeploy.errors import EnvironmentProblem, InputError
+from sfdeploy.target import SERVED, ModelTarget
 
 log = logging.getLogger("sfdeploy")
 
-SERVED_MODEL = "slowfast"
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,24 @@ class Context:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def local(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN) -> Any:
-        """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it)."""
+    def local_target(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN
+                     ) -> ModelTarget:
+        """The bench export's artifact for ``backend`` and ``precision`` (made if missing), on ``device``."""
         from sfdeploy.artifacts import backend_format
-        from sfdeploy.runtime import open_local
 
         export_dir = self.export((backend_format(backend), precision), rewrites=rewrites)
-        return self.hold((backend, precision, device, rewrites), lambda: open_local(
-            backend, export_dir, precision=precision, device=device), lambda p: p.close())
+        return ModelTarget(backend=backend, export_dir=export_dir, precision=precision, device=device)
+
+    def served_target(self, protocol: str, *, shm: bool = False, server_decode: bool = False) -> ModelTarget:
+        """The served model of :meth:`server`, over ``protocol``."""
+        server = self.server()
+        return ModelTarget(backend=SERVED, urls=(server.http_url if protocol == "http" else server.grpc_url,),
+                           protocol=protocol, model=SERVED_MODEL, shm=shm, server_decode=server_decode)
+
+    def local(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN) -> Any:
+        """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it)."""
+        target = self.local_target(backend, precision, device, rewrites)
+        return self.hold((backend, precision, device, rewrites), target.open, lambda p: p.close())
 
     def ort_device(self) -> tuple[str, str]:
         """Where ONNX Runtime runs rows asked for on ``self.device``, and why not there if not."""
@@ -254,13 +265,8 @@ def _served(backend: str, precision: str, batch: int, concurrency: int) -> Task:
     def measure(c: Context) -> dict[str, Any]:
         import time
 
-        from sfdeploy.runtime.triton import TritonPredictor
-
-        server = c.server()
         protocol, shm = SERVED_TRANSPORTS[backend]
-        url = server.http_url if protocol == "http" else server.grpc_url
-        predictor = c.hold((backend,), lambda: TritonPredictor(url, model=SERVED_MODEL, protocol=protocol, shm=shm),
-                           lambda p: p.close())
+        predictor = c.hold((backend,), c.served_target(protocol, shm=shm).open, lambda p: p.close())
         frames = suites.random_clips(c.model.spec, batch)
         before, started = predictor.statistics(), time.perf_counter()
         row = suites.concurrent_row("triton", backend, precision, batch, concurrency,
@@ -302,18 +308,12 @@ def plan_e2e(c: Context) -> list[Task]:
         from sfdeploy.client import Classifier
 
         paths = c.videos()
-        if via.startswith("triton"):
-            protocol = via.split("-")[1]
-            server = c.server()
-            url = server.grpc_url if protocol == "grpc" else server.http_url
-            classifier = Classifier.from_triton(url, SERVED_MODEL, protocol=protocol)
+        if via.startswith(SERVED):
+            target = c.served_target(via.split("-")[1])
         else:
-            from sfdeploy.artifacts import backend_format
-
             c.release()
-            classifier = Classifier.from_export(c.export((backend_format(via), c.served_precision)), via,
-                                                c.served_precision, c.device)
-        with classifier:
+            target = c.local_target(via, c.served_precision, c.device)
+        with Classifier.open(target) as classifier:
             return suites.sfdeploy_row(f"sfdeploy:{via}", classifier, c.served_precision, paths, workers=c.workers,
                                        batch=batch, concurrency=concurrency)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from sfdeploy.bench import BACKENDS, DEFAULT_STAGES, PRECISIONS, STAGES
+from sfdeploy.cli.options import device_option
 
 
 def _ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -44,7 +45,7 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--precision", "precisions", default=None, callback=_words,
               help=f"Comma-separated, of {', '.join(PRECISIONS)} [default: fp32 on CPU, fp32,fp16 on CUDA]. "
                    "bf16: CUDA only, eager and TorchScript.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@device_option("Where the model runs (auto: the GPU if torch sees one).")
 @click.option("--concurrency", default="1,8", show_default=True, callback=_ints,
               help="Requests in flight to Triton, and threads of its in-process reference.")
 @click.option("--triton-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Clips per request.")

@@ -22,7 +22,7 @@ import numpy as np
 from sfdeploy.artifacts import ORT_CUDA_PROVIDER, backend_device, ort_cuda_installed, ort_no_cuda_error
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.runtime import Frames, check_batch, host_array, is_ort_value, is_torch_tensor
+from sfdeploy.runtime.base import Frames, check_batch, host_array, is_ort_value, is_torch_tensor
 
 CPU_PROVIDER = "CPUExecutionProvider"
 _CUDA_LIBRARY = "libonnxruntime_providers_cuda.so"

@@ -14,7 +14,7 @@ import numpy as np
 from sfdeploy.artifacts import resolve_device
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.errors import InputError
-from sfdeploy.runtime import Frames, check_batch
+from sfdeploy.runtime.base import Frames, check_batch
 
 SPEC_FILE = f"{SPEC_KEY}.json"  # name of the extra file inside model.pt
 
