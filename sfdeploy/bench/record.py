@@ -25,6 +25,9 @@ SCHEMA = 2
 ROW_KEY: tuple[str, ...] = ("stage", "backend", "precision", "batch", "concurrency")
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
+#: settings added since records were first written, with the value a record without them was measured with
+LEGACY_SETTINGS: dict[str, Any] = {"min_time": 0.0}
+
 #: device_info fields that must not change within one record (another GPU, another torch...)
 _MACHINE_FIELDS = ("device", "gpu", "cpu", "cpu_cores", "python", "packages")
 
@@ -102,7 +105,7 @@ def _differences(data: dict[str, Any], header: dict[str, Any]) -> list[str]:
     for name in ("profile", "model", "clip_spec", "served"):
         if data.get(name) != header.get(name):
             out.append(f"{name}: record {data.get(name)!r}, now {header.get(name)!r}")
-    recorded, now = data.get("settings", {}), header["settings"]
+    recorded, now = ({**LEGACY_SETTINGS, **settings} for settings in (data.get("settings", {}), header["settings"]))
     for name in sorted(set(recorded) | set(now)):
         if recorded.get(name) != now.get(name):
             out.append(f"--{name.replace('_', '-')}: record {recorded.get(name)!r}, now {now.get(name)!r}")

@@ -192,7 +192,8 @@ def _eager(stage: str, variant: str, precision: str, batch: int, warmup: int) ->
             suites.deploy_module(c.model, precision, c.device, rewrites), variant))
         frames = torch.from_numpy(suites.random_clips(c.model.spec, batch)).to(c.device)
         return suites.sequential_row(stage, variant, precision, batch, suites.module_call(module, frames), c.device,
-                                     warmup, c.opts.iters, note="input already on the device")
+                                     warmup, c.opts.iters, note="input already on the device",
+                                     min_time_s=c.opts.min_time_s)
     return Task(stage, variant, precision, batch, 1, measure)
 
 
@@ -209,14 +210,14 @@ def _local(backend: str, precision: str, batch: int, plain: bool = False) -> Tas
         frames = suites.random_clips(c.model.spec, batch)
         return suites.sequential_row("model", name, precision, batch, lambda: predictor.predict(frames), device,
                                      c.opts.warmup, c.opts.iters, note="numpy uint8 in, numpy out" +
-                                     ("; plain graph, no rewrites" if plain else ""))
+                                     ("; plain graph, no rewrites" if plain else ""), min_time_s=c.opts.min_time_s)
     return Task("model", name, precision, batch, 1, measure)
 
 
 def _mmaction2(c: Context) -> dict[str, Any]:
     call = c.hold(("mmaction2",), lambda: suites.mmaction2_call(c.model, c.device))
     return suites.sequential_row("model", "mmaction2", "fp32", 1, call, c.device, c.opts.warmup, c.opts.iters,
-                                 note="test_step, as inference_recognizer: the baseline")
+                                 note="test_step, as inference_recognizer: the baseline", min_time_s=c.opts.min_time_s)
 
 
 def _profile(c: Context) -> dict[str, Any]:
@@ -253,7 +254,8 @@ def _in_process(runtime: str, precision: str, batch: int, concurrency: int) -> T
         frames = suites.random_clips(c.model.spec, batch)
         return suites.concurrent_row("triton", runtime, precision, batch, concurrency,
                                      lambda: predictor.predict(frames), c.device, c.opts.warmup, c.opts.iters,
-                                     note=f"in-process reference: {concurrency} thread(s), one predictor")
+                                     note=f"in-process reference: {concurrency} thread(s), one predictor",
+                                     min_time_s=c.opts.min_time_s)
     return Task("triton", runtime, precision, batch, concurrency, measure)
 
 
@@ -272,7 +274,8 @@ def _served(backend: str, precision: str, batch: int, concurrency: int) -> Task:
         row = suites.concurrent_row("triton", backend, precision, batch, concurrency,
                                     lambda: predictor.predict(frames), c.device, c.opts.warmup, c.opts.iters,
                                     note=f"python backend, {c.served_runtime}; "
-                                         f"{'system shared memory, ' if shm else ''}server memory not counted")
+                                         f"{'system shared memory, ' if shm else ''}server memory not counted",
+                                    min_time_s=c.opts.min_time_s)
         if row.get("status") == "ok":  # Triton's own account of the same requests
             row["server"] = suites.server_stats_delta(before, predictor.statistics(), time.perf_counter() - started)
         return row

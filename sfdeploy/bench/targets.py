@@ -64,6 +64,10 @@ def targets(record: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def add(target: str, measured: str, status: str, group: str = "targets", **rows_used: Any) -> None:
+        busy = [r for r in rows_used.values() if r is not None and r.get("busy")]
+        if busy:  # a figure from a busy machine says so wherever it is quoted
+            measured += (f"; measured while other work took {max(r['others_cores'] for r in busy):.2f} cores "
+                         "(busy: the figure is low)")
         out.append({"target": target, "measured": measured, "status": status, "group": group,
                     **{name: _key(r) for name, r in rows_used.items() if r is not None}})
 
