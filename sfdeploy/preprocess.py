@@ -27,7 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.decode import MAX_VIDEO_PIXELS, FIXES, DecodeError, describe, open_video, worker_failure_reason
+from sfdeploy.decode import (
+    FIXES,
+    MAX_VIDEO_PIXELS,
+    PLAIN_REASONS,
+    DecodeError,
+    describe,
+    open_video,
+    worker_failure_reason,
+)
 from sfdeploy.workers import IsolatedPool, WorkerFailure
 
 
@@ -106,15 +114,14 @@ def _decode_task(job: tuple[str | bytes, ClipSpec, int]) -> np.ndarray | DecodeF
     try:
         return load_video(source, spec, max_pixels=max_pixels)
     except DecodeError as exc:  # this input's row says why; the others go on
-        plain = exc.reason in ("not_found", "zero_bytes", "frame_too_large")
-        what = exc.message if plain else f"cannot decode ({exc.message})"
+        what = exc.message if exc.reason in PLAIN_REASONS else f"cannot decode: {exc.message}"
         return DecodeFailure(describe(source), f"{what}; {exc.fix}")
 
 
 def _decode_failed(job: tuple[str | bytes, ClipSpec, int], failure: WorkerFailure) -> DecodeFailure:
     what = {"crash": "the decoder crashed", "timeout": "decoding timed out"}.get(failure.kind, "cannot decode")
     fix = FIXES[worker_failure_reason(failure.kind)]
-    return DecodeFailure(describe(job[0]), f"{what} ({failure.detail}); {fix}")
+    return DecodeFailure(describe(job[0]), f"{what}: {failure.detail}; {fix}")
 
 
 def _single_threaded() -> None:

@@ -46,7 +46,7 @@ def test_several_servers_are_for_the_ray_engine() -> None:
     assert [s.url for s in target.servers()] == ["a:8000", "b:8000"]
     assert all(s.protocol == "grpc" and s.model == "m" for s in target.servers())
     with pytest.raises(InputError, match="one --url"):
-        target.url
+        _ = target.url
 
 
 def _device_options() -> dict[str, click.Option]:

@@ -77,7 +77,7 @@ def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: st
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     for item in result.rejected:
-        click.echo(f"rejected: {item['path']}: {item['reason']} ({item['detail']})", err=True)
+        click.echo(f"rejected: {item['path']}: {item['reason']}: {item['detail']}", err=True)
     for item in result.short[:SHOW_SHORT]:
         click.echo(f"short: {item['path']}: {item['frames']} frames (a clip spans {clip_frames}; looped)", err=True)
     if len(result.short) > SHOW_SHORT:
