@@ -284,6 +284,10 @@ class Manifest:
     def read(cls, export_dir: Path) -> Manifest:
         export_dir = Path(export_dir)
         path = export_dir / MANIFEST_FILE
+        if not export_dir.is_dir():
+            raise InputError("the export folder does not exist" if not export_dir.exists() else "not a folder",
+                             path=export_dir, fix="pass the --out folder of `sfdeploy export` (`sfdeploy demo` makes "
+                                                  "sfdeploy-demo/export)")
         if not path.is_file():
             raise InputError(f"no {MANIFEST_FILE} in the export folder", path=export_dir,
                              fix="pass the --out folder of `sfdeploy export`")
