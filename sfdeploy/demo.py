@@ -94,7 +94,7 @@ def _prepare(paths: DemoPaths) -> Any:
         synthesize(paths.videos, SynthOptions())
     _stage(2, f"prepare -> {paths.data}")
     if not (paths.data / DATASET_JSON).is_file():
-        prepare(paths.videos, paths.data, clip_frames=clip_frames(PRESET))
+        prepare(paths.videos, paths.data, clip_frames=clip_frames(PRESET), preset=PRESET)
     return PreparedData.from_dir(paths.data)
 
 

@@ -134,6 +134,7 @@ def prepare(
     seed: int = 0,
     min_frames: int = 1,
     clip_frames: int | None = None,
+    preset: str | None = None,
     workers: int | None = None,
     show_progress: bool = True,
     max_pixels: int = MAX_VIDEO_PIXELS,
@@ -142,6 +143,7 @@ def prepare(
 
     ``min_frames`` rejects shorter videos (``too_short``); ``clip_frames`` (the frames one training
     clip spans, :attr:`ClipSpec.min_frames`) only marks the shorter ones as ``short`` in the report;
+    ``preset`` (whose clip that is) is recorded, so that what reads DATA later knows it;
     videos with frames of more than ``max_pixels`` are rejected (``frame_too_large``) undecoded.
     """
     video_root = Path(video_root).resolve()
@@ -222,6 +224,7 @@ def prepare(
         "val_ratio": None if presplit else val_ratio,
         "seed": seed,
         "min_frames": min_frames,
+        "preset": preset,
         "classes": classes,
         "counts": {split: {name: sum(1 for _, lab in entries[split] if lab == label[name])
                            for name in classes} for split in ("train", "val")},
@@ -266,6 +269,7 @@ def prepare(
         "direction_sensitive": _direction_sensitive(video_root),
         "min_frames": min_frames,
         "clip_frames": clip_frames,
+        "preset": preset,
         "short": len(short),
         "classes": classes,
         "train": len(entries["train"]),
