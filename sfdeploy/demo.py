@@ -99,8 +99,8 @@ def _prepare(paths: DemoPaths) -> Any:
 
 
 def _finetune(paths: DemoPaths, data: Any, verbose: bool) -> dict[str, Any]:
-    from sfdeploy.train.config import FinetuneOptions
     from sfdeploy.train.hooks import SUMMARY_FILE
+    from sfdeploy.train.options import FinetuneOptions
     from sfdeploy.train.run import finetune
 
     _stage(3, f"finetune {PRESET} -> {paths.work}" + ("" if verbose else " (its log: WORK/<timestamp>/, -v shows it)"))

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from sfdeploy.bench.load import BUSY_SHARE
-from sfdeploy.bench.record import ROW_KEY, Record, row_key
+from sfdeploy.bench.record import Record
+from sfdeploy.bench.rows import ROW_KEY, row_key
 from sfdeploy.bench.run import BenchOptions, check_options
 from sfdeploy.bench.targets import targets
 from sfdeploy.errors import InputError

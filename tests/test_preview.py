@@ -30,6 +30,8 @@ def _pipeline_frames(pipeline: list, video: Path, label: int, seed: int | None) 
     ensure_mmaction()
     from mmengine.dataset import Compose
 
+    import sfdeploy.train.transforms  # noqa: F401 - registers SfdeployVideoInit/Decode, as custom_imports does
+
     if seed is not None:
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     out = Compose(pipeline)(dict(filename=str(video), label=label, start_index=0, modality="RGB"))

@@ -13,7 +13,7 @@ from typing import Any
 
 from sfdeploy.bench import PRECISIONS, STAGES
 from sfdeploy.bench.load import describe as describe_load
-from sfdeploy.bench.record import OK
+from sfdeploy.bench.rows import OK
 from sfdeploy.bench.targets import served_label
 
 _ORDER = ("mmaction2", "eager", "eager-rewrites", "torchscript-plain", "torchscript", "onnxruntime", "triton-http",

@@ -29,7 +29,7 @@ import torch
 from sfdeploy.bench import suites
 from sfdeploy.bench.exports import ensure_bench_export
 from sfdeploy.bench.model import BenchModel
-from sfdeploy.bench.record import SKIPPED, Key
+from sfdeploy.bench.rows import SKIPPED, Key
 from sfdeploy.endpoints import DEFAULT_MODEL as SERVED_MODEL
 from sfdeploy.errors import EnvironmentProblem, InputError
 from sfdeploy.target import SERVED, ModelTarget

@@ -26,7 +26,7 @@ import torch
 
 from sfdeploy.bench.measure import Timing, peak_memory_mb, reset_peak_memory, time_calls, time_concurrent
 from sfdeploy.bench.model import BenchModel
-from sfdeploy.bench.record import FAILED, OK
+from sfdeploy.bench.rows import FAILED, OK
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.export.deploy import SlowFastDeploy
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from sfdeploy.artifacts import LOCAL_BACKENDS
-from sfdeploy.bench.record import OK, ROW_KEY
+from sfdeploy.bench.rows import OK, ROW_KEY
 
 MET, NOT_MET, REPORTED, MISSING = "met", "not met", "reported", "missing"
 

@@ -72,7 +72,8 @@ def preview_config(data: PreparedData, *, preset: str | None = None, work: Path 
     from mmengine.utils import import_modules_from_strings
 
     from sfdeploy.compat import load_config
-    from sfdeploy.train.config import FinetuneOptions, build_config
+    from sfdeploy.train.config import build_config
+    from sfdeploy.train.options import FinetuneOptions
     from sfdeploy.train.presets import preset_path
 
     if work is not None:

@@ -39,9 +39,10 @@ from sfdeploy.compat import ensure_mmaction, load_config
 from sfdeploy.data.layout import CLASS_INDEX, PreparedData, merge_datasets, write_class_index
 from sfdeploy.errors import InputError, TrainingError
 from sfdeploy.fsutil import ensure_writable_dir, replace_atomically
-from sfdeploy.train.config import FinetuneOptions, build_config, use_cuda
+from sfdeploy.train.config import build_config, use_cuda
 from sfdeploy.train.hooks import SUMMARY_FILE
 from sfdeploy.train.launch import RUN_INFO, cpu_threads, run_training
+from sfdeploy.train.options import FinetuneOptions
 from sfdeploy.train.presets import preset_path
 from sfdeploy.train.pretrained import prepare_pretrained, pretrained_source
 from sfdeploy.train.strategies import check_options, summary_facts
