@@ -42,10 +42,14 @@ from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.endpoints import DEFAULT_MODEL
 from sfdeploy.errors import InputError
 from sfdeploy.serving.config import (
+    ARTIFACT,
+    ARTIFACT_SHA256,
     DECODE_TIMEOUT_S,
     LABELS_FILE,
     MAX_VIDEO_BYTES,
     MAX_VIDEO_PIXELS_KEY,
+    PRECISION,
+    RUNTIME,
     TARGET_MODEL,
     ServedModel,
     TensorConfig,
@@ -202,8 +206,8 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     # (the model, the artifacts placed in its version folder, its python-backend model.py)
     models: list[tuple[ServedModel, dict[str, Path], str | None]] = [(
         ServedModel(name=opts.name, backend="python", parameters={
-            "runtime": opts.runtime, "artifact": runtime_artifact.name, "precision": precision,
-            "artifact_sha256": manifest.artifacts[key].sha256}, **common),
+            RUNTIME: opts.runtime, ARTIFACT: runtime_artifact.name, PRECISION: precision,
+            ARTIFACT_SHA256: manifest.artifacts[key].sha256}, **common),
         {runtime_artifact.name: runtime_artifact}, PYTHON_MODEL,
     )]
     if opts.native:
