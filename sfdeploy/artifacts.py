@@ -90,6 +90,17 @@ def self_check(diff: float, precision: str, *, failure: str, path: Path, fix: st
             "tolerance": tolerance}
 
 
+def parse_formats(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"torchscript,onnx"`` (or a sequence) -> the formats to export, refused if empty or unknown:
+    the one check of ``export --formats`` and of ``ExportOptions.formats``."""
+    chosen = tuple(f.strip() for f in (value.split(",") if isinstance(value, str) else value) if f.strip())
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise InputError(f"unknown export format(s): {', '.join(unknown) or '(none)'}",
+                         fix=f"use --formats with any of: {', '.join(FORMATS)} (comma-separated)")
+    return chosen
+
+
 def artifact_key(fmt: str, precision: str = "fp32") -> str:
     """``torchscript``, ``onnx_fp16``, ...: how the manifest names an artifact."""
     if fmt not in FORMATS or precision not in PRECISIONS:

@@ -7,17 +7,22 @@ from pathlib import Path
 
 import click
 
-from sfdeploy.artifacts import DEVICE_NOISE_FACTOR, FORMATS, FP16_MIN_TOP1_AGREEMENT, FP32_MAX_ABS_DIFF
+from sfdeploy.artifacts import (
+    DEVICE_NOISE_FACTOR,
+    FORMATS,
+    FP16_MIN_TOP1_AGREEMENT,
+    FP32_MAX_ABS_DIFF,
+    parse_formats,
+)
 from sfdeploy.cli.options import device_option
+from sfdeploy.errors import InputError
 
 
 def _formats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
-    chosen = tuple(f.strip() for f in value.split(",") if f.strip())
-    unknown = [f for f in chosen if f not in FORMATS]
-    if unknown or not chosen:
-        raise click.BadParameter(f"unknown format(s) {', '.join(unknown) or '(none)'}; choose from "
-                                 f"{', '.join(FORMATS)} (comma-separated)")
-    return chosen
+    try:
+        return parse_formats(value)
+    except InputError as exc:
+        raise click.BadParameter(f"{exc.message}; {exc.fix}") from exc
 
 
 HELP = f"""Export the model trained in WORK to TorchScript and ONNX with preprocessing baked in.
