@@ -267,13 +267,17 @@ def test_triton_urls_share_the_work_and_a_dead_server_keeps_the_rows(ray_cluster
         proc = _start(synth_root, None, ray_cluster["address"], out, *served, "--url", triton.http_url,
                       "--url", second.http_url)
         wait_for_rows(out, proc, 8)
+        deadline = time.monotonic() + 120
+        while _executed(second) == 0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # each model actor turns to the second server for its second batch
+        took = _executed(second)
         os.killpg(second.process.pid, signal.SIGKILL)  # the server and its backend stubs
         _, stderr = proc.communicate(timeout=300)
+    assert took > 0 and _executed(triton) > before  # both servers took batches
     assert proc.returncode == 1
     assert "rows were written before it" in stderr and "--resume" in stderr and str(out) in stderr
     written = csv_rows(out)
     assert 8 <= len(written) < 64 and all(r["status"] == "ok" and r["label"] for r in written)
-    assert _executed(triton) > before  # both servers took batches
 
     resumed = _start(synth_root, None, ray_cluster["address"], out, *served, "--url", triton.http_url, "--resume")
     _, stderr = resumed.communicate(timeout=300)

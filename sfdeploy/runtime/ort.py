@@ -149,7 +149,13 @@ class OrtPredictor:
 
             device = cuda_device(device)  # cuda -> cuda:N
         self.device = device
-        self.session = open_session(Path(path), device, threads=threads, tf32=tf32)
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+
+        try:
+            self.session = open_session(Path(path), device, threads=threads, tf32=tf32)
+        except (InvalidProtobuf, InvalidGraph) as exc:  # not an ONNX model: nothing of it was run
+            raise InputError(f"not an ONNX model ({str(exc).splitlines()[0][:200]})", path=path,
+                             fix="use a model written by `sfdeploy export` (re-run it)") from exc
         self.providers = tuple(self.session.get_providers())
         self.tf32 = device != "cpu" and tf32
         self.runtime = f"{_ort_version()} {self.providers[0]}"
