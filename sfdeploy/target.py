@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sfdeploy.artifacts import DEFAULT_DEVICE, LOCAL_BACKENDS, PRECISIONS, normalise_device
-from sfdeploy.clipspec import ClipSpec
 from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL
 from sfdeploy.errors import InputError
-from sfdeploy.runtime.base import Predictor
+
+if TYPE_CHECKING:  # light at import: the CLI's options read this module's names
+    from sfdeploy.clipspec import ClipSpec
+    from sfdeploy.runtime.base import Predictor
 
 SERVED = "triton"  # the backend of a served model
 BACKENDS: tuple[str, ...] = (SERVED, *LOCAL_BACKENDS)
