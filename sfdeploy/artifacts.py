@@ -96,7 +96,7 @@ def parse_formats(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     chosen = tuple(f.strip() for f in (value.split(",") if isinstance(value, str) else value) if f.strip())
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
-        raise InputError(f"unknown export format(s): {', '.join(unknown) or '(none)'}",
+        raise InputError(f"unknown format(s) to export: {', '.join(unknown) or '(none)'}",
                          fix=f"use --formats with any of: {', '.join(FORMATS)} (comma-separated)")
     return chosen
 

@@ -71,13 +71,13 @@ class ModelTarget:
             raise InputError(f"unknown precision '{self.precision}'", fix=f"use one of: {', '.join(PRECISIONS)}")
         if self.protocol not in PROTOCOLS:
             raise InputError(f"unknown protocol '{self.protocol}'", fix="use --protocol http or grpc")
+        if self.server_decode and self.local:
+            raise InputError("decoding on the server needs --backend triton",
+                             fix="drop --server-decode, or pass --backend triton (the default without --export)")
         if self.local and self.export_dir is None:
             raise InputError(f"--backend {backend} runs an exported model in this process", fix="pass --export EXPORT")
         if not self.urls:
             raise InputError("no Triton server given", fix=f"pass --url (default {DEFAULT_HTTP_URL})")
-        if self.server_decode and self.local:
-            raise InputError("decoding on the server needs --backend triton",
-                             fix="drop --server-decode, or pass --backend triton (the default without --export)")
         if self.server_decode and self.shm:
             raise InputError("--shm carries decoded clips; with --server-decode the encoded files are sent",
                              fix="drop --shm or --server-decode")
