@@ -69,6 +69,14 @@ ORT_CUDA_PROVIDER = "CUDAExecutionProvider"
 # bf16 keeps 8 significant bits to fp16's 11: its rounding differences are ~8x larger
 SELF_CHECK_TOLERANCE: dict[str, float] = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 4e-2}
 
+#: the parity gate (sfdeploy.export.parity): an fp32 artifact's probabilities within
+#: max(FP32_MAX_ABS_DIFF, DEVICE_NOISE_FACTOR x the device's measured noise) of MMAction2 in fp32 on the
+#: CPU, an fp16 one the same top-1 on at least FP16_MIN_TOP1_AGREEMENT of the clips
+FP32_MAX_ABS_DIFF = 1e-4
+# an artifact on a GPU may be this many times as far from the CPU truth as MMAction2 itself is there
+DEVICE_NOISE_FACTOR = 2.0
+FP16_MIN_TOP1_AGREEMENT = 0.99
+
 
 def self_check(diff: float, precision: str, *, failure: str, path: Path, fix: str, device: str, runtime: str,
                reference_device: str) -> dict[str, Any]:
@@ -80,6 +88,17 @@ def self_check(diff: float, precision: str, *, failure: str, path: Path, fix: st
         raise ExportError(f"{failure} (max abs diff {diff:.2e})", path=path, fix=fix)
     return {"device": device, "runtime": runtime, "reference_device": reference_device, "max_abs_diff": diff,
             "tolerance": tolerance}
+
+
+def parse_formats(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"torchscript,onnx"`` (or a sequence) -> the formats to export, refused if empty or unknown:
+    the one check of ``export --formats`` and of ``ExportOptions.formats``."""
+    chosen = tuple(f.strip() for f in (value.split(",") if isinstance(value, str) else value) if f.strip())
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise InputError(f"unknown format(s) to export: {', '.join(unknown) or '(none)'}",
+                         fix=f"use --formats with any of: {', '.join(FORMATS)} (comma-separated)")
+    return chosen
 
 
 def artifact_key(fmt: str, precision: str = "fp32") -> str:
@@ -103,17 +122,30 @@ def backend_format(backend: str) -> str:
     return BACKEND_FORMAT[backend]
 
 
-def resolve_device(requested: str = "auto", *, must_exist: bool = True) -> str:
+#: the device vocabulary of every command (``--device``), and its one default; ``cuda:N`` and the
+#: older ``gpu`` (= ``cuda``) are accepted too
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DEFAULT_DEVICE = "auto"
+
+
+def normalise_device(requested: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as given (lower case; ``gpu`` -> ``cuda``), or an
+    error for a name outside the vocabulary. Nothing is probed: see :func:`resolve_device`."""
+    name = requested.strip().lower()
+    if name == "gpu":
+        return "cuda"
+    if name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise InputError(f"unknown device '{requested}'", fix="use auto, cpu, cuda or cuda:N")
+
+
+def resolve_device(requested: str = DEFAULT_DEVICE, *, must_exist: bool = True) -> str:
     """``auto`` (a GPU if torch sees one), ``cpu``, ``cuda``, ``cuda:N`` or ``gpu`` -> ``cpu`` or
     ``cuda[:N]``. With ``must_exist`` a CUDA device torch cannot see is an error; without it (a
     Triton repository written here for a GPU server elsewhere) the name is just normalised."""
-    name = requested.strip().lower()
-    if name == "gpu":
-        name = "cuda"
+    name = normalise_device(requested)
     if name == "cpu":
         return "cpu"
-    if name not in ("auto", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise InputError(f"unknown device '{requested}'", fix="use auto, cpu, cuda or cuda:N")
     if name == "auto" or must_exist:
         import torch
 
@@ -155,7 +187,7 @@ def ort_no_cuda_error() -> EnvironmentProblem:
                                   "or use --device cpu")
 
 
-def backend_device(backend: str, requested: str = "auto") -> str:
+def backend_device(backend: str, requested: str = DEFAULT_DEVICE) -> str:
     """Where local ``backend`` (``torchscript`` / ``onnxruntime``) runs when ``requested`` is asked for.
 
     An explicit device is a demand: ``cuda`` that torch cannot see, or that the installed
@@ -164,7 +196,7 @@ def backend_device(backend: str, requested: str = "auto") -> str:
     use on this machine: CUDA when torch sees a GPU and, for ONNX Runtime, the installed build has
     the CUDA provider; otherwise the CPU (logged, and recorded by whoever records devices)."""
     fmt = backend_format(backend)
-    explicit = requested.strip().lower() != "auto"
+    explicit = normalise_device(requested) != "auto"
     if fmt == "onnx" and explicit and resolve_device(requested, must_exist=False).startswith("cuda") \
             and not ort_cuda_installed():
         raise ort_no_cuda_error()  # first: on a GPU machine, the one thing to fix
@@ -263,6 +295,10 @@ class Manifest:
     def read(cls, export_dir: Path) -> Manifest:
         export_dir = Path(export_dir)
         path = export_dir / MANIFEST_FILE
+        if not export_dir.is_dir():
+            raise InputError("the export folder does not exist" if not export_dir.exists() else "not a folder",
+                             path=export_dir, fix="pass the --out folder of `sfdeploy export` (`sfdeploy demo` makes "
+                                                  "sfdeploy-demo/export)")
         if not path.is_file():
             raise InputError(f"no {MANIFEST_FILE} in the export folder", path=export_dir,
                              fix="pass the --out folder of `sfdeploy export`")

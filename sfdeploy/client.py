@@ -4,7 +4,7 @@
 
     from sfdeploy.client import Classifier
 
-    with Classifier.from_triton("127.0.0.1:8000", model="slowfast") as clf:   # or from_export(...)
+    with Classifier.from_triton("127.0.0.1:8000", model="slowfast") as clf:   # or from_export("EXPORT")
         for p in clf.classify(["videos/"], batch_size=8, concurrency=8):
             print(p.path, p.label, p.score)
 
@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,16 +33,19 @@ from typing import Any
 
 import numpy as np
 
+from sfdeploy.artifacts import DEFAULT_DEVICE
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.data.probe import VIDEO_EXTENSIONS
 from sfdeploy.decode import MAX_VIDEO_PIXELS
+from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL
 from sfdeploy.errors import InputError, ServingError
 from sfdeploy.gpudecode.pool import DecodedBy, decode_routed, stack_clips
 from sfdeploy.gpudecode.select import DecodePlan
 from sfdeploy.inputs import require_pyarrow
 from sfdeploy.preprocess import DecodeFailure
 from sfdeploy.progress import bar
-from sfdeploy.runtime import Predictor, open_predictor
+from sfdeploy.runtime import Predictor
+from sfdeploy.target import DEFAULT_LOCAL_BACKEND, SERVED, ModelTarget
 
 log = logging.getLogger("sfdeploy")
 
@@ -130,33 +133,36 @@ def top_k(probs: np.ndarray, classes: Sequence[str], k: int) -> tuple[tuple[str,
 
 
 class Classifier:
-    """A predictor plus the batching/concurrency pipeline around it."""
+    """A predictor plus the batching/concurrency pipeline around it.
 
-    def __init__(self, predictor: Predictor, export_dir: str | Path | None = None) -> None:
+    ``server_decode``: the predictor takes the encoded files (``<model>_video``, which decodes them
+    on the server) instead of decoded clips; :meth:`open` sets it from the target. ``export_dir``:
+    where the model was exported from, whose GPU-decoding fidelity record ``decode="auto"`` reads."""
+
+    def __init__(self, predictor: Predictor, *, server_decode: bool = False,
+                 export_dir: str | Path | None = None) -> None:
         self.predictor = predictor
-        self.export_dir = Path(export_dir) if export_dir is not None else None  # its GPU-decoding fidelity record
+        self.server_decode = server_decode
+        self.export_dir = Path(export_dir) if export_dir is not None else None
 
     @classmethod
-    def from_triton(cls, url: str = "127.0.0.1:8000", model: str = "slowfast", protocol: str = "http",
+    def open(cls, target: ModelTarget) -> Classifier:
+        """The classifier of ``target``: what ``sfdeploy infer`` runs."""
+        return cls(target.open(), server_decode=target.server_decode, export_dir=target.export_dir)
+
+    @classmethod
+    def from_triton(cls, url: str = DEFAULT_HTTP_URL, model: str = DEFAULT_MODEL, protocol: str = "http",
                     shm: bool = False, server_decode: bool = False) -> Classifier:
         """A served model. ``server_decode``: send the encoded files to ``<model>_video``, which decodes
         them on the server (nothing decoded here; the file's bytes on the wire, not uint8 clips)."""
-        if server_decode:
-            from sfdeploy.runtime.triton_video import TritonVideoPredictor
-
-            if shm:
-                raise InputError("--shm carries decoded clips; with --server-decode the encoded files are sent",
-                                 fix="drop --shm or --server-decode")
-            return cls(TritonVideoPredictor(url=url, model=model, protocol=protocol))
-        from sfdeploy.runtime.triton import TritonPredictor
-
-        return cls(TritonPredictor(url=url, model=model, protocol=protocol, shm=shm))
+        return cls.open(ModelTarget(backend=SERVED, urls=(url,), model=model, protocol=protocol, shm=shm,
+                                    server_decode=server_decode))
 
     @classmethod
-    def from_export(cls, export_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
-                    device: str = "cpu") -> Classifier:
-        return cls(open_predictor(backend, export_dir=Path(export_dir), precision=precision, device=device),
-                   export_dir)
+    def from_export(cls, export_dir: str | Path, backend: str = DEFAULT_LOCAL_BACKEND, precision: str = "fp32",
+                    device: str = DEFAULT_DEVICE) -> Classifier:
+        """An exported model, run in this process."""
+        return cls.open(ModelTarget(backend=backend, export_dir=Path(export_dir), precision=precision, device=device))
 
     @property
     def spec(self) -> ClipSpec:
@@ -198,68 +204,25 @@ class Classifier:
             raise InputError("batch size and concurrency must be >= 1", fix="use e.g. --batch-size 8 --concurrency 4")
         plan = decode if isinstance(decode, DecodePlan) else self.decode_plan(decode)
         items = collect_inputs(inputs)
-        classes = self.spec.class_names
         for path, error in items:
             if error:
                 yield Prediction(path, "error", error=error)
         paths = [path for path, error in items if not error]
         shown = bar(len(paths), desc=f"infer {self.predictor.name}", unit="video", enabled=show_progress)
-        inflight: dict[Future, list[tuple[str, DecodedBy | None]]] = {}
-        failure: BaseException | None = None
+        stream = self._inputs(paths, workers, max_pixels, plan)
+        try:
+            yield from _Pipeline(self, paths, topk, shown).run(stream, batch_size, concurrency)
+        finally:
+            shown.close()
 
-        def finished(futures: Iterable[Future]) -> Iterator[Prediction]:
-            nonlocal failure
-            for future in futures:
-                batch_paths = inflight.pop(future)
-                try:
-                    probs = future.result()
-                except ServingError as exc:
-                    failure = failure or exc
-                    continue
-                for (path, how), row in zip(batch_paths, probs, strict=True):
-                    shown.update(1)
-                    if isinstance(row, str):  # server-side decoding: why the server could not classify it
-                        yield Prediction(path, "error", error=row)
-                        continue
-                    yield Prediction.from_probs(path, row, classes, topk, how)
-
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sfdeploy-infer") as pool:
-            batch: list[tuple[str, Any, DecodedBy | None]] = []
-
-            server_decode = getattr(self.predictor, "decodes_on_server", False)
-
-            def submit() -> None:
-                items = [item for _, item, _ in batch]  # clips, or the encoded files (server-side decoding)
-                inflight[pool.submit(self.predictor.predict, items if server_decode else stack_clips(items))] = [
-                    (p, how) for p, _, how in batch]
-                batch.clear()
-
-            stream = _encoded(paths) if server_decode else decode_routed(paths, self.spec, plan, workers=workers,
-                                                                            max_pixels=max_pixels)
-            try:
-                for index, clip, how in stream:
-                    if isinstance(clip, DecodeFailure):
-                        shown.update(1)
-                        yield Prediction(paths[index], "error", error=clip.error)
-                        continue
-                    batch.append((paths[index], clip, how))
-                    if len(batch) >= batch_size:
-                        submit()
-                    done = [f for f in inflight if f.done()]
-                    yield from finished(done)
-                    while len(inflight) >= concurrency and failure is None:
-                        yield from finished(wait(inflight, return_when=FIRST_COMPLETED).done)
-                    if failure is not None:
-                        break
-                if batch and failure is None:
-                    submit()
-            finally:
-                stream.close()  # stops the decode workers if we leave early
-            while inflight:
-                yield from finished(wait(inflight, return_when=FIRST_COMPLETED).done)
-        shown.close()
-        if failure is not None:
-            raise failure
+    def _inputs(self, paths: list[str], workers: int | None, max_pixels: int,
+                plan: DecodePlan) -> Generator[tuple[int, Any, DecodedBy | None], None, None]:
+        """``(index, what the predictor takes, which decoder read it)`` per path, or a
+        :class:`DecodeFailure`: clips decoded by worker processes (or NVDEC, as ``plan`` routes them),
+        or with server-side decoding the files' bytes (the server says nothing of its decoder)."""
+        if self.server_decode:
+            return _encoded(paths)
+        return decode_routed(paths, self.spec, plan, workers=workers, max_pixels=max_pixels)
 
     def close(self) -> None:
         self.predictor.close()
@@ -271,7 +234,7 @@ class Classifier:
         self.close()
 
 
-def _encoded(paths: Sequence[str]) -> Iterator[tuple[int, bytes, None]]:
+def _encoded(paths: Sequence[str]) -> Generator[tuple[int, bytes, None], None, None]:
     """The files' bytes for server-side decoding (the server says nothing of its decoder)."""
     from sfdeploy.runtime.triton_video import read_encoded
 
@@ -281,6 +244,66 @@ def _encoded(paths: Sequence[str]) -> Iterator[tuple[int, bytes, None]]:
             yield index, data, None
     finally:
         encoded.close()
+
+
+class _Pipeline:
+    """One :meth:`Classifier.classify` run: packs the inputs into batches, keeps up to
+    ``concurrency`` of them in flight on a thread pool, and turns answers into predictions."""
+
+    def __init__(self, classifier: Classifier, paths: list[str], topk: int, shown: Any) -> None:
+        self.classifier, self.paths, self.topk, self.shown = classifier, paths, topk, shown
+        self.inflight: dict[Future, list[tuple[str, DecodedBy | None]]] = {}
+        self.failure: BaseException | None = None
+
+    def run(self, stream: Generator[tuple[int, Any, DecodedBy | None], None, None], batch_size: int,
+            concurrency: int) -> Iterator[Prediction]:
+        batch: list[tuple[str, Any, DecodedBy | None]] = []
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sfdeploy-infer") as pool:
+            try:
+                for index, item, how in stream:
+                    if isinstance(item, DecodeFailure):
+                        self.shown.update(1)
+                        yield Prediction(self.paths[index], "error", error=item.error)
+                        continue
+                    batch.append((self.paths[index], item, how))
+                    if len(batch) >= batch_size:
+                        self._submit(pool, batch)
+                        batch = []
+                    yield from self._finished([f for f in self.inflight if f.done()])
+                    while len(self.inflight) >= concurrency and self.failure is None:
+                        yield from self._finished(wait(self.inflight, return_when=FIRST_COMPLETED).done)
+                    if self.failure is not None:
+                        break
+                if batch and self.failure is None:
+                    self._submit(pool, batch)
+            finally:
+                stream.close()  # stops the decode workers if we leave early
+            while self.inflight:
+                yield from self._finished(wait(self.inflight, return_when=FIRST_COMPLETED).done)
+        if self.failure is not None:
+            raise self.failure
+
+    def _submit(self, pool: ThreadPoolExecutor, batch: list[tuple[str, Any, DecodedBy | None]]) -> None:
+        items = [item for _, item, _ in batch]  # clips (host or GPU), or the encoded files (server-side decoding)
+        predictor = self.classifier.predictor
+        request = items if self.classifier.server_decode else stack_clips(items)
+        self.inflight[pool.submit(predictor.predict, request)] = [(path, how) for path, _, how in batch]
+
+    def _finished(self, futures: Iterable[Future]) -> Iterator[Prediction]:
+        classes = self.classifier.spec.class_names
+        for future in futures:
+            batch_paths = self.inflight.pop(future)
+            try:
+                probs = future.result()
+            except ServingError as exc:
+                self.failure = self.failure or exc
+                continue
+            for (path, how), row in zip(batch_paths, probs, strict=True):
+                self.shown.update(1)
+                if isinstance(row, str):  # server-side decoding: why the server could not classify it
+                    yield Prediction(path, "error", error=row)
+                    continue
+                yield Prediction.from_probs(path, row, classes, self.topk, how)
 
 
 class PredictionWriter:
@@ -405,6 +428,11 @@ class InferSummary:
     @property
     def videos_per_s(self) -> float:
         return (self.ok + self.failed) / self.wall_time_s if self.wall_time_s else 0.0
+
+    def describe(self) -> str:
+        """The run in one line; a rate only when videos were classified (failures are no throughput)."""
+        line = f"{self.ok} classified, {self.failed} failed, {self.skipped} already in {self.out}"
+        return line + (f"; {self.videos_per_s:.1f} videos/s" if self.ok else "")
 
 
 def infer(inputs: Sequence[str | Path], out: str | Path, classifier: Classifier, *, batch_size: int = 8,

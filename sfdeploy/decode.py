@@ -34,10 +34,14 @@ training/inference (:mod:`sfdeploy.train.transforms`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
-from collections.abc import Sequence
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sfdeploy.errors import InputError
@@ -59,20 +63,22 @@ CPU_DECODERS = ("auto", "pyav")
 #: The message of decord's width bug: the one decord error on which PyAV takes over.
 DECORD_MISDECODE = "DECORDArrayCopyFromTo"
 
-#: Why a video cannot be decoded (a stable code, used in reports) -> what the user can do.
+#: Why a video cannot be decoded (a stable code, used in reports) -> what the user can do (the
+#: error's message says what happened; the fix only what to do about it).
 FIXES: dict[str, str] = {
     "not_found": "check the path",
-    "zero_bytes": "the file is empty: copy it again from its source, or remove it",
-    "unreadable": "the decoder cannot open it (not a video, or a damaged header): re-encode it, "
-    "e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`, or remove it",
-    "no_frames": "the video has no decodable frames: re-encode it or remove it",
-    "corrupt": "decoding fails partway (truncated or damaged file): re-encode it or remove it",
+    "zero_bytes": "copy it again from its source, or remove it",
+    "unreadable": "if it is a video, re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`); else remove it",
+    "no_frames": "re-encode it or remove it",
+    "corrupt": "re-encode it (a truncated or damaged file) or remove it",
     "frame_too_large": "re-encode it smaller (e.g. `ffmpeg -i IN -vf scale=-2:1080 OUT.mp4`), or raise the limit "
     "with --max-video-pixels (`data prepare`, `infer`; `repo` for a server's <name>_video)",
     # what a worker process reports (sfdeploy.workers) when decoding kills or hangs it
-    "decoder_crash": "the decoder crashed on this file: re-encode it or remove it",
-    "timeout": "decoding took too long: re-encode it or remove it",
+    "decoder_crash": "re-encode it or remove it",
+    "timeout": "re-encode it or remove it",
 }
+#: reasons whose message is the whole story; the others are "cannot decode: <why>" in a row
+PLAIN_REASONS = ("not_found", "zero_bytes", "frame_too_large")
 
 
 def worker_failure_reason(kind: str) -> str:
@@ -90,13 +96,56 @@ class DecodeError(InputError):
 
 
 _DECORD_LOCATION = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\] ")  # decord's "[<the source>] " before its reason
 
 
 def short_error(exc: BaseException) -> str:
-    """One readable line: the exception type and its first line, decord's source location removed."""
+    """Why a decoder failed, in one readable line: FFmpeg's own reason (PyAV), or the first line of
+    the exception without decord's source location and without the source's name (the error names
+    it already)."""
+    reason = getattr(exc, "strerror", None)  # av.FFmpegError: FFmpeg's text, without errno and path
+    if isinstance(reason, str) and reason:
+        return f"FFmpeg: {reason}"
     lines = str(exc).strip().splitlines()
-    text = _DECORD_LOCATION.sub("", lines[0] if lines else "")
-    return f"{type(exc).__name__}: {text}"[:300]
+    text = _SOURCE_PREFIX.sub("", _DECORD_LOCATION.sub("", lines[0] if lines else "")).strip()
+    return (text or type(exc).__name__)[:300]
+
+
+_FD2 = threading.Lock()  # one capture of the process's stderr at a time
+_FFMPEG_LOG = re.compile(r"^\[[\w,]+ @ 0x[0-9a-f]+\] ")  # "[mov,mp4,m4a @ 0x55...] moov atom not found"
+
+
+@contextlib.contextmanager
+def _decord_log_captured() -> Iterator[list[str]]:
+    """What decord's C++ writes to the process's stderr (fd 2) in the block, taken off it.
+
+    Opening a source it cannot read, decord logs ``video_reader.cc:83: ERROR opening: <source>,
+    <reason>`` straight to fd 2 (for bytes, the source is the upload itself), its FFmpeg logs
+    ``[mov,mp4,... @ 0x...] moov atom not found``, and then it raises a vaguer error. The reasons
+    (decord's first) are handed to the caller for its own message; anything else written to fd 2
+    meanwhile (another thread's output) is passed on when the block ends."""
+    reasons: list[str] = []
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to capture
+        yield reasons
+        return
+    with _FD2, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield reasons
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines(keepends=True):
+                if "video_reader.cc" in line and "ERROR opening" in line:
+                    reasons.insert(0, line.rstrip().rpartition(", ")[2])  # its reason, not the source
+                elif _FFMPEG_LOG.match(line):  # decord's FFmpeg on the same source
+                    reasons.append(_FFMPEG_LOG.sub("", line).strip())
+                else:
+                    os.write(2, line.encode())
 
 
 def describe(source: Source) -> str:
@@ -137,13 +186,18 @@ class Video:
             if os.path.getsize(self._source) == 0:
                 raise DecodeError("the file is empty (0 bytes)", reason="zero_bytes", path=self.name)
         self.width, self.height = self._probe()
-        try:
-            self._decord: Any = decord.VideoReader(self._open(), num_threads=1)
-        except (decord.DECORDError, RuntimeError) as exc:  # RuntimeError: decord's "Error reading ..."
-            raise DecodeError(f"cannot open the video ({short_error(exc)})", reason="unreadable",
-                              path=self.name) from exc
-        except AssertionError as exc:  # decord asserts a positive frame count
-            raise DecodeError("the video has no frames", reason="no_frames", path=self.name) from exc
+        with _decord_log_captured() as decord_says:
+            try:
+                self._decord: Any = decord.VideoReader(self._open(), num_threads=1)
+            except (decord.DECORDError, RuntimeError) as exc:  # RuntimeError: decord's "Error reading ..."
+                failure: BaseException | None = exc
+            except AssertionError as exc:  # decord asserts a positive frame count
+                raise DecodeError("it has no frames", reason="no_frames", path=self.name) from exc
+            else:
+                failure = None
+        if failure is not None:
+            raise DecodeError(f"decord fails to open it ({decord_says[0] if decord_says else short_error(failure)})",
+                              reason="unreadable", path=self.name) from failure
         self.num_frames = len(self._decord)
         self.fps = float(self._decord.get_avg_fps())
         self.decoder = "pyav" if decoder == "pyav" else "decord"
@@ -161,12 +215,12 @@ class Video:
             with av.open(self._open(), options=self._codec_options()) as container:  # every stream's decoder
                 stream = container.streams.best("video")  # decord's choice: av_find_best_stream
                 if stream is None:
-                    raise DecodeError("no video stream", reason="unreadable", path=self.name)
+                    raise DecodeError("it has no video stream", reason="unreadable", path=self.name)
                 width, height = int(stream.codec_context.width), int(stream.codec_context.height)
                 self.codec = str(stream.codec_context.name)
                 self.pix_fmt = str(stream.codec_context.pix_fmt or "")
         except av.FFmpegError as exc:
-            raise DecodeError(f"cannot open the video ({short_error(exc)})", reason="unreadable",
+            raise DecodeError(f"not a video, or its header is damaged ({short_error(exc)})", reason="unreadable",
                               path=self.name) from exc
         if not (width and height):  # the capped decoder refused its first frame: no size without decoding it
             raise DecodeError(f"the decoder cannot read a frame of it within the limit of {self.max_pixels:,} "
@@ -205,7 +259,7 @@ class Video:
                 frames = self._decord.get_batch(wanted).asnumpy()
             except decord.DECORDError as exc:
                 if DECORD_MISDECODE not in str(exc):
-                    raise DecodeError(f"decoding fails ({short_error(exc)})", reason="corrupt",
+                    raise DecodeError(f"decoding fails partway ({short_error(exc)})", reason="corrupt",
                                       path=self.name) from exc
                 self.decoder = "pyav"  # decord's width bug: this stream is PyAV's from now on
                 self._decord = None
@@ -243,7 +297,7 @@ class Video:
                     if decoded > last:
                         break
         except av.FFmpegError as exc:
-            raise DecodeError(f"decoding fails ({short_error(exc)})", reason="corrupt", path=self.name) from exc
+            raise DecodeError(f"decoding fails partway ({short_error(exc)})", reason="corrupt", path=self.name) from exc
         if decoded <= last:
             raise DecodeError(f"PyAV decoded {decoded} frames, the stream's index lists {self.num_frames}",
                               reason="corrupt", path=self.name)

@@ -22,6 +22,7 @@ from sfdeploy.errors import InputError
 from sfdeploy.preprocess import DecodeFailure, decode_many
 from sfdeploy.progress import progress
 from sfdeploy.runtime import Predictor
+from sfdeploy.target import ModelTarget
 
 log = logging.getLogger("sfdeploy")
 
@@ -67,10 +68,24 @@ def val_split(data_dir: Path, class_names: tuple[str, ...]) -> tuple[list[Path],
     return paths, labels
 
 
-def evaluate(export_dir: Path, data_dir: Path, predictor: Predictor, *, batch_size: int = 8,
-             workers: int | None = None, reference: bool = True, work_dir: Path | None = None,
-             device: str = "cpu", show_progress: bool = True) -> EvalReport:
-    """Evaluate ``predictor`` on DATA's val split; the MMAction2 reference runs on ``device``."""
+def evaluate(target: ModelTarget, data_dir: Path, *, batch_size: int = 8, workers: int | None = None,
+             reference: bool = True, work_dir: Path | None = None, show_progress: bool = True) -> EvalReport:
+    """Evaluate ``target`` on DATA's val split: its export run in this process, or the same model
+    served (``backend="triton"``; ``target.export_dir`` is then the export it was served from). The
+    MMAction2 reference runs on ``target.device``."""
+    if target.export_dir is None:
+        raise InputError("eval compares a model with the export it comes from", fix="pass EXPORT")
+    predictor = target.open()
+    try:
+        return _evaluate(target, data_dir, predictor, batch_size=batch_size, workers=workers, reference=reference,
+                         work_dir=work_dir, show_progress=show_progress)
+    finally:
+        predictor.close()
+
+
+def _evaluate(target: ModelTarget, data_dir: Path, predictor: Predictor, *, batch_size: int, workers: int | None,
+              reference: bool, work_dir: Path | None, show_progress: bool) -> EvalReport:
+    export_dir = target.export_dir
     manifest = Manifest.read(export_dir)
     spec = predictor.spec
     if spec != manifest.clip_spec:
@@ -110,7 +125,7 @@ def evaluate(export_dir: Path, data_dir: Path, predictor: Predictor, *, batch_si
 
         source = Path(work_dir) if work_dir else Path(manifest.source["work_dir"])
         trained = load_trained(source, Path(manifest.source["checkpoint"]) if not work_dir else None)
-        where = resolve_device(device)
+        where = resolve_device(target.device)
         ref = mmaction_reference({where: trained.recognizer.to(where)}, spec, [paths[i] for i in done],
                                  show_progress).probs[where]
         mm_top1, mm_top5 = _topk(ref, truth, 1), _topk(ref, truth, 5)

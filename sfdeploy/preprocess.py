@@ -27,7 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.decode import MAX_VIDEO_PIXELS, FIXES, DecodeError, Video, describe, open_video, worker_failure_reason
+from sfdeploy.decode import (
+    FIXES,
+    MAX_VIDEO_PIXELS,
+    PLAIN_REASONS,
+    DecodeError,
+    Video,
+    describe,
+    open_video,
+    worker_failure_reason,
+)
 from sfdeploy.workers import IsolatedPool, WorkerFailure
 
 
@@ -117,8 +126,7 @@ def _decode_task(job: tuple[str | bytes, ClipSpec, int]) -> np.ndarray | DecodeF
 
 def decode_failure(source: str | bytes, exc: DecodeError) -> DecodeFailure:
     """The row of a video the decoder refused: what went wrong and the fix."""
-    plain = exc.reason in ("not_found", "zero_bytes", "frame_too_large")
-    what = exc.message if plain else f"cannot decode ({exc.message})"
+    what = exc.message if exc.reason in PLAIN_REASONS else f"cannot decode: {exc.message}"
     return DecodeFailure(describe(source), f"{what}; {exc.fix}")
 
 
@@ -126,7 +134,7 @@ def worker_failure(source: str | bytes, failure: WorkerFailure) -> DecodeFailure
     """The row of a video whose decode worker crashed or hung on it."""
     what = {"crash": "the decoder crashed", "timeout": "decoding timed out"}.get(failure.kind, "cannot decode")
     fix = FIXES[worker_failure_reason(failure.kind)]
-    return DecodeFailure(describe(source), f"{what} ({failure.detail}); {fix}")
+    return DecodeFailure(describe(source), f"{what}: {failure.detail}; {fix}")
 
 
 def _decode_failed(job: tuple[str | bytes, ClipSpec, int], failure: WorkerFailure) -> DecodeFailure:

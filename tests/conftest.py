@@ -54,7 +54,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     given = os.environ.get("SFDEPLOY_TEST_DEMO")
     workdir = Path(given) if given else tmp_path_factory.mktemp("demo") / "demo"
     result = run_cli("demo", "--workdir", str(workdir), timeout=1500)
-    return workdir, json.loads(result.stdout.strip().splitlines()[-1])
+    for stream in ("stdout", "stderr"):  # what the console showed, for tests of the console (test_demo.py)
+        (workdir / f"console.{stream}").write_text(getattr(result, stream))
+    short = json.loads(result.stdout.strip().splitlines()[-1])  # the last line of stdout: for scripts
+    return workdir, json.loads(Path(short["summary"]).read_text())
 
 
 @pytest.fixture(scope="session")

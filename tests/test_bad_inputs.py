@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,10 @@ def test_prepare_uses_the_odd_but_valid_and_reports_the_rest(matrix, tmp_path: P
     assert sizes["long.mp4"][2] == 1500
 
 
-def test_infer_classifies_the_odd_but_valid_and_rows_every_failure(matrix, triton, tmp_path: Path) -> None:
+def test_infer_classifies_the_odd_but_valid_and_rows_every_failure(matrix, triton, tiny_export: Path,
+                                                                    tmp_path: Path) -> None:
+    from sfdeploy.client import Classifier
+
     root, usable, failing = matrix
     empty = tmp_path / "empty_folder"
     empty.mkdir()
@@ -59,9 +63,14 @@ def test_infer_classifies_the_odd_but_valid_and_rows_every_failure(matrix, trito
     assert result.returncode == 1
     rows = {r["path"]: r for r in csv.DictReader(out.open())}
     assert len(rows) == len(usable) + len(failing) + 2  # one row per input, nothing dropped
+    # each odd-but-valid video is classified as the served model classifies it decoded here, in process
+    with Classifier.from_export(tiny_export, backend="torchscript") as local:  # the served runtime
+        here = {p.path: p for p in local.classify([str(p) for p in usable.values()])}
     for path in usable.values():
-        assert rows[str(path)]["status"] == "ok", rows[str(path)]
-        assert rows[str(path)]["label"] in ("move_down", "move_left", "move_right", "move_up")
+        row = rows[str(path)]
+        assert row["status"] == "ok" and row["label"] == here[str(path)].label, (row, here[str(path)])
+        assert abs(float(row["score"]) - here[str(path)].score) <= 1e-5
+    assert (rows[str(usable["plain"])]["label"], rows[str(usable["plain_b"])]["label"]) == ("move_left", "move_right")
     expected = {"corrupt": "cannot decode", "truncated": "cannot decode", "zero_byte": "empty (0 bytes)",
                 "not_a_video": "cannot decode"}
     for name, path in failing.items():
@@ -70,6 +79,21 @@ def test_infer_classifies_the_odd_but_valid_and_rows_every_failure(matrix, trito
         assert str(path) in result.stderr
     assert rows[str(missing)]["error"].startswith("file not found")
     assert "folder has no videos" in rows[str(empty)]["error"]
+
+
+def test_failed_inputs_are_said_once_without_a_rate_or_the_decoders_own_lines(matrix, tiny_export: Path,
+                                                                              tmp_path: Path) -> None:
+    root, usable, failing = matrix
+    result = run_cli("infer", *(str(p) for p in failing.values()), "--export", str(tiny_export),
+                     "--out", str(tmp_path / "p.csv"), check=False)
+    assert result.returncode == 1
+    assert "0 classified, 4 failed, 0 already in" in result.stderr and "videos/s" not in result.stderr
+    assert "video_reader.cc" not in result.stderr and "moov atom" not in result.stderr
+    for path in failing.values():
+        line = next(line for line in result.stderr.splitlines() if line.startswith(f"failed: {path}: "))
+        said = line.removeprefix(f"failed: {path}: ")
+        assert not re.search(r"\([^)]*\(", said), said  # one level of detail, no "(... (... (...)))"
+        assert said.count("empty") <= 1 and said.count("cannot") == (0 if path.name == "empty.mp4" else 1), said
 
 
 @pytest.mark.parametrize("command", ["repo", "infer", "eval"])

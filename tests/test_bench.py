@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from sfdeploy.bench.record import ROW_KEY, Record, row_key
+from sfdeploy.bench.load import BUSY_SHARE
+from sfdeploy.bench.record import Record
+from sfdeploy.bench.rows import ROW_KEY, row_key
 from sfdeploy.bench.run import BenchOptions, check_options
 from sfdeploy.bench.targets import targets
 from sfdeploy.errors import InputError
 
 from conftest import REPO, run_cli
 
-TINY = ["--batch-sizes", "1,2", "--iters", "2", "--warmup", "1", "--concurrency", "1,2", "--triton-batch", "2",
-        "--e2e-videos", "8", "--trace", "--device", "cpu"]
+TINY = ["--batch-sizes", "1,2", "--iters", "2", "--min-time", "0.1", "--warmup", "1", "--concurrency", "1,2",
+        "--triton-batch", "2", "--e2e-videos", "8", "--trace", "--device", "cpu"]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -122,6 +124,15 @@ def test_bench_killed_half_way_resumes_to_every_row_once(tmp_path: Path) -> None
     assert "Where a served request's time goes (Triton's own statistics" in table
     assert "| triton-video:grpc |" in table and "bytes sent per video" in table
 
+    # 5. The machine's load: what other processes took while each row was measured, said in the table.
+    assert record["settings"]["min_time"] == 0.1 and record["load_at_start"]["others_cores"] >= 0
+    for row in rows:
+        assert row["others_cores"] >= 0 and len(row["load_average"]) == 3
+        assert row["busy"] == (row["others_cores"] > BUSY_SHARE * os.cpu_count())
+    assert "Load: other work took up to " in table and "| others |" in table
+    busy = [r for r in rows if r["busy"]]
+    assert ("BUSY during" in table) == bool(busy)
+
 
 def _header(**settings: object) -> dict:
     return {"date": "2026-11-24", "profile": "small", "model": "m", "clip_spec": {"crop_size": 64},
@@ -190,3 +201,60 @@ def test_bf16_where_it_cannot_run_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot run with ONNX Runtime"):
         check_options(BenchOptions(precisions=("fp16", "bf16")), "cuda")
     assert check_options(BenchOptions(precisions=("bf16",), backends=("eager", "torchscript")), "cuda") == ("bf16",)
+
+
+def test_a_record_from_before_min_time_resumes_with_what_it_was_measured_with(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    Record.open(path, _header(), resume=False).add(_row("mmaction2", 1, 50.0, stage="model"))
+    Record.open(path, _header(min_time=0.0), resume=True)  # its rows were timed without a minimum
+    with pytest.raises(InputError, match=r"--min-time: record 0.0, now 1.0"):
+        Record.open(path, _header(min_time=1.0), resume=True)
+
+
+def test_a_figure_from_a_busy_machine_says_so_in_its_target() -> None:
+    quiet = _row("torchscript", 1, 130.0) | {"others_cores": 0.02, "busy": False}
+    busy = _row("triton-grpc", 1, 20.0) | {"others_cores": 1.4, "busy": True}
+    record = {**_header(), "rows": [_row("mmaction2", 1, 50.0, stage="model"), quiet, busy]}
+    found = {t["target"]: t for t in targets(record)}
+    served = found["Triton (grpc) >= 90% of in-process at batch 8, concurrency 1"]
+    assert served["measured"].startswith("15%") and "took 1.40 cores (busy: the figure is low)" in served["measured"]
+    assert "busy" not in found["Best model-only throughput (TorchScript / ONNX Runtime in process)"]["measured"]
+
+
+def test_rows_of_fast_calls_are_timed_for_the_minimum_time() -> None:
+    from sfdeploy.bench.measure import time_calls, time_concurrent
+
+    sequential = time_calls(lambda: time.sleep(0.005), clips_per_call=2, warmup=0, iters=3, min_time_s=0.3)
+    assert sequential.wall_s >= 0.3 and sequential.calls > 3 and sequential.clips == 2 * sequential.calls
+    assert time_calls(lambda: None, clips_per_call=1, warmup=0, iters=3).calls == 3  # no minimum: iters
+    concurrent = time_concurrent(lambda: time.sleep(0.005), clips_per_call=1, concurrency=2, warmup=0, iters=3,
+                                 min_time_s=0.3)
+    assert concurrent.wall_s >= 0.3 and concurrent.calls > 6
+
+
+_BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
+
+
+def test_the_load_counts_other_processes_and_not_the_benchmarks_own(tmp_path: Path) -> None:
+    """CPU burnt by a child of this process is the benchmark's own; CPU burnt by a process outside
+    its tree (a detached one, as another user's job) is other work."""
+    from sfdeploy.bench.load import LoadMeter, _tree_ticks
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    with LoadMeter() as own:
+        before = _tree_ticks(os.getpid())
+        subprocess.run([sys.executable, "-c", _BURN.format(s=0.6)], check=True)  # a child: ours
+        after = _tree_ticks(os.getpid())
+    assert (after - before) / ticks >= 0.5
+    done = tmp_path / "done"
+    with LoadMeter() as other:
+        # sh starts the burner in the background and exits: the burner is nobody's child of ours
+        subprocess.run(["sh", "-c", f"{sys.executable} -c '{_BURN.format(s=0.6)}' && touch {done} &"], check=True)
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    wall = other.end[0] - other.start[0]
+    assert done.exists() and other.result()["others_cores"] * wall >= 0.5  # the burner's 0.6 s of CPU
+    # the child's 0.6 s of CPU are in the machine's busy time, and are not counted as other work
+    machine_busy_s = (own.end[1] - own.start[1]) / ticks
+    assert machine_busy_s - own.result()["others_cores"] * (own.end[0] - own.start[0]) >= 0.5

@@ -38,20 +38,23 @@ def _narrow_video(path: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def user_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export: Path, synth_root: Path) -> Path:
-    """A user's folder: EXPORT (the suite's export) and videos/ (a few of the synthetic videos)."""
+    """A user's folder after `sfdeploy demo`: sfdeploy-demo/export (the suite's export) and
+    sfdeploy-demo/videos (a few of the synthetic videos)."""
     root = tmp_path_factory.mktemp("user")
-    (root / "EXPORT").symlink_to(tiny_export)
+    (root / "sfdeploy-demo").mkdir()
+    (root / "sfdeploy-demo" / "export").symlink_to(tiny_export)
+    videos = root / "sfdeploy-demo" / "videos"
     for cls in ("move_left", "move_right"):
         for video in sorted((synth_root / cls).glob("*.mp4"))[:3]:
-            (root / "videos" / cls).mkdir(parents=True, exist_ok=True)
-            shutil.copy(video, root / "videos" / cls / video.name)
-    _narrow_video(root / "videos" / NARROW, seed=3)
+            (videos / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(video, videos / cls / video.name)
+    _narrow_video(videos / NARROW, seed=3)
     return root
 
 
 @pytest.mark.parametrize("how", ["script", "stdin", "-c"])
 def test_readme_python_example_runs_as_users_run_it(user_dir: Path, how: str) -> None:
-    code = readme_python_example('Classifier.from_export("EXPORT"')
+    code = readme_python_example("Classifier.from_export(EXPORT")
     assert "__main__" not in code  # the point: no guard
     script = user_dir / "classify.py"
     script.write_text(code)
@@ -60,13 +63,22 @@ def test_readme_python_example_runs_as_users_run_it(user_dir: Path, how: str) ->
     result = subprocess.run(command, cwd=user_dir, input=code if how == "stdin" else None, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    videos = sorted(p.relative_to(user_dir).as_posix() for p in (user_dir / "videos").rglob("*.mp4"))
+    videos = sorted(p.relative_to(user_dir).as_posix() for p in (user_dir / "sfdeploy-demo/videos").rglob("*.mp4"))
     rows = [line.split() for line in result.stdout.splitlines()]
     classified = {row[0]: row for row in rows if len(row) == 5}
     assert sorted(classified) == videos  # every video once
     assert all(row[1] == "ok" and row[4] == "None" for row in classified.values()), classified
     from_bytes = [row for row in rows if row[1:3] == ["from", "bytes:"]]
     assert len(from_bytes) == 1 and from_bytes[0][3] == classified[from_bytes[0][0]][2]
+
+
+def test_the_readme_example_without_the_demo_says_the_export_folder_does_not_exist(tmp_path: Path) -> None:
+    code = readme_python_example("Classifier.from_export(EXPORT")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    said = result.stderr.strip().splitlines()
+    assert said[-2] == "sfdeploy.errors.InputError: the export folder does not exist: sfdeploy-demo/export", said
+    assert "`sfdeploy demo`" in said[-1] and said[-1].startswith("  fix: ")
 
 
 def test_mmaction2_apis_work_on_work_after_import_sfdeploy(tiny_run: Path, synth_root: Path,

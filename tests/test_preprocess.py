@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from sfdeploy.decode import DecodeError
 from sfdeploy.errors import InputError
 from sfdeploy.preprocess import DecodeFailure, decode_many, load_video, sample_indices
 
-from badvideos import encoded_video, good_video
+from badvideos import encoded_video, good_video, not_a_video
 
 BASE = ClipSpec(clip_len=8, frame_interval=2, num_clips=1, crop_mode="center", short_side=64, crop_size=56,
                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), class_names=("a", "b"))
@@ -105,4 +107,25 @@ def test_decode_many_reports_failures_in_place(videos: dict[str, Path], tmp_path
     assert isinstance(results[1], DecodeFailure) and isinstance(results[2], DecodeFailure)
     assert results[1].path == str(bad) and "cannot decode" in results[1].error
     assert results[2].error.startswith("file not found")
+    for failure in (results[1], results[2]):  # one level of detail: no "cannot decode (cannot open (...))"
+        assert not re.search(r"\([^)]*\(", failure.error), failure.error
     assert results[0].shape == results[3].shape == (1, 8, 56, 56, 3)
+
+
+def test_decords_own_log_lines_stay_off_stderr_and_become_the_reason(tmp_path: Path, capfd) -> None:
+    """decord prints why it cannot open a source straight to fd 2 ("video_reader.cc:83: ERROR
+    opening: <source>, <reason>", its FFmpeg a line more) before raising a vaguer error."""
+    import decord
+
+    from sfdeploy.decode import _decord_log_captured
+
+    bad = not_a_video(tmp_path / "notes.mp4")
+    capfd.readouterr()
+    with _decord_log_captured() as said:
+        with pytest.raises(RuntimeError, match="Error reading"):
+            decord.VideoReader(str(bad))
+        os.write(2, b"another thread's line\n")
+    err = capfd.readouterr().err
+    assert "video_reader.cc" not in err and str(bad) not in err and "moov atom" not in err
+    assert "another thread's line" in err  # what was not decord's is passed on
+    assert said[0] == "Invalid data found when processing input"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ def _pipeline_frames(pipeline: list, video: Path, label: int, seed: int | None) 
     """[V, T, H, W, 3] from MMAction2's Compose, given what VideoDataset hands it."""
     ensure_mmaction()
     from mmengine.dataset import Compose
+
+    import sfdeploy.train.transforms  # noqa: F401 - registers SfdeployVideoInit/Decode, as custom_imports does
 
     if seed is not None:
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -90,3 +93,31 @@ def test_bad_data_gives_the_usual_clear_error(make, message: str, synth_root: Pa
     assert result.returncode == 1
     assert message in result.stderr and "fix:" in result.stderr
     assert not (tmp_path / "p.png").exists()
+
+
+def test_without_preset_the_preview_is_of_the_preset_data_was_prepared_for(prepared: Path, tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """DATA prepared with `--preset slowfast_tiny` (the demo's) previews slowfast_tiny's pipelines,
+    not the default R50's (a 7244x2012 px sheet of 224 px crops of 64 px videos)."""
+    import logging
+
+    from sfdeploy.train.presets import DEFAULT_PRESET
+    from sfdeploy.train.preview import previewed_preset
+
+    data = PreparedData.from_dir(prepared)
+    assert data.preset == "slowfast_tiny"
+    out = tmp_path / "sheet.png"
+    result = run_cli("data", "preview", str(prepared), "--split", "val", "--n", "2", "--out", str(out))
+    assert "pipeline of preset slowfast_tiny" in result.stdout
+    index = json.loads(out.with_suffix(".json").read_text())
+    assert index["source"] == "preset slowfast_tiny"
+    assert {(h, w) for row in index["rows"] for boxes in row["boxes"] for _, _, h, w in boxes} == {(64, 64)}
+    # DATA from before the preset was recorded: the default, and the log says why
+    logging.getLogger("sfdeploy").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="sfdeploy"):
+            assert previewed_preset(replace(data, preset=None)) == DEFAULT_PRESET
+    finally:
+        logging.getLogger("sfdeploy").removeHandler(caplog.handler)
+    assert "DATA records no preset" in caplog.text
+    assert previewed_preset(replace(data, preset=None), "slowfast_r50_8x8") == "slowfast_r50_8x8"

@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from sfdeploy.cli import cli
 from sfdeploy.errors import EnvironmentProblem, InputError
 from sfdeploy.scale.cluster import PROBE_S, Cluster, check_address, check_placement
+from sfdeploy.target import ModelTarget
 
 from badvideos import not_a_video, truncated, zero_byte
 from conftest import csv_rows, link_copies, run_cli, running_triton, wait_for_rows
@@ -70,13 +71,12 @@ def test_a_cpu_model_actor_runs_two_threads_that_do_not_spin(tiny_export: Path) 
     from sfdeploy.scale.stages import PredictStage
 
     spec_json = Manifest.read(tiny_export).clip_spec.to_json()
-    for options, cpus, threads in ((RayOptions(backend="onnxruntime"), 1.0, 2),
-                                   (RayOptions(backend="onnxruntime", actor_cpus=3), 3, 3),
-                                   (RayOptions(backend="triton"), 0.25, 2)):
+    local = ModelTarget(export_dir=tiny_export)
+    for options, cpus, threads in ((RayOptions(local), 1.0, 2), (RayOptions(local, actor_cpus=3), 3, 3),
+                                   (RayOptions(ModelTarget()), 0.25, 2)):
         assert (options.model_cpus(), options.model_threads()) == (cpus, threads)
-        if options.backend == "onnxruntime":
-            stage = PredictStage(backend="onnxruntime", spec_json=spec_json, export_dir=str(tiny_export),
-                                 threads=options.model_threads())
+        if options.target.local:
+            stage = PredictStage(target=options.target, spec_json=spec_json, threads=options.model_threads())
             session = stage.predictors[0].session.get_session_options()
             assert session.intra_op_num_threads == threads
             assert session.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -267,13 +267,17 @@ def test_triton_urls_share_the_work_and_a_dead_server_keeps_the_rows(ray_cluster
         proc = _start(synth_root, None, ray_cluster["address"], out, *served, "--url", triton.http_url,
                       "--url", second.http_url)
         wait_for_rows(out, proc, 8)
+        deadline = time.monotonic() + 120
+        while _executed(second) == 0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # each model actor turns to the second server for its second batch
+        took = _executed(second)
         os.killpg(second.process.pid, signal.SIGKILL)  # the server and its backend stubs
         _, stderr = proc.communicate(timeout=300)
+    assert took > 0 and _executed(triton) > before  # both servers took batches
     assert proc.returncode == 1
     assert "rows were written before it" in stderr and "--resume" in stderr and str(out) in stderr
     written = csv_rows(out)
     assert 8 <= len(written) < 64 and all(r["status"] == "ok" and r["label"] for r in written)
-    assert _executed(triton) > before  # both servers took batches
 
     resumed = _start(synth_root, None, ray_cluster["address"], out, *served, "--url", triton.http_url, "--resume")
     _, stderr = resumed.communicate(timeout=300)

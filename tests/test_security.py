@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from sfdeploy.errors import InputError
+
 
 def _listening(port: int) -> set[str]:
     """Local addresses listening on ``port`` (from /proc/net/tcp{,6}: the kernel's own view)."""
@@ -75,8 +77,10 @@ def test_an_artifact_that_is_a_pickle_does_not_run(backend: str, code_payload: t
     payload, marker = code_payload
     path = tmp_path / ("model.pt" if backend == "torchscript" else "model.onnx")
     path.write_bytes(payload.read_bytes())
-    with pytest.raises(Exception):  # noqa: PT011, B017 - each runtime has its own error type
+    kind = "TorchScript" if backend == "torchscript" else "ONNX"
+    with pytest.raises(InputError, match=f"not an? {kind} model") as caught:
         (TorchScriptPredictor if backend == "torchscript" else OrtPredictor)(path)
+    assert caught.value.path == str(path) and "sfdeploy export" in caught.value.fix
     assert not marker.exists()
 
 

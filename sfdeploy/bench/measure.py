@@ -1,7 +1,9 @@
 """Timing, memory and machine facts for benchmarks.
 
 Every measurement warms up first (JIT, cuDNN autotuning, allocator growth, lazy session init),
-then times ``iters`` calls; throughput is clips over wall time, latency percentiles are per call.
+then times ``iters`` calls, and more until ``min_time_s`` has passed (a row of fast calls is then
+not a handful of milliseconds that one scheduler hiccup decides); throughput is clips over wall
+time, latency percentiles are per call.
 GPU work is synchronised before each clock read, so a call's time includes its kernels.
 """
 
@@ -44,28 +46,29 @@ def _sync(device: str) -> None:
 
 
 def time_calls(fn: Callable[[], object], *, clips_per_call: int, warmup: int, iters: int,
-               device: str = "cpu") -> Timing:
-    """Time ``iters`` sequential calls of ``fn`` after ``warmup`` untimed ones."""
+               device: str = "cpu", min_time_s: float = 0.0) -> Timing:
+    """Time at least ``iters`` sequential calls of ``fn``, and for at least ``min_time_s``, after
+    ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    latencies = []
+    latencies: list[float] = []
     start = time.perf_counter()
-    for _ in range(iters):
+    while len(latencies) < iters or time.perf_counter() - start < min_time_s:
         t0 = time.perf_counter()
         fn()
         _sync(device)
         latencies.append(time.perf_counter() - t0)
     wall = time.perf_counter() - start
-    return _timing(latencies, iters * clips_per_call, wall)
+    return _timing(latencies, len(latencies) * clips_per_call, wall)
 
 
 def time_concurrent(fn: Callable[[], object], *, clips_per_call: int, concurrency: int, warmup: int,
-                    iters: int) -> Timing:
-    """``concurrency`` threads each make ``iters`` calls; requests overlap, as clients of a server
-    do. ``warmup`` calls first, then one untimed call in each thread (its own connection, for a
-    client that keeps one per thread), then all threads start together. Latency is per request,
-    throughput over the whole run."""
+                    iters: int, min_time_s: float = 0.0) -> Timing:
+    """``concurrency`` threads each make ``iters`` calls (and go on until ``min_time_s`` has
+    passed); requests overlap, as clients of a server do. ``warmup`` calls first, then one untimed
+    call in each thread (its own connection, for a client that keeps one per thread), then all
+    threads start together. Latency is per request, throughput over the whole run."""
     for _ in range(warmup):
         fn()
     latencies: list[float] = []
@@ -80,8 +83,9 @@ def time_concurrent(fn: Callable[[], object], *, clips_per_call: int, concurrenc
         except BaseException as exc:  # re-raised in the caller's thread below
             errors.append(exc)
         ready.wait()
+        begun = time.perf_counter()
         try:
-            for _ in range(iters if not errors else 0):
+            while not errors and (len(mine) < iters or time.perf_counter() - begun < min_time_s):
                 t0 = time.perf_counter()
                 fn()
                 mine.append(time.perf_counter() - t0)

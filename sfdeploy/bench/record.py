@@ -4,9 +4,10 @@ Every measured row is appended to ``--out`` the moment it exists (written atomic
 or a run killed at any instant, sees the previous record or the new one, never half a file).
 ``--resume`` reopens the record, keeps its rows, and the run measures only the rows it lacks.
 
-A row is identified by :data:`ROW_KEY` (stage, backend, precision, batch, concurrency). A record
-belongs to one set of settings and one machine: resuming with other settings (iterations, batch
-sizes, model, device, ...) is an error rather than a table that silently mixes two methods.
+A row is identified by :data:`sfdeploy.bench.rows.ROW_KEY` (stage, backend, precision, batch,
+concurrency). A record belongs to one set of settings and one machine: resuming with other settings
+(iterations, batch sizes, model, device, ...) is an error rather than a table that silently mixes
+two methods.
 Rows that failed or were skipped (an out-of-memory batch, a missing provider) are measured again
 on resume and replace the old entry, so every row appears exactly once.
 """
@@ -18,22 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sfdeploy.bench.rows import OK, Key, row_key
+from sfdeploy.bench.targets import targets
 from sfdeploy.errors import InputError
 from sfdeploy.fsutil import atomic_write_text
 
 SCHEMA = 2
-ROW_KEY: tuple[str, ...] = ("stage", "backend", "precision", "batch", "concurrency")
-OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+
+#: settings added since records were first written, with the value a record without them was measured with
+LEGACY_SETTINGS: dict[str, Any] = {"min_time": 0.0}
 
 #: device_info fields that must not change within one record (another GPU, another torch...)
 _MACHINE_FIELDS = ("device", "gpu", "cpu", "cpu_cores", "python", "packages")
-
-Key = tuple[Any, ...]
-
-
-def row_key(row: dict[str, Any]) -> Key:
-    return tuple(row[name] for name in ROW_KEY)
-
 
 class Record:
     """The record file and its rows. :meth:`add` persists each row before returning."""
@@ -91,8 +88,6 @@ class Record:
         self.save()
 
     def save(self) -> None:
-        from sfdeploy.bench.targets import targets
-
         self.data["targets"] = targets(self.data)
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
@@ -102,7 +97,7 @@ def _differences(data: dict[str, Any], header: dict[str, Any]) -> list[str]:
     for name in ("profile", "model", "clip_spec", "served"):
         if data.get(name) != header.get(name):
             out.append(f"{name}: record {data.get(name)!r}, now {header.get(name)!r}")
-    recorded, now = data.get("settings", {}), header["settings"]
+    recorded, now = ({**LEGACY_SETTINGS, **settings} for settings in (data.get("settings", {}), header["settings"]))
     for name in sorted(set(recorded) | set(now)):
         if recorded.get(name) != now.get(name):
             out.append(f"--{name.replace('_', '-')}: record {recorded.get(name)!r}, now {now.get(name)!r}")

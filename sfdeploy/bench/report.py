@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from sfdeploy.bench import PRECISIONS, STAGES
-from sfdeploy.bench.record import OK
+from sfdeploy.bench.load import describe as describe_load
+from sfdeploy.bench.rows import OK
 from sfdeploy.bench.targets import served_label
 
 _ORDER = ("mmaction2", "eager", "eager-rewrites", "torchscript-plain", "torchscript", "onnxruntime", "triton-http",
@@ -58,7 +59,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"onnxruntime {info['packages'].get('onnxruntime') or info['packages'].get('onnxruntime-gpu')}, "
         f"{record['profile']} profile. A clip is {spec['views']} view(s) of {spec['clip_len']} frames at "
         f"{spec['crop_size']}x{spec['crop_size']}. Warm-up {settings['warmup']}, {settings['iters']} timed calls "
-        "per row (with N requests in flight: the calls split among N threads, at least 3 each); `x mmaction2` "
+        f"per row at least, for {settings.get('min_time', 0):g} s at least (with N requests in flight: the calls "
+        "split among N threads, at least 3 each); `x mmaction2` "
         "is clips/s over the MMAction2 batch-1 baseline of the same run. `peak MB`: torch's peak GPU allocation "
         "for the row on CUDA; on CPU the benchmark process's peak RSS so far. The served model is what "
         f"`sfdeploy repo` writes by default: {served_label(record)}.",
@@ -66,6 +68,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"Stages recorded: {', '.join(stages) or 'none yet'} ({status['ok']} rows measured, {status['failed']} "
         f"failed, {status['skipped']} skipped; `sfdeploy bench --resume` measures what is missing).",
     ]
+    load = describe_load(rows, info["cpu_cores"])
+    lines += ["", f"Load: {load} (`others`: cores' worth of CPU that other processes took during the row)"
+                  + ("; measure again on a quiet machine." if "BUSY" in load else ".")]
     if record.get("note"):
         lines += ["", f"Note: {record['note']}"]
     baseline = baseline_clips_per_s(record)
@@ -73,7 +78,8 @@ def markdown(record: dict[str, Any]) -> str:
     if clips:
         lines += ["", "## Model only (preprocessed clips in, probabilities out)", "",
                   _table(["stage", "backend", "precision", "batch", "concurrency", "clips/s", "p50 ms", "p95 ms",
-                          "p99 ms", "peak MB", "x mmaction2", "note"], [_clips_cells(r, baseline) for r in clips])]
+                          "p99 ms", "peak MB", "x mmaction2", "others", "note"],
+                         [_clips_cells(r, baseline) for r in clips])]
     served = [r for r in clips if r.get("server")]
     if served:
         lines += ["", "## Where a served request's time goes (Triton's own statistics, per request)", "",
@@ -89,10 +95,10 @@ def markdown(record: dict[str, Any]) -> str:
     videos = [r for r in rows if r["kind"] == "videos"]
     if videos:
         lines += ["", "## End to end (videos -> predictions)", "",
-                  _table(["path", "precision", "batch", "concurrency", "videos", "videos/s", "note"],
+                  _table(["path", "precision", "batch", "concurrency", "videos", "videos/s", "others", "note"],
                          [[r["backend"], r["precision"], r["batch"], r["concurrency"], r.get("videos", "-"),
-                           f"{r['videos_per_s']:.1f}" if r.get("status", OK) == OK else r["status"], r["note"]]
-                          for r in videos])]
+                           f"{r['videos_per_s']:.1f}" if r.get("status", OK) == OK else r["status"], others_cell(r),
+                           r["note"]] for r in videos])]
     for group, title in (("targets", "Against the targets"),
                          ("variants", "Best of the variants sfdeploy does not serve (for reference)")):
         chosen = [t for t in record.get("targets", []) if t.get("group", "targets") == group]
@@ -111,10 +117,17 @@ def markdown(record: dict[str, Any]) -> str:
 def _clips_cells(row: dict[str, Any], baseline: float | None) -> list[Any]:
     head = [row["stage"], row["backend"], row["precision"], row["batch"], row["concurrency"]]
     if row.get("status", OK) != OK:
-        return [*head, row["status"], "-", "-", "-", "-", "-", row.get("note", "")]
+        return [*head, row["status"], "-", "-", "-", "-", "-", "-", row.get("note", "")]
     return [*head, f"{row['clips_per_s']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}",
             f"{row['p99_ms']:.1f}", f"{row['peak_mem_mb']:.0f}" if row["peak_mem_mb"] else "-",
-            f"{row['clips_per_s'] / baseline:.2f}" if baseline else "-", row.get("note", "")]
+            f"{row['clips_per_s'] / baseline:.2f}" if baseline else "-", others_cell(row), row.get("note", "")]
+
+
+def others_cell(row: dict[str, Any]) -> str:
+    """The other work during a row, in cores, and **busy** when it was too much to trust the figure."""
+    if row.get("others_cores") is None:
+        return "-"
+    return f"{row['others_cores']:.2f}" + (" **busy**" if row.get("busy") else "")
 
 
 def plot(record: dict[str, Any], path: Path) -> None:

@@ -9,6 +9,7 @@ stage reuses them. Every speed-up is a ratio against the MMAction2 baseline of t
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
@@ -32,6 +33,7 @@ class BenchOptions:
     triton_batch: int = 8
     warmup: int = 3
     iters: int = 10
+    min_time_s: float = 1.0  # each row times calls for this long at least (fast calls: a stable figure)
     e2e_videos: int = 64
     videos: Path | None = None
     workers: int | None = None
@@ -78,6 +80,7 @@ def default_out(device: str) -> Path:
 def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     """Measure the rows of ``opts.stages`` missing from the record; returns (record, [json, md, png])."""
     from sfdeploy.artifacts import resolve_device
+    from sfdeploy.bench.load import LoadMeter, measure_idle
     from sfdeploy.bench.measure import device_info
     from sfdeploy.bench.model import build_bench_model
     from sfdeploy.bench.record import Record
@@ -97,7 +100,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     out = Path(opts.out) if opts.out else default_out(device)
     work = out.with_suffix(".work")
     settings = {
-        "device": device, "warmup": opts.warmup, "iters": opts.iters, "batch_sizes": sorted(set(opts.batch_sizes)),
+        "device": device, "warmup": opts.warmup, "iters": opts.iters, "min_time": opts.min_time_s,
+        "batch_sizes": sorted(set(opts.batch_sizes)),
         "precisions": list(precisions), "backends": list(opts.backends), "concurrency": sorted(set(opts.concurrency)),
         "triton_batch": opts.triton_batch, "e2e_videos": opts.e2e_videos,
         "videos": str(opts.videos) if opts.videos else None, "workers": opts.workers,
@@ -109,7 +113,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     header = {"date": date.today().isoformat(), "profile": "trained" if opts.work_dir else opts.profile,
               "model": model.name, "clip_spec": model.spec.to_dict(), "device_info": device_info(device),
               "settings": settings, "served": {"backend": "python", "runtime": runtime, "precision": precision},
-              "note": opts.note}
+              "note": opts.note, "load_at_start": measure_idle()}
     out.parent.mkdir(parents=True, exist_ok=True)
     record = Record.open(out, header, resume=opts.resume)
     files = write_report(out)
@@ -126,7 +130,13 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
             with bar(len(todo), desc=f"bench {stage}", unit="row", enabled=opts.show_progress and bool(todo)) as shown:
                 for task in todo:
                     shown.set_postfix_str(f"{task.backend} {task.precision} b{task.batch} c{task.concurrency}")
-                    record.add(task.measure(ctx))
+                    with LoadMeter() as load:
+                        row = task.measure(ctx)
+                    record.add({**row, **load.result()})
+                    if record.rows[-1]["busy"]:  # the report and the demo's summary say it too
+                        log.info("bench: %s %s batch %d concurrency %d was measured while other work took %.2f "
+                                    "of %d cores: the figure is low", task.backend, task.precision, task.batch,
+                                    task.concurrency, record.rows[-1]["others_cores"], os.cpu_count() or 1)
                     files = write_report(out)
                     shown.update(1)
             ctx.release()

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.artifacts import video_model_name
+from sfdeploy.endpoints import DEFAULT_MODEL
 from sfdeploy.errors import ServingError
 from sfdeploy.runtime.triton import TritonPredictor
 from sfdeploy.runtime.triton_video import BUSY, TritonVideoPredictor
@@ -40,7 +41,7 @@ class SoakOptions:
     concurrency: int = 64
     corrupt_share: float = 0.01
     protocol: str = "http"
-    model: str = "slowfast"  # requests go to <model>_video
+    model: str = DEFAULT_MODEL  # requests go to <model>_video
     time_limit_s: float = 600.0
     seed: int = 0
 

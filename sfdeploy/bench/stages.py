@@ -29,12 +29,13 @@ import torch
 from sfdeploy.bench import suites
 from sfdeploy.bench.exports import ensure_bench_export
 from sfdeploy.bench.model import BenchModel
-from sfdeploy.bench.record import SKIPPED, Key
+from sfdeploy.bench.rows import SKIPPED, Key
+from sfdeploy.endpoints import DEFAULT_MODEL as SERVED_MODEL
 from sfdeploy.errors import EnvironmentProblem, InputError
+from sfdeploy.target import SERVED, ModelTarget
 
 log = logging.getLogger("sfdeploy")
 
-SERVED_MODEL = "slowfast"
 
 
 @dataclass(frozen=True)
@@ -98,21 +99,34 @@ class Context:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
+    def local_target(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN
+                     ) -> ModelTarget:
+        """The bench export's artifact for ``backend`` and ``precision`` (made if missing), on ``device``."""
+        from sfdeploy.artifacts import backend_format
+
+        export_dir = self.export((backend_format(backend), precision), rewrites=rewrites)
+        return ModelTarget(backend=backend, export_dir=export_dir, precision=precision, device=device)
+
+    def served_target(self, protocol: str, *, shm: bool = False, server_decode: bool = False) -> ModelTarget:
+        """The served model of :meth:`server`, over ``protocol``."""
+        server = self.server()
+        return ModelTarget(backend=SERVED, urls=(server.http_url if protocol == "http" else server.grpc_url,),
+                           protocol=protocol, model=SERVED_MODEL, shm=shm, server_decode=server_decode)
+
     def local(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN) -> Any:
         """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it); for the
         plain TorchScript rows, the plain graph run as loaded: no rewrites, no CUDA graphs, no CPU
         optimisation (what sfdeploy ran before them, measured beside what it runs now)."""
-        from sfdeploy.artifacts import Manifest, artifact_key, backend_format
-        from sfdeploy.runtime import open_local
-        from sfdeploy.runtime.torchscript import TorchScriptPredictor
+        target = self.local_target(backend, precision, device, rewrites)
+        if target.backend == "torchscript" and rewrites == suites.PLAIN:
+            from sfdeploy.artifacts import Manifest, artifact_key
+            from sfdeploy.runtime.torchscript import TorchScriptPredictor
 
-        fmt = backend_format(backend)
-        export_dir = self.export((fmt, precision), rewrites=rewrites)
-        if fmt == "torchscript" and rewrites == suites.PLAIN:
-            path = Manifest.read(export_dir).artifact_path(export_dir, artifact_key(fmt, precision))
+            path = Manifest.read(target.export_dir).artifact_path(target.export_dir,
+                                                                  artifact_key("torchscript", precision))
             factory = lambda: TorchScriptPredictor(path, device=device, cuda_graphs=False, optimize=False)  # noqa: E731
         else:
-            factory = lambda: open_local(backend, export_dir, precision=precision, device=device)  # noqa: E731
+            factory = target.open
         return self.hold((backend, precision, device, rewrites), factory, lambda p: p.close())
 
     def ort_device(self) -> tuple[str, str]:
@@ -189,7 +203,8 @@ def _eager(stage: str, variant: str, precision: str, batch: int, warmup: int) ->
             suites.deploy_module(c.model, precision, c.device, rewrites), variant))
         frames = torch.from_numpy(suites.random_clips(c.model.spec, batch)).to(c.device)
         return suites.sequential_row(stage, variant, precision, batch, suites.module_call(module, frames), c.device,
-                                     warmup, c.opts.iters, note="input already on the device")
+                                     warmup, c.opts.iters, note="input already on the device",
+                                     min_time_s=c.opts.min_time_s)
     return Task(stage, variant, precision, batch, 1, measure)
 
 
@@ -207,14 +222,14 @@ def _local(backend: str, precision: str, batch: int, plain: bool = False) -> Tas
         return suites.sequential_row("model", name, precision, batch, lambda: predictor.predict(frames), device,
                                      c.opts.warmup, c.opts.iters, note="numpy uint8 in, numpy out" +
                                      ("; plain graph run as loaded (no rewrites, CUDA graphs or CPU optimisation)"
-                                      if plain else ""))
+                                      if plain else ""), min_time_s=c.opts.min_time_s)
     return Task("model", name, precision, batch, 1, measure)
 
 
 def _mmaction2(c: Context) -> dict[str, Any]:
     call = c.hold(("mmaction2",), lambda: suites.mmaction2_call(c.model, c.device))
     return suites.sequential_row("model", "mmaction2", "fp32", 1, call, c.device, c.opts.warmup, c.opts.iters,
-                                 note="test_step, as inference_recognizer: the baseline")
+                                 note="test_step, as inference_recognizer: the baseline", min_time_s=c.opts.min_time_s)
 
 
 def _profile(c: Context) -> dict[str, Any]:
@@ -251,7 +266,8 @@ def _in_process(runtime: str, precision: str, batch: int, concurrency: int) -> T
         frames = suites.random_clips(c.model.spec, batch)
         return suites.concurrent_row("triton", runtime, precision, batch, concurrency,
                                      lambda: predictor.predict(frames), c.device, c.opts.warmup, c.opts.iters,
-                                     note=f"in-process reference: {concurrency} thread(s), one predictor")
+                                     note=f"in-process reference: {concurrency} thread(s), one predictor",
+                                     min_time_s=c.opts.min_time_s)
     return Task("triton", runtime, precision, batch, concurrency, measure)
 
 
@@ -263,19 +279,15 @@ def _served(backend: str, precision: str, batch: int, concurrency: int) -> Task:
     def measure(c: Context) -> dict[str, Any]:
         import time
 
-        from sfdeploy.runtime.triton import TritonPredictor
-
-        server = c.server()
         protocol, shm = SERVED_TRANSPORTS[backend]
-        url = server.http_url if protocol == "http" else server.grpc_url
-        predictor = c.hold((backend,), lambda: TritonPredictor(url, model=SERVED_MODEL, protocol=protocol, shm=shm),
-                           lambda p: p.close())
+        predictor = c.hold((backend,), c.served_target(protocol, shm=shm).open, lambda p: p.close())
         frames = suites.random_clips(c.model.spec, batch)
         before, started = predictor.statistics(), time.perf_counter()
         row = suites.concurrent_row("triton", backend, precision, batch, concurrency,
                                     lambda: predictor.predict(frames), c.device, c.opts.warmup, c.opts.iters,
                                     note=f"python backend, {c.served_runtime}; "
-                                         f"{'system shared memory, ' if shm else ''}server memory not counted")
+                                         f"{'system shared memory, ' if shm else ''}server memory not counted",
+                                    min_time_s=c.opts.min_time_s)
         if row.get("status") == "ok":  # Triton's own account of the same requests
             row["server"] = suites.server_stats_delta(before, predictor.statistics(), time.perf_counter() - started)
         return row
@@ -314,18 +326,12 @@ def plan_e2e(c: Context) -> list[Task]:
         from sfdeploy.client import Classifier
 
         paths = c.videos()
-        if via.startswith("triton"):
-            protocol = via.split("-")[1]
-            server = c.server()
-            url = server.grpc_url if protocol == "grpc" else server.http_url
-            classifier = Classifier.from_triton(url, SERVED_MODEL, protocol=protocol)
+        if via.startswith(SERVED):
+            target = c.served_target(via.split("-")[1])
         else:
-            from sfdeploy.artifacts import backend_format
-
             c.release()
-            classifier = Classifier.from_export(c.export((backend_format(via), c.served_precision)), via,
-                                                c.served_precision, c.device)
-        with classifier:
+            target = c.local_target(via, c.served_precision, c.device)
+        with Classifier.open(target) as classifier:
             return suites.sfdeploy_row(f"sfdeploy:{via}", classifier, c.served_precision, paths, workers=c.workers,
                                        batch=batch, concurrency=concurrency)
 

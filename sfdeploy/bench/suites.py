@@ -26,7 +26,7 @@ import torch
 
 from sfdeploy.bench.measure import Timing, peak_memory_mb, reset_peak_memory, time_calls, time_concurrent
 from sfdeploy.bench.model import BenchModel
-from sfdeploy.bench.record import FAILED, OK
+from sfdeploy.bench.rows import FAILED, OK
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.export.deploy import SlowFastDeploy
 
@@ -77,18 +77,19 @@ def concurrent_calls(iters: int, concurrency: int) -> int:
 
 
 def sequential_row(stage: str, backend: str, precision: str, batch: int, call: Callable[[], object], device: str,
-                   warmup: int, iters: int, note: str = "") -> dict[str, Any]:
-    """One caller, ``iters`` timed calls."""
+                   warmup: int, iters: int, note: str = "", min_time_s: float = 0.0) -> dict[str, Any]:
+    """One caller, at least ``iters`` timed calls and ``min_time_s`` seconds."""
     return _timed(stage, backend, precision, batch, 1, device, note, lambda: time_calls(
-        call, clips_per_call=batch, warmup=warmup, iters=iters, device=device))
+        call, clips_per_call=batch, warmup=warmup, iters=iters, device=device, min_time_s=min_time_s))
 
 
 def concurrent_row(stage: str, backend: str, precision: str, batch: int, concurrency: int,
-                   call: Callable[[], object], device: str, warmup: int, iters: int, note: str = "") -> dict[str, Any]:
-    """``concurrency`` threads calling at once (see :func:`concurrent_calls`)."""
+                   call: Callable[[], object], device: str, warmup: int, iters: int, note: str = "",
+                   min_time_s: float = 0.0) -> dict[str, Any]:
+    """``concurrency`` threads calling at once (see :func:`concurrent_calls`), for ``min_time_s`` at least."""
     return _timed(stage, backend, precision, batch, concurrency, device, note, lambda: time_concurrent(
         call, clips_per_call=batch, concurrency=concurrency, warmup=warmup,
-        iters=concurrent_calls(iters, concurrency)))
+        iters=concurrent_calls(iters, concurrency), min_time_s=min_time_s))
 
 
 def _timed(stage: str, backend: str, precision: str, batch: int, concurrency: int, device: str, note: str,

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from sfdeploy.bench import BACKENDS, DEFAULT_STAGES, PRECISIONS, STAGES
+from sfdeploy.cli.options import device_option
 
 
 def _ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -44,11 +45,15 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--precision", "precisions", default=None, callback=_words,
               help=f"Comma-separated, of {', '.join(PRECISIONS)} [default: fp32 on CPU, fp32,fp16 on CUDA]. "
                    "bf16: CUDA only, eager and TorchScript.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@device_option("Where the model runs (auto: the GPU if torch sees one).")
 @click.option("--concurrency", default="1,8", show_default=True, callback=_ints,
               help="Requests in flight to Triton, and threads of its in-process reference.")
 @click.option("--triton-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Clips per request.")
-@click.option("--iters", default=10, show_default=True, type=click.IntRange(min=1), help="Timed calls per row.")
+@click.option("--iters", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Timed calls per row (at least).")
+@click.option("--min-time", "min_time_s", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds each row times calls for at least: fast calls are timed long enough for a stable "
+                   "figure.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed calls first.")
 @click.option("--e2e-videos", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--videos", type=click.Path(file_okay=False, path_type=Path),
@@ -60,21 +65,22 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="The record JSON (+ .md, .png) [default: benchmarks/results/<device>-<date>.json].")
 def bench(full: bool, work_dir: Path | None, stages: tuple[str, ...], resume: bool, export_dir: Path | None,
           backends: tuple[str, ...], batch_sizes: tuple[int, ...], precisions: tuple[str, ...] | None, device: str,
-          concurrency: tuple[int, ...], triton_batch: int, iters: int, warmup: int, e2e_videos: int,
+          concurrency: tuple[int, ...], triton_batch: int, iters: int, min_time_s: float, warmup: int, e2e_videos: int,
           videos: Path | None, workers: int | None, trace: bool, note: str, out: Path | None) -> None:
     """Measure clips/s and latency of MMAction2 (the baseline), eager PyTorch, TorchScript, ONNX
     Runtime and the Triton-served model, and videos/s end to end beside the decode-only ceiling.
 
     Each row is added to the record (--out) the moment it is measured, and the .md table and .png
     plot are remade from the rows there; a stopped run continues with --resume. The default (small)
-    profile finishes in minutes on 2 CPU cores.
+    profile finishes in minutes on 2 CPU cores. Each row records how much CPU other work on the
+    machine took while it was measured; rows measured on a busy machine are marked and reported.
     """
     from sfdeploy.bench.run import BenchOptions, run_bench
 
     results, files = run_bench(BenchOptions(
         profile="full" if full else "small", work_dir=work_dir, backends=backends or (), batch_sizes=batch_sizes,
         precisions=precisions, device=device, concurrency=concurrency, triton_batch=triton_batch, warmup=warmup,
-        iters=iters, e2e_videos=e2e_videos, videos=videos, workers=workers, trace=trace, out=out,
+        iters=iters, min_time_s=min_time_s, e2e_videos=e2e_videos, videos=videos, workers=workers, trace=trace, out=out,
         stages=stages or (), resume=resume, export=export_dir, note=note))
     click.echo(files[1].read_text(), err=True)
     click.echo(json.dumps({"results": [str(f) for f in files]}))

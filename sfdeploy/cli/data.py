@@ -71,13 +71,14 @@ def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: st
     from sfdeploy.train.presets import DEFAULT_PRESET
     from sfdeploy.train.presets import clip_frames as preset_clip_frames
 
-    clip_frames = preset_clip_frames(preset or DEFAULT_PRESET)
+    preset = preset or DEFAULT_PRESET
+    clip_frames = preset_clip_frames(preset)
     result = run_prepare(video_root, out, val_ratio=val_ratio, seed=seed, min_frames=min_frames or 1,
-                         clip_frames=clip_frames, workers=workers, max_pixels=max_pixels)
+                         clip_frames=clip_frames, preset=preset, workers=workers, max_pixels=max_pixels)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     for item in result.rejected:
-        click.echo(f"rejected: {item['path']}: {item['reason']} ({item['detail']})", err=True)
+        click.echo(f"rejected: {item['path']}: {item['reason']}: {item['detail']}", err=True)
     for item in result.short[:SHOW_SHORT]:
         click.echo(f"short: {item['path']}: {item['frames']} frames (a clip spans {clip_frames}; looped)", err=True)
     if len(result.short) > SHOW_SHORT:
@@ -98,7 +99,7 @@ def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: st
               help="The PNG contact sheet (an index of it goes next to it as .json).")
 @click.option("--gif", is_flag=True, help="Also write an animated version (same name, .gif).")
 @click.option("--preset", default=None, help="Use the pipelines finetune would build with this preset "
-                                             "[default: slowfast_r50_4x16].")
+                                             "[default: the preset DATA was prepared for, `data prepare --preset`].")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path),
               help="Use the pipelines of a trained run (WORK/config.py) instead of a preset.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random augmentation.")
@@ -115,7 +116,7 @@ def preview(data_dir: Path, split: str, count: int, out: Path, gif: bool, preset
         raise click.UsageError("--preset and --work are alternatives: pass one")
     result = write_preview(PreparedData.from_dir(data_dir), out, split=split, n=count, seed=seed, preset=preset,
                            work=work, gif=gif)
-    click.echo(f"{len(result.clips)} clips ({split} pipeline) -> {result.png}"
+    click.echo(f"{len(result.clips)} clips ({split} pipeline of {result.source}) -> {result.png}"
                + (f", {result.gif}" if result.gif else ""))
 
 

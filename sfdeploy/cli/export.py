@@ -7,33 +7,49 @@ from pathlib import Path
 
 import click
 
-FORMATS = ("torchscript", "onnx")
+from sfdeploy.artifacts import (
+    DEVICE_NOISE_FACTOR,
+    FORMATS,
+    FP16_MIN_TOP1_AGREEMENT,
+    FP32_MAX_ABS_DIFF,
+    parse_formats,
+)
+from sfdeploy.cli.options import device_option
+from sfdeploy.errors import InputError
 
 
 def _formats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
-    chosen = tuple(f.strip() for f in value.split(",") if f.strip())
-    unknown = [f for f in chosen if f not in FORMATS]
-    if unknown or not chosen:
-        raise click.BadParameter(f"unknown format(s) {', '.join(unknown) or '(none)'}; choose from "
-                                 f"{', '.join(FORMATS)} (comma-separated)")
-    return chosen
+    try:
+        return parse_formats(value)
+    except InputError as exc:
+        raise click.BadParameter(f"{exc.message}; {exc.fix}") from exc
 
 
-@click.command()
+HELP = f"""Export the model trained in WORK to TorchScript and ONNX with preprocessing baked in.
+
+Each artifact takes uint8 RGB frames [N, V, T, H, W, 3] and returns class probabilities
+[N, classes]; the clip spec travels inside it. Before it is written as done, every artifact
+is compared with the eager MMAction2 model (fp32, on the CPU) on val clips (the parity gate):
+the command fails if an fp32 artifact differs by more than max({FP32_MAX_ABS_DIFF:g},
+{DEVICE_NOISE_FACTOR:g} x MMAction2's own difference on the GPU the gate runs on) or an fp16 one
+agrees on top-1 for < {FP16_MIN_TOP1_AGREEMENT:.0%}.
+"""
+
+
+@click.command(help=HELP)
 @click.argument("work", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for model.pt / model.onnx / manifest.json.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to export [default: the best one of WORK/finetune_summary.json].")
-@click.option("--formats", default="torchscript,onnx", show_default=True, callback=_formats,
-              help="Comma-separated: torchscript, onnx.")
+@click.option("--formats", default=",".join(FORMATS), show_default=True, callback=_formats,
+              help=f"Comma-separated: {', '.join(FORMATS)}.")
 @click.option("--fp16", is_flag=True, help="Also write fp16 variants (uint8 in, float32 out).")
 @click.option("--views", default=1, show_default=True, type=click.IntRange(min=1),
               help="Views per video: 1 = the centre clip and crop (the val pipeline); more = clips x "
                    "crops of the config's test pipeline (e.g. 30 for R50: 10 clips x 3 crops).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Where the fp16 trace, the self-checks and the parity gate run; auto: the GPU for each "
-                   "backend that can use it here, cuda: the GPU or a clear error.")
+@device_option("Where the fp16 trace, the self-checks and the parity gate run; auto: the GPU for each backend "
+               "that can use it here, cuda: the GPU or a clear error.")
 @click.option("--parity-videos", default=64, show_default=True, type=click.IntRange(min=1),
               help="Val videos the parity gate compares on (spread over the classes).")
 @click.option("--parity-data", type=click.Path(file_okay=False, path_type=Path),
@@ -46,14 +62,7 @@ def _formats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[st
                    "Every artifact still passes the parity gate; manifest.json records the steps.")
 def export(work: Path, out: Path, checkpoint: Path | None, formats: tuple[str, ...], fp16: bool, views: int,
            device: str, parity_videos: int, parity_data: Path | None, rewrites: str) -> None:
-    """Export the model trained in WORK to TorchScript and ONNX with preprocessing baked in.
-
-    Each artifact takes uint8 RGB frames [N, V, T, H, W, 3] and returns class probabilities
-    [N, classes]; the clip spec travels inside it. Before it is written as done, every artifact
-    is compared with the eager MMAction2 model (fp32, on the CPU) on val clips (the parity gate):
-    the command fails if an fp32 artifact differs by more than max(1e-4, 2 x MMAction2's own
-    difference on the GPU the gate runs on) or an fp16 one agrees on top-1 for < 99%.
-    """
+    """``sfdeploy export`` (its help is :data:`HELP`, written from the gate's own thresholds)."""
     from sfdeploy.export.run import ExportOptions, export_work
 
     manifest = export_work(work, ExportOptions(out=out, checkpoint=checkpoint, formats=formats, fp16=fp16,

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from sfdeploy.cli.options import BatchSize, GreedyOption, parse_cfg_options
-from sfdeploy.train.config import FinetuneOptions
+from sfdeploy.train.options import FinetuneOptions
 
 #: the library's defaults, shown by --help (one source for both)
 DEFAULTS = FinetuneOptions(work_dir=Path("."))

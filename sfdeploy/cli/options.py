@@ -1,7 +1,10 @@
-"""Shared click option types."""
+"""Shared click options and option types: one definition of each option several commands take."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -93,3 +96,94 @@ def max_video_pixels_option(where: str) -> Any:
                         show_default=True, type=FrameSize(),
                         help=f"{where} refuses videos with larger frames (WxH or pixels) before decoding them: a "
                              "small file can hold huge frames, and decoding them would take gigabytes.")
+
+
+class DeviceType(click.Choice):
+    """``--device``: one vocabulary in every command (:data:`sfdeploy.artifacts.DEVICES`), ``cuda:N``
+    too, and ``gpu`` accepted as ``cuda`` (what ``repo --device`` took before)."""
+
+    def __init__(self) -> None:
+        from sfdeploy.artifacts import DEVICES
+
+        super().__init__(DEVICES, case_sensitive=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from sfdeploy.artifacts import normalise_device
+        from sfdeploy.errors import InputError
+
+        try:
+            return normalise_device(str(value))
+        except InputError as exc:
+            self.fail(f"{exc.message}; use {', '.join(self.choices)} (or cuda:N)", param, ctx)
+
+
+def device_option(help_text: str) -> Any:
+    """``--device auto|cpu|cuda``, default ``auto`` (:data:`sfdeploy.artifacts.DEFAULT_DEVICE`)."""
+    from sfdeploy.artifacts import DEFAULT_DEVICE
+
+    return click.option("--device", default=DEFAULT_DEVICE, show_default=True, type=DeviceType(), help=help_text)
+
+
+#: the parameters `target_options` turns into one ModelTarget
+_TARGET_PARAMS = ("backend", "export_dir", "precision", "device", "urls", "protocol", "model", "shm", "server_decode")
+
+
+def target_options(*, export_option: bool = True, several_urls: bool = False, transport: bool = True,
+                   device_help: str = "Where a local backend runs (auto: the GPU when the backend can use it "
+                                      "here; cuda: the GPU or a clear error).") -> Callable[[Callable], Callable]:
+    """The options that say which model a command talks to (``--backend --export --precision
+    --device --url --protocol --model`` and, with ``transport``, ``--shm --server-decode``), parsed
+    into one :class:`sfdeploy.target.ModelTarget` handed to the command as ``target``.
+
+    ``export_option=False``: the command takes EXPORT as its argument (``export_dir``) instead.
+    ``several_urls``: ``--url`` may be repeated (``infer --engine ray`` spreads over them).
+    An invalid combination is a usage error (exit code 2), before anything runs."""
+    from sfdeploy.artifacts import PRECISIONS
+    from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL
+    from sfdeploy.target import BACKENDS, DEFAULT_LOCAL_BACKEND, PROTOCOLS, SERVED
+
+    options = [
+        click.option("--backend", type=click.Choice(BACKENDS),
+                     help=f"{SERVED}: a served model (--url); {' / '.join(BACKENDS[1:])}: the exported model in "
+                          f"this process [default: {DEFAULT_LOCAL_BACKEND} with an export, else {SERVED}]."),
+        click.option("--url", "urls", multiple=several_urls, default=(DEFAULT_HTTP_URL,) if several_urls
+                     else DEFAULT_HTTP_URL, show_default=True,
+                     help="Triton server (its http or grpc port)" + ("; --engine ray spreads batches over every "
+                                                                    "--url given." if several_urls else ".")),
+        click.option("--protocol", default=PROTOCOLS[0], show_default=True, type=click.Choice(PROTOCOLS)),
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served model name."),
+        *([click.option("--export", "export_dir", type=click.Path(path_type=Path),
+                        help="An `sfdeploy export` folder (local backends).")] if export_option else []),
+        click.option("--precision", default="fp32", show_default=True,
+                     type=click.Choice([p for p in PRECISIONS if p != "bf16"]),
+                     help="Which artifact of the export (local backends)."),
+        device_option(device_help),
+    ]
+    if transport:
+        options += [
+            click.option("--shm", is_flag=True,
+                         help="Send inputs through system shared memory (server on this machine)."),
+            click.option("--server-decode", is_flag=True, help="Send the encoded files to <model>_video, which "
+                                                               "decodes them on the server (no local decoding)."),
+        ]
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            from sfdeploy.errors import InputError
+            from sfdeploy.target import ModelTarget
+
+            given = {name: kwargs.pop(name) for name in _TARGET_PARAMS if name in kwargs and name != "export_dir"}
+            export_dir = kwargs.pop("export_dir") if export_option else kwargs.get("export_dir")
+            given["backend"] = given["backend"] or "auto"
+            try:
+                kwargs["target"] = ModelTarget(export_dir=export_dir, **given)
+            except InputError as exc:
+                raise click.UsageError(str(exc)) from exc
+            return command(*args, **kwargs)
+
+        for option in reversed(options):
+            run = option(run)
+        return run
+
+    return decorate

@@ -7,15 +7,19 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from sfdeploy.cli.options import GreedyOption, max_video_pixels_option
+from sfdeploy.artifacts import LOCAL_BACKENDS
+from sfdeploy.cli.options import DeviceType, GreedyOption, max_video_pixels_option, target_options
 from sfdeploy.gpudecode.select import DECODE_MODES
 from sfdeploy.scale.cluster import STALL_TIMEOUT_S
 from sfdeploy.serving.repo import RepoOptions
 from sfdeploy.serving.server import TritonServer
+
+if TYPE_CHECKING:
+    from sfdeploy.target import ModelTarget
 
 REPO = RepoOptions(repo=Path("model_repository"))  # the defaults of `repo`, and of `serve` below
 SERVE = TritonServer(REPO.repo)
@@ -34,13 +38,14 @@ SERVE = TritonServer(REPO.repo)
 @click.option("--version", "version", default=REPO.version, show_default=True, type=click.IntRange(min=1),
               help="Version folder to write (a new number keeps the older versions).")
 @click.option("--runtime", default=REPO.runtime, show_default=True,
-              type=click.Choice(["torchscript", "onnxruntime"]),
+              type=click.Choice(LOCAL_BACKENDS),
               help="What the python-backend model runs (torch: GPU when present, faster 3-D convs on CPU).")
 @click.option("--precision", default=REPO.precision, show_default=True, type=click.Choice(["auto", "fp32", "fp16"]),
               help="Which artifact of the export to serve: auto = on a GPU the fastest that passed the parity "
                    "gate (fp16 if the export has it: `export --fp16`), on the CPU fp32.")
-@click.option("--device", default=REPO.device, show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
-              help="Instance kind: GPU or CPU; auto = GPU if torch sees one here.")
+@click.option("--device", default=REPO.device, show_default=True, type=DeviceType(),
+              help="Instance kind: cuda = KIND_GPU (the server's GPUs; none needed here), cpu = KIND_CPU; auto = "
+                   "the GPU if torch sees one here. (gpu: the same as cuda.)")
 @click.option("--queue-delay-us", default=REPO.queue_delay_us, show_default=True, type=click.IntRange(min=0),
               help="How long the dynamic batcher waits to fill a batch.")
 @click.option("--tensorrt", is_flag=True, help="Add the TensorRT fp16 accelerator to <name>_onnx (NVIDIA's container).")
@@ -151,21 +156,9 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
               help="local: this machine's processes; ray: a Ray cluster (README 'Scale out').")
 @click.option("--ray-address", help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001) [default: start one "
                                     "on this machine].")
-@click.option("--backend", default="triton", show_default=True,
-              type=click.Choice(["triton", "onnxruntime", "torchscript"]),
-              help="triton: a served model; onnxruntime / torchscript: --export in this process (or the Ray actors).")
-@click.option("--url", "urls", multiple=True, default=("127.0.0.1:8000",), show_default=True,
-              help="Triton server (http or grpc port); --engine ray spreads batches over every --url given.")
-@click.option("--protocol", default="http", show_default=True, type=click.Choice(["http", "grpc"]))
-@click.option("--model", "model_name", default="slowfast", show_default=True, help="Served model name.")
-@click.option("--shm", is_flag=True, help="Send inputs through system shared memory (server on this machine).")
-@click.option("--server-decode", is_flag=True,
-              help="Send the encoded files to <model>_video, which decodes them on the server (no local decoding).")
-@click.option("--export", "export_dir", type=click.Path(path_type=Path), help="Export folder (local backends).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]),
-              help="Where a local backend runs; cuda fails clearly if it cannot (auto: the GPU when it can). "
-                   "With --engine ray: cuda gives each model actor one GPU.")
+@target_options(several_urls=True, device_help="Where a local backend runs (auto: the GPU when the backend can use "
+                                               "it here; cuda: the GPU or a clear error). With --engine ray: cuda "
+                                               "gives each model actor one GPU, auto one where the cluster has GPUs.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Videos per request.")
 @click.option("--concurrency", type=click.IntRange(min=1),
               help="Requests in flight [local: 4]; with --engine ray, model actors [1].")
@@ -187,11 +180,9 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
                    "codec; else the CPU, saying why once. cpu. gpu: NVDEC where the stream allows (fails with the fix "
                    "when no GPU decoder is here); pynvvideocodec / torchcodec: that decoder. Each row's decoder and "
                    "decoder_reason say which decoder read the video and why.")
-def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, backend: str,
-          urls: tuple[str, ...], protocol: str, model_name: str, shm: bool, server_decode: bool,
-          export_dir: Path | None, precision: str, device: str, batch_size: int, concurrency: int | None,
-          workers: int | None, actor_cpus: float | None, stall_timeout: float, topk: int, out: Path,
-          resume: bool, max_pixels: int, decode: str) -> None:
+def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, target: ModelTarget,
+          batch_size: int, concurrency: int | None, workers: int | None, actor_cpus: float | None,
+          stall_timeout: float, topk: int, out: Path, resume: bool, max_pixels: int, decode: str) -> None:
     """Classify videos (files and folders) with a served or exported model.
 
     Decoding runs in parallel worker processes (with --server-decode: on the server, and the
@@ -205,54 +196,35 @@ def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_add
     items = [*inputs, *(path for listed in lists for path in read_input_list(listed))]
     if not items:
         raise click.UsageError("no inputs: pass videos or folders, or --inputs-from FILE")
-    if server_decode and backend != "triton":
-        raise click.BadParameter("decoding on the server needs --backend triton", param_hint="--server-decode")
-    if decode not in ("auto", "cpu") and (server_decode or engine == "ray"):
-        elsewhere = "--server-decode decodes on the server" if server_decode else "--engine ray decodes in CPU tasks"
+    if decode not in ("auto", "cpu") and (target.server_decode or engine == "ray"):
+        elsewhere = ("--server-decode decodes on the server" if target.server_decode
+                     else "--engine ray decodes in CPU tasks")
         raise click.BadParameter(f"--decode {decode} decodes here, into the GPU of a local model; {elsewhere}",
                                  param_hint="--decode")
     if engine == "ray":
-        if server_decode:
+        if target.server_decode:  # (RayOptions refuses it too: here it is a usage error)
             raise click.BadParameter("--engine ray decodes in its own CPU tasks; use --engine local with "
                                      "--server-decode", param_hint="--server-decode")
         from sfdeploy.scale.engine import RayOptions, infer_ray
 
         summary = infer_ray(items, out, RayOptions(
-            backend=backend, export_dir=export_dir, precision=precision, device=device, urls=urls, protocol=protocol,
-            model=model_name, shm=shm, batch_size=batch_size, actors=concurrency or 1, actor_cpus=actor_cpus,
+            target=target, batch_size=batch_size, actors=concurrency or 1, actor_cpus=actor_cpus,
             decode_tasks=workers, topk=topk, max_pixels=max_pixels, address=ray_address,
             stall_timeout_s=stall_timeout), resume=resume)
     else:
-        summary = _infer_local(items, out, backend, urls, protocol, model_name, shm, server_decode, export_dir,
-                               precision, device, batch_size, concurrency or 4, workers, topk, resume, max_pixels,
-                               decode)
+        if len(target.urls) > 1:
+            raise click.BadParameter("one server per run with --engine local; --engine ray spreads over several",
+                                     param_hint="--url")
+        from sfdeploy.client import Classifier
+        from sfdeploy.client import infer as run_infer
+
+        with Classifier.open(target) as classifier:
+            summary = run_infer(items, out, classifier, batch_size=batch_size, concurrency=concurrency or 4,
+                                topk=topk, workers=workers, resume=resume, max_pixels=max_pixels, decode=decode)
     for failure in summary.failures:
         click.echo(f"failed: {failure['path']}: {failure['error']}", err=True)
-    click.echo(f"{summary.ok} classified, {summary.failed} failed, {summary.skipped} already in {out}; "
-               f"{summary.videos_per_s:.1f} videos/s", err=True)
+    click.echo(summary.describe(), err=True)
     click.echo(json.dumps({"out": str(out), "ok": summary.ok, "failed": summary.failed, "skipped": summary.skipped,
                            "wall_time_s": summary.wall_time_s}))
     if summary.failed:
         raise SystemExit(1)
-
-
-def _infer_local(items: list[str], out: Path, backend: str, urls: tuple[str, ...], protocol: str, model_name: str,
-                 shm: bool, server_decode: bool, export_dir: Path | None, precision: str, device: str,
-                 batch_size: int, concurrency: int, workers: int | None, topk: int, resume: bool,
-                 max_pixels: int, decode: str = "auto") -> Any:
-    from sfdeploy.client import Classifier
-    from sfdeploy.client import infer as run_infer
-    from sfdeploy.runtime import open_predictor
-
-    if len(urls) > 1:
-        raise click.BadParameter("one server per run with --engine local; --engine ray spreads over several",
-                                 param_hint="--url")
-    if backend == "triton":
-        classifier = Classifier.from_triton(urls[0], model=model_name, protocol=protocol, shm=shm,
-                                            server_decode=server_decode)
-    else:
-        classifier = Classifier(open_predictor(backend, export_dir=export_dir, precision=precision, device=device),
-                                export_dir)
-    with classifier:
-        return run_infer(items, out, classifier, batch_size=batch_size, concurrency=concurrency, topk=topk,
-                         workers=workers, resume=resume, max_pixels=max_pixels, decode=decode)

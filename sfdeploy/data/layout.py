@@ -145,6 +145,7 @@ class PreparedData:
     direction_sensitive: bool = False
     min_frames: int | None = None  # shorter videos were rejected (``data prepare --min-frames``)
     clip_frames: int | None = None  # shorter videos were kept and reported as short
+    preset: str | None = None  # the finetune preset it was prepared for (`data prepare --preset`)
     source: Path | None = None  # the DATA folder, or the train list of a --train-list set
     extra: dict = field(default_factory=dict)
     # A union of several sets (merge_datasets): each part's lists are rewritten in the union's
@@ -224,6 +225,7 @@ class PreparedData:
             direction_sensitive=bool(meta.get("direction_sensitive", False)),
             min_frames=meta.get("min_frames"),
             clip_frames=meta.get("clip_frames"),
+            preset=meta.get("preset"),
             source=data,
             extra=meta,
         )

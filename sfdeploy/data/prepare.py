@@ -134,6 +134,7 @@ def prepare(
     seed: int = 0,
     min_frames: int = 1,
     clip_frames: int | None = None,
+    preset: str | None = None,
     workers: int | None = None,
     show_progress: bool = True,
     max_pixels: int = MAX_VIDEO_PIXELS,
@@ -142,6 +143,7 @@ def prepare(
 
     ``min_frames`` rejects shorter videos (``too_short``); ``clip_frames`` (the frames one training
     clip spans, :attr:`ClipSpec.min_frames`) only marks the shorter ones as ``short`` in the report;
+    ``preset`` (whose clip that is) is recorded, so that what reads DATA later knows it;
     videos with frames of more than ``max_pixels`` are rejected (``frame_too_large``) undecoded.
     """
     video_root = Path(video_root).resolve()
@@ -160,6 +162,41 @@ def prepare(
 
     probes = probe_videos([c.path for c in candidates], workers=workers, show_progress=show_progress,
                           max_pixels=max_pixels)
+    usable, rejected = _usable(candidates, probes, video_root, min_frames)
+    by_split, warnings = _split(usable, presplit, val_ratio, seed)
+    probe_of = {cand.path: probe for cand, probe in usable}
+    classes, skipped = _classes(by_split, candidates, empty, presplit, probe_of, rejected, warnings)
+    label = {name: i for i, name in enumerate(classes)}
+    entries = {split: [(p, label[name]) for name, vids in sorted(by_split[split].items())
+                       if name in label for p in vids] for split in ("train", "val")}
+    short = [{"path": str(p), "split": split, "frames": probe_of[p].frames}
+             for split in ("train", "val") for p, _ in entries[split]
+             if clip_frames is not None and probe_of[p].frames < clip_frames]
+    settings = {"val_ratio": None if presplit else val_ratio, "seed": seed, "min_frames": min_frames,
+                "preset": preset, "clip_frames": clip_frames}
+    report = _report(video_root, presplit, settings, classes, entries, probe_of, len(candidates), rejected, short,
+                     ignored, skipped, warnings)
+    (out / layout.REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    result = PrepareResult(out=out, classes=classes, train=len(entries["train"]), val=len(entries["val"]),
+                           rejected=report["rejected"], short=short, ignored=ignored,
+                           skipped_classes=skipped, warnings=warnings)
+    if len(classes) < 2:
+        raise InputError(
+            f"{len(classes)} class(es) with usable training videos ({', '.join(classes) or 'none'}); "
+            f"a classifier needs at least 2 (details in {out / layout.REPORT_JSON})",
+            path=video_root,
+            fix="add a sub-folder with videos for each class: VIDEO_ROOT/<class>/<video>",
+        )
+    if not entries["val"]:
+        raise InputError(f"the val split is empty (details in {out / layout.REPORT_JSON})", path=video_root,
+                         fix="add more videos per class, or pre-split the root into train/ and val/")
+    _write_data(out, video_root, classes, entries, settings, len(short))
+    return result
+
+
+def _usable(candidates: list[Candidate], probes: list[VideoProbe], video_root: Path,
+            min_frames: int) -> tuple[list[tuple[Candidate, VideoProbe]], list[dict]]:
+    """The videos that can be trained on, and the rejected ones with the reason and the fix."""
     rejected = [p.to_dict() for p in probes if not p.ok]
     usable: list[tuple[Candidate, VideoProbe]] = []
     for cand, probe in zip(candidates, probes, strict=True):
@@ -176,22 +213,29 @@ def prepare(
                              "fix": "rename the file/folder without spaces"})
             continue
         usable.append((cand, probe))
+    return usable, rejected
 
-    by_split: dict[str, dict[str, list[Path]]] = {"train": defaultdict(list), "val": defaultdict(list)}
-    probe_of: dict[Path, VideoProbe] = {}
-    warnings: list[str] = []
+
+def _split(usable: list[tuple[Candidate, VideoProbe]], presplit: bool, val_ratio: float,
+           seed: int) -> tuple[dict[str, dict[str, list[Path]]], list[str]]:
+    """split -> class -> videos: as the folders say (pre-split), or stratified by class here."""
     if presplit:
-        for cand, probe in usable:
+        by_split: dict[str, dict[str, list[Path]]] = {"train": defaultdict(list), "val": defaultdict(list)}
+        for cand, _ in usable:
             by_split[cand.split or "train"][cand.class_name].append(cand.path)
-            probe_of[cand.path] = probe
-    else:
-        by_class: dict[str, list[Path]] = defaultdict(list)
-        for cand, probe in usable:
-            by_class[cand.class_name].append(cand.path)
-            probe_of[cand.path] = probe
-        train, val, warnings = _stratified_split(by_class, val_ratio, seed)
-        by_split = {"train": train, "val": val}
+        return by_split, []
+    by_class: dict[str, list[Path]] = defaultdict(list)
+    for cand, _ in usable:
+        by_class[cand.class_name].append(cand.path)
+    train, val, warnings = _stratified_split(by_class, val_ratio, seed)
+    return {"train": train, "val": val}, warnings
 
+
+def _classes(by_split: dict[str, dict[str, list[Path]]], candidates: list[Candidate], empty: list[dict],
+             presplit: bool, probe_of: dict[Path, VideoProbe], rejected: list[dict],
+             warnings: list[str]) -> tuple[list[str], list[dict]]:
+    """The classes (those with training videos) and the class folders skipped; val videos of a
+    class without training videos join ``rejected``, and what is worth saying ``warnings``."""
     classes = sorted(name for name, vids in by_split["train"].items() if vids)
     # An empty val/<class> folder only means no val videos for that class (warned below).
     skipped = [e for e in empty if e["split"] != "val"]
@@ -209,26 +253,25 @@ def prepare(
         if presplit and not by_split["val"].get(name):
             warnings.append(f"class '{name}' has no val videos")
     warnings += [f"class '{s['class']}' skipped: {s['reason']}" for s in skipped]
+    return classes, skipped
 
-    label = {name: i for i, name in enumerate(classes)}
-    entries = {split: [(p, label[name]) for name, vids in sorted(by_split[split].items())
-                       if name in label for p in vids] for split in ("train", "val")}
-    short = [{"path": str(p), "split": split, "frames": probe_of[p].frames}
-             for split in ("train", "val") for p, _ in entries[split]
-             if clip_frames is not None and probe_of[p].frames < clip_frames]
-    report = {
+
+def _report(video_root: Path, presplit: bool, settings: dict, classes: list[str],
+            entries: dict[str, list[tuple[Path, int]]], probe_of: dict[Path, VideoProbe], found: int,
+            rejected: list[dict], short: list[dict], ignored: list[dict], skipped: list[dict],
+            warnings: list[str]) -> dict:
+    """``prepare_report.json``: every file and class folder, used or not, and why."""
+    return {
         "video_root": str(video_root),
         "layout": "train/val folders" if presplit else "class folders",
-        "val_ratio": None if presplit else val_ratio,
-        "seed": seed,
-        "min_frames": min_frames,
+        **{k: settings[k] for k in ("val_ratio", "seed", "min_frames", "preset")},
         "classes": classes,
-        "counts": {split: {name: sum(1 for _, lab in entries[split] if lab == label[name])
-                           for name in classes} for split in ("train", "val")},
-        "found": len(candidates),
+        "counts": {split: {name: sum(1 for _, lab in entries[split] if lab == i) for i, name in enumerate(classes)}
+                   for split in ("train", "val")},
+        "found": found,
         "accepted": len(entries["train"]) + len(entries["val"]),
         "rejected": sorted(rejected, key=lambda r: r["path"]),
-        "short": {"count": len(short), "clip_frames": clip_frames,
+        "short": {"count": len(short), "clip_frames": settings["clip_frames"],
                   "note": "kept: fewer frames than one clip spans, MMAction2's SampleFrames loops them",
                   "videos": short},
         "ignored": ignored,
@@ -240,21 +283,11 @@ def prepare(
             for split in ("train", "val") for p, lab in entries[split]
         ],
     }
-    (out / layout.REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    result = PrepareResult(out=out, classes=classes, train=len(entries["train"]), val=len(entries["val"]),
-                           rejected=report["rejected"], short=short, ignored=ignored,
-                           skipped_classes=skipped, warnings=warnings)
-    if len(classes) < 2:
-        raise InputError(
-            f"{len(classes)} class(es) with usable training videos ({', '.join(classes) or 'none'}); "
-            f"a classifier needs at least 2 (details in {out / layout.REPORT_JSON})",
-            path=video_root,
-            fix="add a sub-folder with videos for each class: VIDEO_ROOT/<class>/<video>",
-        )
-    if not entries["val"]:
-        raise InputError(f"the val split is empty (details in {out / layout.REPORT_JSON})", path=video_root,
-                         fix="add more videos per class, or pre-split the root into train/ and val/")
 
+
+def _write_data(out: Path, video_root: Path, classes: list[str], entries: dict[str, list[tuple[Path, int]]],
+                settings: dict, short: int) -> None:
+    """The annotation lists, the class index and the dataset's json (what DATA is)."""
     (out / "annotations").mkdir(exist_ok=True)
     for split, name in (("train", layout.TRAIN_LIST), ("val", layout.VAL_LIST)):
         lines = [f"{p.relative_to(video_root).as_posix()} {lab}\n" for p, lab in entries[split]]
@@ -264,14 +297,14 @@ def prepare(
         "video_root": str(video_root),
         "format": "video",
         "direction_sensitive": _direction_sensitive(video_root),
-        "min_frames": min_frames,
-        "clip_frames": clip_frames,
-        "short": len(short),
+        "min_frames": settings["min_frames"],
+        "clip_frames": settings["clip_frames"],
+        "preset": settings["preset"],
+        "short": short,
         "classes": classes,
         "train": len(entries["train"]),
         "val": len(entries["val"]),
     }, indent=2) + "\n")
-    return result
 
 
 def _direction_sensitive(video_root: Path) -> bool:

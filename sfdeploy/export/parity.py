@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from sfdeploy.artifacts import DEVICE_NOISE_FACTOR, FP16_MIN_TOP1_AGREEMENT, FP32_MAX_ABS_DIFF
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.data.layout import AnnotationList, leaf_datasets, spread_by_class
 from sfdeploy.errors import InputError
@@ -54,10 +55,6 @@ from sfdeploy.runtime import LocalPredictor
 
 log = logging.getLogger("sfdeploy")
 
-FP32_MAX_ABS_DIFF = 1e-4
-# an artifact on a GPU may be this many times as far from the CPU truth as MMAction2 itself is there
-DEVICE_NOISE_FACTOR = 2.0
-FP16_MIN_TOP1_AGREEMENT = 0.99
 
 
 @dataclass

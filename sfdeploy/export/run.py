@@ -17,9 +17,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sfdeploy.artifacts import (
     FORMAT_BACKEND,
@@ -30,6 +31,7 @@ from sfdeploy.artifacts import (
     artifact_file,
     artifact_key,
     backend_device,
+    parse_formats,
     resolve_device,
     sha256,
 )
@@ -74,78 +76,39 @@ def _parity_cfg(trained_cfg: object, parity_data: Path | None) -> object:
 
 
 def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
-    import torch
-
-    from sfdeploy.export.deploy import deploy_module
-    from sfdeploy.export.onnx_export import export_onnx
-    from sfdeploy.export.parity import run_gate, val_videos
+    """Export the model trained in ``work_dir``: every artifact of ``opts``, checked, gated against
+    MMAction2, committed with its manifest (see the module docstring)."""
+    from sfdeploy.export.parity import val_videos
     from sfdeploy.export.source import load_trained
-    from sfdeploy.export.torchscript import export_torchscript
-    from sfdeploy.runtime import open_artifact
 
-    unknown = [f for f in opts.formats if f not in FORMATS]
-    if unknown or not opts.formats:
-        raise InputError(f"unknown export format(s): {', '.join(unknown) or '(none)'}",
-                         fix=f"use --formats with any of: {', '.join(FORMATS)}")
+    formats = parse_formats(opts.formats)
     out = Path(opts.out)
     ensure_writable_dir(out, "export folder", "--out folder")
     remove_partials(out)  # left by an export killed before it finished
     device = resolve_device(opts.device)
     # Where each format's artifacts are checked and gated; an explicit device ONNX Runtime cannot
     # use fails here, before any work.
-    run_on = {fmt: backend_device(FORMAT_BACKEND[fmt], opts.device) for fmt in opts.formats}
+    run_on = {fmt: backend_device(FORMAT_BACKEND[fmt], opts.device) for fmt in formats}
     started = time.monotonic()
 
     log.info("[1/5] loading the trained model from %s", work_dir)
     trained = load_trained(work_dir, opts.checkpoint)
     log.info("[2/5] clip spec from %s (%d view(s))", trained.config_path.name, opts.views)
     spec = ClipSpec.from_config(trained.cfg, trained.class_names, views=opts.views)
-    spec_json = spec.to_json()
     videos = val_videos(_parity_cfg(trained.cfg, opts.parity_data), opts.parity_videos)
     if not videos:
         raise InputError("no val videos to check parity on", path=trained.config_path,
                          fix="pass --parity-data DATA (a folder from `sfdeploy data prepare`)")
-
-    variants = [("fp32", torch.float32)] + ([("fp16", torch.float16)] if opts.fp16 else [])
-    recognizer = trained.recognizer
     rewrites = resolve_rewrites(opts.rewrites, device)
     if rewrites.names:
         log.info("[2/5] graph rewrites for %s: %s", device, ", ".join(rewrites.names))
-    example_cpu = torch.from_numpy(_example_batch(videos[0][0], spec))
-    staged: dict[str, tuple[Artifact, Path]] = {}  # key -> (what it will be, where it is now)
-    self_checks: dict[str, dict] = {}  # key -> what its reload-and-compare ran on and found
-    graph: dict[str, torch.nn.Module] = {}  # the fp32 graph as eager modules, for the gate's noise measurement
-    for precision, dtype in variants:
-        # fp16 runs where it will be served (CUDA when present); fp32 traces on CPU.
-        where = device if precision == "fp16" else "cpu"
-        module, changed = deploy_module(recognizer, spec.mean, spec.std, dtype, where, rewrites)
-        if precision == "fp32":
-            graph["cpu"] = module
-        example = example_cpu.to(where)
-        for fmt in opts.formats:
-            filename = artifact_file(fmt, precision)
-            tmp = partial_path(out / filename)
-            key = artifact_key(fmt, precision)
-            log.info("[3/5] exporting %s (%s) -> %s", fmt, precision, out / filename)
-            if fmt == "onnx":
-                # fp16 is checked on the provider it will be served with when there is one; fp32 on
-                # the CPU, where no TF32 blurs the 1e-5 self-check.
-                check_on = run_on["onnx"] if precision == "fp16" else "cpu"
-                self_checks[key] = export_onnx(module, example, tmp, spec_json, precision, check_device=check_on)
-                if precision == "fp16" and self_checks[key]["device"] == "cpu":
-                    log.log(logging.WARNING if device != "cpu" else logging.INFO,
-                            "the fp16 ONNX model was self-checked on onnxruntime's CPU provider (it computes fp16 "
-                            "in fp32); on a GPU check it with `sfdeploy eval --device cuda --precision fp16`")
-            else:
-                self_checks[key] = export_torchscript(module, example, tmp, spec_json, precision)
-            staged[key] = (Artifact.of(fmt, precision, tmp, file=filename, rewrites=rewrites.names,
-                                       optimized_for=device if rewrites.names else ""), tmp)
-            self_checks[key]["rewrites"] = changed  # what each rewrite changed (layers)
+    staged = _Staged(out, spec, device, rewrites, run_on)
+    staged.export(trained.recognizer, formats, opts.fp16, videos[0][0])
 
     manifest = Manifest(
         clip_spec=spec,
-        artifacts={key: artifact for key, (artifact, _) in staged.items()},
-        averaging=recognizer.cls_head.average_clips,
+        artifacts={key: artifact for key, (artifact, _) in staged.artifacts.items()},
+        averaging=trained.recognizer.cls_head.average_clips,
         source={
             "work_dir": str(trained.work_dir.resolve()),
             "config": str(trained.config_path.resolve()),
@@ -154,23 +117,10 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
             "preset": trained.preset,
         },
     )
-
-    log.info("[4/5] parity gate: %d val video(s); MMAction2 on %s, %s; TF32 off", len(videos), device,
-             ", ".join(f"{FORMAT_BACKEND[fmt]} on {where}" for fmt, where in run_on.items()))
-    predictors = {key: (open_artifact(tmp, a.format, device=run_on[a.format], tf32=False), a.precision)
-                  for key, (a, tmp) in staged.items()}
-    if device != "cpu":
-        graph[device] = deploy_module(recognizer, spec.mean, spec.std, torch.float32, device, rewrites)[0]
-    try:
-        manifest.parity = run_gate(recognizer.to(device=device, dtype=torch.float32), spec, predictors,
-                                   [p for p, _ in videos], graph=graph, show_progress=opts.show_progress)
-    finally:
-        for predictor, _ in predictors.values():
-            predictor.close()
-    manifest.parity["self_checks"] = self_checks
+    manifest.parity = staged.gate(trained.recognizer, [p for p, _ in videos], opts.show_progress)
     manifest.parity["wall_time_s"] = round(time.monotonic() - started, 1)
     log.info("[5/5] writing %s", out / MANIFEST_FILE)
-    _commit(out, manifest, staged)
+    _commit(out, manifest, staged.artifacts)
     failed = {k: r for k, r in manifest.parity["artifacts"].items() if not r["passed"]}
     if failed:
         detail = "; ".join(f"{k}: max_abs_diff {r['max_abs_diff']:.2e}, top-1 agreement "
@@ -178,6 +128,92 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
         raise ExportError(f"parity gate failed: {detail}", path=out / MANIFEST_FILE,
                           fix="do not deploy these artifacts; the numbers are in manifest.json 'parity'")
     return manifest
+
+
+def _export_torchscript(module: Any, example: Any, tmp: Path, spec_json: str, precision: str,
+                        check_on: str) -> dict[str, Any]:
+    from sfdeploy.export.torchscript import export_torchscript
+
+    return export_torchscript(module, example, tmp, spec_json, precision)  # checked where it was traced
+
+
+def _export_onnx(module: Any, example: Any, tmp: Path, spec_json: str, precision: str,
+                 check_on: str) -> dict[str, Any]:
+    from sfdeploy.export.onnx_export import export_onnx
+
+    check = export_onnx(module, example, tmp, spec_json, precision, check_device=check_on)
+    if precision == "fp16" and check["device"] == "cpu":
+        log.log(logging.WARNING if example.device.type != "cpu" else logging.INFO,
+                "the fp16 ONNX model was self-checked on onnxruntime's CPU provider (it computes fp16 in fp32); "
+                "on a GPU check it with `sfdeploy eval --device cuda --precision fp16`")
+    return check
+
+
+#: how each format is written and self-checked: (module, example, file, spec json, precision, the
+#: device the format runs on here) -> what the reload-and-compare ran on and found
+EXPORTERS: dict[str, Callable[..., dict[str, Any]]] = {"torchscript": _export_torchscript, "onnx": _export_onnx}
+
+
+class _Staged:
+    """The artifacts of one export, written under temporary names until the gate has run."""
+
+    def __init__(self, out: Path, spec: ClipSpec, device: str, rewrites: Rewrites, run_on: dict[str, str]) -> None:
+        self.out, self.spec, self.device, self.rewrites, self.run_on = out, spec, device, rewrites, run_on
+        self.artifacts: dict[str, tuple[Artifact, Path]] = {}  # key -> (what it will be, where it is now)
+        self.self_checks: dict[str, dict] = {}  # key -> what its reload-and-compare ran on and found
+        self.graph: dict[str, Any] = {}  # the fp32 graph as eager modules, for the gate's noise measurement
+
+    def export(self, recognizer: Any, formats: tuple[str, ...], fp16: bool, video: Path) -> None:
+        """Trace/export every format at every precision and self-check each reloaded file."""
+        import torch
+
+        from sfdeploy.export.deploy import deploy_module
+
+        example_cpu = torch.from_numpy(_example_batch(video, self.spec))
+        spec_json = self.spec.to_json()
+        for precision, dtype in [("fp32", torch.float32)] + ([("fp16", torch.float16)] if fp16 else []):
+            # fp16 runs where it will be served (CUDA when present); fp32 traces on CPU.
+            where = self.device if precision == "fp16" else "cpu"
+            module, changed = deploy_module(recognizer, self.spec.mean, self.spec.std, dtype, where, self.rewrites)
+            if precision == "fp32":
+                self.graph["cpu"] = module
+            example = example_cpu.to(where)
+            for fmt in formats:
+                filename, key = artifact_file(fmt, precision), artifact_key(fmt, precision)
+                tmp = partial_path(self.out / filename)
+                log.info("[3/5] exporting %s (%s) -> %s", fmt, precision, self.out / filename)
+                # fp16 is checked on the device it will be served on when there is one; fp32 on the
+                # CPU, where no TF32 blurs the 1e-5 self-check.
+                check_on = self.run_on[fmt] if precision == "fp16" else "cpu"
+                self.self_checks[key] = EXPORTERS[fmt](module, example, tmp, spec_json, precision, check_on)
+                self.self_checks[key]["rewrites"] = changed  # what each rewrite changed (layers)
+                self.artifacts[key] = (Artifact.of(fmt, precision, tmp, file=filename, rewrites=self.rewrites.names,
+                                                   optimized_for=self.device if self.rewrites.names else ""), tmp)
+
+    def gate(self, recognizer: Any, videos: list[Path], show_progress: bool) -> dict[str, Any]:
+        """The parity gate over the staged artifacts (see :mod:`sfdeploy.export.parity`), with the
+        self-checks: the manifest's ``parity``."""
+        import torch
+
+        from sfdeploy.export.deploy import deploy_module
+        from sfdeploy.export.parity import run_gate
+        from sfdeploy.runtime import open_artifact
+
+        log.info("[4/5] parity gate: %d val video(s); MMAction2 on %s, %s; TF32 off", len(videos), self.device,
+                 ", ".join(f"{FORMAT_BACKEND[fmt]} on {where}" for fmt, where in self.run_on.items()))
+        predictors = {key: (open_artifact(tmp, a.format, device=self.run_on[a.format], tf32=False), a.precision)
+                      for key, (a, tmp) in self.artifacts.items()}
+        if self.device != "cpu":
+            self.graph[self.device] = deploy_module(recognizer, self.spec.mean, self.spec.std, torch.float32,
+                                                    self.device, self.rewrites)[0]
+        try:
+            parity = run_gate(recognizer.to(device=self.device, dtype=torch.float32), self.spec, predictors, videos,
+                              graph=self.graph, show_progress=show_progress)
+        finally:
+            for predictor, _ in predictors.values():
+                predictor.close()
+        parity["self_checks"] = self.self_checks
+        return parity
 
 
 def resolve_rewrites(value: str, device: str) -> Rewrites:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.artifacts import resolve_device
-from sfdeploy.runtime import is_torch_tensor
+from sfdeploy.runtime.base import is_torch_tensor
 
 
 def cuda_device(device: str) -> str:

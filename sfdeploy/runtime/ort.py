@@ -22,7 +22,7 @@ import numpy as np
 from sfdeploy.artifacts import ORT_CUDA_PROVIDER, backend_device, ort_cuda_installed, ort_no_cuda_error
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.runtime import Frames, check_batch, host_array, is_ort_value, is_torch_tensor
+from sfdeploy.runtime.base import Frames, check_batch, host_array, is_ort_value, is_torch_tensor
 
 CPU_PROVIDER = "CPUExecutionProvider"
 _CUDA_LIBRARY = "libonnxruntime_providers_cuda.so"
@@ -149,7 +149,13 @@ class OrtPredictor:
 
             device = cuda_device(device)  # cuda -> cuda:N
         self.device = device
-        self.session = open_session(Path(path), device, threads=threads, tf32=tf32)
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+
+        try:
+            self.session = open_session(Path(path), device, threads=threads, tf32=tf32)
+        except (InvalidProtobuf, InvalidGraph) as exc:  # not an ONNX model: nothing of it was run
+            raise InputError(f"not an ONNX model ({str(exc).splitlines()[0][:200]})", path=path,
+                             fix="use a model written by `sfdeploy export` (re-run it)") from exc
         self.providers = tuple(self.session.get_providers())
         self.tf32 = device != "cpu" and tf32
         self.runtime = f"{_ort_version()} {self.providers[0]}"

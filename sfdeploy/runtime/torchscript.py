@@ -16,7 +16,7 @@ import numpy as np
 from sfdeploy.artifacts import resolve_device
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.errors import InputError
-from sfdeploy.runtime import Frames, check_batch
+from sfdeploy.runtime.base import Frames, check_batch
 
 SPEC_FILE = f"{SPEC_KEY}.json"  # name of the extra file inside model.pt
 
@@ -25,7 +25,11 @@ def load_torchscript(path: Path, device: str = "cpu") -> tuple[object, ClipSpec]
     import torch
 
     extra = {SPEC_FILE: ""}
-    module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    try:
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except RuntimeError as exc:  # not a TorchScript archive (a pickle, a checkpoint): nothing of it was run
+        raise InputError(f"not a TorchScript model ({str(exc).splitlines()[0][:200]})", path=path,
+                         fix="use a model written by `sfdeploy export` (re-run it)") from exc
     if not extra[SPEC_FILE]:
         raise InputError("TorchScript model has no sfdeploy clip spec", path=path,
                          fix="use a model written by `sfdeploy export`")

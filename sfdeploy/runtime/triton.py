@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
+from sfdeploy.endpoints import with_default_port
 from sfdeploy.errors import ServingError
-from sfdeploy.runtime import Frames, check_batch, host_array
+from sfdeploy.runtime.base import Frames, check_batch, host_array
 
 _REGION_IDS = itertools.count()
 
@@ -33,14 +34,13 @@ def _client_module(protocol: str) -> Any:
     return module
 
 
-def _default_port(url: str, protocol: str) -> str:
-    return url if ":" in url else f"{url}:{8000 if protocol == 'http' else 8001}"
-
-
 class TritonPredictor:
-    def __init__(self, url: str = "127.0.0.1:8000", model: str = "slowfast", protocol: str = "http",
-                 shm: bool = False, timeout_s: float = 120.0) -> None:
-        self.url, self.model, self.protocol, self.shm = _default_port(url, protocol), model, protocol, shm
+    """A client of the served model ``model`` at ``url`` (see the module docstring); opened through
+    :meth:`sfdeploy.target.ModelTarget.open`, which owns the defaults."""
+
+    def __init__(self, url: str, *, model: str, protocol: str = "http", shm: bool = False,
+                 timeout_s: float = 120.0) -> None:
+        self.url, self.model, self.protocol, self.shm = with_default_port(url, protocol), model, protocol, shm
         self.timeout_s = timeout_s
         self.module = _client_module(protocol)
         self._local = threading.local()

@@ -30,10 +30,7 @@ BUSY = ("Exceeds maximum queue size", "Request timeout expired")
 class TritonVideoPredictor(TritonPredictor):
     """Classifies encoded videos with ``<model>_video`` (``model`` names the model, as everywhere)."""
 
-    decodes_on_server = True
-
-    def __init__(self, url: str = "127.0.0.1:8000", model: str = "slowfast", protocol: str = "http",
-                 timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, *, model: str, protocol: str = "http", timeout_s: float = 600.0) -> None:
         super().__init__(url=url, model=video_model_name(model), protocol=protocol, timeout_s=timeout_s)
         if self.input_name != VIDEO_INPUT:
             raise ServingError(f"model '{self.model}' does not take encoded videos (its input is '{self.input_name}')",

@@ -4,7 +4,7 @@
 
     from sfdeploy.scale.engine import RayOptions, infer_ray
 
-    summary = infer_ray(["videos/"], "p.parquet", RayOptions(backend="onnxruntime", export_dir="EXPORT"))
+    summary = infer_ray(["videos/"], "p.parquet", RayOptions(ModelTarget(export_dir="EXPORT")))
 
 The pipeline is Ray Data, nothing of our own to schedule::
 
@@ -32,7 +32,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ from sfdeploy.clipspec import ClipSpec
 from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import InputError, ServingError, SfdeployError
 from sfdeploy.progress import bar
-from sfdeploy.runtime import LOCAL_BACKENDS
 from sfdeploy.scale.cluster import (
     STALL_TIMEOUT_S,
     MiB,
@@ -55,6 +54,7 @@ from sfdeploy.scale.cluster import (
 )
 from sfdeploy.scale.console import without_harmless_ray_line
 from sfdeploy.scale.placement import Placement, node_names
+from sfdeploy.target import ModelTarget
 
 log = logging.getLogger("sfdeploy")
 
@@ -69,14 +69,10 @@ RAY_DATA_NOTICES = {"ray.data._internal.progress": logging.ERROR,
 class RayOptions:
     """How ``--engine ray`` runs: the model (as for the local engine) and the cluster's share."""
 
-    backend: str = "triton"  # triton | onnxruntime | torchscript
-    export_dir: Path | None = None  # local backends: the export folder, at the same path on every node
-    precision: str = "fp32"
-    device: str = "cpu"  # cuda: one GPU per model actor; auto: one where the cluster has GPUs
-    urls: tuple[str, ...] = ("127.0.0.1:8000",)  # triton: batches are spread over these servers
-    protocol: str = "http"
-    model: str = "slowfast"
-    shm: bool = False  # triton system shared memory: only for servers on the actors' machines
+    # the model, as for the local engine; a local backend's export_dir must be at the same path on
+    # every node; device cuda: one GPU per model actor, auto: one where the cluster has GPUs; triton:
+    # batches are spread over target.urls (shm only for servers on the actors' machines)
+    target: ModelTarget = field(default_factory=ModelTarget)
     batch_size: int = 8
     actors: int = 1  # model actors (--concurrency)
     actor_cpus: float | None = None  # CPUs (threads) per model actor [see model_cpus]
@@ -86,12 +82,17 @@ class RayOptions:
     address: str | None = None  # --ray-address; None starts Ray on this machine (or uses the one this process runs)
     stall_timeout_s: float = STALL_TIMEOUT_S  # no row for this long while Ray cannot place the run's work: stop (0: never)
 
+    def __post_init__(self) -> None:
+        if self.target.server_decode:
+            raise InputError("--engine ray decodes in its own CPU tasks, not on the server",
+                             fix="use --engine local with --server-decode, or drop --server-decode")
+
     def model_cpus(self) -> float:
         """CPUs reserved per model actor: a fraction of one for a Triton client, else one (or
         ``--actor-cpus``)."""
         if self.actor_cpus is not None:
             return self.actor_cpus
-        return 0.25 if self.backend == "triton" else 1.0
+        return 1.0 if self.target.local else 0.25
 
     def model_threads(self) -> int:
         """Inference threads of a model actor: ``--actor-cpus`` when given, else two. Two threads
@@ -121,7 +122,7 @@ def infer_ray(inputs: Sequence[str | Path], out: str | Path, options: RayOptions
     placement = Placement()
     # What would fail at once fails before --out is created: a bad --export or --url, a head that
     # does not answer or wants a token (so the same command runs again once it is fixed).
-    spec = read_spec(options)
+    spec = options.target.read_spec()
     preflight(options.address)
     # Ray prints its raylet's notices (a task retried, a worker died) to stdout; ours carries the
     # summary that scripts parse, so notices go to stderr while the run lasts.
@@ -138,7 +139,7 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
 
     Raises :class:`ServingError` (or the error a stage raised) if the run cannot finish; the
     predictions yielded before stay valid. ``placement`` counts where the work ran; ``spec`` is
-    :func:`read_spec`'s, when the caller has read it.
+    :meth:`~sfdeploy.target.ModelTarget.read_spec`'s, when the caller has read it.
     """
     placement = placement if placement is not None else Placement()
     if options.batch_size < 1 or options.actors < 1:
@@ -150,7 +151,7 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
     paths = [path for path, error in items if not error]
     if not paths:
         return
-    spec = spec or read_spec(options)
+    spec = spec or options.target.read_spec()
     decode_slots = options.decode_tasks or os.cpu_count() or 1
     # Started here, Ray gets a CPU per decode slot beside the model actors' CPUs: one machine then
     # runs what the local engine runs (a decode process per core, and the model).
@@ -158,7 +159,7 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
     seen: set[str] = set()
     try:
         dataset = _pipeline(paths, spec, options, cluster)
-        shown = bar(len(paths), desc=f"infer ray:{options.backend}", unit="video", enabled=show_progress)
+        shown = bar(len(paths), desc=f"infer ray:{options.target.backend}", unit="video", enabled=show_progress)
         try:
             with quiet_loggers(RAY_DATA_NOTICES), without_harmless_ray_line():
                 for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -184,34 +185,6 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
                            fix="run the same command with --resume to classify them")
 
 
-def read_spec(options: RayOptions) -> ClipSpec:
-    """The clip spec the decode tasks must produce, read here so a bad --export or --url fails
-    before Ray starts: from the export's manifest, or from every Triton server (all must agree)."""
-    if options.backend in LOCAL_BACKENDS:
-        from sfdeploy.artifacts import Manifest
-
-        if options.export_dir is None:
-            raise InputError(f"--backend {options.backend} runs an exported model on the Ray workers",
-                             fix="pass --export EXPORT (a folder every node can read at the same path)")
-        return Manifest.read(Path(options.export_dir)).clip_spec
-    if options.backend != "triton":
-        raise InputError(f"unknown backend '{options.backend}'",
-                         fix=f"use one of: {', '.join((*LOCAL_BACKENDS, 'triton'))}")
-    from sfdeploy.runtime.triton import TritonPredictor
-
-    specs = {}
-    for url in options.urls:
-        predictor = TritonPredictor(url=url, model=options.model, protocol=options.protocol)
-        specs[url] = predictor.spec
-        predictor.close()
-    first = next(iter(specs.values()))
-    differ = [url for url, spec in specs.items() if spec != first]
-    if differ:
-        raise InputError(f"the servers serve different '{options.model}' models ({', '.join(differ)} differ from "
-                         f"{options.urls[0]})", fix="pass --url only for servers of the same model repository")
-    return first
-
-
 def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: Any) -> Any:
     """The Ray Data dataset: path blocks -> decode tasks -> model actors -> rows (lazy)."""
     import numpy as np
@@ -223,8 +196,9 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
     model_cpus = options.model_cpus()
     # One GPU per model actor for --device cuda, and for auto where the cluster has GPUs (the actor
     # then resolves auto itself: onnxruntime without its CUDA provider runs on the actor's CPU).
-    wants_gpu = options.device.startswith("cuda") or (options.device == "auto" and cluster.gpus >= 1)
-    gpus = 1 if wants_gpu and options.backend in LOCAL_BACKENDS else 0
+    target = options.target
+    wants_gpu = target.device.startswith("cuda") or (target.device == "auto" and cluster.gpus >= 1)
+    gpus = 1 if wants_gpu and target.local else 0
     check_placement(cluster, actors=options.actors, actor_cpus=model_cpus, actor_gpus=gpus)
     decode_slots = max(1, int(cluster.cpus - options.actors * model_cpus))
     if options.decode_tasks:
@@ -261,16 +235,15 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
     log.info("ray: decode: %d videos per task, up to %d tasks at once (1 CPU, %.0f MiB each); model: %d actor(s) "
              "x %g CPU (%d threads), %d GPU, %s, batch %d", per_task, decode_slots, decode_memory / MiB, options.actors,
              model_cpus, options.model_threads(), gpus,
-             options.backend if options.backend != "triton" else f"triton {', '.join(options.urls)}",
+             target.describe(),
              options.batch_size)
 
     # One block of paths per decode task, built here (from_arrow would run a Ray task per block
     # just to read its schema). Workers get absolute paths: they may not share our directory.
     items = [{"path": path, "file": os.path.abspath(path)} for path in paths]
-    stage = {"backend": options.backend, "spec_json": spec.to_json(), "precision": options.precision,
-             "device": options.device, "threads": options.model_threads(), "urls": tuple(options.urls),
-             "protocol": options.protocol, "model": options.model, "shm": options.shm, "topk": options.topk,
-             "export_dir": str(Path(options.export_dir).resolve()) if options.export_dir else None}
+    if target.local:  # the workers may not share this process's directory
+        target = replace(target, export_dir=target.export_dir.resolve())
+    stage = {"target": target, "spec_json": spec.to_json(), "threads": options.model_threads(), "topk": options.topk}
     with _data_context(context, settings):  # the dataset keeps a copy; the caller's context is left as it was
         return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
                 .map_batches(decode_videos, batch_size=None, batch_format="pyarrow", num_cpus=1,

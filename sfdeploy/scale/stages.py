@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import InputError
+from sfdeploy.target import ModelTarget
 
 DECODE_NODE = "decode_node"  # the Ray node id of the decode task (decoded table and rows out)
 WHERE_COLUMNS = (DECODE_NODE, "model_actor", "model_node", "model_batch")  # rows out, beside the row itself
@@ -99,22 +99,13 @@ def _clip_views(column: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
 
 
 class PredictStage:
-    """A model actor: runs the exported artifact (``onnxruntime`` / ``torchscript``, on the GPU
-    Ray gave it with ``device='cuda'``) or sends to Triton, spreading batches over ``urls``."""
+    """A model actor: runs ``target`` (an exported artifact, on the GPU Ray gave it with
+    ``device='cuda'``, with ``threads`` inference threads), or sends to Triton, spreading batches
+    over the target's servers."""
 
-    def __init__(self, *, backend: str, spec_json: str, export_dir: str | None = None, precision: str = "fp32",
-                 device: str = "cpu", threads: int | None = None, urls: tuple[str, ...] = ("127.0.0.1:8000",),
-                 protocol: str = "http", model: str = "slowfast", shm: bool = False, topk: int = 5) -> None:
-        from sfdeploy.runtime import open_predictor
-
+    def __init__(self, *, target: ModelTarget, spec_json: str, threads: int | None = None, topk: int = 5) -> None:
         self.spec = ClipSpec.from_json(spec_json)
-        if backend == "triton":
-            from sfdeploy.runtime.triton import TritonPredictor
-
-            self.predictors = [TritonPredictor(url=url, model=model, protocol=protocol, shm=shm) for url in urls]
-        else:
-            self.predictors = [open_predictor(backend, export_dir=Path(export_dir) if export_dir else None,
-                                              precision=precision, device=device, threads=threads)]
+        self.predictors = [server.open(threads=threads) for server in target.servers()]
         for predictor in self.predictors:
             if predictor.spec != self.spec:
                 raise InputError(f"{predictor.name} expects other clips than the ones decoded for it",

@@ -21,6 +21,13 @@ BACKENDS = ("python", "onnxruntime", "pytorch")
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 LABELS_FILE = "labels.txt"  # beside config.pbtxt: class names, one per line, for the probabilities
 
+# parameters of <name>, the python-backend model (sfdeploy/serving/repo.py writes them,
+# sfdeploy/serving/python_backend.py reads them)
+RUNTIME = "runtime"  # the in-process backend that runs the artifact: torchscript | onnxruntime
+ARTIFACT = "artifact"  # the artifact's file name, in the version folder
+ARTIFACT_SHA256 = "artifact_sha256"  # its hash: an instance refuses a file that is not the one placed
+PRECISION = "precision"  # the artifact's precision (for whoever reads the config)
+
 # parameters of <name>_video (server-side decoding; sfdeploy/serving/video_backend.py reads them)
 TARGET_MODEL = "target_model"  # the model its decoded clips go to
 MAX_VIDEO_BYTES = "max_video_bytes"  # larger payloads are refused before decoding

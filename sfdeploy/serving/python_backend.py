@@ -20,6 +20,7 @@ import numpy as np
 from sfdeploy.artifacts import backend_format, verify_sha256
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.runtime import open_artifact
+from sfdeploy.serving.config import ARTIFACT, ARTIFACT_SHA256, RUNTIME
 from sfdeploy.serving.tensors import from_array, to_array
 
 
@@ -27,15 +28,14 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        artifact = Path(args["model_repository"]) / args["model_version"] / params["artifact"]
+        artifact = Path(args["model_repository"]) / args["model_version"] / params[ARTIFACT]
         if args["model_instance_kind"] == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
         else:
             device = "cpu"
-        threads = int(params["threads"]) if params.get("threads") else None
-        if params.get("artifact_sha256"):  # the file `sfdeploy repo` placed, not a changed one
-            verify_sha256(artifact, params["artifact_sha256"], fix="regenerate the repository with `sfdeploy repo`")
-        self.predictor = open_artifact(artifact, backend_format(params["runtime"]), device=device, threads=threads)
+        if params.get(ARTIFACT_SHA256):  # the file `sfdeploy repo` placed, not a changed one
+            verify_sha256(artifact, params[ARTIFACT_SHA256], fix="regenerate the repository with `sfdeploy repo`")
+        self.predictor = open_artifact(artifact, backend_format(params[RUNTIME]), device=device)
         configured = ClipSpec.from_json(params[SPEC_KEY])
         if self.predictor.spec != configured:
             raise ValueError(f"{artifact} carries another clip spec than config.pbtxt: regenerate the "

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sfdeploy.artifacts import (
     BACKEND_FORMAT,
+    DEFAULT_DEVICE,
     ERROR_OUTPUT,
     LABEL_OUTPUT,
     VIDEO_INPUT,
@@ -38,12 +39,17 @@ from sfdeploy.artifacts import (
 )
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.decode import MAX_VIDEO_PIXELS
+from sfdeploy.endpoints import DEFAULT_MODEL
 from sfdeploy.errors import InputError
 from sfdeploy.serving.config import (
+    ARTIFACT,
+    ARTIFACT_SHA256,
     DECODE_TIMEOUT_S,
     LABELS_FILE,
     MAX_VIDEO_BYTES,
     MAX_VIDEO_PIXELS_KEY,
+    PRECISION,
+    RUNTIME,
     TARGET_MODEL,
     ServedModel,
     TensorConfig,
@@ -81,7 +87,7 @@ TORCHSCRIPT_OUTPUT = "probs__0"  # the pytorch backend names outputs <name>__<in
 @dataclass
 class RepoOptions:
     repo: Path
-    name: str = "slowfast"
+    name: str = DEFAULT_MODEL
     max_batch: int = 32
     instances: int = 1
     version: int = 1
@@ -92,7 +98,7 @@ class RepoOptions:
     # auto: on a GPU the fastest precision the export has that passed its parity gate (fp16 before
     # fp32: ~2x on an H200's tensor cores, see benchmarks/results); on the CPU fp32 (no fp16 kernels)
     precision: str = "auto"
-    device: str = "auto"  # auto (GPU if torch sees one), cpu, gpu
+    device: str = DEFAULT_DEVICE  # auto (GPU if torch sees one), cpu, cuda (KIND_GPU; "gpu" too)
     queue_delay_us: int = 5000
     tensorrt: bool = False  # TensorRT fp16 accelerator in <name>_onnx (NVIDIA's container)
     native: bool = True  # also write <name>_onnx and <name>_torchscript
@@ -200,8 +206,8 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     # (the model, the artifacts placed in its version folder, its python-backend model.py)
     models: list[tuple[ServedModel, dict[str, Path], str | None]] = [(
         ServedModel(name=opts.name, backend="python", parameters={
-            "runtime": opts.runtime, "artifact": runtime_artifact.name, "precision": precision,
-            "artifact_sha256": manifest.artifacts[key].sha256}, **common),
+            RUNTIME: opts.runtime, ARTIFACT: runtime_artifact.name, PRECISION: precision,
+            ARTIFACT_SHA256: manifest.artifacts[key].sha256}, **common),
         {runtime_artifact.name: runtime_artifact}, PYTHON_MODEL,
     )]
     if opts.native:

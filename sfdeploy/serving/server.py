@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sfdeploy.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LOOPBACK
 from sfdeploy.errors import InputError, ServingError
 from sfdeploy.serving.config import TARGET_MODEL, parse_config, python_shm_sizes, request_limit
 from sfdeploy.serving.guard import GuardConfig, remove_shm
@@ -103,7 +104,7 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -183,10 +184,10 @@ def error_lines(log_text: str) -> list[str]:
 @dataclass
 class TritonServer:
     repo: Path
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    host: str = LOOPBACK
+    http_port: int = DEFAULT_HTTP_PORT
+    grpc_port: int = DEFAULT_GRPC_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
     models: list[str] | None = None  # default: every python-backend model of the repository
     startup_timeout_s: float = 180.0
     log_file: Path | None = None
@@ -214,7 +215,7 @@ class TritonServer:
 
     @property
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return LOOPBACK if self.host in ("0.0.0.0", "") else self.host
 
     def _choose_models(self) -> list[str]:
         available = self._configs = repository_models(self.repo)

@@ -14,79 +14,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sfdeploy.clipspec import VIDEO_DECODE_STEPS, VIDEO_INIT_STEPS
 from sfdeploy.data.layout import PreparedData
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.train.presets import DEFAULT_PRESET
+from sfdeploy.train.options import FinetuneOptions, add_custom_imports
+from sfdeploy.train.strategies import apply_strategies, check_options
 
 WARMUP_FRACTION = 0.1  # of all iterations, linear from 10% of the LR
 ETA_MIN_RATIO = 0.01  # cosine ends at 1% of the peak LR
 CHECKPOINT_METRIC = "acc/top1"
 OVERFIT_EPOCHS = 60  # the default --epochs of an --overfit check
-
-
-@dataclass
-class FinetuneOptions:
-    """What ``sfdeploy finetune`` was asked for; None means "the preset's value"."""
-
-    work_dir: Path
-    preset: str = DEFAULT_PRESET
-    epochs: int | None = None
-    batch_size: int | str | None = None  # an int, "auto" (resolved by sfdeploy.train.autobatch), None
-    lr: float | None = None
-    pretrained: str | None = "default"  # "default" (the preset's load_from), "none", path or URL
-    amp: bool = False
-    resume: bool = False
-    gpus: int = 1
-    flip: bool | None = None  # None: off when the data is direction-sensitive, else the preset's
-    seed: int = 0
-    deterministic: bool = False
-    balanced: bool = False
-    patience: int | None = None
-    workers: int | None = None
-    cfg_options: dict[str, Any] = field(default_factory=dict)
-    # Finetuning strategies (sfdeploy.train.strategies)
-    freeze_backbone: bool = False
-    unfreeze_after: int | None = None  # epochs of head-only training before everything trains
-    backbone_lr_mult: float | None = None
-    accumulate: int = 1  # batches whose gradients make one optimizer step
-    class_weights: str | None = None  # "auto" or a file of per-class weights
-    overfit: int | None = None  # train and validate on this many training videos
-    checkpointing: bool = False  # MMAction2's activation checkpointing (with_cp) in the backbone
-    # Multi-node DDP (torchrun); --gpus stays the processes per node
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str | None = None
-    master_port: int = 29500
-
-    @property
-    def world_size(self) -> int:
-        """Training processes in all: per node times nodes."""
-        return max(1, self.gpus) * max(1, self.nnodes)
-
-    def effective_batch(self, batch: int) -> int:
-        """Videos per optimizer step: ``batch`` per process x --accumulate x processes."""
-        return batch * self.accumulate * self.world_size
-
-    def train_videos(self, data: PreparedData) -> int:
-        """Videos one epoch trains on: the train list, or the --overfit subset."""
-        return self.overfit or len(data.train)
-
-
-def add_custom_imports(cfg: Any, *modules: str) -> None:
-    """Make ``WORK/config.py`` import ``modules`` (which register sfdeploy's mmengine components:
-    sampler, hooks, transforms) wherever it is loaded. The one way sfdeploy adds imports: merged
-    into ``custom_imports``, never replacing what is there (a user config's own
-    ``allow_failed_imports`` is kept; by default a missing module fails loudly)."""
-    current = dict(cfg.get("custom_imports") or {})
-    imports = current.get("imports") or []
-    imports = [imports] if isinstance(imports, str) else list(imports)
-    imports += [module for module in modules if module not in imports]
-    cfg.custom_imports = dict(current, imports=imports, allow_failed_imports=current.get("allow_failed_imports", False))
 
 
 def use_cuda() -> bool:
@@ -171,11 +111,33 @@ def _set_learning_rate(cfg: Any, opts: FinetuneOptions, batch: int) -> None:
 
 def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
     """Apply the data- and machine-dependent settings to a loaded preset config (in place)."""
-    from sfdeploy.train.strategies import apply_strategies, check_options
-
     check_options(opts)
     cuda = use_cuda()
-    world = opts.world_size
+    _check_machine(opts, cuda)
+    cfg.model.cls_head.num_classes = len(data.classes)
+    _set_pipelines(cfg, data, opts)
+    batch = _set_loaders(cfg, opts)
+    # --overfit stops as soon as val top-1 is 100%: give it room (one iteration per epoch).
+    epochs = opts.epochs or (OVERFIT_EPOCHS if opts.overfit else cfg.train_cfg.max_epochs)
+    if epochs < 1:
+        raise InputError(f"--epochs must be >= 1, got {epochs}", fix="use e.g. --epochs 15")
+    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_begin=1, val_interval=1)
+    per_epoch = iters_per_epoch(opts.train_videos(data), batch, opts.world_size)
+    cfg.param_scheduler = schedule(epochs * per_epoch)
+    _set_learning_rate(cfg, opts, batch)
+    if opts.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    _set_hooks(cfg, opts, epochs, per_epoch)
+    _set_runtime(cfg, opts, cuda)
+    apply_strategies(cfg, data, opts)
+    if opts.cfg_options:
+        cfg.merge_from_dict(opts.cfg_options)
+    return cfg
+
+
+def _check_machine(opts: FinetuneOptions, cuda: bool) -> None:
+    """Refuse what this machine cannot do, before anything is built."""
     if opts.amp and not cuda:
         raise EnvironmentProblem("--amp needs a CUDA GPU; none is visible to torch",
                                  fix="drop --amp on CPU (it trains in fp32)")
@@ -186,7 +148,10 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
             raise EnvironmentProblem(f"--gpus {opts.gpus} but torch sees {torch.cuda.device_count()} GPU(s)",
                                      fix=f"use --gpus {torch.cuda.device_count()}")
 
-    cfg.model.cls_head.num_classes = len(data.classes)
+
+def _set_pipelines(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> None:
+    """Each split's pipeline for DATA (sfdeploy's decoder, or raw frames; flips off for
+    direction-sensitive data) and its dataset."""
     flip = opts.flip if opts.flip is not None else (False if data.direction_sensitive else None)
     for split in ("train", "val", "test"):
         loader = cfg[f"{split}_dataloader"]
@@ -203,6 +168,10 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
         # test reads the val list; several sets are a ConcatDataset, each set with the pipeline
         loader.dataset = data.mmaction_dataset(split, pipeline=pipeline,
                                                **({"test_mode": True} if split != "train" else {}))
+
+
+def _set_loaders(cfg: Any, opts: FinetuneOptions) -> int:
+    """Batch size, workers and sampler of the loaders; returns the batch per process."""
     batch = opts.batch_size if isinstance(opts.batch_size, int) else cfg.train_dataloader.batch_size
     if batch < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch}", fix="use e.g. --batch-size 8")
@@ -215,19 +184,11 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
     if opts.balanced:
         add_custom_imports(cfg, "sfdeploy.train.sampler")
         cfg.train_dataloader.sampler = dict(type="BalancedClassSampler", seed=opts.seed)
+    return batch
 
-    # --overfit stops as soon as val top-1 is 100%: give it room (one iteration per epoch).
-    epochs = opts.epochs or (OVERFIT_EPOCHS if opts.overfit else cfg.train_cfg.max_epochs)
-    if epochs < 1:
-        raise InputError(f"--epochs must be >= 1, got {epochs}", fix="use e.g. --epochs 15")
-    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_begin=1, val_interval=1)
-    per_epoch = iters_per_epoch(opts.train_videos(data), batch, world)
-    cfg.param_scheduler = schedule(epochs * per_epoch)
-    _set_learning_rate(cfg, opts, batch)
-    if opts.amp:
-        cfg.optim_wrapper.type = "AmpOptimWrapper"
-        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
 
+def _set_hooks(cfg: Any, opts: FinetuneOptions, epochs: int, per_epoch: int) -> None:
+    """Checkpoints by val top-1, the log interval, early stopping, TensorBoard."""
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, save_best=CHECKPOINT_METRIC,
                                         rule="greater", max_keep_ckpts=2, save_last=True)
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(1, min(50, per_epoch // 4)),
@@ -242,6 +203,11 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
     cfg.custom_hooks = hooks
     cfg.visualizer = dict(type="ActionVisualizer", vis_backends=[dict(type="LocalVisBackend"),
                                                                   dict(type="TensorboardVisBackend")])
+
+
+def _set_runtime(cfg: Any, opts: FinetuneOptions, cuda: bool) -> None:
+    """Distributed backend, cuDNN, seeds, launcher and the work dir."""
+    world = opts.world_size
     cfg.env_cfg.dist_cfg = dict(backend="nccl" if cuda else "gloo")
     cfg.env_cfg.cudnn_benchmark = cuda and not opts.deterministic
     cfg.randomness = dict(seed=opts.seed, deterministic=opts.deterministic)
@@ -251,7 +217,3 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None,
                                      broadcast_buffers=False)
     cfg.work_dir = str(Path(opts.work_dir).resolve())
-    apply_strategies(cfg, data, opts)
-    if opts.cfg_options:
-        cfg.merge_from_dict(opts.cfg_options)
-    return cfg

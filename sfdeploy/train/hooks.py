@@ -10,6 +10,8 @@
 * :class:`GroupLRHook` logs the learning rate of each top-level module (``train/lr_backbone``,
   ``train/lr_cls_head``) to the log and TensorBoard; mmengine logs the first parameter group's only,
   which hides ``--backbone-lr-mult``.
+* :class:`ProgressHook` shows the run as one progress bar (iterations, epoch, loss, val top-1) when
+  the console is quiet (``sfdeploy demo``: mmengine's log goes to its file only).
 """
 
 from __future__ import annotations
@@ -95,6 +97,42 @@ class GroupLRHook(Hook):
             runner.message_hub.update_scalar(f"train/lr_{module}", group["lr"])
 
 
+class ProgressHook(Hook):
+    """One progress bar for the whole run on stderr: iterations done, the epoch, the last loss and
+    val top-1. What a quiet console shows instead of mmengine's per-iteration lines."""
+
+    priority = "LOW"
+
+    def __init__(self) -> None:
+        self.shown: Any = None
+        self.top1: float | None = None
+
+    def before_train(self, runner: Any) -> None:
+        from sfdeploy.progress import bar
+
+        total = runner.max_epochs * len(runner.train_dataloader)
+        self.shown = bar(total, desc="finetune", unit="it")
+        self.shown.update(min(total, runner.iter))  # a resumed run starts where it stopped
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        loss = (outputs or {}).get("loss")
+        facts = f"epoch {runner.epoch + 1}/{runner.max_epochs}"
+        if loss is not None:
+            facts += f", loss {loss.detach().item() if hasattr(loss, 'detach') else float(loss):.3f}"
+        if self.top1 is not None:
+            facts += f", val top-1 {self.top1:.0%}"
+        self.shown.set_postfix_str(facts, refresh=False)
+        self.shown.update(1)
+
+    def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
+        if metrics and "acc/top1" in metrics:
+            self.top1 = float(metrics["acc/top1"])
+
+    def after_train(self, runner: Any) -> None:
+        if self.shown is not None:
+            self.shown.close()
+
+
 class SummaryHook(Hook):
     """Writes ``finetune_summary.json``; ``run_info`` holds what the Runner does not know
     (preset, class names, pretrained report)."""
@@ -171,6 +209,7 @@ class SummaryHook(Hook):
             "val_history": history,
             **self._overfit_result(top1),
             "work_dir": str(Path(runner.work_dir).resolve()),
+            "log": str((Path(runner.log_dir) / f"{runner.timestamp}.log").resolve()),  # mmengine's, in full
         }
         path = Path(runner.work_dir) / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 RUN_INFO = "sfdeploy_run.json"
+#: mmengine warnings about mmengine itself, on every run: kept in the log file, off a quiet console
+HARMLESS_WARNINGS = ('"HardDiskBackend" is the alias of "LocalBackend"',)
 
 
 def cpu_threads(local_processes: int, loader_workers: int) -> int:
@@ -32,8 +34,37 @@ def _set_threads(loader_workers: int) -> None:
     torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else cpu_threads(1, loader_workers))
 
 
-def run_training(work_dir: Path) -> None:
-    """Train from ``WORK/config.py`` (resuming when it says so) with sfdeploy's hooks."""
+def _quiet_runner(cfg: object) -> object:
+    """A Runner whose console shows warnings only (to stderr), with a progress bar instead.
+
+    mmengine logs everything (the environment, the whole config, the hook table, every N
+    iterations) to a stream handler on stdout and to ``WORK/<timestamp>/<timestamp>.log``; it logs
+    the first of that while the Runner is built, so stdout is swapped for the build. The file log
+    keeps everything."""
+    import io
+    import logging
+
+    from mmengine.runner import Runner
+
+    from sfdeploy.train.hooks import ProgressHook
+
+    real, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        runner = Runner.from_cfg(cfg)
+    finally:
+        sys.stdout = real
+    for handler in runner.logger.handlers:
+        if type(handler) is logging.StreamHandler:  # the console one (a FileHandler is a subclass)
+            handler.setStream(sys.stderr)
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(lambda record: not record.getMessage().startswith(HARMLESS_WARNINGS))
+    runner.register_hook(ProgressHook())
+    return runner
+
+
+def run_training(work_dir: Path, *, console_log: bool = True) -> None:
+    """Train from ``WORK/config.py`` (resuming when it says so) with sfdeploy's hooks.
+    ``console_log=False``: mmengine's log goes to its file only; a progress bar shows the run."""
     import torch
     import torch.distributed as dist
 
@@ -54,7 +85,7 @@ def run_training(work_dir: Path) -> None:
     _set_threads(int(cfg.train_dataloader.get("num_workers", 0)))
     run_info = json.loads((work_dir / RUN_INFO).read_text())
     try:
-        runner = Runner.from_cfg(cfg)
+        runner = Runner.from_cfg(cfg) if console_log else _quiet_runner(cfg)
         runner.register_hook(PlainCheckpointHook())
         runner.register_hook(SummaryHook(run_info))
         runner.register_hook(GroupLRHook())

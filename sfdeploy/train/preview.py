@@ -15,6 +15,7 @@ generators with ``seed + k``, so the same seed gives the same sheet.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 
 from sfdeploy.data.layout import PreparedData, leaf_datasets, spread_by_class
 from sfdeploy.errors import InputError
+
+log = logging.getLogger("sfdeploy")
 
 SPLITS = ("train", "val")
 PAD, GAP, HEADER, MARK = 6, 2, 16, 4
@@ -49,6 +52,18 @@ class PreviewResult:
     index: Path  # JSON: the videos of the sheet and where each frame is drawn
     gif: Path | None
     clips: list[PreviewClip]
+    source: str = ""  # whose pipelines: "preset <name>" or "WORK <dir>"
+
+
+def previewed_preset(data: PreparedData, preset: str | None = None) -> str:
+    """The preset whose pipelines a preview shows: ``preset``, else the one DATA was prepared for
+    (``data prepare --preset``, recorded in DATA), else the default (DATA made before it was recorded)."""
+    from sfdeploy.train.presets import DEFAULT_PRESET
+
+    if preset is None and data.preset is None:
+        log.info("DATA records no preset (prepared by an older sfdeploy): previewing %s's pipelines; pass "
+                 "--preset to choose", DEFAULT_PRESET)
+    return preset or data.preset or DEFAULT_PRESET
 
 
 def preview_config(data: PreparedData, *, preset: str | None = None, work: Path | None = None) -> Any:
@@ -57,8 +72,9 @@ def preview_config(data: PreparedData, *, preset: str | None = None, work: Path 
     from mmengine.utils import import_modules_from_strings
 
     from sfdeploy.compat import load_config
-    from sfdeploy.train.config import FinetuneOptions, build_config
-    from sfdeploy.train.presets import DEFAULT_PRESET, preset_path
+    from sfdeploy.train.config import build_config
+    from sfdeploy.train.options import FinetuneOptions
+    from sfdeploy.train.presets import preset_path
 
     if work is not None:
         path = Path(work) / "config.py"
@@ -75,7 +91,7 @@ def preview_config(data: PreparedData, *, preset: str | None = None, work: Path 
                                  path=data.source, fix="preview with the DATA the run was trained on")
             loader.dataset = {k: v for k, v in {**dataset, **source}.items() if k != "indices"}
     else:
-        name = preset or DEFAULT_PRESET
+        name = previewed_preset(data, preset)
         cfg = build_config(load_config(preset_path(name)), data,
                            FinetuneOptions(work_dir=Path(tempfile.gettempdir()), preset=name))
     if cfg.get("custom_imports"):
@@ -234,8 +250,9 @@ def write_preview(data: PreparedData, out: Path, *, split: str = "train", n: int
 
     out = Path(out)
     ensure_writable_dir(out.parent, "output folder", "--out")
+    preset = previewed_preset(data, preset) if work is None else None
     clips = preview_clips(data, split=split, n=n, seed=seed, preset=preset, work=work)
-    source = f"WORK {work}" if work is not None else f"preset {preset or 'default'}"
+    source = f"WORK {work}" if work is not None else f"preset {preset}"
     sheet, rows = contact_sheet(clips, f"{split} pipeline ({source}), seed {seed}: what the model receives")
     Image.fromarray(sheet).save(out, format="PNG")
     index = out.with_suffix(".json")
@@ -246,4 +263,4 @@ def write_preview(data: PreparedData, out: Path, *, split: str = "train", n: int
         gif_path = out.with_suffix(".gif")
         frames = [Image.fromarray(f) for f in animation(clips)]
         frames[0].save(gif_path, format="GIF", save_all=True, append_images=frames[1:], duration=120, loop=0)
-    return PreviewResult(png=out, index=index, gif=gif_path, clips=clips)
+    return PreviewResult(png=out, index=index, gif=gif_path, clips=clips, source=source)

@@ -39,9 +39,10 @@ from sfdeploy.compat import ensure_mmaction, load_config
 from sfdeploy.data.layout import CLASS_INDEX, PreparedData, merge_datasets, write_class_index
 from sfdeploy.errors import InputError, TrainingError
 from sfdeploy.fsutil import ensure_writable_dir, replace_atomically
-from sfdeploy.train.config import FinetuneOptions, build_config, use_cuda
+from sfdeploy.train.config import build_config, use_cuda
 from sfdeploy.train.hooks import SUMMARY_FILE
 from sfdeploy.train.launch import RUN_INFO, cpu_threads, run_training
+from sfdeploy.train.options import FinetuneOptions
 from sfdeploy.train.presets import preset_path
 from sfdeploy.train.pretrained import prepare_pretrained, pretrained_source
 from sfdeploy.train.strategies import check_options, summary_facts
@@ -155,9 +156,9 @@ def _prepare_resume(opts: FinetuneOptions, work: Path) -> None:
     _dump(cfg, work / CONFIG_FILE)
 
 
-def _launch(work: Path, opts: FinetuneOptions) -> None:
+def _launch(work: Path, opts: FinetuneOptions, console_log: bool) -> None:
     if opts.world_size == 1:
-        run_training(work)
+        run_training(work, console_log=console_log)
         return
     if opts.nnodes == 1:
         nodes = ["--standalone"]
@@ -179,10 +180,12 @@ def _launch(work: Path, opts: FinetuneOptions) -> None:
                             fix="read the log above / in WORK/<timestamp>/ (on node 0); resume with --resume")
 
 
-def finetune(data: PreparedData | Sequence[PreparedData] | None, opts: FinetuneOptions) -> dict[str, Any]:
+def finetune(data: PreparedData | Sequence[PreparedData] | None, opts: FinetuneOptions, *,
+             console_log: bool = True) -> dict[str, Any]:
     """Train (or resume) and return the contents of ``finetune_summary.json`` (on a node of rank
     > 0 of a multi-node run, which writes no summary: where node 0 writes it). ``data``: one
-    dataset, or several, read with ``part=True``, to train on their union."""
+    dataset, or several, read with ``part=True``, to train on their union. ``console_log=False``
+    (one process): mmengine's log goes to its file in WORK only, a progress bar to the console."""
     if opts.gpus < 1:
         raise InputError(f"--gpus must be >= 1, got {opts.gpus}", fix="use --gpus 1 (or the number of GPUs)")
     check_options(opts)
@@ -203,7 +206,7 @@ def finetune(data: PreparedData | Sequence[PreparedData] | None, opts: FinetuneO
     summary_path = work / SUMMARY_FILE
     if opts.node_rank == 0:
         summary_path.unlink(missing_ok=True)
-    _launch(work, opts)
+    _launch(work, opts, console_log)
     if opts.node_rank != 0:
         # Node 0's processes write checkpoints, logs and the summary (in node 0's WORK).
         return {"node_rank": opts.node_rank, "nnodes": opts.nnodes, "work_dir": str(work),

@@ -25,13 +25,11 @@ from __future__ import annotations
 import inspect
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sfdeploy.data.layout import PreparedData, spread_by_class
 from sfdeploy.errors import InputError
-
-if TYPE_CHECKING:
-    from sfdeploy.train.config import FinetuneOptions
+from sfdeploy.train.options import FinetuneOptions, add_custom_imports
 
 FREEZE_MODULE = "sfdeploy.train.freeze"
 FREEZE_HOOK = "BackboneFreezeHook"
@@ -105,7 +103,6 @@ def _check_nodes(opts: FinetuneOptions) -> None:
 
 def apply_strategies(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> None:
     """Write the strategies asked for into ``cfg`` (in place); see the module docstring."""
-    from sfdeploy.train.config import add_custom_imports
     from sfdeploy.train.pretrained import pretrained_source
 
     epochs = cfg.train_cfg.max_epochs
@@ -150,7 +147,6 @@ def _enable_checkpointing(cfg: Any) -> None:
     ``ResNet3dSlowFast`` (which takes no ``with_cp``), on both pathways; a pathway the config
     leaves out gets ResNet3dSlowFast's default, as MMAction2 would build it."""
     from sfdeploy.compat import ensure_mmaction
-    from sfdeploy.train.config import add_custom_imports
 
     ensure_mmaction()
     from mmaction.registry import MODELS

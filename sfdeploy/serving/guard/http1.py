@@ -9,6 +9,7 @@ import re
 import socket
 import time
 
+from sfdeploy.endpoints import LOOPBACK
 from sfdeploy.serving.guard.common import (
     BODY_TIMEOUT_S,
     CHUNK,
@@ -193,7 +194,7 @@ class HttpConnection:
     def connect(self) -> None:
         if self.upstream is None:
             try:
-                self.upstream = socket.create_connection(("127.0.0.1", self.config.upstream_http), timeout=10)
+                self.upstream = socket.create_connection((LOOPBACK, self.config.upstream_http), timeout=10)
             except OSError as exc:
                 raise Refusal(503, f"tritonserver is not reachable ({exc.strerror})") from exc
             self.upstream.settimeout(None)  # an inference may take long; tritonserver is trusted

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 
+from sfdeploy.endpoints import LOOPBACK
 from sfdeploy.serving.guard.common import (
     CHUNK,
     HEADER_TIMEOUT_S,
@@ -95,7 +96,7 @@ class GrpcConnection:
             self.client.settimeout(min(HEADER_TIMEOUT_S, self.config.idle_timeout_s))
             if take(reader, len(PREFACE)) != PREFACE:
                 return
-            self.upstream = socket.create_connection(("127.0.0.1", self.config.upstream_grpc), timeout=10)
+            self.upstream = socket.create_connection((LOOPBACK, self.config.upstream_grpc), timeout=10)
             self.upstream.settimeout(None)
             self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             send(self.upstream, PREFACE)

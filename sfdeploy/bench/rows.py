@@ -1,0 +1,17 @@
+"""What a row of a benchmark record is keyed by, and its statuses: the vocabulary that the record
+(:mod:`sfdeploy.bench.record`), the targets computed from it (:mod:`sfdeploy.bench.targets`) and
+the functions that measure rows share, owned here so that none of them imports another for it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: a row is identified by these fields; a record holds each key once
+ROW_KEY: tuple[str, ...] = ("stage", "backend", "precision", "batch", "concurrency")
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+
+Key = tuple[Any, ...]
+
+
+def row_key(row: dict[str, Any]) -> Key:
+    return tuple(row[name] for name in ROW_KEY)
