@@ -29,8 +29,8 @@ def _machine_busy_ticks() -> int:
     return user + nice + system + irq + softirq + steal
 
 
-def _tree_ticks(root: int) -> int:
-    """CPU time of ``root`` and every process under it, with their waited-for children, in ticks."""
+def _process_ticks() -> tuple[dict[int, int], dict[int, list[int]]]:
+    """Every process's CPU time with its waited-for children (ticks), and who is whose child."""
     children: dict[int, list[int]] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -45,19 +45,36 @@ def _tree_ticks(root: int) -> int:
         pid = int(entry)
         children.setdefault(int(fields[1]), []).append(pid)
         ticks[pid] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    total, todo = 0, [root]
+    return ticks, children
+
+
+def _tree(root: int, children: dict[int, list[int]]) -> set[int]:
+    found, todo = set(), [root]
     while todo:
         pid = todo.pop()
-        total += ticks.get(pid, 0)
+        found.add(pid)
         todo += children.get(pid, [])
-    return total
+    return found
 
 
-def _sample() -> tuple[float, int, int] | None:
+def _sample() -> tuple[float, int, dict[int, int]] | None:
+    """(time, the machine's busy ticks, {pid: ticks} of this process's tree)."""
     try:
-        return time.monotonic(), _machine_busy_ticks(), _tree_ticks(os.getpid())
+        ticks, children = _process_ticks()
+        return time.monotonic(), _machine_busy_ticks(), {pid: ticks.get(pid, 0)
+                                                         for pid in _tree(os.getpid(), children)}
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _own_ticks(start: dict[int, int], end: dict[int, int]) -> int:
+    """The benchmark's own CPU time between two samples: every process of its tree at the end, and
+    those of its tree at the start still alive elsewhere (a server's workers, orphaned when the
+    server stopped, leave the tree but not the machine), each counted from the start (or from 0 if
+    it started since). One that ended counts through the parent that waited for it (cutime)."""
+    now, _ = _process_ticks()
+    pids = set(end) | {pid for pid in start if pid in now}
+    return sum(max(0, now.get(pid, end.get(pid, 0)) - start.get(pid, 0)) for pid in pids)
 
 
 class LoadMeter:
@@ -69,6 +86,10 @@ class LoadMeter:
 
     def __exit__(self, *exc: object) -> None:
         self.end = _sample()
+        try:
+            self.own = _own_ticks(self.start[2], self.end[2]) if self.start and self.end else 0
+        except (OSError, ValueError, IndexError):
+            self.end = None
 
     def result(self) -> dict[str, Any]:
         """``others_cores`` (cores' worth of CPU other processes used, on average; None where it
@@ -76,8 +97,10 @@ class LoadMeter:
         cores = os.cpu_count() or 1
         others = None
         if self.start and self.end and self.end[0] > self.start[0]:
-            ticks = (self.end[1] - self.start[1]) - (self.end[2] - self.start[2])
-            others = round(max(0.0, ticks / os.sysconf("SC_CLK_TCK") / (self.end[0] - self.start[0])), 2)
+            ticks = (self.end[1] - self.start[1]) - self.own
+            # never more than the machine has: a process of the tree that ended unwaited is unknown
+            others = round(min(float(cores), max(0.0, ticks / os.sysconf("SC_CLK_TCK") /
+                                                 (self.end[0] - self.start[0]))), 2)
         return {"others_cores": others, "load_average": [round(x, 2) for x in os.getloadavg()],
                 "busy": others is not None and others > BUSY_SHARE * cores}
 
