@@ -41,11 +41,20 @@ leaves a correct installation alone.
    MMAction2 registers its own placeholders for them (building one says what to install), exactly
    as it does without transformers. Nothing is imported to decide (package metadata and
    ``find_spec`` only). SlowFast never uses the multimodal models.
+
+5. **decord loads its library with ``RTLD_GLOBAL``** (``decord._ffi.base``), and with it the
+   libvpx 6.4 its wheel bundles. libvpx has no symbol versions, so every library loaded later that
+   needs libvpx binds to decord's copy: PyAV's FFmpeg (libvpx 11) then fails ``avcodec_open2`` for
+   ``libvpx-vp9`` with EINVAL (the ABI check), in any process that decoded a video with decord
+   first (the fidelity sweep's VP9 videos, inside the test suite only). The same import hook loads
+   decord's library with ``RTLD_LOCAL``: decord reaches it through its own handle, so nothing else
+   changes. Decoding is unaffected either way (FFmpeg decodes VP9 natively).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -54,7 +63,7 @@ import tempfile
 import types
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager, Iterator
 
 from sfdeploy.errors import EnvironmentProblem, InputError
 
@@ -135,35 +144,61 @@ def multimodal_unavailable() -> str | None:
     return None
 
 
-class _MultimodalGateLoader(importlib.abc.Loader):
-    """Runs the real ``mmaction.utils.dependency``, then turns ``WITH_MULTIMODAL`` off where the
-    multimodal models cannot import (see the module docstring, trap 4)."""
+def _gate_multimodal(module: types.ModuleType) -> None:
+    """After ``mmaction.utils.dependency`` ran: ``WITH_MULTIMODAL`` off where the multimodal models
+    cannot import (trap 4)."""
+    reason = multimodal_unavailable()
+    if reason and getattr(module, "WITH_MULTIMODAL", False):
+        module.WITH_MULTIMODAL = False  # type: ignore[attr-defined]
+        module.SFDEPLOY_MULTIMODAL_OFF = reason  # type: ignore[attr-defined]  # for doctor
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
-        self._loader = loader
+
+@contextlib.contextmanager
+def _libraries_load_locally() -> Iterator[None]:
+    """While ``decord._ffi.base`` runs: its ``ctypes.CDLL(path, ctypes.RTLD_GLOBAL)`` loads with
+    ``RTLD_LOCAL`` (trap 5). Held for the module's own import only, under the import lock."""
+    import ctypes
+
+    saved = ctypes.RTLD_GLOBAL
+    ctypes.RTLD_GLOBAL = ctypes.RTLD_LOCAL  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        ctypes.RTLD_GLOBAL = saved  # type: ignore[misc]
+
+
+_DECORD_FFI_MODULE = "decord._ffi.base"
+#: module -> (a context to run it in, what to do to it after): the real modules, run with a fix
+_WRAPPED: dict[str, tuple[Callable[[], ContextManager[None]] | None, Callable[[types.ModuleType], None] | None]] = {
+    _DEPENDENCY_MODULE: (None, _gate_multimodal),
+    _DECORD_FFI_MODULE: (_libraries_load_locally, None),
+}
+
+
+class _WrappingLoader(importlib.abc.Loader):
+    """Runs the real module in its context from :data:`_WRAPPED`, then its fix."""
+
+    def __init__(self, loader: importlib.abc.Loader, name: str) -> None:
+        self._loader, self._name = loader, name
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        self._loader.exec_module(module)
-        self.gate(module)
-
-    @staticmethod
-    def gate(module: types.ModuleType) -> None:
-        reason = multimodal_unavailable()
-        if reason and getattr(module, "WITH_MULTIMODAL", False):
-            module.WITH_MULTIMODAL = False  # type: ignore[attr-defined]
-            module.SFDEPLOY_MULTIMODAL_OFF = reason  # type: ignore[attr-defined]  # for doctor
+        around, after = _WRAPPED[self._name]
+        with around() if around else contextlib.nullcontext():
+            self._loader.exec_module(module)
+        if after:
+            after(module)
 
 
-class _MultimodalGateFinder(importlib.abc.MetaPathFinder):
-    """Answers for ``mmaction.utils.dependency`` only: finds the real module with the other finders
-    and wraps its loader. It must sit *before* them (the real module exists), so it is first on
-    ``sys.meta_path``; for every other name it returns None at once."""
+class _WrappingFinder(importlib.abc.MetaPathFinder):
+    """Answers for the modules of :data:`_WRAPPED` only: finds the real module with the other
+    finders and wraps its loader. It must sit *before* them (the real modules exist), so it is
+    first on ``sys.meta_path``; for every other name it returns None at once."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _DEPENDENCY_MODULE:
+        if fullname not in _WRAPPED:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -171,7 +206,7 @@ class _MultimodalGateFinder(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _MultimodalGateLoader(spec.loader)
+                    spec.loader = _WrappingLoader(spec.loader, fullname)
                 return spec
         return None
 
@@ -189,12 +224,13 @@ def multimodal_state() -> str:
 
 def install_import_hook() -> None:
     """Make ``import mmaction.models`` work on the mmaction2 1.2.0 wheel and beside transformers 5,
-    in any process that has imported sfdeploy (done by ``sfdeploy/__init__.py``); idempotent.
-    Must run before ``mmaction`` is imported to help with trap 4 (``import sfdeploy`` first)."""
+    and keep decord's libraries to decord, in any process that has imported sfdeploy (done by
+    ``sfdeploy/__init__.py``); idempotent. Must run before ``mmaction`` / ``decord`` are imported
+    to help with traps 4 and 5 (``import sfdeploy`` first)."""
     if not any(isinstance(finder, _MissingDRNFinder) for finder in sys.meta_path):
         sys.meta_path.append(_MissingDRNFinder())
-    if not any(isinstance(finder, _MultimodalGateFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _MultimodalGateFinder())
+    if not any(isinstance(finder, _WrappingFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _WrappingFinder())
 
 
 def _safe_globals() -> list[Any]:
@@ -284,7 +320,7 @@ def ensure_mmaction() -> None:
     install_import_hook()
     dependency = sys.modules.get(_DEPENDENCY_MODULE)  # imported before sfdeploy: gate it now
     if dependency is not None and "mmaction.models" not in sys.modules:
-        _MultimodalGateLoader.gate(dependency)
+        _gate_multimodal(dependency)
     with warnings.catch_warnings():
         # mmcv-lite has no compiled ops; SlowFast needs none, so its import-time warning is noise.
         warnings.filterwarnings("ignore", message=".*MultiScaleDeformableAttention.*")

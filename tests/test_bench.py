@@ -221,6 +221,16 @@ def test_a_figure_from_a_busy_machine_says_so_in_its_target() -> None:
     assert "busy" not in found["Best model-only throughput (TorchScript / ONNX Runtime in process)"]["measured"]
 
 
+def test_only_measured_rows_make_a_record_busy() -> None:
+    from sfdeploy.bench.load import describe
+
+    quiet = _row("torchscript", 1, 130.0) | {"others_cores": 0.02, "busy": False}
+    skipped = _row("gpu-decode", 1, 0.0) | {"status": "skipped", "others_cores": 1.9, "busy": True}
+    assert "quiet" in describe([quiet, skipped], 2) and "BUSY" not in describe([quiet, skipped], 2)
+    busy = quiet | {"others_cores": 1.2, "busy": True}
+    assert "BUSY during 1 of 2 rows" in describe([busy, quiet, skipped], 2)
+
+
 def test_rows_of_fast_calls_are_timed_for_the_minimum_time() -> None:
     from sfdeploy.bench.measure import time_calls, time_concurrent
 

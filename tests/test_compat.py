@@ -1,4 +1,4 @@
-"""sfdeploy.compat: the three MMAction2 / mmengine traps, each handled and each tested."""
+"""sfdeploy.compat: the MMAction2, mmengine and decord traps, each handled and each tested."""
 
 from __future__ import annotations
 
@@ -154,3 +154,33 @@ def test_multimodal_gate_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "without timm" in versions("4.46.0", missing=("timm",))
     assert versions("4.46.0", missing=("einops", "scipy")).endswith("without einops, scipy (VindLU imports them)")
     assert versions("4.46.0") is None  # everything VindLU imports is there: MMAction2 imports it
+
+
+_VP9_AFTER_DECORD = """
+import sys, tempfile
+from pathlib import Path
+if sys.argv[1] == "sfdeploy-first":
+    import sfdeploy  # noqa: F401  (its import hook)
+import ctypes, decord  # decord's library and its libvpx 6.4 loaded first, as a decode would
+from sfdeploy.gpudecode.fidelity import SweepVideo, make_sweep
+paths, refused = make_sweep(Path(tempfile.mkdtemp()), [SweepVideo("vp9", 128, 96)], frames=4)
+print(ctypes.RTLD_GLOBAL == ctypes.RTLD_LOCAL, refused or "encoded", decord.VideoReader(str(paths[0]))[0].shape
+      if paths else "-")
+"""
+
+
+@pytest.mark.parametrize("order", ["sfdeploy-first", "decord-first"])
+def test_decord_keeps_its_libvpx_to_itself_so_pyav_encodes_vp9_after_it(order: str) -> None:
+    """Trap 5: decord's RTLD_GLOBAL library once made PyAV's libvpx-vp9 encoder refuse to open
+    (EINVAL) in any process that had decoded with decord first. After ``import sfdeploy`` it loads
+    locally and both work; without sfdeploy's hook the trap is still there (the proof it is real)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _VP9_AFTER_DECORD, order], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if order == "sfdeploy-first":
+        assert out.stdout.split() == ["False", "encoded", "(96,", "128,", "3)"]  # and ctypes is as it was
+    else:  # sfdeploy.gpudecode imports sfdeploy only after decord had loaded globally
+        assert "avcodec_open2(\"libvpx-vp9\"" in out.stdout and "returned 22" in out.stdout

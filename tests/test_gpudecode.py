@@ -151,7 +151,7 @@ def _sweep(tmp_path: Path) -> list[Path]:
               SweepVideo("vp9", 128, 96, motion="move_up"), SweepVideo("mjpeg", 96, 96, "yuvj420p"),
               SweepVideo("hevc", 160, 120, vfr=True), SweepVideo("h264", 97, 131, "yuv444p")]
     paths, skipped = make_sweep(tmp_path / "sweep", videos, frames=16)
-    assert not skipped and len(paths) == len(videos)
+    assert not skipped and len(paths) == len(videos), skipped
     return paths
 
 

@@ -206,7 +206,9 @@ def test_a_lost_node_on_a_cluster_without_spare_capacity_stops_the_run_with_the_
     decoding[0].kill()
     stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == 1, stderr[-3000:]
-    assert "the Ray run stalled" in stderr and "cannot place 1 decode task(s) needing 1 CPU" in stderr, stderr[-3000:]
+    # one task resubmitted, or two where the lost node had the next one queued: timing, not behaviour
+    assert "the Ray run stalled" in stderr, stderr[-3000:]
+    assert re.search(r"cannot place [12] decode task\(s\) needing 1 CPU", stderr), stderr[-3000:]
     assert "--resume" in stderr and str(out) in stderr
     rows = csv_rows(out)
     assert 16 <= len(rows) < 128 and len(rows) == len({r["path"] for r in rows})

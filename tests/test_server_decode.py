@@ -231,10 +231,26 @@ def test_a_decoder_crash_costs_its_request_not_the_instance(triton, real_world: 
     request.join(timeout=60)
     assert isinstance(outcome[0], InferenceServerException) and outcome[0].status() == "400"
     assert "the decoder crashed: worker process died (exit code -9)" in outcome[0].message()
-    for _ in range(4):  # every instance answers again, with new decoders
+    for pid in workers:  # the other instances' decoders died idle; once the kernel has ended them ...
+        _wait_dead(pid)
+    for _ in range(4):  # ... they are replaced unblamed: every instance answers again, with new decoders
         assert _send(triton.http_url, "slowfast_video", [payload])["error"][0, 0] == b""
     replaced = _decode_workers(triton, "slowfast_video")
     assert len(replaced) == len(workers) and not set(replaced) & set(workers)
+
+
+def _wait_dead(pid: int, timeout_s: float = 30.0) -> None:
+    """Until ``pid`` has exited (a zombie or gone): SIGKILL is delivered at once, the exit is not."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat[stat.rindex(")") + 2] in "ZX":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still runs {timeout_s:.0f} s after SIGKILL")
 
 
 def _try_send(url: str, payload: bytes) -> BaseException | dict:

@@ -113,7 +113,9 @@ def measure_idle(seconds: float = 1.0) -> dict[str, Any]:
 
 
 def describe(rows: list[dict[str, Any]], cores: int) -> str:
-    """One sentence on the other work during ``rows``: what a reader of the figures must know."""
+    """One sentence on the other work during ``rows``: what a reader of the figures must know. Only
+    measured rows count: a skipped or failed row has no figure for the load to spoil."""
+    rows = [r for r in rows if r.get("status", "ok") == "ok"]
     measured = [r["others_cores"] for r in rows if r.get("others_cores") is not None]
     if not measured:
         return "other work on the machine was not measured (no /proc)"

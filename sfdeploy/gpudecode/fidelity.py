@@ -98,19 +98,12 @@ def encode_video(path: Path, video: SweepVideo, frames: int = 48) -> Path:
     """Write ``video`` with PyAV (FFmpeg's encoders bundled in its wheel): the synthetic motion
     content of ``sfdeploy data synth``, rendered small and scaled to the size; variable frame rate
     as alternating 20 and 40 ms steps."""
-    import av
-
     from sfdeploy.data.synth import render_clip
 
     small = render_clip(video.motion, frames, 128, np.random.default_rng([video.seed, len(video.motion)]))
     path.parent.mkdir(parents=True, exist_ok=True)
     encoder = ENCODERS[video.codec]
-    try:
-        return _encode(path, video, small, encoder, ENCODER_OPTIONS.get(encoder, {}))
-    except av.error.ArgumentError:
-        # libvpx-vp9 once refused its realtime options (EINVAL) inside the full test suite and never
-        # alone; the encoder's defaults encode the same content, only slower
-        return _encode(path, video, small, encoder, {})
+    return _encode(path, video, small, encoder, ENCODER_OPTIONS.get(encoder, {}))
 
 
 def _encode(path: Path, video: SweepVideo, small: np.ndarray, encoder: str, options: dict[str, str]) -> Path:
@@ -148,7 +141,7 @@ def make_sweep(out: Path, videos: Sequence[SweepVideo], frames: int = 48) -> tup
                 encode_video(path, video, frames)
             except (av.FFmpegError, ValueError) as exc:
                 path.unlink(missing_ok=True)
-                skipped[video.filename] = f"{type(exc).__name__}: {exc}"[:200]
+                skipped[video.filename] = f"{type(exc).__name__}: {exc}"[:500]
                 continue
         paths.append(path)
     return paths, skipped
