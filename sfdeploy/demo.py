@@ -99,7 +99,7 @@ def _prepare(paths: DemoPaths) -> Any:
 
 
 def _finetune(paths: DemoPaths, data: Any, verbose: bool) -> dict[str, Any]:
-    from sfdeploy.train.hooks import SUMMARY_FILE
+    from sfdeploy.train.files import SUMMARY_FILE
     from sfdeploy.train.options import FinetuneOptions
     from sfdeploy.train.run import finetune
 
@@ -216,10 +216,10 @@ def throughput_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def bench_load(record: dict[str, Any]) -> dict[str, Any]:
     """The other work on the machine while the benchmark ran: what its figures are worth."""
-    from sfdeploy.bench.load import describe
+    from sfdeploy.bench.load import describe, loaded_rows
 
     cores = record["device_info"]["cpu_cores"]
-    measured = [r for r in record["rows"] if r.get("others_cores") is not None]
+    measured = loaded_rows(record["rows"])
     return {"cores": cores, "busy": any(r.get("busy") for r in measured),
             "busy_rows": sum(bool(r.get("busy")) for r in measured), "rows": len(measured),
             "others_cores_max": max((r["others_cores"] for r in measured), default=None),

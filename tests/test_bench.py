@@ -229,6 +229,10 @@ def test_only_measured_rows_make_a_record_busy() -> None:
     assert "quiet" in describe([quiet, skipped], 2) and "BUSY" not in describe([quiet, skipped], 2)
     busy = quiet | {"others_cores": 1.2, "busy": True}
     assert "BUSY during 1 of 2 rows" in describe([busy, quiet, skipped], 2)
+    from sfdeploy.demo import bench_load  # the demo's summary says the same
+
+    load = bench_load({"device_info": {"cpu_cores": 2}, "rows": [quiet, skipped]})
+    assert not load["busy"] and load["rows"] == 1 and load["others_cores_max"] == 0.02
 
 
 def test_rows_of_fast_calls_are_timed_for_the_minimum_time() -> None:

@@ -112,11 +112,17 @@ def measure_idle(seconds: float = 1.0) -> dict[str, Any]:
     return load.result()
 
 
+def loaded_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose load counts: measured ones with a load measured (a skipped or failed row has
+    no figure for other work to spoil)."""
+    return [r for r in rows if r.get("status", "ok") == "ok" and r.get("others_cores") is not None]
+
+
 def describe(rows: list[dict[str, Any]], cores: int) -> str:
-    """One sentence on the other work during ``rows``: what a reader of the figures must know. Only
-    measured rows count: a skipped or failed row has no figure for the load to spoil."""
-    rows = [r for r in rows if r.get("status", "ok") == "ok"]
-    measured = [r["others_cores"] for r in rows if r.get("others_cores") is not None]
+    """One sentence on the other work during ``rows`` (those of :func:`loaded_rows`): what a reader
+    of the figures must know."""
+    rows = loaded_rows(rows)
+    measured = [r["others_cores"] for r in rows]
     if not measured:
         return "other work on the machine was not measured (no /proc)"
     busy = sum(bool(r.get("busy")) for r in rows)

@@ -15,10 +15,9 @@ from typing import Any
 from sfdeploy.compat import ensure_mmaction, load_checkpoint_file, load_config
 from sfdeploy.data.layout import CLASS_INDEX, read_class_index
 from sfdeploy.errors import ExportError, InputError
-from sfdeploy.train.hooks import SUMMARY_FILE
+from sfdeploy.train.files import CONFIG_FILE, SUMMARY_FILE
 from sfdeploy.train.pretrained import extract_state_dict
 
-CONFIG_FILE = "config.py"
 _IGNORED_PREFIXES = ("data_preprocessor.",)  # MMAction2's publish script strips these
 
 

@@ -113,7 +113,7 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
     """Apply the data- and machine-dependent settings to a loaded preset config (in place)."""
     check_options(opts)
     cuda = use_cuda()
-    _check_machine(opts, cuda)
+    check_machine(opts, cuda)
     cfg.model.cls_head.num_classes = len(data.classes)
     _set_pipelines(cfg, data, opts)
     batch = _set_loaders(cfg, opts)
@@ -136,7 +136,7 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
     return cfg
 
 
-def _check_machine(opts: FinetuneOptions, cuda: bool) -> None:
+def check_machine(opts: FinetuneOptions, cuda: bool) -> None:
     """Refuse what this machine cannot do, before anything is built."""
     if opts.amp and not cuda:
         raise EnvironmentProblem("--amp needs a CUDA GPU; none is visible to torch",

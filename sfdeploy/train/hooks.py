@@ -24,8 +24,9 @@ from typing import Any
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 
+from sfdeploy.train.files import SUMMARY_FILE
+
 _BUFFER_TAG = "__sfdeploy_history_buffer__"
-SUMMARY_FILE = "finetune_summary.json"
 HISTORY_FILE = "val_history.json"
 
 

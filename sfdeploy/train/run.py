@@ -39,8 +39,8 @@ from sfdeploy.compat import ensure_mmaction, load_config
 from sfdeploy.data.layout import CLASS_INDEX, PreparedData, merge_datasets, write_class_index
 from sfdeploy.errors import InputError, TrainingError
 from sfdeploy.fsutil import ensure_writable_dir, replace_atomically
-from sfdeploy.train.config import build_config, use_cuda
-from sfdeploy.train.hooks import SUMMARY_FILE
+from sfdeploy.train.config import build_config, check_machine, use_cuda
+from sfdeploy.train.files import ANNOTATIONS_DIR, CONFIG_FILE, SUMMARY_FILE
 from sfdeploy.train.launch import RUN_INFO, cpu_threads, run_training
 from sfdeploy.train.options import FinetuneOptions
 from sfdeploy.train.presets import preset_path
@@ -48,9 +48,6 @@ from sfdeploy.train.pretrained import prepare_pretrained, pretrained_source
 from sfdeploy.train.strategies import check_options, summary_facts
 
 log = logging.getLogger("sfdeploy")
-
-CONFIG_FILE = "config.py"
-ANNOTATIONS_DIR = "annotations"  # WORK/annotations: the union's rewritten lists
 
 
 def _has_run(work: Path) -> bool:
@@ -130,7 +127,9 @@ _RUN_SETTINGS = ("freeze_backbone", "unfreeze_after", "backbone_lr_mult", "accum
                  "overfit", "batch_size", "checkpointing")
 
 
-def _prepare_resume(opts: FinetuneOptions, work: Path) -> None:
+def _check_resumable(opts: FinetuneOptions, work: Path) -> None:
+    """What ``--resume`` needs that can be checked without MMAction2: an earlier run in WORK, and
+    no option that would not apply to it."""
     if not _has_run(work) or not (work / CONFIG_FILE).is_file():
         fix = "start the run without --resume"
         if opts.nnodes > 1:  # every process reads the checkpoint from its own node's WORK
@@ -144,6 +143,9 @@ def _prepare_resume(opts: FinetuneOptions, work: Path) -> None:
         raise InputError(f"--resume continues the run with the settings in WORK/config.py; "
                          f"{', '.join(changed)} would not apply", path=work,
                          fix="drop them when resuming, or start a new run in another --work-dir")
+
+
+def _prepare_resume(opts: FinetuneOptions, work: Path) -> None:
     cfg = load_config(work / CONFIG_FILE)
     planned = cfg.train_cfg.max_epochs
     if opts.epochs is not None and opts.epochs != planned:
@@ -188,9 +190,15 @@ def finetune(data: PreparedData | Sequence[PreparedData] | None, opts: FinetuneO
     (one process): mmengine's log goes to its file in WORK only, a progress bar to the console."""
     if opts.gpus < 1:
         raise InputError(f"--gpus must be >= 1, got {opts.gpus}", fix="use --gpus 1 (or the number of GPUs)")
+    # What can be refused without MMAction2 (seconds to import) is refused first.
     check_options(opts)
+    if not opts.resume:
+        preset_path(opts.preset)
+    check_machine(opts, use_cuda())
     work = Path(opts.work_dir).resolve()
     ensure_writable_dir(work, "work dir", "--work-dir")
+    if opts.resume:
+        _check_resumable(opts, work)
     ensure_mmaction()
     if opts.resume:
         _prepare_resume(opts, work)
