@@ -212,22 +212,23 @@ class _Targets:
                      "GPU decoder (pip install 'sfdeploy[nvdec]'; its skipped rows say why not)", MISSING)
         for row in gpu_rows:
             backend = row["backend"][len(GPU_DECODE_PREFIX):]
-            name = f"GPU decode-only ({backend}) >= {GPU_DECODE_X:g}x the CPU decode-only ceiling"
-            if decode:
-                ratio = row["videos_per_s"] / decode["videos_per_s"]
-                self.add(name, f"{ratio:.1f}x ({row['videos_per_s']:.1f} vs {decode['videos_per_s']:.1f} videos/s)",
-                         _status(ratio >= GPU_DECODE_X), row=row, reference=decode)
-            else:
-                self.add(name, "needs the decode-only row", MISSING, row=row)
+            self._videos_ratio(f"GPU decode-only ({backend}) >= {GPU_DECODE_X:g}x the CPU decode-only ceiling",
+                               row, decode, GPU_DECODE_X, "{:.1f}x", "needs the decode-only row")
             e2e = next((r for r in self.rows if r["stage"] == "e2e"
                         and r["backend"].endswith(f"(gpu decode: {backend})")), None)
-            name = f"End to end with GPU decoding ({backend}) >= {E2E_SHARE:.0%} of GPU decode-only"
-            if e2e:
-                share = e2e["videos_per_s"] / row["videos_per_s"]
-                self.add(name, f"{share:.0%} ({e2e['videos_per_s']:.1f} vs {row['videos_per_s']:.1f} videos/s)",
-                         _status(share >= E2E_SHARE), row=e2e, reference=row)
-            else:
-                self.add(name, "needs its end-to-end row", MISSING, row=row)
+            self._videos_ratio(f"End to end with GPU decoding ({backend}) >= {E2E_SHARE:.0%} of GPU decode-only",
+                               e2e, row, E2E_SHARE, "{:.0%}", "needs its end-to-end row", present=row)
+
+    def _videos_ratio(self, name: str, row: dict[str, Any] | None, reference: dict[str, Any] | None, goal: float,
+                      shown: str, missing: str, present: dict[str, Any] | None = None) -> None:
+        """A videos/s target: ``row`` over ``reference`` >= ``goal``, or what is missing (said
+        beside ``present``, the row that is there)."""
+        if row is None or reference is None:
+            self.add(name, missing, MISSING, row=present or row)
+            return
+        ratio = row["videos_per_s"] / reference["videos_per_s"]
+        self.add(name, f"{shown.format(ratio)} ({row['videos_per_s']:.1f} vs {reference['videos_per_s']:.1f} "
+                 "videos/s)", _status(ratio >= goal), row=row, reference=reference)
 
     def cpu_runtimes(self) -> None:
         """CPU: ONNX Runtime against TorchScript, per batch (reported: which runtime to serve on a CPU)."""
