@@ -224,7 +224,7 @@ def test_infer_decode_option(tiny_export: Path, synth_root: Path, tmp_path: Path
 
 
 def test_the_decoder_columns_in_every_format_and_an_older_csv_continued(tmp_path: Path) -> None:
-    from sfdeploy.client import Prediction, PredictionWriter
+    from sfdeploy.predictions import Prediction, PredictionWriter
     from sfdeploy.gpudecode.pool import DecodedBy
 
     row = Prediction.from_probs("b.mp4", np.array([0.2, 0.8], dtype=np.float32), ["x", "y"], 1,

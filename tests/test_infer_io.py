@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from sfdeploy.cli import cli
-from sfdeploy.client import Prediction, PredictionWriter
+from sfdeploy.predictions import Prediction, PredictionWriter
 from sfdeploy.errors import InputError
 from sfdeploy.inputs import read_input_list
 

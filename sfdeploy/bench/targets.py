@@ -217,14 +217,14 @@ class _Targets:
             e2e = next((r for r in self.rows if r["stage"] == "e2e"
                         and r["backend"].endswith(f"(gpu decode: {backend})")), None)
             self._videos_ratio(f"End to end with GPU decoding ({backend}) >= {E2E_SHARE:.0%} of GPU decode-only",
-                               e2e, row, E2E_SHARE, "{:.0%}", "needs its end-to-end row", present=row)
+                               e2e, row, E2E_SHARE, "{:.0%}", "needs its end-to-end row")
 
     def _videos_ratio(self, name: str, row: dict[str, Any] | None, reference: dict[str, Any] | None, goal: float,
-                      shown: str, missing: str, present: dict[str, Any] | None = None) -> None:
+                      shown: str, missing: str) -> None:
         """A videos/s target: ``row`` over ``reference`` >= ``goal``, or what is missing (said
-        beside ``present``, the row that is there)."""
+        beside whichever of the two is there)."""
         if row is None or reference is None:
-            self.add(name, missing, MISSING, row=present or row)
+            self.add(name, missing, MISSING, row=row or reference)
             return
         ratio = row["videos_per_s"] / reference["videos_per_s"]
         self.add(name, f"{shown.format(ratio)} ({row['videos_per_s']:.1f} vs {reference['videos_per_s']:.1f} "

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sfdeploy.client import InferSummary, Prediction, collect_inputs, write_predictions
+from sfdeploy.client import InferSummary, collect_inputs, write_predictions
+from sfdeploy.predictions import Prediction
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.errors import InputError, ServingError, SfdeployError

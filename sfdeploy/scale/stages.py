@@ -7,7 +7,7 @@ store without pickling:
 * decoded: ``path``, ``error`` (null when decoded) and ``clip``: the uint8 views of one video as
   ``large_binary`` (its shape is the clip spec's ``input_shape``), empty for a failed video, so a
   broken file costs no object-store memory;
-* rows out: :func:`sfdeploy.client.arrow_schema`, the schema of the ``.parquet`` output, plus
+* rows out: :func:`sfdeploy.predictions.arrow_schema`, the schema of the ``.parquet`` output, plus
   :data:`WHERE_COLUMNS`: which node decoded the video, and which model actor (on which node, in
   which batch) classified it. The driver counts them for the run's summary and writes only the row.
 
@@ -120,7 +120,7 @@ class PredictStage:
 
         import pyarrow as pa
 
-        from sfdeploy.client import Prediction, predictions_to_arrow
+        from sfdeploy.predictions import Prediction, predictions_to_arrow
 
         paths = batch.column("path").to_pylist()
         errors = batch.column("error").to_pylist()
