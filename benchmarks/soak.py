@@ -26,7 +26,8 @@ from sfdeploy.bench.measure import device_info, device_slug
 from sfdeploy.bench.soak import SoakOptions, run_soak
 from sfdeploy.data.probe import VIDEO_EXTENSIONS
 from sfdeploy.fsutil import atomic_write_text
-from sfdeploy.serving.server import TritonServer, free_port
+from sfdeploy.serving.ports import free_port
+from sfdeploy.serving.server import TritonServer
 
 REPO = Path(__file__).resolve().parents[1]
 

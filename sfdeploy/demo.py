@@ -132,7 +132,8 @@ def _repository(paths: DemoPaths) -> None:
 def _serve_and_classify(paths: DemoPaths, data: Any) -> dict[str, Any]:
     """Serve the repository, classify the val videos through it (gRPC), and score the rows."""
     from sfdeploy.client import Classifier, infer
-    from sfdeploy.serving.server import TritonServer, free_port
+    from sfdeploy.serving.ports import free_port
+    from sfdeploy.serving.server import TritonServer
 
     _stage(6, "serve: tritonserver on 127.0.0.1")
     truth = {str(path): data.classes[label] for path, label in data.val_videos()}

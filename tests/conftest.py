@@ -105,7 +105,8 @@ def tiny_repo(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def running_triton(repo: Path, models: list[str] | None = None) -> Iterator:
     """The real tritonserver on free 127.0.0.1 ports, serving ``models`` of ``repo`` (all by
     default), stopped on exit: also for the tests that kill a server of their own midway."""
-    from sfdeploy.serving.server import TritonServer, free_port
+    from sfdeploy.serving.ports import free_port
+    from sfdeploy.serving.server import TritonServer
 
     server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           models=models).start()

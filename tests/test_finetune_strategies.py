@@ -151,7 +151,7 @@ def test_two_nodes_train_together_and_rank_0_writes_work(prepared: Path, tiny_su
                                                          tmp_path: Path) -> None:
     """Two "machines" (two commands, each with its own WORK) on 127.0.0.1, gloo; also the frozen
     backbone under DDP: bit-identical to the pretrained one, the head trained."""
-    from sfdeploy.serving.server import free_port
+    from sfdeploy.serving.ports import free_port
 
     port = free_port()
     pretrained = tiny_summary["best_checkpoint"]

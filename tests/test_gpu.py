@@ -169,7 +169,8 @@ def test_an_onnxruntime_session_asked_for_cuda_runs_on_cuda(gpu_export: Path) ->
 @pytest.fixture(scope="module")
 def gpu_triton(gpu_export: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny export served by the real tritonserver from a repository written with --device gpu."""
-    from sfdeploy.serving.server import TritonServer, free_port
+    from sfdeploy.serving.ports import free_port
+    from sfdeploy.serving.server import TritonServer
 
     repo = tmp_path_factory.mktemp("gpurepo") / "model_repository"
     # fp32, to compare with the fp32 predictor in this process (a GPU repository serves fp16 by default)

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from sfdeploy.errors import ServingError
-from sfdeploy.serving.server import TritonServer, free_port, port_free
+from sfdeploy.serving.ports import free_port, port_free
+from sfdeploy.serving.server import TritonServer
 
 from badvideos import decompression_bomb, many_small_frames
 

@@ -131,7 +131,7 @@ def test_the_video_model_refuses_to_load_where_the_stubs_numpy_bridge_is_broken(
     """Under numpy 2, nvidia-pytriton 0.7.0's stub corrupts BYTES tensors (sfdeploy.serving.tensors):
     <name>_video must not load, and `sfdeploy serve` must say why and what to do. The suite runs
     numpy 1, so only the probe's answer is replaced; the server, the load and the refusal are real."""
-    from sfdeploy.serving.server import free_port
+    from sfdeploy.serving.ports import free_port
 
     repo = tmp_path / "repo"
     for name in ("slowfast", "slowfast_video"):

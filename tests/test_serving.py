@@ -190,7 +190,8 @@ def test_client_errors_name_the_problem(triton, tmp_path: Path) -> None:
 
 def test_a_loading_server_is_not_ready(tiny_repo: Path, tmp_path: Path) -> None:
     """While a model loads, the real server answers live but not ready (strict readiness)."""
-    from sfdeploy.serving.server import TritonServer, free_port
+    from sfdeploy.serving.ports import free_port
+    from sfdeploy.serving.server import TritonServer
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo / "slowfast", repo / "slowfast")
@@ -219,7 +220,7 @@ def test_a_loading_server_is_not_ready(tiny_repo: Path, tmp_path: Path) -> None:
 
 
 def test_serve_reports_a_busy_port_and_a_broken_model(tiny_repo: Path, tmp_path: Path) -> None:
-    from sfdeploy.serving.server import free_port
+    from sfdeploy.serving.ports import free_port
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -241,7 +242,7 @@ def test_serve_reports_a_busy_port_and_a_broken_model(tiny_repo: Path, tmp_path:
 
 
 def test_serve_shuts_down_cleanly_on_sigterm(tiny_repo: Path) -> None:
-    from sfdeploy.serving.server import free_port
+    from sfdeploy.serving.ports import free_port
 
     ports = [str(free_port()) for _ in range(3)]
     proc = subprocess.Popen([sys.executable, "-m", "sfdeploy", "serve", "--repo", str(tiny_repo), "--http-port",

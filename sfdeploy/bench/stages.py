@@ -146,7 +146,8 @@ class Context:
         if self._server is None:
             from sfdeploy.artifacts import backend_format
             from sfdeploy.serving.repo import RepoOptions, write_repository
-            from sfdeploy.serving.server import TritonServer, free_port
+            from sfdeploy.serving.ports import free_port
+            from sfdeploy.serving.server import TritonServer
 
             export_dir = self.export((backend_format(self.served_runtime), self.served_precision))
             repo = self.work / "repo"

@@ -31,7 +31,6 @@ import re
 import secrets
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from sfdeploy.errors import InputError, ServingError
 from sfdeploy.serving.config import TARGET_MODEL, parse_config, python_shm_sizes, request_limit
 from sfdeploy.serving.guard import GuardConfig, remove_shm
 from sfdeploy.serving.install import find_tritonserver, make_backend_dir
+from sfdeploy.serving.ports import busy_port_error, free_port, port_free
 
 log = logging.getLogger("sfdeploy")
 
@@ -90,61 +90,6 @@ def stub_passes_bytes() -> bool:
     tensors in this environment: not under numpy 2 (see :mod:`sfdeploy.serving.tensors`, whose
     probe the video models run at load time; this is the same rule, known before the server starts)."""
     return int(_numpy_version().split(".")[0]) < 2
-
-
-def port_free(host: str, port: int) -> bool:
-    """Whether ``port`` can be bound on ``host`` (as the guard binds it: connections of an earlier
-    server lingering in TIME_WAIT do not count)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def port_owner(port: int) -> str | None:
-    """Who listens on ``port``: ``pid N (command)``, from the kernel's socket table and the open
-    files of the processes this user may see; None if none of them."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                inodes.add(f"socket:[{fields[9]}]")
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
-                command = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-                return f"pid {proc.name} ({Path(command).name or '?'})"
-        except OSError:
-            continue
-    return None
-
-
-def _busy_port(host: str, port: int, option: str) -> ServingError:
-    owner = port_owner(port)
-    leftover = owner is not None and ("tritonserver" in owner or "triton_python_backend_stub" in owner)
-    why = f" by {owner}" if owner else ""
-    if leftover:
-        why += (", left running by a tritonserver that was killed (a backend stub keeps the listening socket it "
-                "inherited)")
-    fix = f"stop it (`kill {owner.split()[1]}`) or pass another {option}" if leftover and owner else (
-        f"pass another {option}, or stop the program using it")
-    return ServingError(f"port {port} on {host} is already in use{why}", fix=fix)
 
 
 def process_group_memory(*pgids: int) -> dict[str, float]:
@@ -256,7 +201,7 @@ class TritonServer:
         for label, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
                             ("--metrics-port", self.metrics_port)):
             if not port_free(self.host, port):
-                raise _busy_port(self.host, port, label)
+                raise busy_port_error(self.host, port, label)
         install = find_tritonserver()
         self._tmp = tempfile.TemporaryDirectory(prefix="sfdeploy-triton-")
         backends = make_backend_dir(install, Path(self._tmp.name) / "backends")
