@@ -10,6 +10,11 @@
 #                               # further parts, the decoders' probe, tests/test_gpu_decode.py, the fidelity
 #                               # gate per decoder on the demo export, and the record's e2e stage again (its
 #                               # gpu-decode rows beside the CPU decode-only ceiling measured in call 2)
+#   benchmarks/gpu_check.sh 4   # torch.export / AOTInductor (issue 32): the demo's model exported on the GPU
+#                               # in every format (AOTInductor packages compiled for this GPU), what `repo`
+#                               # serves from that measurement, the GPU tests of the new formats, and the
+#                               # record's model rows still missing (ExportedProgram, AOTInductor: fp16 at
+#                               # batch 1 and 32 beside TorchScript plain and rewritten)
 #
 # Every step has its own time limit inside an overall deadline (BUDGET_S, default 540 s a call), and
 # what it produced is copied to $OUT as it finishes (the record after every stage): a call cut short
@@ -19,7 +24,7 @@
 # A plain GPU machine with internet can run the same: pip install -e ".[gpu,dev]" and KIT=none.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE="${1:?usage: benchmarks/gpu_check.sh 1|2|3}"
+PHASE="${1:?usage: benchmarks/gpu_check.sh 1|2|3|4}"
 OUT="${OUT:-/tmp/sfdeploy-gpu-out}"
 STATE="${SFDEPLOY_GPU_STATE:-/tmp/sfdeploy-gpu}"
 KIT="${KIT:-.gpukit}"
@@ -32,7 +37,7 @@ export PYTHONUNBUFFERED=1 SFDEPLOY_TEST_DEMO="$STATE/demo"
 # (PROFILE=small DEVICE=cpu PRECISIONS=fp32 KIT=none rehearse the script on a CPU machine.)
 PROFILE_FLAG=(); [ "${PROFILE:-full}" = full ] && PROFILE_FLAG=(--full)
 BENCH=(bench "${PROFILE_FLAG[@]}" --device "${DEVICE:-cuda}" --precision "${PRECISIONS:-fp32,fp16}" --batch-sizes "${BATCHES:-1,32}"
-       --backends mmaction2,eager,torchscript,triton-grpc,triton-http,triton-shm --concurrency 1,8
+       --backends mmaction2,eager,torchscript,torch_export,aoti,triton-grpc,triton-http,triton-shm --concurrency 1,8
        --triton-batch 32 --iters "${ITERS:-20}" --warmup 5 --e2e-videos "${E2E_VIDEOS:-128}"
        --trace --out "$RECORD" --resume)
 
@@ -110,6 +115,18 @@ for s in probe_backends(): print(s)'
     step bench-e2e-gpu-decode 150 "$PY" -m sfdeploy "${BENCH[@]}" --stage e2e
     save_record
     ;;
-  *) echo "usage: benchmarks/gpu_check.sh 1|2|3" >&2; exit 2 ;;
+  4)
+    step demo 150 "$PY" -m sfdeploy demo --workdir "$STATE/demo"
+    step export-all-formats 300 "$PY" -m sfdeploy export "$STATE/demo/work" --out "$STATE/export-all" --device cuda \
+      --formats torchscript,onnx,torch_export,aoti --parity-videos 12
+    [ -f "$STATE/export-all/manifest.json" ] && cp "$STATE/export-all/manifest.json" "$OUT/export-all-manifest.json"
+    step repo-auto 60 "$PY" -m sfdeploy repo "$STATE/export-all" --repo "$STATE/repo-auto" --device cuda --no-video
+    [ -f "$STATE/repo-auto/slowfast/config.pbtxt" ] && cp "$STATE/repo-auto/slowfast/config.pbtxt" "$OUT/repo-auto.pbtxt"
+    step pytest-gpu-formats 300 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --timeout 290 \
+      --junitxml "$OUT/pytest-gpu-formats.xml" tests/test_gpu.py -k "parity or new_formats or measured_fastest"
+    step bench-model-formats 400 "$PY" -m sfdeploy "${BENCH[@]}" --stage model
+    save_record
+    ;;
+  *) echo "usage: benchmarks/gpu_check.sh 1|2|3|4" >&2; exit 2 ;;
 esac
 echo "gpu_check: phase $PHASE done $(date +%T)"; cat "$OUT/summary.txt"

@@ -31,6 +31,7 @@ from typing import Any
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import EnvironmentProblem, ExportError, InputError
 from sfdeploy.fsutil import atomic_write_text
+from sfdeploy.precision import PRECISIONS, REDUCED  # noqa: F401 - read from here too: artifacts are named by them
 
 log = logging.getLogger("sfdeploy")
 
@@ -51,14 +52,20 @@ def video_model_name(name: str) -> str:
     """The served model that decodes videos for model ``name`` on the server."""
     return f"{name}_video"
 
-FORMATS: tuple[str, ...] = ("torchscript", "onnx")
-# bf16: TorchScript only, written by `sfdeploy bench --precision bf16` on CUDA (ONNX Runtime has no
-# bf16 3-D convolution kernels); `sfdeploy export` writes fp32 and fp16.
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
-_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
+#: what `sfdeploy export` can write: TorchScript (``torch.jit.trace``; deprecated upstream, loaded by
+#: Triton's pytorch backend), ONNX (Triton's onnxruntime backend, ONNX Runtime anywhere), torch.export's
+#: ExportedProgram (``torch.export``: the serialisation PyTorch keeps, run from its own graph, no model
+#: code) and an AOTInductor package (that program compiled ahead of time for one device and one torch
+#: build: :mod:`sfdeploy.export.aoti`)
+FORMATS: tuple[str, ...] = ("torchscript", "onnx", "torch_export", "aoti")
+#: what it writes unless told: the AOTInductor package is opt-in (minutes of compilation for R50, and
+#: only for the device and torch build it is compiled on)
+DEFAULT_FORMATS: tuple[str, ...] = ("torchscript", "onnx", "torch_export")
+_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "torch_export": ".pt2", "aoti": ".aoti.pt2"}
 
 #: the in-process backend that runs each format (the names users pass as --backend / --runtime)
-BACKEND_FORMAT: dict[str, str] = {"onnxruntime": "onnx", "torchscript": "torchscript"}
+BACKEND_FORMAT: dict[str, str] = {"onnxruntime": "onnx", "torchscript": "torchscript",
+                                  "torch_export": "torch_export", "aoti": "aoti"}
 LOCAL_BACKENDS: tuple[str, ...] = tuple(BACKEND_FORMAT)
 FORMAT_BACKEND: dict[str, str] = {fmt: backend for backend, fmt in BACKEND_FORMAT.items()}
 
@@ -76,6 +83,15 @@ FP32_MAX_ABS_DIFF = 1e-4
 # an artifact on a GPU may be this many times as far from the CPU truth as MMAction2 itself is there
 DEVICE_NOISE_FACTOR = 2.0
 FP16_MIN_TOP1_AGREEMENT = 0.99
+#: ... and, for every reduced precision, its probabilities within this of the truth: loose (bf16
+#: keeps 8 significant bits: the demo's bf16 model is 6e-3 off), it catches an artifact whose top-1
+#: agrees by luck on a few classes while its numbers are wrong
+REDUCED_MAX_ABS_DIFF: dict[str, float] = {"fp16": 5e-2, "bf16": 1e-1}
+
+#: the key of the facts every artifact carries about itself (format, precision, the versions that
+#: wrote it, the device it was compiled for): a TorchScript / ExportedProgram extra file, ONNX
+#: metadata, AOTInductor package metadata
+ARTIFACT_INFO_KEY = "sfdeploy_artifact"
 
 
 def self_check(diff: float, precision: str, *, failure: str, path: Path, fix: str, device: str, runtime: str,
@@ -103,9 +119,14 @@ def parse_formats(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 def artifact_key(fmt: str, precision: str = "fp32") -> str:
     """``torchscript``, ``onnx_fp16``, ...: how the manifest names an artifact."""
+    from sfdeploy.precision import UNSUPPORTED
+
     if fmt not in FORMATS or precision not in PRECISIONS:
         raise InputError(f"no artifact {fmt} {precision}",
                          fix=f"formats: {', '.join(FORMATS)}; precisions: {', '.join(PRECISIONS)}")
+    if (fmt, precision) in UNSUPPORTED:
+        raise InputError(f"there is no {precision} {fmt} artifact: {UNSUPPORTED[fmt, precision]}",
+                         fix=f"use another precision for {fmt}, or another format for {precision}")
     return fmt if precision == "fp32" else f"{fmt}_{precision}"
 
 
@@ -238,14 +259,28 @@ class Artifact:
     # the graph rewrites it was made with (sfdeploy.export.rewrites.STEPS), and for which device
     rewrites: list[str] = field(default_factory=list)
     optimized_for: str = ""
+    # what it says about itself (ARTIFACT_INFO_KEY: the versions that wrote it, an AOTInductor
+    # package's device), the facts of its format (ONNX IR version and opset, ...), and the oldest
+    # runtimes and Triton containers that load it (sfdeploy.compatibility)
+    info: dict[str, Any] = field(default_factory=dict)
+    loads_in: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, fmt: str, precision: str, path: Path, file: str | None = None, rewrites: list[str] | None = None,
-           optimized_for: str = "") -> Artifact:
-        """Describe the file at ``path`` (named ``file`` in the export, default its own name)."""
+           optimized_for: str = "", info: dict[str, Any] | None = None) -> Artifact:
+        """Describe the file at ``path`` (named ``file`` in the export, default its own name) and
+        what ``info`` (the facts it carries) says about where it loads."""
+        from sfdeploy.compatibility import loads_in
+
         path = Path(path)
+        info = dict(info or {})
         return cls(fmt, precision, file or path.name, path.stat().st_size, sha256(path), list(rewrites or []),
-                   optimized_for)
+                   optimized_for, info, loads_in(fmt, info))
+
+    @property
+    def device_kind(self) -> str | None:
+        """``cpu`` or ``cuda`` for an artifact that only runs there (an AOTInductor package), else None."""
+        return self.info.get("compiled_for")
 
 
 @dataclass
@@ -259,6 +294,11 @@ class Manifest:
     parity: dict[str, Any] = field(default_factory=dict)
     averaging: str = "prob"
     format_version: int = FORMAT_VERSION
+    # how fast each artifact that passed the gate ran where it was gated (sfdeploy.export.timing):
+    # what `repo --runtime auto --precision auto` chooses from
+    timings: dict[str, Any] = field(default_factory=dict)
+    # the machine the export ran on: its device and what its CPU runs natively (bf16)
+    host: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input(self) -> dict[str, Any]:
@@ -283,6 +323,8 @@ class Manifest:
             "artifacts": {k: asdict(v) for k, v in self.artifacts.items()},
             "source": self.source,
             "parity": self.parity,
+            "timings": self.timings,
+            "host": self.host,
         }
 
     def write(self, export_dir: Path) -> Path:
@@ -312,6 +354,8 @@ class Manifest:
                 source=data["source"],
                 parity=data.get("parity", {}),
                 averaging=data.get("averaging", "prob"),
+                timings=data.get("timings", {}),
+                host=data.get("host", {}),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"unreadable manifest ({exc})", path=path, fix="re-run `sfdeploy export`") from exc

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sfdeploy.compatibility import release
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 
@@ -50,14 +52,6 @@ def _pins(*dists: str) -> str:
     return " ".join(f"'{w}'" if any(c in w for c in "<>[") else w for w in words)
 
 
-def _parse(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def check_python() -> Check:
     v = sys.version_info
     ok = (3, 10) <= (v.major, v.minor) <= (3, 13)
@@ -87,7 +81,7 @@ def check_numpy() -> Check:
     version = _version("numpy")
     if version is None:
         return Check("numpy", FAIL, "not installed", f"pip install {_pins('numpy')}")
-    if _parse(version) < (2,):
+    if release(version) < (2,):
         return Check("numpy", OK, version)
     pytriton = _version("nvidia-pytriton")
     stub = (f"the tritonserver python backend stub of nvidia-pytriton {pytriton} is"
@@ -109,7 +103,7 @@ def check_openmmlab() -> Check:
         return Check("mmaction2 stack", FAIL, f"missing: {', '.join(missing + ([] if mmcv else ['mmcv-lite']))}",
                      f"pip install {_pins('mmengine', 'mmcv-lite', 'mmaction2')}")
     detail = f"mmaction2 {versions['mmaction2']}, mmengine {versions['mmengine']}, mmcv {mmcv}"
-    if _parse(mmcv) >= (2, 2):
+    if release(mmcv) >= (2, 2):
         return Check("mmaction2 stack", FAIL, detail, f"pip install {_pins('mmcv-lite')} (mmaction2 needs mmcv<2.2)")
     from sfdeploy.compat import missing_drn_module
 
@@ -362,10 +356,36 @@ def check_gpu_decoders() -> Check:
     return Check("GPU video decoding", OK, f"{detail} (optional: NVDEC on a GPU host)")
 
 
+def check_cpu_bf16() -> Check:
+    """Whether this CPU runs bf16 natively (what `export --precisions auto` and `repo` use on it)."""
+    from sfdeploy.precision import cpu_bf16
+
+    support = cpu_bf16()
+    return Check("CPU bf16", OK, f"{support.how}: bf16 artifacts are exported, gated and served on this CPU"
+                 if support.supported else f"{support.how}; fp32 on the CPU (optional: bf16 needs AVX512-BF16 or AMX)")
+
+
+def check_aoti_compiler() -> Check:
+    """AOTInductor (``export --formats aoti``, optional) compiles C++ for CPU packages and Triton
+    kernels for CUDA ones: a C++ compiler, and on a GPU host the ``triton`` package."""
+    import shutil
+
+    import torch
+
+    compiler = next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    missing = [] if compiler else ["a C++ compiler"]
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is None:
+        missing.append("the triton package (CUDA kernels)")
+    if missing:
+        return Check("AOTInductor", WARN, f"{' and '.join(missing)} not found: `export --formats aoti` cannot compile "
+                     "(the other formats need neither)", "apt-get install g++ (and pip install triton on a GPU host)")
+    return Check("AOTInductor", OK, f"{compiler} ({shutil.which(compiler)}) for `export --formats aoti`")
+
+
 CHECKS: list[Callable[[], Check]] = [
     check_python, check_torch, check_numpy, check_openmmlab, check_pkg_resources, check_opencv,
     check_decoders, check_gpu_decoders, check_onnx, check_onnxruntime_cuda, check_tritonclient, check_tritonserver,
-    check_python_backend_stub, check_ray,
+    check_python_backend_stub, check_ray, check_cpu_bf16, check_aoti_compiler,
 ]
 
 

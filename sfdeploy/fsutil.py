@@ -27,9 +27,10 @@ def ensure_writable_dir(path: Path, what: str, option: str) -> Path:
 
 
 def partial_path(path: Path) -> Path:
-    """The hidden temporary name ``path`` is written under before :func:`commit` renames it."""
+    """The hidden temporary name ``path`` is written under before :func:`commit` renames it; it
+    keeps the suffix, for readers that go by it (torch.export's loader wants ``.pt2``)."""
     path = Path(path)
-    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    return path.with_name(f".{path.stem}{PARTIAL_SUFFIX}{path.suffix}")
 
 
 def remove_partials(folder: Path) -> None:

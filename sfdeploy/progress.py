@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -26,3 +27,29 @@ def progress(items: Iterable[T], *, desc: str, unit: str = "it", total: int | No
         for item in items:
             yield item
             shown.update(1)
+
+
+@contextmanager
+def elapsed(desc: str, *, enabled: bool = True, every_s: float = 1.0) -> Iterator[None]:
+    """A progress line that counts the seconds of one long call that reports no progress of its
+    own (an AOTInductor compilation), refreshed from a background thread until the block ends."""
+    import threading
+
+    from tqdm import tqdm
+
+    line = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            line.refresh()
+
+    ticker = threading.Thread(target=tick, name="sfdeploy-elapsed", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        line.close()

@@ -85,19 +85,25 @@ def tiny_summary(tiny_run: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_export(demo: tuple[Path, dict]) -> Path:
-    """EXPORT of WORK with --fp16 (TorchScript + ONNX, fp32 + fp16, one view), parity passed."""
+    """EXPORT of WORK with --fp16: TorchScript, ONNX and ExportedProgram, fp32 + fp16 (+ bf16 but
+    ONNX, on a CPU with AVX512-BF16 / AMX), one view, parity passed, timed."""
     return demo[0] / "export"
 
 
 @pytest.fixture(scope="session")
 def tiny_repo(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`sfdeploy repo EXPORT --device cpu` (python backend running TorchScript, native configs,
-    `slowfast_video` with the default decode instances and size limit), plus `slowfast_ort`: the
-    python backend running the ONNX model, and `slowfast_ort_video` (1 decode instance, 1 MB limit)."""
+    """`sfdeploy repo EXPORT --device cpu --runtime torchscript --precision fp32` (python backend
+    running TorchScript fp32: named, so that the tests compare one known artifact, whatever this
+    machine measured fastest; native configs, `slowfast_video` with the default decode instances
+    and size limit), plus `slowfast_ort`: the python backend running the ONNX model, with
+    `slowfast_ort_video` (1 decode instance, 1 MB limit), and `slowfast_pt2`: the ExportedProgram."""
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
-    run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu")
+    run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu", "--runtime", "torchscript",
+            "--precision", "fp32")
     run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu", "--name", "slowfast_ort",
             "--runtime", "onnxruntime", "--no-native", "--decode-instances", "1", "--max-video-mb", "1")
+    run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu", "--name", "slowfast_pt2",
+            "--runtime", "torch_export", "--precision", "fp32", "--no-native", "--no-video")
     return repo
 
 

@@ -87,7 +87,7 @@ def test_a_killed_reexport_leaves_the_old_export_and_a_finished_one_replaces_it(
                "--parity-videos", "4"]  # fp32 only this time: the fp16 files are no longer part of it
 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: any(export_copy.glob(".*.partial")), proc)  # killed while writing the new files
+    _wait_for(lambda: any(export_copy.glob(".*.partial*")), proc)  # killed while writing the new files
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (export_copy / MANIFEST_FILE).read_text() == before
@@ -100,6 +100,6 @@ def test_a_killed_reexport_leaves_the_old_export_and_a_finished_one_replaces_it(
     new = Manifest.read(export_copy)
     assert set(new.artifacts) == {"torchscript", "onnx"}
     assert not (export_copy / "model_fp16.onnx").exists() and not (export_copy / "model_fp16.pt").exists()
-    assert not list(export_copy.glob(".*.partial"))
+    assert not list(export_copy.glob(".*.partial*"))
     for backend in ("onnxruntime", "torchscript"):
         open_local(backend, export_copy).close()

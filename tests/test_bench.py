@@ -18,12 +18,12 @@ from sfdeploy.bench.record import Record
 from sfdeploy.bench.rows import ROW_KEY, row_key
 from sfdeploy.bench.run import BenchOptions, check_options
 from sfdeploy.bench.targets import targets
-from sfdeploy.errors import InputError
+from sfdeploy.errors import EnvironmentProblem, InputError
 
 from conftest import REPO, run_cli
 
 TINY = ["--batch-sizes", "1,2", "--iters", "2", "--min-time", "0.1", "--warmup", "1", "--concurrency", "1,2",
-        "--triton-batch", "2", "--e2e-videos", "8", "--trace", "--device", "cpu"]
+        "--triton-batch", "2", "--e2e-videos", "8", "--trace", "--device", "cpu", "--precision", "fp32"]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -42,7 +42,7 @@ def test_bench_killed_half_way_resumes_to_every_row_once(tmp_path: Path) -> None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = _rows(out)
-    assert 3 <= len(before) < 12 and {r["stage"] for r in before} == {"model"}
+    assert 3 <= len(before) < 14 and {r["stage"] for r in before} == {"model"}
     exported = out.with_suffix(".work") / "export" / "model.pt"
     exported_at = exported.stat().st_mtime_ns
 
@@ -63,11 +63,11 @@ def test_bench_killed_half_way_resumes_to_every_row_once(tmp_path: Path) -> None
     refused = run_cli("bench", *TINY, "--out", str(out), check=False)
     assert refused.returncode != 0 and "--resume" in refused.stderr and _rows(out) == before
     result = run_cli("bench", *TINY, "--out", str(out), "--resume")
-    assert f"stage model: {len(before)} of 12 rows recorded" in result.stderr
+    assert f"stage model: {len(before)} of 14 rows recorded" in result.stderr
     record = json.loads(out.read_text())
     rows = record["rows"]
     keys = [row_key(r) for r in rows]
-    assert len(keys) == len(set(keys)) == 29
+    assert len(keys) == len(set(keys)) == 31
     # GPU decoding (4 rows: decode-only and end to end per GPU decoder) is measured on CUDA only
     gpu_decoding = [r for r in rows if "gpu decode" in r["backend"].replace("-", " ")]
     assert len(gpu_decoding) == 4 and all(r["status"] == "skipped" and "--device cuda" in r["note"]
@@ -86,9 +86,14 @@ def test_bench_killed_half_way_resumes_to_every_row_once(tmp_path: Path) -> None
         stage_of.setdefault(row["stage"], set()).add(row["backend"])
         if row["kind"] == "clips":
             assert row["clips_per_s"] > 0 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    # the served runtime: what `repo --runtime auto` would serve, chosen from the model rows above
+    served_runtime = record["served_choice"]["runtime"]
+    mean_ms = {b: sum(1000 / r["clips_per_s"] for r in rows if r["stage"] == "model" and r["backend"] == b) / 2
+               for b in ("torchscript", "onnxruntime", "torch_export")}
+    assert served_runtime == min(mean_ms, key=mean_ms.get) and record["served_choice"]["precision"] == "fp32"
     assert stage_of == {"model": {"mmaction2", "eager", "eager-rewrites", "torchscript", "torchscript-plain",
-                                  "onnxruntime", "eager-profile"},
-                        "triton": {"torchscript", "triton-http", "triton-grpc", "triton-shm"},
+                                  "onnxruntime", "torch_export", "eager-profile"},
+                        "triton": {served_runtime, "triton-http", "triton-grpc", "triton-shm"},
                         "e2e": {"decode-only", "sfdeploy:triton-grpc", "mmaction2:inference_recognizer",
                                 "triton-video:grpc", "sfdeploy:triton-grpc (1 video per request)"}}
     profile = next(r for r in rows if r["kind"] == "ops")
@@ -107,14 +112,14 @@ def test_bench_killed_half_way_resumes_to_every_row_once(tmp_path: Path) -> None
     assert len(served) == 6
     for target in served:
         row, reference = target["row"], target["reference"]
-        assert reference["stage"] == "triton" and reference["backend"] == "torchscript"
+        assert reference["stage"] == "triton" and reference["backend"] == served_runtime
         assert (reference["precision"], reference["batch"], reference["concurrency"]) == \
             (row["precision"], row["batch"], row["concurrency"])
     headline = record["targets"][0]
-    assert "python backend running torchscript fp32" in headline["target"]
+    assert f"python backend running {served_runtime} fp32" in headline["target"]
     assert headline["row"]["backend"].startswith("triton-") and headline["reference"]["backend"] == "mmaction2"
     table = out.with_suffix(".md").read_text()
-    assert "Stages recorded: model, triton, e2e (25 rows measured, 0 failed, 4 skipped" in table
+    assert "Stages recorded: model, triton, e2e (27 rows measured, 0 failed, 4 skipped" in table
     assert "| decode-only |" in table
     # Triton's own account of each served row's requests, beside the client's
     for row in (r for r in rows if r["backend"].startswith("triton-") and r["stage"] == "triton"):
@@ -192,15 +197,20 @@ def test_triton_is_compared_at_its_own_concurrency_only() -> None:
     assert at_eight["status"] == "met" and at_eight["reference"]["concurrency"] == 8
 
 
-def test_bf16_where_it_cannot_run_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_cli("bench", "--precision", "bf16", "--device", "cpu", "--out", str(tmp_path / "r.json"),
-                     check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "bf16 is benchmarked on CUDA only" in result.stderr and "fix:" in result.stderr
-    assert not (tmp_path / "r.json").exists()
-    with pytest.raises(InputError, match="cannot run with ONNX Runtime"):
-        check_options(BenchOptions(precisions=("fp16", "bf16")), "cuda")
-    assert check_options(BenchOptions(precisions=("bf16",), backends=("eager", "torchscript")), "cuda") == ("bf16",)
+def test_bf16_where_it_cannot_run_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfdeploy import precision
+    from sfdeploy.bench.stages import Context, plan_model
+
+    assert check_options(BenchOptions(precisions=("fp16", "bf16")), "cuda") == ("fp16", "bf16")
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: precision.CpuBf16(False, "this CPU has neither"))
+    with pytest.raises(EnvironmentProblem, match="bf16 on the CPU needs AVX512-BF16 or AMX"):
+        check_options(BenchOptions(precisions=("fp32", "bf16")), "cpu")
+    assert check_options(BenchOptions(), "cpu") == ("fp32",)  # auto: fp32 only on such a CPU
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: precision.CpuBf16(True, "AVX512-BF16"))
+    assert check_options(BenchOptions(), "cpu") == ("fp32", "bf16")
+    opts = BenchOptions(precisions=("fp32", "bf16"), batch_sizes=(1,), backends=("onnxruntime", "torch_export"))
+    planned = {(t.backend, t.precision) for t in plan_model(Context(opts, None, "cpu", tmp_path, tmp_path))}
+    assert planned == {("onnxruntime", "fp32"), ("torch_export", "fp32"), ("torch_export", "bf16")}  # no bf16 ONNX
 
 
 def test_a_record_from_before_min_time_resumes_with_what_it_was_measured_with(tmp_path: Path) -> None:

@@ -97,3 +97,19 @@ def test_gpu_video_decoding_is_optional_and_says_what_is_here() -> None:
         assert check.status == OK and "(optional: NVDEC on a GPU host)" in check.detail
     else:
         assert check.status in (OK, WARN)
+
+
+def test_the_new_formats_and_precisions_rows_say_what_this_machine_can_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from sfdeploy import precision
+
+    names = {c.name: c for c in doctor.run_checks()}
+    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    assert (names["AOTInductor"].status == doctor.OK) == bool(compiler)
+    assert names["CPU bf16"].status == doctor.OK and names["CPU bf16"].detail.startswith(precision.cpu_bf16().how)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler on the PATH
+    check = doctor.check_aoti_compiler()
+    assert check.status == doctor.WARN and "a C++ compiler" in check.detail and "g++" in check.fix
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: precision.CpuBf16(False, "this CPU has neither"))
+    assert doctor.check_cpu_bf16().detail.startswith("this CPU has neither; fp32 on the CPU")

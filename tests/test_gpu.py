@@ -29,8 +29,17 @@ BACKENDS = ["torchscript", pytest.param("onnxruntime", marks=needs_ort_gpu)]
 def gpu_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`export --device cuda --fp16` of the tiny model: traced, self-checked and gated on the GPU."""
     out = tmp_path_factory.mktemp("gpu") / "EXPORT"
-    formats = "torchscript,onnx" if ORT_GPU else "torchscript"
+    formats = "torchscript,torch_export,onnx" if ORT_GPU else "torchscript,torch_export"
     run_cli("export", str(tiny_run), "--out", str(out), "--device", "cuda", "--fp16", "--formats", formats)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpu_aoti(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`export --device cuda --formats aoti`: AOTInductor packages compiled for this GPU, fp32 + fp16."""
+    out = tmp_path_factory.mktemp("gpuaoti") / "EXPORT"
+    run_cli("export", str(tiny_run), "--out", str(out), "--device", "cuda", "--formats", "torchscript,aoti",
+            "--parity-videos", "8")
     return out
 
 
@@ -42,7 +51,8 @@ def clips(gpu_export: Path, prepared: Path) -> np.ndarray:
 def test_export_on_cuda_passes_parity_with_tf32_off(gpu_export: Path) -> None:
     parity = Manifest.read(gpu_export).parity
     assert parity["settings"]["reference_device"].startswith("cuda") and parity["settings"]["tf32"] is False
-    expected = {"torchscript", "torchscript_fp16"} | ({"onnx", "onnx_fp16"} if ORT_GPU else set())
+    expected = {"torchscript", "torchscript_fp16", "torch_export", "torch_export_fp16"} | (
+        {"onnx", "onnx_fp16"} if ORT_GPU else set())
     assert set(parity["artifacts"]) == expected
     settings = parity["settings"]
     assert settings["truth_device"] == "cpu" and settings["cudnn_benchmark"] is False
@@ -265,10 +275,39 @@ def test_cuda_graphs_give_what_the_module_gives_at_every_batch_size(gpu_export: 
         assert all(np.allclose(got, expected[i], atol=1e-5) for got in results[i]), i
 
 
-def test_repo_serves_fp16_on_a_gpu_by_default(gpu_export: Path, tmp_path: Path) -> None:
+def test_repo_serves_what_the_gpu_measured_fastest_by_default(gpu_export: Path, tmp_path: Path) -> None:
+    from sfdeploy.artifacts import BACKEND_FORMAT, artifact_key
     from sfdeploy.serving.config import parse_config
 
     repo = tmp_path / "repo"
     run_cli("repo", str(gpu_export), "--repo", str(repo), "--device", "gpu", "--no-native", "--no-video")
     params = parse_config((repo / "slowfast" / "config.pbtxt").read_text()).parameters
-    assert params["precision"].string_value == "fp16" and params["artifact"].string_value == "model_fp16.pt"
+    timings = Manifest.read(gpu_export).timings
+    assert timings["device_kind"] == "cuda" and set(timings["ms_per_clip"]) >= {"torchscript_fp16",
+                                                                                "torch_export_fp16"}
+    mean = {key: sum(per.values()) / len(per) for key, per in timings["ms_per_clip"].items()}
+    chosen = artifact_key(BACKEND_FORMAT[params["runtime"].string_value], params["precision"].string_value)
+    assert chosen == min(mean, key=mean.get) and "measured on cuda" in params["chosen_because"].string_value
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_new_formats_on_cuda_predict_what_torchscript_predicts(gpu_export: Path, gpu_aoti: Path,
+                                                                   clips: np.ndarray, precision: str) -> None:
+    """The ExportedProgram (fp32 traced on the CPU, moved to the GPU) and the AOTInductor package
+    compiled for this GPU: through the gate, beside TorchScript, with CUDA graphs replayed."""
+    from sfdeploy.runtime import open_local
+
+    manifest = Manifest.read(gpu_aoti)
+    assert manifest.parity_passed and manifest.artifacts["aoti"].device_kind == "cuda"
+    assert manifest.artifacts["aoti"].info["target"].startswith("compute capability")
+    bound = 5e-3 if precision == "fp32" else 2e-2  # TF32 (the runtimes' default, TorchScript's matmuls) / fp16
+    reference = open_local("torchscript", gpu_export, precision=precision, device="cuda").predict(clips)
+    for backend, export in (("torch_export", gpu_export), ("aoti", gpu_aoti)):
+        predictor = open_local(backend, export, precision=precision, device="cuda")
+        got = predictor.predict(clips)
+        assert np.abs(got - reference).max() <= bound, backend
+        assert np.array_equal(got.argmax(1), reference.argmax(1)), backend
+        for n in (1, 3, 8):  # replayed graphs (a batch of 3 in the bucket of 4) give what the first call gave
+            assert np.allclose(predictor.predict(clips[:n]), got[:n], atol=1e-5), (backend, n)
+        assert predictor.graphs.startswith("CUDA graphs"), (backend, predictor.graphs)
+        predictor.close()

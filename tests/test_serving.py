@@ -20,6 +20,7 @@ import pytest
 from sfdeploy.client import Classifier
 from sfdeploy.errors import ServingError
 from sfdeploy.runtime.ort import OrtPredictor
+from sfdeploy.runtime.torch_export import ExportedProgramPredictor
 from sfdeploy.runtime.torchscript import TorchScriptPredictor
 from sfdeploy.runtime.triton import TritonPredictor
 from sfdeploy.serving.config import parse_config, spec_of
@@ -41,11 +42,15 @@ def test_every_config_parses_and_carries_the_clip_spec(tiny_repo: Path, tiny_exp
     configs = {p.parent.name: parse_config(p.read_text()) for p in tiny_repo.glob("*/config.pbtxt")}
     assert {name: c.backend for name, c in configs.items()} == {
         "slowfast": "python", "slowfast_onnx": "onnxruntime", "slowfast_torchscript": "pytorch",
-        "slowfast_ort": "python", "slowfast_video": "python", "slowfast_ort_video": "python"}
+        "slowfast_ort": "python", "slowfast_video": "python", "slowfast_ort_video": "python",
+        "slowfast_pt2": "python"}
     # the _video models take encoded videos: tests/test_server_decode.py checks their configs
     configs = {name: c for name, c in configs.items() if not name.endswith("_video")}
     assert configs["slowfast"].parameters["runtime"].string_value == "torchscript"
     assert configs["slowfast_ort"].parameters["runtime"].string_value == "onnxruntime"
+    assert configs["slowfast_pt2"].parameters["artifact"].string_value == "model.pt2"
+    assert configs["slowfast"].parameters["chosen_because"].string_value == (
+        "as asked: --runtime torchscript --precision fp32")
     for name, config in configs.items():
         assert spec_of(config) == spec
         assert list(config.input[0].dims) == list(spec.input_shape)
@@ -82,7 +87,8 @@ def test_repo_is_idempotent_and_versions_add_folders(tiny_export: Path, tmp_path
     run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu")
     assert {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()} == files
     run_cli("repo", str(tiny_export), "--repo", str(repo), "--device", "cpu", "--version", "2")
-    assert (repo / "slowfast/1/model.pt").is_file() and (repo / "slowfast/2/model.pt").is_file()
+    served = parse_config((repo / "slowfast/config.pbtxt").read_text()).parameters["artifact"].string_value
+    assert (repo / "slowfast/1" / served).is_file() and (repo / "slowfast/2" / served).is_file()
 
 
 def test_committed_model_repository_is_what_repo_writes(tiny_export: Path, tiny_repo: Path, tmp_path: Path) -> None:
@@ -95,7 +101,8 @@ def test_committed_model_repository_is_what_repo_writes(tiny_export: Path, tiny_
         return re.sub(r'(key: "artifact_sha256"\n  value \{\n    string_value: )"[0-9a-f]{64}"', r"\1HASH", text)
 
     written = tmp_path / "model_repository"
-    run_cli("repo", str(tiny_export), "--repo", str(written), "--device", "cpu", "--decode-instances", "2")
+    run_cli("repo", str(tiny_export), "--repo", str(written), "--device", "cpu", "--decode-instances", "2",
+            "--runtime", "torchscript", "--precision", "fp32")
     committed = REPO / "model_repository"
     for name in ("slowfast", "slowfast_onnx", "slowfast_torchscript", "slowfast_video"):
         for filename in ("config.pbtxt", "labels.txt"):
@@ -110,12 +117,14 @@ def test_committed_model_repository_is_what_repo_writes(tiny_export: Path, tiny_
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("shm", [False, True])
-@pytest.mark.parametrize("runtime", ["onnxruntime", "torchscript"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torchscript", "torch_export"])
 def test_served_predictions_equal_in_process(triton, tiny_export: Path, clips: np.ndarray, protocol: str,
                                              shm: bool, runtime: str) -> None:
     """Bit for bit: the served model and the same artifact run in this process."""
     if runtime == "onnxruntime":
         local, model = OrtPredictor(tiny_export / "model.onnx"), "slowfast_ort"
+    elif runtime == "torch_export":
+        local, model = ExportedProgramPredictor(tiny_export / "model.pt2"), "slowfast_pt2"
     else:
         local, model = TorchScriptPredictor(tiny_export / "model.pt"), "slowfast"
     url = triton.http_url if protocol == "http" else triton.grpc_url
@@ -250,7 +259,7 @@ def test_serve_shuts_down_cleanly_on_sigterm(tiny_repo: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = json.loads(proc.stdout.readline())  # printed once the models are ready
-        assert ready["models"] == ["slowfast", "slowfast_ort", "slowfast_ort_video", "slowfast_video"]
+        assert ready["models"] == ["slowfast", "slowfast_ort", "slowfast_ort_video", "slowfast_pt2", "slowfast_video"]
         assert ready["http"] == f"127.0.0.1:{ports[0]}"
         server_pids = subprocess.run(["pgrep", "-g", str(ready["pid"])], capture_output=True,  # server and stubs
                                      text=True).stdout.split()

@@ -3,8 +3,11 @@
 from sfdeploy.artifacts import PRECISIONS  # noqa: F401 - the precisions a run may ask for
 
 #: What a benchmark can measure, in the order of its table (light: the CLI's --help reads it).
-BACKENDS = ("mmaction2", "eager", "torchscript", "onnxruntime", "triton-http", "triton-grpc", "triton-shm",
-            "triton-video")
+BACKENDS = ("mmaction2", "eager", "torchscript", "onnxruntime", "torch_export", "aoti", "triton-http", "triton-grpc",
+            "triton-shm", "triton-video")
+#: What it measures unless told: all but the AOTInductor package (minutes of compilation for R50;
+#: `--backends ...,aoti` adds it)
+DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "aoti")
 #: The stages, in the order a run measures them; ``compile`` (torch.compile / CUDA graphs: minutes of
 #: compilation per shape) only when asked for.
 STAGES = ("model", "triton", "e2e", "compile")

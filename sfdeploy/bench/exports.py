@@ -32,7 +32,7 @@ def open_bench_export(export_dir: Path, model: BenchModel) -> Manifest | None:
     none yet); an export of anything else is an error, never overwritten."""
     export_dir = Path(export_dir)
     if not (export_dir / MANIFEST_FILE).is_file():
-        if export_dir.is_dir() and any(p.suffix in (".pt", ".onnx") for p in export_dir.iterdir()):
+        if export_dir.is_dir() and any(p.suffix in (".pt", ".onnx", ".pt2") for p in export_dir.iterdir()):
             raise InputError("--export holds model files but no manifest.json", path=export_dir,
                              fix="pass an empty or new folder, or one an earlier `sfdeploy bench` wrote")
         return None
@@ -50,9 +50,8 @@ def ensure_bench_export(model: BenchModel, needs: list[Need], device: str, expor
     made with ``rewrites`` (``auto``: what `sfdeploy export` makes on ``device``; ``none``: the
     plain graph). One folder holds one kind: the plain export lives in its own folder."""
     from sfdeploy.bench.suites import deploy_module, random_clips
-    from sfdeploy.export.onnx_export import export_onnx
+    from sfdeploy.export.formats import trace_device, write_artifact
     from sfdeploy.export.run import resolve_rewrites
-    from sfdeploy.export.torchscript import export_torchscript
 
     export_dir = Path(export_dir)
     manifest = open_bench_export(export_dir, model) or Manifest(
@@ -62,18 +61,17 @@ def ensure_bench_export(model: BenchModel, needs: list[Need], device: str, expor
     if not missing:
         return export_dir
     export_dir.mkdir(parents=True, exist_ok=True)
-    exporters = {"torchscript": export_torchscript, "onnx": export_onnx}
     for fmt, precision in missing:
-        # fp32 is traced on the CPU (an artifact that loads anywhere); half precisions where they run.
-        where = device if precision != "fp32" else "cpu"
+        where = trace_device(fmt, precision, device)  # as `sfdeploy export` traces it
         module = deploy_module(model, precision, where, rewrites)
         example = torch.from_numpy(random_clips(model.spec, 2)).to(where)
         path = export_dir / artifact_file(fmt, precision)
         log.info("bench: exporting %s %s (rewrites: %s) to %s", fmt, precision, rewrites, path)
-        exporters[fmt](module, example, path, model.spec.to_json(), precision)
+        written = write_artifact(fmt, module, example, path, model.spec.to_json(), precision,
+                                 check_device=where if fmt != "onnx" else "cpu")
         names = resolve_rewrites(rewrites, device).names
         manifest.artifacts[artifact_key(fmt, precision)] = Artifact.of(
-            fmt, precision, path, rewrites=names, optimized_for=device if names else "")
+            fmt, precision, path, rewrites=names, optimized_for=device if names else "", info=written.info)
         manifest.write(export_dir)  # each finished artifact is kept, whatever happens next
         del module
     return export_dir

@@ -45,8 +45,15 @@ def run_fidelity(opts: FidelityOptions) -> tuple[dict[str, Any], Path]:
     """Measure, write the record (and the gate); returns (record, its path)."""
     from sfdeploy.artifacts import Manifest, backend_device
     from sfdeploy.bench.measure import device_info, device_slug
-    from sfdeploy.gpudecode.fidelity import (ENCODERS, cpu_decoder, default_sweep, gpu_decoder, make_sweep,
-                                             measure_fidelity, write_gate)
+    from sfdeploy.gpudecode.fidelity import (
+        ENCODERS,
+        cpu_decoder,
+        default_sweep,
+        gpu_decoder,
+        make_sweep,
+        measure_fidelity,
+        write_gate,
+    )
     from sfdeploy.gpudecode.select import plan_decoding, probe_backend
     from sfdeploy.runtime import open_local
 

@@ -16,10 +16,11 @@ from sfdeploy.bench.load import describe as describe_load
 from sfdeploy.bench.rows import OK
 from sfdeploy.bench.targets import served_label
 
-_ORDER = ("mmaction2", "eager", "eager-rewrites", "torchscript-plain", "torchscript", "onnxruntime", "triton-http",
-          "triton-grpc", "triton-shm",
+_ORDER = ("mmaction2", "eager", "eager-rewrites", "torchscript-plain", "torchscript", "onnxruntime", "torch_export",
+          "aoti", "triton-http", "triton-grpc", "triton-shm",
           "eager-compile", "eager-cudagraphs", "eager-profile", "decode-only", "sfdeploy:triton-grpc",
-          "sfdeploy:triton-http", "sfdeploy:torchscript", "sfdeploy:onnxruntime", "mmaction2:inference_recognizer")
+          "sfdeploy:triton-http", "sfdeploy:torchscript", "sfdeploy:onnxruntime", "sfdeploy:torch_export",
+          "sfdeploy:aoti", "mmaction2:inference_recognizer")
 _PRECISIONS = (*PRECISIONS, "-")  # "-": rows without one (decode-only)
 
 

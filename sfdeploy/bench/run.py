@@ -15,8 +15,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from sfdeploy.bench import BACKENDS, DEFAULT_STAGES, PRECISIONS, STAGES
+from sfdeploy.bench import BACKENDS, DEFAULT_BACKENDS, DEFAULT_STAGES, PRECISIONS, STAGES
 from sfdeploy.errors import InputError
+from sfdeploy.precision import auto_precisions, check_runs
 
 log = logging.getLogger("sfdeploy")
 
@@ -25,9 +26,10 @@ log = logging.getLogger("sfdeploy")
 class BenchOptions:
     profile: str = "small"  # small: slowfast_tiny at 64 px; full: R50 4x16 at 224 px
     work_dir: Path | None = None  # benchmark a trained model instead
-    backends: tuple[str, ...] = BACKENDS
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
     batch_sizes: tuple[int, ...] = (1, 8, 32)
-    precisions: tuple[str, ...] | None = None  # default: fp32 on CPU, fp32 + fp16 on CUDA
+    # default: fp32 and the device's native reduced precision (sfdeploy.precision.auto_precisions)
+    precisions: tuple[str, ...] | None = None
     device: str = "auto"
     concurrency: tuple[int, ...] = (1, 8)
     triton_batch: int = 8
@@ -53,20 +55,12 @@ def check_options(opts: BenchOptions, device: str) -> tuple[str, ...]:
         unknown = set(given) - set(known)
         if unknown:
             raise InputError(f"unknown {name}(s): {', '.join(sorted(unknown))}", fix=f"use: {', '.join(known)}")
-    precisions = tuple(opts.precisions or (("fp32", "fp16") if device.startswith("cuda") else ("fp32",)))
+    precisions = tuple(opts.precisions or auto_precisions(device))
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:
         raise InputError(f"unknown precision(s): {', '.join(sorted(unknown))}", fix=f"use: {', '.join(PRECISIONS)}")
-    if "bf16" in precisions:
-        if not device.startswith("cuda"):
-            raise InputError(f"--precision bf16 is benchmarked on CUDA only (asked on {device}): eager and "
-                             "TorchScript run bf16 on a GPU",
-                             fix="run on a CUDA device (--device cuda), or use --precision fp32 (or fp16) here")
-        if "onnxruntime" in opts.backends:
-            raise InputError("--precision bf16 cannot run with ONNX Runtime (no bf16 3-D convolution kernels; "
-                             "sfdeploy exports no bf16 ONNX model)",
-                             fix="pass --backends mmaction2,eager,torchscript,triton-http,triton-grpc with bf16, or "
-                                 "drop bf16 from --precision")
+    for precision in precisions:  # bf16 on a CPU without AVX512-BF16 / AMX: refused with the reason
+        check_runs(precision, device)
     return precisions
 
 
@@ -85,7 +79,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     from sfdeploy.bench.model import build_bench_model
     from sfdeploy.bench.record import Record
     from sfdeploy.bench.report import write_report
-    from sfdeploy.bench.stages import PLANNERS, Context, served_default
+    from sfdeploy.bench.stages import PLANNERS, Context
     from sfdeploy.compat import ensure_mmaction
     from sfdeploy.progress import bar
 
@@ -109,10 +103,10 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     }
     ensure_mmaction()
     model = build_bench_model(opts.profile, opts.work_dir)
-    runtime, precision = served_default(device)
     header = {"date": date.today().isoformat(), "profile": "trained" if opts.work_dir else opts.profile,
               "model": model.name, "clip_spec": model.spec.to_dict(), "device_info": device_info(device),
-              "settings": settings, "served": {"backend": "python", "runtime": runtime, "precision": precision},
+              # what is served: `sfdeploy repo`'s default, auto, chosen from the model rows (record["served_choice"])
+              "settings": settings, "served": {"backend": "python", "runtime": "auto", "precision": "auto"},
               "note": opts.note, "load_at_start": measure_idle()}
     out.parent.mkdir(parents=True, exist_ok=True)
     record = Record.open(out, header, resume=opts.resume)
@@ -120,7 +114,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[Path]]:
     # The planners read the normalised settings: what the record says is what is measured.
     plan_opts = replace(opts, batch_sizes=tuple(settings["batch_sizes"]), precisions=precisions,
                         concurrency=tuple(settings["concurrency"]))
-    ctx = Context(plan_opts, model, device, work, Path(opts.export) if opts.export else work / "export")
+    ctx = Context(plan_opts, model, device, work, Path(opts.export) if opts.export else work / "export", record)
     try:
         for stage in (s for s in STAGES if s in opts.stages):
             tasks = PLANNERS[stage](ctx)

@@ -3,36 +3,31 @@
 A stage is a planner: ``plan(ctx) -> list[Task]``, registered in :data:`PLANNERS`. Planning is
 cheap (no model is exported, no server started): a :class:`Task` only names its row (the record's
 key) and how to measure it. The runner measures the tasks the record lacks, one at a time, and
-the measurement asks the :class:`Context` for what it needs: the bench export (made once, kept),
-a predictor or module (one held at a time, so GPU memory goes to the row being timed), the Triton
-server (started on first use, stopped at the end), the videos. A resumed run whose stage is
-complete therefore exports, loads and starts nothing.
+the measurement asks the :class:`sfdeploy.bench.context.Context` for what it needs (the bench
+export, a predictor, the server, the videos, the served choice), each made on first use.
 
 To add a row kind: a measuring function in :mod:`sfdeploy.bench.suites` that returns the row dict,
 and a Task for it in a planner. To add a stage: a planner here, its name in
-:data:`sfdeploy.bench.STAGES`, and (if it needs one) a lazily made resource on :class:`Context`.
+:data:`sfdeploy.bench.STAGES`, and (if it needs one) a lazily made resource on the Context.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from sfdeploy.artifacts import backend_format
 from sfdeploy.bench import suites
-from sfdeploy.bench.exports import ensure_bench_export
-from sfdeploy.bench.model import BenchModel
+from sfdeploy.bench.context import Context
 from sfdeploy.bench.rows import SKIPPED, Key
 from sfdeploy.endpoints import DEFAULT_MODEL as SERVED_MODEL
-from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.target import SERVED, ModelTarget
+from sfdeploy.errors import EnvironmentProblem
+from sfdeploy.precision import native_reduced, supported
+from sfdeploy.target import SERVED
 
 log = logging.getLogger("sfdeploy")
 
@@ -50,144 +45,6 @@ class Task:
     @property
     def key(self) -> Key:
         return (self.stage, self.backend, self.precision, self.batch, self.concurrency)
-
-
-def served_default(device: str) -> tuple[str, str]:
-    """(runtime, precision) of the python-backend model ``sfdeploy repo`` writes by default for
-    ``device``: the configuration the Triton rows serve and the headline speed-up is about."""
-    from sfdeploy.serving.repo import RepoOptions, served_precision
-
-    defaults = RepoOptions(repo=Path("."))
-    kind = "gpu" if device.startswith("cuda") else "cpu"
-    return defaults.runtime, served_precision(defaults.precision, kind, defaults.runtime)
-
-
-class Context:
-    """What the tasks of one run share; everything is made on first use and kept for the run."""
-
-    def __init__(self, opts: Any, model: BenchModel, device: str, work: Path, export_dir: Path) -> None:
-        self.opts, self.model, self.device, self.work, self.export_dir = opts, model, device, work, export_dir
-        self.workers = opts.workers or os.cpu_count() or 1
-        self.served_runtime, self.served_precision = served_default(device)
-        self._held: tuple[Any, Any, Callable[[Any], None]] | None = None
-        self._server: Any = None
-        self._stack = contextlib.ExitStack()
-
-    def export(self, *needs: tuple[str, str], rewrites: str = suites.REWRITTEN) -> Path:
-        """The bench export with ``needs``: made with the rewrites `sfdeploy export` applies on this
-        device (what is served), or, ``rewrites="none"``, the plain graph in a folder beside it."""
-        folder = self.export_dir if rewrites == suites.REWRITTEN else \
-            self.export_dir.with_name(f"{self.export_dir.name}-plain")
-        return ensure_bench_export(self.model, list(needs), self.device, folder, rewrites)
-
-    def hold(self, key: Any, factory: Callable[[], Any], close: Callable[[Any], None] = lambda _: None) -> Any:
-        """The resource for ``key``, made by ``factory`` unless it is the one held already. Only
-        one is held: making another first closes the last (and returns its GPU memory)."""
-        if self._held is not None and self._held[0] == key:
-            return self._held[1]
-        self.release()
-        resource = factory()
-        self._held = (key, resource, close)
-        return resource
-
-    def release(self) -> None:
-        if self._held is not None:
-            _, resource, close = self._held
-            self._held = None
-            close(resource)
-            del resource
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-
-    def local_target(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN
-                     ) -> ModelTarget:
-        """The bench export's artifact for ``backend`` and ``precision`` (made if missing), on ``device``."""
-        from sfdeploy.artifacts import backend_format
-
-        export_dir = self.export((backend_format(backend), precision), rewrites=rewrites)
-        return ModelTarget(backend=backend, export_dir=export_dir, precision=precision, device=device)
-
-    def served_target(self, protocol: str, *, shm: bool = False, server_decode: bool = False) -> ModelTarget:
-        """The served model of :meth:`server`, over ``protocol``."""
-        server = self.server()
-        return ModelTarget(backend=SERVED, urls=(server.http_url if protocol == "http" else server.grpc_url,),
-                           protocol=protocol, model=SERVED_MODEL, shm=shm, server_decode=server_decode)
-
-    def local(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN) -> Any:
-        """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it); for the
-        plain TorchScript rows, the plain graph run as loaded: no rewrites, no CUDA graphs, no CPU
-        optimisation (what sfdeploy ran before them, measured beside what it runs now)."""
-        target = self.local_target(backend, precision, device, rewrites)
-        if target.backend == "torchscript" and rewrites == suites.PLAIN:
-            from sfdeploy.artifacts import Manifest, artifact_key
-            from sfdeploy.runtime.torchscript import TorchScriptPredictor
-
-            path = Manifest.read(target.export_dir).artifact_path(target.export_dir,
-                                                                  artifact_key("torchscript", precision))
-            factory = lambda: TorchScriptPredictor(path, device=device, cuda_graphs=False, optimize=False)  # noqa: E731
-        else:
-            factory = target.open
-        return self.hold((backend, precision, device, rewrites), factory, lambda p: p.close())
-
-    def ort_device(self) -> tuple[str, str]:
-        """Where ONNX Runtime runs rows asked for on ``self.device``, and why not there if not."""
-        from sfdeploy.artifacts import backend_device
-
-        try:
-            where = backend_device("onnxruntime", self.device)
-        except EnvironmentProblem as exc:
-            return "", exc.message
-        if where != self.device:
-            return "", f"onnxruntime cannot run on {self.device} here (install onnxruntime-gpu: sfdeploy[gpu])"
-        return where, ""
-
-    def server(self) -> Any:
-        """tritonserver on free 127.0.0.1 ports, serving what `sfdeploy repo` writes by default."""
-        if self._server is None:
-            from sfdeploy.artifacts import backend_format
-            from sfdeploy.serving.repo import RepoOptions, write_repository
-            from sfdeploy.serving.ports import free_port
-            from sfdeploy.serving.server import TritonServer
-
-            export_dir = self.export((backend_format(self.served_runtime), self.served_precision))
-            repo = self.work / "repo"
-            batches = [*self.opts.batch_sizes, self.opts.triton_batch]
-            # the runtime and precision `repo` picks by default here: the configuration users get
-            write_repository(export_dir, RepoOptions(repo=repo, name=SERVED_MODEL, max_batch=max(batches),
-                                                     precision=self.served_precision, device=self.device,
-                                                     native=False, require_parity=False))
-            self._server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port()).start()
-            self._stack.callback(self._server.stop)
-        return self._server
-
-    def videos(self) -> list[Path]:
-        from sfdeploy.data.probe import VIDEO_EXTENSIONS
-
-        opts = self.opts
-        if opts.videos:
-            paths = sorted(p for p in Path(opts.videos).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
-            if not paths:
-                raise InputError("no videos in --videos", path=opts.videos, fix="pass a folder of videos")
-            return paths[: opts.e2e_videos]
-        import json
-
-        from sfdeploy.data.synth import HINTS_JSON, SynthOptions, synthesize
-
-        spec, folder = self.model.spec, self.work / "videos"
-        size = max(96, spec.short_side + spec.short_side // 4)  # a little larger than the resize target
-        synth = SynthOptions(classes=4, per_class=max(1, -(-opts.e2e_videos // 4)), frames=max(48, spec.min_frames),
-                             size=size + size % 2)
-        meta = folder / HINTS_JSON  # written last: its presence means the set is complete
-        made = json.loads(meta.read_text()) if meta.is_file() else {}
-        if any(made.get(k) != getattr(synth, k) for k in ("per_class", "frames", "size", "seed")):
-            shutil.rmtree(folder, ignore_errors=True)
-            synthesize(folder, synth, show_progress=False)
-        return sorted(folder.rglob("*.mp4"))[: opts.e2e_videos]
-
-    def close(self) -> None:
-        self.release()
-        self._stack.close()
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -233,31 +90,41 @@ def _mmaction2(c: Context) -> dict[str, Any]:
                                  note="test_step, as inference_recognizer: the baseline", min_time_s=c.opts.min_time_s)
 
 
+def profile_precision(c: Context) -> str:
+    """The precision the operator profile looks at: the device's native reduced one when measured."""
+    reduced = native_reduced(c.device)
+    return reduced if reduced in c.opts.precisions else c.opts.precisions[0]
+
+
 def _profile(c: Context) -> dict[str, Any]:
-    module = c.hold(("eager", "eager-rewrites", c.served_precision),  # the served graph's operators
-                    lambda: suites.deploy_module(c.model, c.served_precision, c.device, suites.REWRITTEN))
+    precision = profile_precision(c)
+    module = c.hold(("eager", "eager-rewrites", precision),  # the exported graph's operators
+                    lambda: suites.deploy_module(c.model, precision, c.device, suites.REWRITTEN))
     frames = torch.from_numpy(suites.random_clips(c.model.spec, max(c.opts.batch_sizes))).to(c.device)
-    return suites.profile_row(module, frames, c.served_precision, c.device)
+    return suites.profile_row(module, frames, precision, c.device)
 
 
 def plan_model(c: Context) -> list[Task]:
     """MMAction2's batch-1 baseline; TorchScript (as exported, then the plain graph beside it),
-    the operator profile of the served graph with --trace, eager (plain and rewritten) and ONNX
-    Runtime, at every batch size and precision. In that order: a run cut short has measured what
-    the targets are about first."""
+    the operator profile of the exported graph with --trace, eager (plain and rewritten), ONNX
+    Runtime, the ExportedProgram and the AOTInductor package, at every batch size and precision
+    their format holds. In that order: a run cut short has measured what the targets are about
+    first. The served runtime is then chosen from these rows (:attr:`Context.choice`)."""
     opts, tasks = c.opts, []
     if "mmaction2" in opts.backends:
         tasks.append(Task("model", "mmaction2", "fp32", 1, 1, _mmaction2))
-    if "torchscript" in opts.backends:  # the runtime `repo` serves, and what the rewrites give it
+    if "torchscript" in opts.backends:  # what the rewrites and the runtime's optimisations give it
         tasks += [_local("torchscript", p, b) for p in opts.precisions for b in opts.batch_sizes]
         tasks += [_local("torchscript", p, b, plain=True) for p in opts.precisions for b in opts.batch_sizes]
     if opts.trace:
-        tasks.append(Task("model", "eager-profile", c.served_precision, max(opts.batch_sizes), 1, _profile))
+        tasks.append(Task("model", "eager-profile", profile_precision(c), max(opts.batch_sizes), 1, _profile))
     if "eager" in opts.backends:
         tasks += [_eager("model", v, p, b, opts.warmup) for p in opts.precisions for v in ("eager", "eager-rewrites")
                   for b in opts.batch_sizes]
-    if "onnxruntime" in opts.backends:
-        tasks += [_local("onnxruntime", p, b) for p in opts.precisions for b in opts.batch_sizes]
+    for runtime in ("onnxruntime", "torch_export", "aoti"):
+        if runtime in opts.backends:
+            tasks += [_local(runtime, p, b) for p in opts.precisions if supported(backend_format(runtime), p)
+                      for b in opts.batch_sizes]
     return tasks
 
 
@@ -376,7 +243,6 @@ def _gpu_decode(backend: str, runtime: str, precision: str | None, batch: int, c
         c.release()
         if precision is None:
             return suites.gpu_decode_only_row(name, c.model.spec, c.videos(), plan, c.workers)
-        from sfdeploy.artifacts import backend_format
         from sfdeploy.client import Classifier
 
         classifier = Classifier.from_export(c.export((backend_format(runtime), precision)), runtime, precision,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sfdeploy.bench import BACKENDS, DEFAULT_STAGES, PRECISIONS, STAGES
+from sfdeploy.bench import BACKENDS, DEFAULT_BACKENDS, DEFAULT_STAGES, PRECISIONS, STAGES
 from sfdeploy.cli.options import device_option
 
 
@@ -39,12 +39,13 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Continue the record at --out: keep its rows, measure only the missing ones (same settings).")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
               help="The bench export to make once and reuse [default: <out>.work/export, kept].")
-@click.option("--backends", default=",".join(BACKENDS),
-              show_default=True, callback=_words, help="Comma-separated.")
+@click.option("--backends", default=",".join(DEFAULT_BACKENDS), show_default=True, callback=_words,
+              help=f"Comma-separated, of: {', '.join(BACKENDS)} (aoti compiles an AOTInductor package for --device "
+                   "first: minutes for R50).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_ints, help="Model-only sweep.")
 @click.option("--precision", "precisions", default=None, callback=_words,
-              help=f"Comma-separated, of {', '.join(PRECISIONS)} [default: fp32 on CPU, fp32,fp16 on CUDA]. "
-                   "bf16: CUDA only, eager and TorchScript.")
+              help=f"Comma-separated, of {', '.join(PRECISIONS)} [default: fp32 and the device's native reduced "
+                   "precision: fp16 on CUDA, bf16 on a CPU with AVX512-BF16 or AMX]. ONNX Runtime rows skip bf16.")
 @device_option("Where the model runs (auto: the GPU if torch sees one).")
 @click.option("--concurrency", default="1,8", show_default=True, callback=_ints,
               help="Requests in flight to Triton, and threads of its in-process reference.")
@@ -68,7 +69,9 @@ def bench(full: bool, work_dir: Path | None, stages: tuple[str, ...], resume: bo
           concurrency: tuple[int, ...], triton_batch: int, iters: int, min_time_s: float, warmup: int, e2e_videos: int,
           videos: Path | None, workers: int | None, trace: bool, note: str, out: Path | None) -> None:
     """Measure clips/s and latency of MMAction2 (the baseline), eager PyTorch, TorchScript, ONNX
-    Runtime and the Triton-served model, and videos/s end to end beside the decode-only ceiling.
+    Runtime, the ExportedProgram, the AOTInductor package and the Triton-served model (what `sfdeploy
+    repo` serves by default: chosen from this run's model rows), and videos/s end to end beside the
+    decode-only ceiling.
 
     Each row is added to the record (--out) the moment it is measured, and the .md table and .png
     plot are remade from the rows there; a stopped run continues with --resume. The default (small)

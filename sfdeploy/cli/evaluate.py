@@ -33,8 +33,8 @@ def evaluate(export_dir: Path, data_dir: Path, target: ModelTarget, batch_size: 
     """Top-1 / top-5 of an exported model on DATA's val split, beside MMAction2's own accuracy
     for the checkpoint at the same views, and the share of identical predictions.
 
-    The model is EXPORT run in this process (--backend onnxruntime or torchscript), or the same
-    model served by Triton (--backend triton)."""
+    The model is EXPORT run in this process (--backend onnxruntime, torchscript, torch_export or
+    aoti), or the same model served by Triton (--backend triton)."""
     from sfdeploy.evaluate import evaluate as run_eval
 
     report = run_eval(target, data_dir, batch_size=batch_size, workers=workers, reference=reference,

@@ -154,9 +154,9 @@ def target_options(*, export_option: bool = True, several_urls: bool = False, tr
         click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served model name."),
         *([click.option("--export", "export_dir", type=click.Path(path_type=Path),
                         help="An `sfdeploy export` folder (local backends).")] if export_option else []),
-        click.option("--precision", default="fp32", show_default=True,
-                     type=click.Choice([p for p in PRECISIONS if p != "bf16"]),
-                     help="Which artifact of the export (local backends)."),
+        click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
+                     help="Which artifact of the export (local backends; bf16: on a GPU, or a CPU with AVX512-BF16 "
+                          "or AMX)."),
         device_option(device_help),
     ]
     if transport:

@@ -14,6 +14,7 @@ import click
 from sfdeploy.artifacts import LOCAL_BACKENDS
 from sfdeploy.cli.options import DeviceType, GreedyOption, max_video_pixels_option, target_options
 from sfdeploy.gpudecode.select import DECODE_MODES
+from sfdeploy.precision import PRECISIONS
 from sfdeploy.scale.cluster import STALL_TIMEOUT_S
 from sfdeploy.serving.repo import RepoOptions
 from sfdeploy.serving.server import TritonServer
@@ -38,11 +39,13 @@ SERVE = TritonServer(REPO.repo)
 @click.option("--version", "version", default=REPO.version, show_default=True, type=click.IntRange(min=1),
               help="Version folder to write (a new number keeps the older versions).")
 @click.option("--runtime", default=REPO.runtime, show_default=True,
-              type=click.Choice(LOCAL_BACKENDS),
-              help="What the python-backend model runs (torch: GPU when present, faster 3-D convs on CPU).")
-@click.option("--precision", default=REPO.precision, show_default=True, type=click.Choice(["auto", "fp32", "fp16"]),
-              help="Which artifact of the export to serve: auto = on a GPU the fastest that passed the parity "
-                   "gate (fp16 if the export has it: `export --fp16`), on the CPU fp32.")
+              type=click.Choice(["auto", *LOCAL_BACKENDS]),
+              help="What the python-backend model runs. auto: the fastest the export measured on this instance "
+                   "kind (`sfdeploy export` times every artifact that passes its gate); without a measurement for "
+                   "it, torchscript. The choice and its reason are logged and written into config.pbtxt.")
+@click.option("--precision", default=REPO.precision, show_default=True, type=click.Choice(["auto", *PRECISIONS]),
+              help="Which precision of the export to serve: auto chooses with --runtime (without a measurement: "
+                   "fp16 on a GPU if the export has it and it passed the gate, else fp32).")
 @click.option("--device", default=REPO.device, show_default=True, type=DeviceType(),
               help="Instance kind: cuda = KIND_GPU (the server's GPUs; none needed here), cpu = KIND_CPU; auto = "
                    "the GPU if torch sees one here. (gpu: the same as cuda.)")

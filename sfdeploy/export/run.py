@@ -1,9 +1,11 @@
 """``sfdeploy export``: a trained work dir -> artifacts + manifest, gated by parity.
 
-Stages (each logged): load the trained model, derive the clip spec, export each artifact and
-check it reloads and matches its module, run the parity gate against MMAction2 on val clips,
-write ``manifest.json``. The manifest is written even when the gate fails (with the numbers),
-and then export raises, so the failure can be inspected and nothing is silently shipped.
+Stages (each logged): load the trained model, derive the clip spec, export each artifact (every
+format of ``--formats`` at every precision of ``--precisions``) and check it reloads and matches
+its module, run the parity gate against MMAction2 on val clips, time the artifacts that passed
+where they were gated (what ``repo --runtime auto`` chooses from), write ``manifest.json``. The
+manifest is written even when the gate fails (with the numbers), and then export raises, so the
+failure can be inspected and nothing is silently shipped.
 
 Atomic: every artifact is written under a hidden temporary name and checked there; only when
 all are done are they renamed onto their final names, and the manifest (with each file's
@@ -17,14 +19,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sfdeploy.artifacts import (
+    DEFAULT_FORMATS,
     FORMAT_BACKEND,
-    FORMATS,
     MANIFEST_FILE,
     Artifact,
     Manifest,
@@ -38,6 +39,7 @@ from sfdeploy.artifacts import (
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import ExportError, InputError
 from sfdeploy.fsutil import commit, ensure_writable_dir, partial_path, remove_partials
+from sfdeploy.precision import UNSUPPORTED, parse_precisions
 
 if TYPE_CHECKING:
     from sfdeploy.export.rewrites import Rewrites
@@ -49,17 +51,21 @@ log = logging.getLogger("sfdeploy")
 class ExportOptions:
     out: Path
     checkpoint: Path | None = None
-    formats: tuple[str, ...] = FORMATS
-    fp16: bool = False
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    # "auto" (fp32, and the device's native reduced precision: fp16 on a GPU, bf16 on a CPU with
+    # AVX512-BF16 or AMX; sfdeploy.precision), or a comma-separated list; fp32 is always written
+    precisions: str | tuple[str, ...] = "auto"
+    fp16: bool = False  # also fp16, whatever `precisions` says (the older spelling of adding it)
     views: int = 1
-    # where the parity gate, the fp16 trace and the fp16 ONNX self-check run: auto, cpu, cuda
-    # (per backend, see sfdeploy.artifacts.backend_device)
+    # where the reduced precisions are traced, the AOTInductor package compiled, the self-checks
+    # and the parity gate run: auto, cpu, cuda (per backend, see sfdeploy.artifacts.backend_device)
     device: str = "auto"
     parity_videos: int = 64
     parity_data: Path | None = None  # a prepared DATA folder to take parity clips from
     # graph rewrites (sfdeploy.export.rewrites): "auto" = the measured choice for `device`, "none",
     # or a comma-separated list of steps
     rewrites: str = "auto"
+    measure: bool = True  # time the artifacts that passed the gate (what `repo --runtime auto` reads)
     show_progress: bool = True
 
 
@@ -77,7 +83,7 @@ def _parity_cfg(trained_cfg: object, parity_data: Path | None) -> object:
 
 def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     """Export the model trained in ``work_dir``: every artifact of ``opts``, checked, gated against
-    MMAction2, committed with its manifest (see the module docstring)."""
+    MMAction2, timed, committed with its manifest (see the module docstring)."""
     from sfdeploy.export.parity import val_videos
     from sfdeploy.export.source import load_trained
 
@@ -86,14 +92,23 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     ensure_writable_dir(out, "export folder", "--out folder")
     remove_partials(out)  # left by an export killed before it finished
     device = resolve_device(opts.device)
+    precisions = parse_precisions(opts.precisions, device) + (("fp16",) if opts.fp16 else ())
+    precisions = tuple(dict.fromkeys(precisions))
+    plan = [(fmt, p) for p in precisions for fmt in formats if (fmt, p) not in UNSUPPORTED]
+    for fmt, p in ((f, p) for p in precisions for f in formats if (f, p) in UNSUPPORTED):
+        log.info("no %s %s artifact: %s", p, fmt, UNSUPPORTED[fmt, p])
+    if not plan:
+        raise InputError(f"nothing to export: {', '.join(formats)} at {', '.join(precisions)}",
+                         fix="add a format that holds these precisions to --formats (e.g. torchscript)")
     # Where each format's artifacts are checked and gated; an explicit device ONNX Runtime cannot
-    # use fails here, before any work.
-    run_on = {fmt: backend_device(FORMAT_BACKEND[fmt], opts.device) for fmt in formats}
+    # use fails here, before any work. The torch formats run on the export's device.
+    run_on = {fmt: backend_device(FORMAT_BACKEND[fmt], opts.device) if fmt == "onnx" else device
+              for fmt in formats}
     started = time.monotonic()
 
-    log.info("[1/5] loading the trained model from %s", work_dir)
+    log.info("[1/6] loading the trained model from %s", work_dir)
     trained = load_trained(work_dir, opts.checkpoint)
-    log.info("[2/5] clip spec from %s (%d view(s))", trained.config_path.name, opts.views)
+    log.info("[2/6] clip spec from %s (%d view(s))", trained.config_path.name, opts.views)
     spec = ClipSpec.from_config(trained.cfg, trained.class_names, views=opts.views)
     videos = val_videos(_parity_cfg(trained.cfg, opts.parity_data), opts.parity_videos)
     if not videos:
@@ -101,9 +116,9 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
                          fix="pass --parity-data DATA (a folder from `sfdeploy data prepare`)")
     rewrites = resolve_rewrites(opts.rewrites, device)
     if rewrites.names:
-        log.info("[2/5] graph rewrites for %s: %s", device, ", ".join(rewrites.names))
-    staged = _Staged(out, spec, device, rewrites, run_on)
-    staged.export(trained.recognizer, formats, opts.fp16, videos[0][0])
+        log.info("[2/6] graph rewrites for %s: %s", device, ", ".join(rewrites.names))
+    staged = _Staged(out, spec, device, rewrites, run_on, opts.show_progress)
+    staged.export(trained.recognizer, plan, videos[0][0])
 
     manifest = Manifest(
         clip_spec=spec,
@@ -116,10 +131,13 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
             "checkpoint_sha256": sha256(trained.checkpoint),
             "preset": trained.preset,
         },
+        host=host_facts(device),
     )
-    manifest.parity = staged.gate(trained.recognizer, [p for p, _ in videos], opts.show_progress)
+    manifest.parity = staged.gate(trained.recognizer, [p for p, _ in videos])
+    if opts.measure:
+        manifest.timings = staged.time(spec, manifest.parity)
     manifest.parity["wall_time_s"] = round(time.monotonic() - started, 1)
-    log.info("[5/5] writing %s", out / MANIFEST_FILE)
+    log.info("[6/6] writing %s", out / MANIFEST_FILE)
     _commit(out, manifest, staged.artifacts)
     failed = {k: r for k, r in manifest.parity["artifacts"].items() if not r["passed"]}
     if failed:
@@ -130,67 +148,68 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     return manifest
 
 
-def _export_torchscript(module: Any, example: Any, tmp: Path, spec_json: str, precision: str,
-                        check_on: str) -> dict[str, Any]:
-    from sfdeploy.export.torchscript import export_torchscript
+def host_facts(device: str) -> dict[str, Any]:
+    """The manifest's ``host``: the device the export ran on and what its CPU runs natively."""
+    import platform
 
-    return export_torchscript(module, example, tmp, spec_json, precision)  # checked where it was traced
+    import torch
 
+    from sfdeploy.precision import cpu_bf16
 
-def _export_onnx(module: Any, example: Any, tmp: Path, spec_json: str, precision: str,
-                 check_on: str) -> dict[str, Any]:
-    from sfdeploy.export.onnx_export import export_onnx
-
-    check = export_onnx(module, example, tmp, spec_json, precision, check_device=check_on)
-    if precision == "fp16" and check["device"] == "cpu":
-        log.log(logging.WARNING if example.device.type != "cpu" else logging.INFO,
-                "the fp16 ONNX model was self-checked on onnxruntime's CPU provider (it computes fp16 in fp32); "
-                "on a GPU check it with `sfdeploy eval --device cuda --precision fp16`")
-    return check
-
-
-#: how each format is written and self-checked: (module, example, file, spec json, precision, the
-#: device the format runs on here) -> what the reload-and-compare ran on and found
-EXPORTERS: dict[str, Callable[..., dict[str, Any]]] = {"torchscript": _export_torchscript, "onnx": _export_onnx}
+    facts: dict[str, Any] = {"device": device, "machine": platform.machine(),
+                             "cpu_isa": torch.backends.cpu.get_cpu_capability(), "cpu_bf16": cpu_bf16().to_dict(),
+                             "torch": torch.__version__}
+    if device != "cpu":
+        facts["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return facts
 
 
 class _Staged:
     """The artifacts of one export, written under temporary names until the gate has run."""
 
-    def __init__(self, out: Path, spec: ClipSpec, device: str, rewrites: Rewrites, run_on: dict[str, str]) -> None:
+    def __init__(self, out: Path, spec: ClipSpec, device: str, rewrites: Rewrites, run_on: dict[str, str],
+                 show_progress: bool) -> None:
         self.out, self.spec, self.device, self.rewrites, self.run_on = out, spec, device, rewrites, run_on
+        self.show_progress = show_progress
         self.artifacts: dict[str, tuple[Artifact, Path]] = {}  # key -> (what it will be, where it is now)
         self.self_checks: dict[str, dict] = {}  # key -> what its reload-and-compare ran on and found
         self.graph: dict[str, Any] = {}  # the fp32 graph as eager modules, for the gate's noise measurement
 
-    def export(self, recognizer: Any, formats: tuple[str, ...], fp16: bool, video: Path) -> None:
-        """Trace/export every format at every precision and self-check each reloaded file."""
+    def export(self, recognizer: Any, plan: list[tuple[str, str]], video: Path) -> None:
+        """Trace/export every (format, precision) of ``plan`` and self-check each reloaded file.
+        One deploy module per precision and trace device (:func:`sfdeploy.export.formats.trace_device`)."""
         import torch
 
         from sfdeploy.export.deploy import deploy_module
+        from sfdeploy.export.formats import trace_device, write_artifact
 
         example_cpu = torch.from_numpy(_example_batch(video, self.spec))
         spec_json = self.spec.to_json()
-        for precision, dtype in [("fp32", torch.float32)] + ([("fp16", torch.float16)] if fp16 else []):
-            # fp16 runs where it will be served (CUDA when present); fp32 traces on CPU.
-            where = self.device if precision == "fp16" else "cpu"
-            module, changed = deploy_module(recognizer, self.spec.mean, self.spec.std, dtype, where, self.rewrites)
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for fmt, precision in plan:
+            groups.setdefault((precision, trace_device(fmt, precision, self.device)), []).append(fmt)
+        for (precision, where), formats in groups.items():
+            module, changed = deploy_module(recognizer, self.spec.mean, self.spec.std, dtypes[precision], where,
+                                            self.rewrites)
             if precision == "fp32":
-                self.graph["cpu"] = module
+                self.graph[where] = module
             example = example_cpu.to(where)
             for fmt in formats:
                 filename, key = artifact_file(fmt, precision), artifact_key(fmt, precision)
                 tmp = partial_path(self.out / filename)
-                log.info("[3/5] exporting %s (%s) -> %s", fmt, precision, self.out / filename)
-                # fp16 is checked on the device it will be served on when there is one; fp32 on the
-                # CPU, where no TF32 blurs the 1e-5 self-check.
-                check_on = self.run_on[fmt] if precision == "fp16" else "cpu"
-                self.self_checks[key] = EXPORTERS[fmt](module, example, tmp, spec_json, precision, check_on)
-                self.self_checks[key]["rewrites"] = changed  # what each rewrite changed (layers)
+                log.info("[3/6] exporting %s (%s, on %s) -> %s", fmt, precision, where, self.out / filename)
+                # fp32 ONNX is checked on the CPU, where no TF32 blurs the 1e-5 self-check; a reduced
+                # precision on the device it will be served on when there is one.
+                check_on = self.run_on[fmt] if precision != "fp32" else "cpu"
+                written = write_artifact(fmt, module, example, tmp, spec_json, precision, check_device=check_on,
+                                         show_progress=self.show_progress)
+                self.self_checks[key] = {**written.check, "rewrites": changed}  # what each rewrite changed
                 self.artifacts[key] = (Artifact.of(fmt, precision, tmp, file=filename, rewrites=self.rewrites.names,
-                                                   optimized_for=self.device if self.rewrites.names else ""), tmp)
+                                                   optimized_for=self.device if self.rewrites.names else "",
+                                                   info=written.info), tmp)
 
-    def gate(self, recognizer: Any, videos: list[Path], show_progress: bool) -> dict[str, Any]:
+    def gate(self, recognizer: Any, videos: list[Path]) -> dict[str, Any]:
         """The parity gate over the staged artifacts (see :mod:`sfdeploy.export.parity`), with the
         self-checks: the manifest's ``parity``."""
         import torch
@@ -199,21 +218,35 @@ class _Staged:
         from sfdeploy.export.parity import run_gate
         from sfdeploy.runtime import open_artifact
 
-        log.info("[4/5] parity gate: %d val video(s); MMAction2 on %s, %s; TF32 off", len(videos), self.device,
+        log.info("[4/6] parity gate: %d val video(s); MMAction2 on %s, %s; TF32 off", len(videos), self.device,
                  ", ".join(f"{FORMAT_BACKEND[fmt]} on {where}" for fmt, where in self.run_on.items()))
         predictors = {key: (open_artifact(tmp, a.format, device=self.run_on[a.format], tf32=False), a.precision)
                       for key, (a, tmp) in self.artifacts.items()}
-        if self.device != "cpu":
-            self.graph[self.device] = deploy_module(recognizer, self.spec.mean, self.spec.std, torch.float32,
-                                                    self.device, self.rewrites)[0]
+        for where in {"cpu", self.device} - set(self.graph):  # the fp32 graph on the CPU and on the device
+            self.graph[where] = deploy_module(recognizer, self.spec.mean, self.spec.std, torch.float32, where,
+                                              self.rewrites)[0]
         try:
             parity = run_gate(recognizer.to(device=self.device, dtype=torch.float32), self.spec, predictors, videos,
-                              graph=self.graph, show_progress=show_progress)
+                              graph=self.graph, show_progress=self.show_progress)
         finally:
             for predictor, _ in predictors.values():
                 predictor.close()
         parity["self_checks"] = self.self_checks
         return parity
+
+    def time(self, spec: ClipSpec, parity: dict[str, Any]) -> dict[str, Any]:
+        """The timings of the artifacts that passed the gate and that ``repo --runtime auto`` may serve
+        on this device (:mod:`sfdeploy.export.timing`; fp16 on a CPU is never its choice)."""
+        from sfdeploy.export import timing
+        from sfdeploy.precision import servable_by_auto
+
+        passed = {key: (artifact.format, tmp) for key, (artifact, tmp) in self.artifacts.items()
+                  if parity["artifacts"][key]["passed"] and artifact.precision in servable_by_auto(self.device)}
+        if not passed:
+            return {}
+        log.info("[5/6] timing %d artifact(s) on %s (what `repo --runtime auto` chooses from)", len(passed),
+                 self.device)
+        return timing.measure(passed, self.run_on, spec, self.device, show_progress=self.show_progress)
 
 
 def resolve_rewrites(value: str, device: str) -> Rewrites:

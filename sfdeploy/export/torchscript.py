@@ -11,7 +11,7 @@ that runs it. Traced with torch's defaults, an fp32 artifact therefore ran its c
 on every GPU, whatever the parity gate or the user set (on an H200: 1.1e-4..2.3e-4 off the CPU on
 the demo's probabilities, where the same graph run eagerly without TF32 was 2.4e-7 off), and no
 artifact ever used cuDNN's benchmark mode (the fp16 artifact ran at half the speed of the same graph
-run eagerly with it). So the flags are set on purpose while tracing (:func:`_baked_conv_flags`):
+run eagerly with it). So the flags are set on purpose while tracing (:func:`baked_conv_flags`):
 
 * fp32: no TF32, no benchmark mode: IEEE fp32 with cuDNN's deterministic algorithm heuristics, the
   arithmetic the parity gate holds to 1e-4, on any device. (On a GPU, fp16 is what is served by
@@ -23,44 +23,47 @@ run eagerly with it). So the flags are set on purpose while tracing (:func:`_bak
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from sfdeploy.artifacts import self_check
-from sfdeploy.runtime.torchscript import SPEC_FILE, load_torchscript
+from sfdeploy.export.formats import Written, artifact_info
+from sfdeploy.runtime.torchscript import INFO_FILE, SPEC_FILE, load_torchscript
 
 
 def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path, spec_json: str,
-                       precision: str = "fp32") -> dict[str, Any]:
-    """Trace ``module`` on ``example``'s device, write ``path``, reload it there and compare;
-    returns what the check ran on and found."""
+                       precision: str = "fp32", *, check_device: str | None = None) -> Written:
+    """Trace ``module`` on ``example``'s device, write ``path`` (the clip spec and the artifact's
+    facts, the torch version that wrote it included, as extra files), reload it there and compare
+    (``check_device`` is ignored: a trace is checked where it was made)."""
+    info = artifact_info("torchscript", precision)
     with warnings.catch_warnings():
         # "torch.jit.trace is deprecated": it is still the exporter that handles mmcv's layers.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*torch.jit.trace.*")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        with torch.no_grad(), _baked_conv_flags(precision):
+        with torch.no_grad(), baked_conv_flags(precision):
             traced = torch.jit.trace(module, (example,), check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={SPEC_FILE: spec_json})
-        reloaded, _ = load_torchscript(path, str(example.device))
+        torch.jit.save(traced, str(path), _extra_files={SPEC_FILE: spec_json, INFO_FILE: json.dumps(info)})
+        reloaded = load_torchscript(path, str(example.device)).module
         # A batch size other than the traced one proves the batch axis stayed dynamic.
         probe = torch.cat([example, example[:1]])
         with torch.no_grad():
             expected, got = module(probe), reloaded(probe)
     diff = float((expected - got).abs().max()) if got.shape == expected.shape else float("inf")
-    return self_check(diff, precision, path=path, device=str(example.device), runtime=f"torch {torch.__version__}",
-                      reference_device=str(example.device),
-                      failure=f"the reloaded TorchScript model differs from the module it was traced from "
-                              f"(shape {tuple(got.shape)})",
-                      fix="report this with the model config; export --formats onnx meanwhile")
+    return Written(self_check(diff, precision, path=path, device=str(example.device),
+                              runtime=f"torch {torch.__version__}", reference_device=str(example.device),
+                              failure=f"the reloaded TorchScript model differs from the module it was traced from "
+                                      f"(shape {tuple(got.shape)})",
+                              fix="report this with the model config; export --formats onnx meanwhile"), info)
 
 
 @contextlib.contextmanager
-def _baked_conv_flags(precision: str) -> Iterator[None]:
+def baked_conv_flags(precision: str) -> Iterator[None]:
     """The cuDNN flags the tracer records into each convolution of a ``precision`` artifact (see
     the module docstring); torch's own flags are restored afterwards."""
     if precision == "fp32":

@@ -7,16 +7,25 @@ client always preprocesses the way the model was exported.
 
 What a batch may be (:data:`Frames`): a numpy array, or a torch tensor on the CPU or on a CUDA
 device. On a CUDA predictor a tensor already on its device is used where it is (no round trip
-through the host); a host batch crosses PCIe once, as uint8: TorchScript through a pinned staging
-buffer and a non-blocking copy, ONNX Runtime through I/O binding (an ``onnxruntime.OrtValue``
-is accepted there too). The result is always a float32 numpy array on the host.
+through the host); a host batch crosses PCIe once, as uint8: torch's artifacts (TorchScript, the
+ExportedProgram, an AOTInductor package: :mod:`sfdeploy.runtime.torch_base`) through a pinned
+staging buffer and a non-blocking copy, ONNX Runtime through I/O binding (an
+``onnxruntime.OrtValue`` is accepted there too). The result is always a float32 numpy array on
+the host.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sfdeploy.artifacts import DEFAULT_DEVICE, Manifest, artifact_key, backend_device, backend_format
+from sfdeploy.artifacts import (
+    DEFAULT_DEVICE,
+    Manifest,
+    artifact_key,
+    backend_device,
+    backend_format,
+    normalise_device,
+)
 from sfdeploy.runtime.base import (  # noqa: F401 - the interface, read from here by the layers above
     Frames,
     LocalPredictor,
@@ -28,28 +37,38 @@ from sfdeploy.runtime.base import (  # noqa: F401 - the interface, read from her
     is_torch_tensor,
 )
 
+#: the predictor class of each artifact format, by module (imported when used)
+PREDICTORS: dict[str, tuple[str, str]] = {
+    "onnx": ("sfdeploy.runtime.ort", "OrtPredictor"),
+    "torchscript": ("sfdeploy.runtime.torchscript", "TorchScriptPredictor"),
+    "torch_export": ("sfdeploy.runtime.torch_export", "ExportedProgramPredictor"),
+    "aoti": ("sfdeploy.runtime.aoti", "AotiPredictor"),
+}
+
 
 def open_artifact(path: Path, fmt: str, *, device: str = "cpu", threads: int | None = None,
                   tf32: bool = True) -> LocalPredictor:
-    """A predictor for one artifact file of format ``fmt`` (``onnx`` or ``torchscript``) on
+    """A predictor for one artifact file of format ``fmt`` (:data:`sfdeploy.artifacts.FORMATS`) on
     ``device`` (``cpu``, ``cuda``, ``cuda:N``: a demand, never silently another device).
     ``tf32=False`` keeps fp32 convolutions in IEEE fp32 on Ampere+ GPUs (the parity gate's setting;
     the default lets the GPU use TF32, as torch and ONNX Runtime do by default)."""
-    if fmt == "onnx":
-        from sfdeploy.runtime.ort import OrtPredictor
+    import importlib
 
-        return OrtPredictor(path, device=device, threads=threads, tf32=tf32)
-    from sfdeploy.runtime.torchscript import TorchScriptPredictor
-
-    return TorchScriptPredictor(path, device=device, threads=threads, tf32=tf32)
+    module, name = PREDICTORS[fmt]
+    return getattr(importlib.import_module(module), name)(path, device=device, threads=threads, tf32=tf32)
 
 
 def open_local(backend: str, export_dir: Path, *, precision: str = "fp32", device: str = DEFAULT_DEVICE,
                threads: int | None = None) -> LocalPredictor:
     """A predictor for an artifact of ``export_dir``, read through its manifest (and verified
     against the sha256 recorded there). ``device`` may be ``auto``: see
-    :func:`sfdeploy.artifacts.backend_device`."""
+    :func:`sfdeploy.artifacts.backend_device`; for an AOTInductor package, ``auto`` is the device
+    kind it was compiled for."""
     fmt = backend_format(backend)
+    manifest = Manifest.read(export_dir)
+    key = artifact_key(fmt, precision)
+    compiled_for = manifest.artifact(key, export_dir).device_kind
+    if compiled_for and normalise_device(device) == "auto":
+        device = compiled_for
     run_on = backend_device(backend, device)
-    path = Manifest.read(export_dir).artifact_path(export_dir, artifact_key(fmt, precision))
-    return open_artifact(path, fmt, device=run_on, threads=threads)
+    return open_artifact(manifest.artifact_path(export_dir, key), fmt, device=run_on, threads=threads)

@@ -27,6 +27,7 @@ RUNTIME = "runtime"  # the in-process backend that runs the artifact: torchscrip
 ARTIFACT = "artifact"  # the artifact's file name, in the version folder
 ARTIFACT_SHA256 = "artifact_sha256"  # its hash: an instance refuses a file that is not the one placed
 PRECISION = "precision"  # the artifact's precision (for whoever reads the config)
+CHOSEN_BECAUSE = "chosen_because"  # why this runtime and precision (sfdeploy.serving.choice)
 
 # parameters of <name>_video (server-side decoding; sfdeploy/serving/video_backend.py reads them)
 TARGET_MODEL = "target_model"  # the model its decoded clips go to

@@ -2,7 +2,8 @@
 
 ``model_repository/<name>/1/model.py`` only re-exports :class:`TritonPythonModel` from here, so
 the logic is tested and versioned with sfdeploy. Each model instance runs the artifact named in
-the config's parameters (ONNX through onnxruntime, or TorchScript through torch) on the instance's
+the config's parameters (ONNX through onnxruntime; TorchScript, the ExportedProgram or an
+AOTInductor package through torch: :func:`sfdeploy.runtime.open_artifact`) on the instance's
 device (a ``KIND_GPU`` instance on its GPU, else the CPU). Triton's dynamic batcher hands
 ``execute`` several requests at once: their inputs are concatenated into one batch, run once,
 and split back, so batching across clients costs one model call. Tensors cross the stub boundary

@@ -2,10 +2,10 @@
 
 ::
 
-    REPO/<name>/config.pbtxt               python backend: runs the ONNX or TorchScript artifact with
-    REPO/<name>/labels.txt                   onnxruntime / torch (what `sfdeploy serve` runs here)
-    REPO/<name>/<version>/model.py         re-exports sfdeploy.serving.python_backend
-    REPO/<name>/<version>/model.onnx|.pt
+    REPO/<name>/config.pbtxt               python backend: runs one artifact with onnxruntime / torch
+    REPO/<name>/labels.txt                   (what `sfdeploy serve` runs here), the one the export measured
+    REPO/<name>/<version>/model.py           fastest unless named (sfdeploy.serving.choice)
+    REPO/<name>/<version>/model.onnx|.pt|.pt2|.aoti.pt2   (model.py re-exports sfdeploy.serving.python_backend)
     REPO/<name>_onnx/...                   onnxruntime backend (+ optional TensorRT accelerator)
     REPO/<name>_torchscript/...            pytorch backend
                                            (both for NVIDIA's Triton container)
@@ -41,9 +41,12 @@ from sfdeploy.clipspec import ClipSpec
 from sfdeploy.decode import MAX_VIDEO_PIXELS
 from sfdeploy.endpoints import DEFAULT_MODEL
 from sfdeploy.errors import InputError
+from sfdeploy.precision import is_cuda, supported
+from sfdeploy.serving.choice import choose_for_export
 from sfdeploy.serving.config import (
     ARTIFACT,
     ARTIFACT_SHA256,
+    CHOSEN_BECAUSE,
     DECODE_TIMEOUT_S,
     LABELS_FILE,
     MAX_VIDEO_BYTES,
@@ -91,12 +94,10 @@ class RepoOptions:
     max_batch: int = 32
     instances: int = 1
     version: int = 1
-    # What the python-backend model runs. TorchScript by default: torch runs on the GPU where one is
-    # (the onnxruntime installed for CPU does not), and on CPU its oneDNN 3-D convolutions were
-    # 2x faster than onnxruntime's at batch 8 (benchmarks/results).
-    runtime: str = "torchscript"
-    # auto: on a GPU the fastest precision the export has that passed its parity gate (fp16 before
-    # fp32: ~2x on an H200's tensor cores, see benchmarks/results); on the CPU fp32 (no fp16 kernels)
+    # What the python-backend model runs (torchscript, onnxruntime, torch_export, aoti) at which
+    # precision. auto: the fastest the export measured on this instance kind among its artifacts
+    # that passed the gate (sfdeploy.serving.choice), said with the reason in the log and config.pbtxt
+    runtime: str = "auto"
     precision: str = "auto"
     device: str = DEFAULT_DEVICE  # auto (GPU if torch sees one), cpu, cuda (KIND_GPU; "gpu" too)
     queue_delay_us: int = 5000
@@ -150,28 +151,6 @@ def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
                     DECODE_TIMEOUT_S: f"{DEFAULT_TIMEOUT_S:g}"})
 
 
-#: the precisions ``--precision auto`` may serve on a GPU, fastest first
-GPU_PRECISION_ORDER = ("fp16", "fp32")
-
-
-def served_precision(requested: str, kind: str, runtime: str, manifest: Manifest | None = None) -> str:
-    """The precision a repository serves: ``requested`` unless it is ``auto``; then on a ``gpu``
-    instance the first of :data:`GPU_PRECISION_ORDER` that the export has for ``runtime`` and that
-    passed the parity gate (without a manifest: the first of them), on the CPU fp32."""
-    if requested != "auto":
-        return requested
-    if kind != "gpu":
-        return "fp32"
-    if manifest is None:
-        return GPU_PRECISION_ORDER[0]
-    parity = manifest.parity.get("artifacts", {})
-    for precision in GPU_PRECISION_ORDER:
-        key = artifact_key(BACKEND_FORMAT[runtime], precision)
-        if key in manifest.artifacts and (parity.get(key, {}).get("passed") or not parity):
-            return precision
-    return "fp32"
-
-
 def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     """Write (or refresh) the models of one export; returns their folders."""
     manifest = Manifest.read(export_dir)
@@ -194,11 +173,11 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
                          fix="use e.g. --max-video-pixels 3840x2160")
     spec = manifest.clip_spec
     # The repository may be written here for a GPU server elsewhere: "gpu" needs no GPU here.
-    kind = "gpu" if resolve_device(opts.device, must_exist=False).startswith("cuda") else "cpu"
-    precision = served_precision(opts.precision, kind, opts.runtime, manifest)
-    if precision != opts.precision:
-        log.info("serving %s %s on %s (--precision %s)", opts.runtime, precision, kind, opts.precision)
-    key = artifact_key(BACKEND_FORMAT[opts.runtime], precision)
+    kind = "gpu" if is_cuda(resolve_device(opts.device, must_exist=False)) else "cpu"
+    choice = choose_for_export(manifest, kind, opts.runtime, opts.precision)
+    runtime, precision = choice.runtime, choice.precision
+    log.info("%s serves %s %s on %s instances: %s", opts.name, runtime, precision, kind, choice.why)
+    key = artifact_key(BACKEND_FORMAT[runtime], precision)
     runtime_artifact = manifest.artifact_path(export_dir, key)
     preferred = tuple(sorted({max(1, opts.max_batch // 4), max(1, opts.max_batch // 2), opts.max_batch}))
     common = dict(spec=spec, max_batch=opts.max_batch, preferred_batches=preferred,
@@ -206,12 +185,13 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     # (the model, the artifacts placed in its version folder, its python-backend model.py)
     models: list[tuple[ServedModel, dict[str, Path], str | None]] = [(
         ServedModel(name=opts.name, backend="python", parameters={
-            RUNTIME: opts.runtime, ARTIFACT: runtime_artifact.name, PRECISION: precision,
+            RUNTIME: runtime, ARTIFACT: runtime_artifact.name, PRECISION: precision, CHOSEN_BECAUSE: choice.why,
             ARTIFACT_SHA256: manifest.artifacts[key].sha256}, **common),
         {runtime_artifact.name: runtime_artifact}, PYTHON_MODEL,
     )]
-    if opts.native:
-        onnx_key, ts_key = (artifact_key(fmt, precision) for fmt in ("onnx", "torchscript"))
+    if opts.native:  # the served precision where the format holds it (no bf16 ONNX), else fp32
+        onnx_key, ts_key = (artifact_key(fmt, precision if supported(fmt, precision) else "fp32")
+                            for fmt in ("onnx", "torchscript"))
         if onnx_key in manifest.artifacts:
             models.append((ServedModel(name=f"{opts.name}_onnx", backend="onnxruntime",
                                        tensorrt_fp16=opts.tensorrt, default_model_filename="model.onnx", **common),
