@@ -85,20 +85,20 @@ def release(version: str) -> tuple[int, ...]:
 def oldest_ort(opset: int, ir_version: int) -> str | None:
     """The oldest ONNX Runtime release that runs a model of ``opset`` and ``ir_version``."""
     fits = [v for v, (max_opset, max_ir) in ORT_LIMITS.items() if opset <= max_opset and ir_version <= max_ir]
-    return min(fits, key=_release) if fits else None
+    return min(fits, key=release) if fits else None
 
 
 def oldest_container(fits: Any) -> str | None:
     """The oldest Triton container from which every later one satisfies ``fits(ort, torch)``
     (a container whose versions no source confirmed is passed over, never counted as fitting)."""
     oldest = None
-    for release in sorted(TRITON_CONTAINERS, key=_release, reverse=True):
-        ort, torch = TRITON_CONTAINERS[release]
+    for container in sorted(TRITON_CONTAINERS, key=release, reverse=True):
+        ort, torch = TRITON_CONTAINERS[container]
         if not (ort and torch) and not fits(ort or "0", torch or "0"):
             continue  # unconfirmed, and not known to fit
         if not fits(ort, torch):
             break
-        oldest = release
+        oldest = container
     return oldest
 
 

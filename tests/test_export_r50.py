@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from sfdeploy.artifacts import Manifest
 
@@ -15,26 +14,11 @@ from conftest import run_cli
 
 @pytest.mark.slow
 def test_r50_4x16_exports_on_cpu_and_passes_parity(prepared: Path, tmp_path: Path) -> None:
-    from sfdeploy.bench.model import randomise
-    from sfdeploy.compat import ensure_mmaction, load_config
+    from sfdeploy.bench.model import write_random_work
     from sfdeploy.data.layout import PreparedData
-    from sfdeploy.train.config import FinetuneOptions, build_config
-    from sfdeploy.train.presets import preset_path
 
-    ensure_mmaction()
-    from mmaction.registry import MODELS
-
-    work = tmp_path / "WORK"
-    work.mkdir()
     data = PreparedData.from_dir(prepared)
-    cfg = build_config(load_config(preset_path("slowfast_r50_4x16")), data,
-                       FinetuneOptions(work_dir=work, preset="slowfast_r50_4x16"))
-    cfg.load_from = None
-    cfg.dump(str(work / "config.py"))
-    (work / "class_index.txt").write_text("\n".join(data.classes) + "\n")
-    model = MODELS.build(cfg.model)
-    randomise(model)
-    torch.save({"state_dict": model.state_dict()}, work / "best_acc_top1_epoch_1.pth")
+    work = write_random_work("slowfast_r50_4x16", prepared, tmp_path / "WORK")
 
     out = tmp_path / "EXPORT"
     # fp32 (random weights give no reduced-precision verdict worth its time), untimed

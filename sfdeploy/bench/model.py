@@ -67,3 +67,28 @@ def build_bench_model(profile: str = "small", work_dir: Path | None = None) -> B
     recognizer.eval()
     names = tuple(f"class_{i}" for i in range(classes))
     return BenchModel(f"{preset} (random weights)", recognizer, ClipSpec.from_config(cfg, names, views=1), cfg)
+
+
+def write_random_work(preset: str, data_dir: Path, work_dir: Path, seed: int = 0) -> Path:
+    """A work dir as `sfdeploy finetune` leaves it (config, class index, best checkpoint) for
+    ``preset`` on the prepared ``data_dir``, with :func:`randomise`'d weights instead of trained
+    ones: the real export path, gate included, for a model too slow to train here (R50 on a CPU)."""
+    from sfdeploy.compat import ensure_mmaction, load_config
+    from sfdeploy.data.layout import PreparedData
+    from sfdeploy.train.config import FinetuneOptions, build_config
+    from sfdeploy.train.presets import preset_path
+
+    ensure_mmaction()
+    from mmaction.registry import MODELS
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data = PreparedData.from_dir(data_dir)
+    cfg = build_config(load_config(preset_path(preset)), data, FinetuneOptions(work_dir=work_dir, preset=preset))
+    cfg.load_from = None
+    cfg.dump(str(work_dir / "config.py"))
+    (work_dir / "class_index.txt").write_text("\n".join(data.classes) + "\n")
+    model = MODELS.build(cfg.model)
+    randomise(model, seed)
+    torch.save({"state_dict": model.state_dict()}, work_dir / "best_acc_top1_epoch_1.pth")
+    return work_dir
