@@ -61,7 +61,7 @@ def test_an_artifact_changed_after_export_is_refused(export_copy: Path, tmp_path
     with pytest.raises(InputError, match="does not match the sha256 recorded for it") as info:
         open_local(backend, export_copy)
     assert str(path) in str(info.value) and "re-run `sfdeploy export`" in str(info.value)
-    for args in (["repo", str(export_copy), "--repo", str(tmp_path / "r"), "--runtime", backend],
+    for args in (["repo", str(export_copy), "--repo", str(tmp_path / "r"), "--runtime", backend, "--precision", "fp32"],
                  ["infer", str(tmp_path), "--backend", backend, "--export", str(export_copy),
                   "--out", str(tmp_path / "p.csv")]):
         result = run_cli(*args, check=False)
@@ -83,8 +83,9 @@ def test_a_killed_reexport_leaves_the_old_export_and_a_finished_one_replaces_it(
     before = (export_copy / MANIFEST_FILE).read_text()
     old = Manifest.read(export_copy)
     assert {"torchscript_fp16", "onnx_fp16"} <= set(old.artifacts)
+    # fp32 TorchScript and ONNX only this time: the other files are no longer part of it
     command = [sys.executable, "-m", "sfdeploy", "export", str(tiny_run), "--out", str(export_copy),
-               "--parity-videos", "4"]  # fp32 only this time: the fp16 files are no longer part of it
+               "--parity-videos", "4", "--formats", "torchscript,onnx", "--precisions", "fp32", "--no-measure"]
 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: any(export_copy.glob(".*.partial*")), proc)  # killed while writing the new files
@@ -100,6 +101,7 @@ def test_a_killed_reexport_leaves_the_old_export_and_a_finished_one_replaces_it(
     new = Manifest.read(export_copy)
     assert set(new.artifacts) == {"torchscript", "onnx"}
     assert not (export_copy / "model_fp16.onnx").exists() and not (export_copy / "model_fp16.pt").exists()
+    assert not (export_copy / "model.pt2").exists()
     assert not list(export_copy.glob(".*.partial*"))
     for backend in ("onnxruntime", "torchscript"):
         open_local(backend, export_copy).close()

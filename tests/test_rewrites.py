@@ -75,7 +75,7 @@ def test_a_rewritten_trace_keeps_the_batch_axis_dynamic(model, tmp_path) -> None
 
     module, _ = deploy_module(model.recognizer, model.spec.mean, model.spec.std, rewrites=Rewrites.for_device("cuda"))
     example = torch.from_numpy(random_clips(model.spec, 2))
-    check = export_torchscript(module, example, tmp_path / "m.pt", model.spec.to_json())
+    check = export_torchscript(module, example, tmp_path / "m.pt", model.spec.to_json()).check
     assert check["max_abs_diff"] <= check["tolerance"]
     predictor = TorchScriptPredictor(tmp_path / "m.pt")
     frames = random_clips(model.spec, 5, seed=2)

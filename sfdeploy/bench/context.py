@@ -22,7 +22,7 @@ from sfdeploy.bench.exports import ensure_bench_export
 from sfdeploy.bench.model import BenchModel
 from sfdeploy.endpoints import DEFAULT_MODEL as SERVED_MODEL
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.precision import is_cuda, supported
+from sfdeploy.precision import auto_precisions, is_cuda, supported
 from sfdeploy.target import SERVED, ModelTarget
 
 #: the in-process runtimes a run may measure, and so serve (the python backend runs each of them)
@@ -64,7 +64,8 @@ class Context:
 
     def _measured(self) -> tuple[list[tuple[str, str]], dict[tuple[str, str], dict[str, float]]]:
         """The (runtime, precision) pairs this run may serve, and its model rows' ms per clip for each."""
-        candidates = [(r, p) for r in LOCAL_RUNTIMES if r in self.opts.backends for p in self.opts.precisions
+        precisions = self.opts.precisions or auto_precisions(self.device)  # (run_bench gives them normalised)
+        candidates = [(r, p) for r in LOCAL_RUNTIMES if r in self.opts.backends for p in precisions
                       if supported(backend_format(r), p)]
         rows = self.record.rows if self.record is not None else []
         timings: dict[tuple[str, str], dict[str, float]] = {}

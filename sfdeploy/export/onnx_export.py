@@ -99,6 +99,11 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, spec
     got = predictor.predict(probe.cpu().numpy())
     predictor.close()
     diff = float(np.abs(expected - got).max()) if got.shape == expected.shape else float("inf")
+    if precision == "fp16" and predictor.device == "cpu":
+        logging.getLogger("sfdeploy").log(
+            logging.WARNING if example.device.type != "cpu" else logging.INFO,
+            "the fp16 ONNX model was self-checked on onnxruntime's CPU provider (it computes fp16 in fp32); on a GPU "
+            "check it with `sfdeploy eval --device cuda --precision fp16`")
     return Written(self_check(diff, precision, path=path, device=predictor.device, runtime=predictor.runtime,
                               reference_device=str(probe.device),
                               failure=f"the ONNX model differs from the module it was exported from in onnxruntime "

@@ -92,14 +92,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     ensure_writable_dir(out, "export folder", "--out folder")
     remove_partials(out)  # left by an export killed before it finished
     device = resolve_device(opts.device)
-    precisions = parse_precisions(opts.precisions, device) + (("fp16",) if opts.fp16 else ())
-    precisions = tuple(dict.fromkeys(precisions))
-    plan = [(fmt, p) for p in precisions for fmt in formats if (fmt, p) not in UNSUPPORTED]
-    for fmt, p in ((f, p) for p in precisions for f in formats if (f, p) in UNSUPPORTED):
-        log.info("no %s %s artifact: %s", p, fmt, UNSUPPORTED[fmt, p])
-    if not plan:
-        raise InputError(f"nothing to export: {', '.join(formats)} at {', '.join(precisions)}",
-                         fix="add a format that holds these precisions to --formats (e.g. torchscript)")
+    plan = plan_artifacts(formats, opts.precisions, opts.fp16, device)
     # Where each format's artifacts are checked and gated; an explicit device ONNX Runtime cannot
     # use fails here, before any work. The torch formats run on the export's device.
     run_on = {fmt: backend_device(FORMAT_BACKEND[fmt], opts.device) if fmt == "onnx" else device
@@ -146,6 +139,21 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
         raise ExportError(f"parity gate failed: {detail}", path=out / MANIFEST_FILE,
                           fix="do not deploy these artifacts; the numbers are in manifest.json 'parity'")
     return manifest
+
+
+def plan_artifacts(formats: tuple[str, ...], precisions: str | tuple[str, ...], fp16: bool, device: str
+                   ) -> list[tuple[str, str]]:
+    """The (format, precision) pairs an export on ``device`` writes: every format at every
+    precision (``precisions`` as :func:`sfdeploy.precision.parse_precisions` reads it, plus fp16
+    with ``fp16``) that the format can hold; refused when that leaves nothing."""
+    chosen = tuple(dict.fromkeys(parse_precisions(precisions, device) + (("fp16",) if fp16 else ())))
+    for fmt, precision in ((f, p) for p in chosen for f in formats if (f, p) in UNSUPPORTED):
+        log.info("no %s %s artifact: %s", precision, fmt, UNSUPPORTED[fmt, precision])
+    plan = [(fmt, precision) for precision in chosen for fmt in formats if (fmt, precision) not in UNSUPPORTED]
+    if not plan:
+        raise InputError(f"nothing to export: {', '.join(formats)} at {', '.join(chosen)}",
+                         fix="add a format that holds these precisions to --formats (e.g. torchscript)")
+    return plan
 
 
 def host_facts(device: str) -> dict[str, Any]:

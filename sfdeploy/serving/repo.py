@@ -151,12 +151,8 @@ def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
                     DECODE_TIMEOUT_S: f"{DEFAULT_TIMEOUT_S:g}"})
 
 
-def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
-    """Write (or refresh) the models of one export; returns their folders."""
-    manifest = Manifest.read(export_dir)
-    if opts.require_parity and not manifest.parity_passed:
-        raise InputError("this export did not pass its parity gate (see manifest.json 'parity')",
-                         path=export_dir, fix="re-run `sfdeploy export` and serve an export that passes")
+def check_options(opts: RepoOptions) -> None:
+    """Refuse options no repository can be written with, before anything is written."""
     if not opts.name.replace("_", "").replace("-", "").isalnum():
         raise InputError(f"model name '{opts.name}' must be letters, digits, '_' or '-'",
                          fix="use e.g. --name slowfast")
@@ -171,6 +167,15 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     if opts.max_video_pixels < 1:
         raise InputError(f"--max-video-pixels must be >= 1 (got {opts.max_video_pixels})",
                          fix="use e.g. --max-video-pixels 3840x2160")
+
+
+def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
+    """Write (or refresh) the models of one export; returns their folders."""
+    manifest = Manifest.read(export_dir)
+    if opts.require_parity and not manifest.parity_passed:
+        raise InputError("this export did not pass its parity gate (see manifest.json 'parity')",
+                         path=export_dir, fix="re-run `sfdeploy export` and serve an export that passes")
+    check_options(opts)
     spec = manifest.clip_spec
     # The repository may be written here for a GPU server elsewhere: "gpu" needs no GPU here.
     kind = "gpu" if is_cuda(resolve_device(opts.device, must_exist=False)) else "cpu"
