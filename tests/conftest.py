@@ -176,3 +176,15 @@ def wait_for_rows(out: Path, proc: subprocess.Popen, count: int, timeout_s: floa
     while len(csv_rows(out)) < count and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be interrupted"
+
+
+class Shifted:
+    """A predictor fed frames ``shift`` grey levels off (what a normalisation bug does): the parity
+    gate must fail it."""
+
+    def __init__(self, inner, shift: int) -> None:
+        self.inner, self.shift = inner, shift
+        self.device, self.runtime, self.tf32 = inner.device, inner.runtime, inner.tf32
+
+    def predict(self, frames: np.ndarray) -> np.ndarray:
+        return self.inner.predict(np.clip(frames.astype(np.int16) + self.shift, 0, 255).astype(np.uint8))

@@ -228,7 +228,7 @@ def test_a_figure_from_a_busy_machine_says_so_in_its_target() -> None:
     found = {t["target"]: t for t in targets(record)}
     served = found["Triton (grpc) >= 90% of in-process at batch 8, concurrency 1"]
     assert served["measured"].startswith("15%") and "took 1.40 cores (busy: the figure is low)" in served["measured"]
-    assert "busy" not in found["Best model-only throughput (TorchScript / ONNX Runtime in process)"]["measured"]
+    assert "busy" not in found["Best model-only throughput (the runtimes in process)"]["measured"]
 
 
 def test_only_measured_rows_make_a_record_busy() -> None:
@@ -305,3 +305,30 @@ def test_workers_orphaned_during_a_row_stay_the_benchmarks_own(tmp_path: Path) -
     result = meter.result()
     assert 0 <= result["others_cores"] <= os.cpu_count()
     assert meter.own / os.sysconf("SC_CLK_TCK") >= 0.5
+
+
+def test_the_served_model_is_chosen_from_the_model_rows_and_kept_on_resume(tmp_path: Path) -> None:
+    """What `repo --runtime auto` would serve: the lowest mean time per clip over the model rows,
+    recorded once, so that a resumed run serves the same."""
+    from sfdeploy.bench.stages import Context, plan_model
+
+    path = tmp_path / "r.json"
+    header = {**_header(), "served": {"backend": "python", "runtime": "auto", "precision": "auto"}}
+    record = Record.open(path, header, resume=False)
+    for backend, batch, clips_per_s in (("torchscript", 1, 100.0), ("torchscript", 8, 200.0),
+                                        ("onnxruntime", 1, 150.0), ("onnxruntime", 8, 150.0)):
+        record.add({**_row(backend, 1, clips_per_s, stage="model"), "batch": batch})
+    opts = BenchOptions(precisions=("fp32",), backends=("torchscript", "onnxruntime", "triton-grpc"))
+    context = Context(opts, None, "cpu", tmp_path, tmp_path, record)
+    assert (context.served_runtime, context.served_precision) == ("onnxruntime", "fp32")  # 6.7 vs 7.5 ms per clip
+    assert "the fastest of 2 measured on cpu by this run's model stage" in context.choice.why
+    again = Record.open(path, header, resume=True)
+    again.add({**_row("torchscript", 1, 900.0, stage="model"), "batch": 8})  # faster now: the choice stands
+    assert Context(opts, None, "cpu", tmp_path, tmp_path, again).served_runtime == "onnxruntime"
+    assert "python backend running onnxruntime fp32" in targets(again.data)[0]["target"]
+    # on CUDA the torch runtimes are also measured without their CUDA graphs, at the smallest batch
+    gpu = BenchOptions(precisions=("fp16",), batch_sizes=(1, 32), backends=("aoti", "torch_export", "onnxruntime"))
+    planned = {(t.backend, t.batch) for t in plan_model(Context(gpu, None, "cuda", tmp_path, tmp_path))}
+    assert {("aoti-nographs", 1), ("torch_export-nographs", 1)} <= planned
+    assert not any(b.endswith("-nographs") for b, _ in {(t.backend, t.batch) for t in plan_model(
+        Context(gpu, None, "cpu", tmp_path, tmp_path))})

@@ -17,7 +17,7 @@ from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.data.layout import PreparedData
 from sfdeploy.preprocess import load_video
 
-from conftest import run_cli
+from conftest import Shifted, run_cli
 
 # Runs in a clean interpreter: plain torch / onnxruntime, no sfdeploy import.
 PLAIN_LOAD = r"""
@@ -203,14 +203,6 @@ def test_parity_gate_fails_a_perturbed_artifact_and_bounds_by_measured_device_no
 
     trained = load_trained(tiny_run)
     exact = open_artifact(tiny_export / "model.pt", "torchscript", tf32=False)
-
-    class Shifted:
-        def __init__(self, inner, shift: int) -> None:
-            self.inner, self.shift = inner, shift
-            self.device, self.runtime, self.tf32 = inner.device, inner.runtime, inner.tf32
-
-        def predict(self, clips: np.ndarray) -> np.ndarray:
-            return self.inner.predict(np.clip(clips.astype(np.int16) + self.shift, 0, 255).astype(np.uint8))
 
     videos = [p for p, _ in val_videos(trained.cfg, 4)]
     gate = run_gate(trained.recognizer, exact.spec, {"exact": (exact, "fp32"), "shifted": (Shifted(exact, 12), "fp32")},

@@ -21,7 +21,7 @@ from sfdeploy.artifacts import Manifest
 from sfdeploy.errors import EnvironmentProblem, InputError
 from sfdeploy.precision import cpu_bf16
 
-from conftest import REPO, run_cli, running_triton, val_clips
+from conftest import REPO, Shifted, run_cli, running_triton, val_clips
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +118,6 @@ def test_the_gate_fails_a_perturbed_new_artifact(fmt: str, tiny_run: Path, reque
     export = request.getfixturevalue("aoti_export" if fmt == "aoti" else "tiny_export")
     trained = load_trained(tiny_run)
     exact = open_local(fmt, export, device="cpu")
-
-    class Shifted:
-        def __init__(self, inner, shift: int) -> None:
-            self.inner, self.shift = inner, shift
-            self.device, self.runtime, self.tf32 = inner.device, inner.runtime, inner.tf32
-
-        def predict(self, frames: np.ndarray) -> np.ndarray:
-            return self.inner.predict(np.clip(frames.astype(np.int16) + self.shift, 0, 255).astype(np.uint8))
 
     videos = [p for p, _ in val_videos(trained.cfg, 4)]
     results = run_gate(trained.recognizer, exact.spec, {"exact": (exact, "fp32"), "shifted": (Shifted(exact, 12),

@@ -52,13 +52,12 @@ class Context:
 
             kept = (self.record.data.get("served_choice") if self.record is not None else None) or {}
             if kept:
-                self._choice = ServedChoice(kept["runtime"], kept["precision"], kept["why"])
+                self._choice = ServedChoice.from_dict(kept)
             else:
                 self._choice = choose(*self._measured(), "gpu" if is_cuda(self.device) else "cpu",
                                       measured_on=f"{self.device} by this run's model stage")
                 if self.record is not None:
-                    self.record.data["served_choice"] = {"runtime": self._choice.runtime,
-                                                         "precision": self._choice.precision, "why": self._choice.why}
+                    self.record.data["served_choice"] = self._choice.to_dict()
                     self.record.save()
         return self._choice
 
@@ -121,21 +120,25 @@ class Context:
         return ModelTarget(backend=SERVED, urls=(server.http_url if protocol == "http" else server.grpc_url,),
                            protocol=protocol, model=SERVED_MODEL, shm=shm, server_decode=server_decode)
 
-    def local(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN) -> Any:
+    def local(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN,
+              cuda_graphs: bool = True) -> Any:
         """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it); for the
         plain TorchScript rows, the plain graph run as loaded: no rewrites, no CUDA graphs, no CPU
-        optimisation (what sfdeploy ran before them, measured beside what it runs now)."""
-        target = self.local_target(backend, precision, device, rewrites)
-        if target.backend == "torchscript" and rewrites == suites.PLAIN:
-            from sfdeploy.artifacts import Manifest, artifact_key
-            from sfdeploy.runtime.torchscript import TorchScriptPredictor
+        optimisation (what sfdeploy ran before them, measured beside what it runs now); without
+        ``cuda_graphs``, the runtime as it runs but for its CUDA graphs (what they give)."""
+        from sfdeploy.artifacts import Manifest, artifact_key
+        from sfdeploy.runtime import predictor_class
 
-            path = Manifest.read(target.export_dir).artifact_path(target.export_dir,
-                                                                  artifact_key("torchscript", precision))
-            factory = lambda: TorchScriptPredictor(path, device=device, cuda_graphs=False, optimize=False)  # noqa: E731
+        target = self.local_target(backend, precision, device, rewrites)
+        plain = target.backend == "torchscript" and rewrites == suites.PLAIN
+        if plain or not cuda_graphs:
+            fmt = backend_format(backend)
+            path = Manifest.read(target.export_dir).artifact_path(target.export_dir, artifact_key(fmt, precision))
+            factory = lambda: predictor_class(fmt)(path, device=device, cuda_graphs=False,  # noqa: E731
+                                                   optimize=not plain)
         else:
             factory = target.open
-        return self.hold((backend, precision, device, rewrites), factory, lambda p: p.close())
+        return self.hold((backend, precision, device, rewrites, cuda_graphs), factory, lambda p: p.close())
 
     def ort_device(self) -> tuple[str, str]:
         """Where ONNX Runtime runs rows asked for on ``self.device``, and why not there if not."""

@@ -26,7 +26,7 @@ from sfdeploy.bench.context import Context
 from sfdeploy.bench.rows import SKIPPED, Key
 from sfdeploy.endpoints import DEFAULT_MODEL as SERVED_MODEL
 from sfdeploy.errors import EnvironmentProblem
-from sfdeploy.precision import native_reduced, supported
+from sfdeploy.precision import is_cuda, native_reduced, supported
 from sfdeploy.target import SERVED
 
 log = logging.getLogger("sfdeploy")
@@ -66,21 +66,27 @@ def _eager(stage: str, variant: str, precision: str, batch: int, warmup: int) ->
     return Task(stage, variant, precision, batch, 1, measure)
 
 
-def _local(backend: str, precision: str, batch: int, plain: bool = False) -> Task:
+#: the suffix of a torch runtime's row without its CUDA graphs, beside the row with them (on CUDA)
+NO_GRAPHS_SUFFIX = "-nographs"
+
+
+def _local(backend: str, precision: str, batch: int, plain: bool = False, graphs: bool = True) -> Task:
     """``backend`` on the export `sfdeploy export` makes (rewrites for this device), or, ``plain``,
-    on the plain graph (row ``<backend>-plain``): the two side by side show what the rewrites give."""
-    name = backend + (PLAIN_SUFFIX if plain else "")
+    on the plain graph (row ``<backend>-plain``): the two side by side show what the rewrites give;
+    without ``graphs`` (row ``<backend>-nographs``), what its CUDA graphs give."""
+    name = backend + (PLAIN_SUFFIX if plain else "") + ("" if graphs else NO_GRAPHS_SUFFIX)
+    note = ("; plain graph run as loaded (no rewrites, CUDA graphs or CPU optimisation)" if plain else
+            "" if graphs else "; without CUDA graphs")
 
     def measure(c: Context) -> dict[str, Any]:
         device, why = c.ort_device() if backend == "onnxruntime" else (c.device, "")
         if not device:
             return suites.unmeasured_row("model", name, precision, batch, 1, SKIPPED, why)
-        predictor = c.local(backend, precision, device, suites.PLAIN if plain else suites.REWRITTEN)
+        predictor = c.local(backend, precision, device, suites.PLAIN if plain else suites.REWRITTEN, graphs)
         frames = suites.random_clips(c.model.spec, batch)
         return suites.sequential_row("model", name, precision, batch, lambda: predictor.predict(frames), device,
-                                     c.opts.warmup, c.opts.iters, note="numpy uint8 in, numpy out" +
-                                     ("; plain graph run as loaded (no rewrites, CUDA graphs or CPU optimisation)"
-                                      if plain else ""), min_time_s=c.opts.min_time_s)
+                                     c.opts.warmup, c.opts.iters, note="numpy uint8 in, numpy out" + note,
+                                     min_time_s=c.opts.min_time_s)
     return Task("model", name, precision, batch, 1, measure)
 
 
@@ -108,8 +114,9 @@ def plan_model(c: Context) -> list[Task]:
     """MMAction2's batch-1 baseline; TorchScript (as exported, then the plain graph beside it),
     the operator profile of the exported graph with --trace, eager (plain and rewritten), ONNX
     Runtime, the ExportedProgram and the AOTInductor package, at every batch size and precision
-    their format holds. In that order: a run cut short has measured what the targets are about
-    first. The served runtime is then chosen from these rows (:attr:`Context.choice`)."""
+    their format holds (on CUDA, the last two also without CUDA graphs at the smallest batch). In
+    that order: a run cut short has measured what the targets are about first. The served runtime
+    is then chosen from these rows (:attr:`Context.choice`)."""
     opts, tasks = c.opts, []
     if "mmaction2" in opts.backends:
         tasks.append(Task("model", "mmaction2", "fp32", 1, 1, _mmaction2))
@@ -123,8 +130,10 @@ def plan_model(c: Context) -> list[Task]:
                   for b in opts.batch_sizes]
     for runtime in ("onnxruntime", "torch_export", "aoti"):
         if runtime in opts.backends:
-            tasks += [_local(runtime, p, b) for p in opts.precisions if supported(backend_format(runtime), p)
-                      for b in opts.batch_sizes]
+            precisions = [p for p in opts.precisions if supported(backend_format(runtime), p)]
+            tasks += [_local(runtime, p, b) for p in precisions for b in opts.batch_sizes]
+            if runtime != "onnxruntime" and is_cuda(c.device):  # do CUDA graphs still pay (fused kernels)?
+                tasks += [_local(runtime, p, min(opts.batch_sizes), graphs=False) for p in precisions]
     return tasks
 
 

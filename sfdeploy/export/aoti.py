@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from sfdeploy.artifacts import ARTIFACT_INFO_KEY, self_check
+from sfdeploy.artifacts import ARTIFACT_INFO_KEY
 from sfdeploy.clipspec import SPEC_KEY
 from sfdeploy.errors import ExportError
-from sfdeploy.export.formats import Written, artifact_info, device_kind
+from sfdeploy.export.formats import Written, artifact_info, check_reloaded, device_kind
 
 
 def _target(device: str) -> str:
@@ -73,13 +73,7 @@ def export_aoti(module: torch.nn.Module, example: torch.Tensor, path: Path, spec
         shutil.rmtree(scratch, ignore_errors=True)
     compile_s = round(time.monotonic() - started, 1)
     reloaded = load_aoti(path, device).module
-    probe = torch.cat([example, example[:1]])  # a batch size other than the traced one
-    with torch.inference_mode():
-        expected, got = module(probe), reloaded(probe)
-    diff = float((expected - got).abs().max()) if got.shape == expected.shape else float("inf")
-    check = self_check(diff, precision, path=path, device=device, runtime=f"torch {torch.__version__} AOTInductor",
-                       reference_device=device,
-                       failure=f"the compiled AOTInductor package differs from the module it was compiled from "
-                               f"(shape {tuple(got.shape)})",
-                       fix="report this with the model config; leave aoti out of --formats meanwhile")
+    check = check_reloaded(module, reloaded, example, path, precision, what="AOTInductor package",
+                           runtime=f"torch {torch.__version__} AOTInductor",
+                           fix="report this with the model config; leave aoti out of --formats meanwhile")
     return Written(check, {**info, "compile_s": compile_s})

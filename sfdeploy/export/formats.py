@@ -64,6 +64,25 @@ def write_artifact(fmt: str, module: Any, example: Any, path: Path, spec_json: s
     return exporter(module, example, Path(path), spec_json, precision, check_device=check_device, **extra)
 
 
+def check_reloaded(module: Any, reloaded: Any, example: Any, path: Path, precision: str, *, what: str,
+                   runtime: str, fix: str) -> dict[str, Any]:
+    """The self-check of a torch artifact: ``reloaded`` (as its runtime loads it) against the
+    ``module`` it came from, on ``example``'s device, at a batch size other than the traced one
+    (which proves the batch axis stayed dynamic); over tolerance, an ``ExportError`` saying that
+    the reloaded ``what`` differs."""
+    import torch
+
+    from sfdeploy.artifacts import self_check
+
+    probe = torch.cat([example, example[:1]])
+    with torch.inference_mode():
+        expected, got = module(probe), reloaded(probe)
+    diff = float((expected - got).abs().max()) if got.shape == expected.shape else float("inf")
+    return self_check(diff, precision, path=path, device=str(example.device), runtime=runtime,
+                      reference_device=str(example.device), fix=fix,
+                      failure=f"the reloaded {what} differs from the module it came from (shape {tuple(got.shape)})")
+
+
 def device_kind(device: str) -> str:
     """``cpu`` or ``cuda``: what an AOTInductor package is compiled for."""
     return "cuda" if is_cuda(device) else "cpu"

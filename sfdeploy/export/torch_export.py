@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from sfdeploy.artifacts import INPUT_NAME, self_check
+from sfdeploy.artifacts import INPUT_NAME
 from sfdeploy.errors import ExportError
-from sfdeploy.export.formats import Written, artifact_info
+from sfdeploy.export.formats import Written, artifact_info, check_reloaded
 
 #: the batch axis every torch.export-based artifact accepts
 MAX_BATCH = 4096
@@ -49,13 +49,7 @@ def export_torch_export(module: torch.nn.Module, example: torch.Tensor, path: Pa
     program = export_program(module, example, path)
     torch.export.save(program, str(path), extra_files={SPEC_FILE: spec_json, INFO_FILE: json.dumps(info)})
     reloaded = load_exported_program(path, str(example.device)).module
-    probe = torch.cat([example, example[:1]])  # a batch size other than the traced one
-    with torch.inference_mode():
-        expected, got = module(probe), reloaded(probe)
-    diff = float((expected - got).abs().max()) if got.shape == expected.shape else float("inf")
-    return Written(self_check(diff, precision, path=path, device=str(example.device),
-                              runtime=f"torch {torch.__version__}", reference_device=str(example.device),
-                              failure=f"the reloaded ExportedProgram differs from the module it was exported from "
-                                      f"(shape {tuple(got.shape)})",
-                              fix="report this with the model config; export --formats torchscript,onnx meanwhile"),
+    return Written(check_reloaded(module, reloaded, example, path, precision, what="ExportedProgram",
+                                  runtime=f"torch {torch.__version__}",
+                                  fix="report this with the model config; export --formats torchscript,onnx meanwhile"),
                    info)

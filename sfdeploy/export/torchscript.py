@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sfdeploy.artifacts import self_check
-from sfdeploy.export.formats import Written, artifact_info
+from sfdeploy.export.formats import Written, artifact_info, check_reloaded
 from sfdeploy.runtime.torchscript import INFO_FILE, SPEC_FILE, load_torchscript
 
 
@@ -50,16 +49,9 @@ def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Pat
             traced = torch.jit.trace(module, (example,), check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={SPEC_FILE: spec_json, INFO_FILE: json.dumps(info)})
         reloaded = load_torchscript(path, str(example.device)).module
-        # A batch size other than the traced one proves the batch axis stayed dynamic.
-        probe = torch.cat([example, example[:1]])
-        with torch.no_grad():
-            expected, got = module(probe), reloaded(probe)
-    diff = float((expected - got).abs().max()) if got.shape == expected.shape else float("inf")
-    return Written(self_check(diff, precision, path=path, device=str(example.device),
-                              runtime=f"torch {torch.__version__}", reference_device=str(example.device),
-                              failure=f"the reloaded TorchScript model differs from the module it was traced from "
-                                      f"(shape {tuple(got.shape)})",
-                              fix="report this with the model config; export --formats onnx meanwhile"), info)
+    return Written(check_reloaded(module, reloaded, example, path, precision, what="TorchScript model",
+                                  runtime=f"torch {torch.__version__}",
+                                  fix="report this with the model config; export --formats onnx meanwhile"), info)
 
 
 @contextlib.contextmanager

@@ -52,10 +52,15 @@ def open_artifact(path: Path, fmt: str, *, device: str = "cpu", threads: int | N
     ``device`` (``cpu``, ``cuda``, ``cuda:N``: a demand, never silently another device).
     ``tf32=False`` keeps fp32 convolutions in IEEE fp32 on Ampere+ GPUs (the parity gate's setting;
     the default lets the GPU use TF32, as torch and ONNX Runtime do by default)."""
+    return predictor_class(fmt)(path, device=device, threads=threads, tf32=tf32)
+
+
+def predictor_class(fmt: str) -> type:
+    """The predictor class of artifact format ``fmt`` (imported on first use)."""
     import importlib
 
     module, name = PREDICTORS[fmt]
-    return getattr(importlib.import_module(module), name)(path, device=device, threads=threads, tf32=tf32)
+    return getattr(importlib.import_module(module), name)
 
 
 def open_local(backend: str, export_dir: Path, *, precision: str = "fp32", device: str = DEFAULT_DEVICE,

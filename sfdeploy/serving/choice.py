@@ -16,7 +16,6 @@ fp16 on a GPU if it passed the gate, fp32 otherwise; the reason says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from sfdeploy.artifacts import BACKEND_FORMAT, FORMAT_BACKEND, Manifest, artifact_key
 from sfdeploy.errors import InputError
@@ -39,6 +38,18 @@ class ServedChoice:
     runtime: str
     precision: str
     why: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"runtime": self.runtime, "precision": self.precision, "why": self.why}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> ServedChoice:
+        return cls(data["runtime"], data["precision"], data["why"])
+
+
+def _device_kind(kind: str) -> str:
+    """The device kind (``cpu`` / ``cuda``) of a Triton instance kind (``cpu`` / ``gpu``)."""
+    return "cuda" if kind == "gpu" else "cpu"
 
 
 def _score(per_batch: dict[str, float]) -> float:
@@ -75,7 +86,7 @@ def export_candidates(manifest: Manifest, kind: str, runtime: str = AUTO, precis
     ``kind``, matching ``runtime`` and ``precision`` (``auto``: any runtime; the precisions
     :func:`sfdeploy.precision.servable_by_auto` allows on ``kind``)."""
     passed = manifest.parity.get("artifacts")
-    device_kind = "cuda" if kind == "gpu" else "cpu"
+    device_kind = _device_kind(kind)
     out = []
     for key, artifact in manifest.artifacts.items():
         served_by = FORMAT_BACKEND[artifact.format]
@@ -101,13 +112,9 @@ def choose_for_export(manifest: Manifest, kind: str, runtime: str = AUTO, precis
                          fix="re-export with the format / precision you need (an AOTInductor package on the host "
                              "that serves it), or pass --runtime auto --precision auto")
     timings = manifest.timings
-    by_key = timings.get("ms_per_clip", {}) if timings.get("device_kind") == ("cuda" if kind == "gpu" else "cpu") \
-        else {}
+    by_key = timings.get("ms_per_clip", {}) if timings.get("device_kind") == _device_kind(kind) else {}
     measured = {c: by_key.get(artifact_key(BACKEND_FORMAT[c[0]], c[1]), {}) for c in candidates}
     where = f"{timings.get('device', '')} at export ({timings.get('threads', '?')} threads)" if by_key else ""
     return choose(candidates, measured, kind, measured_on=where)
 
 
-def describe(choice: ServedChoice) -> dict[str, Any]:
-    """For records: the choice as a dict."""
-    return {"runtime": choice.runtime, "precision": choice.precision, "why": choice.why}
