@@ -30,10 +30,11 @@ def test_r50_4x16_exports_on_cpu_and_passes_parity(prepared: Path, tmp_path: Pat
     assert manifest.artifacts["onnx"].size_bytes > 100e6  # one file, weights inside
     for key, result in manifest.parity["artifacts"].items():
         assert result["passed"] and result["max_abs_diff"] <= 1e-4, (key, result)
-    # a peaked softmax on real clips, so that agreement within 1e-4 means something
+    # a peaked softmax on real clips, not a saturated one, so that agreement within 1e-4 means something
     from sfdeploy.preprocess import load_video
     from sfdeploy.runtime.ort import OrtPredictor
 
     clip = load_video(manifest.parity["videos"][0], manifest.clip_spec)
-    assert OrtPredictor(out / "model.onnx").predict(clip[None]).max() > 3 / len(data.classes)
+    top = OrtPredictor(out / "model.onnx").predict(clip[None]).max()
+    assert 1.5 / len(data.classes) < top < 0.999
     print(json.dumps(manifest.parity["artifacts"]))
