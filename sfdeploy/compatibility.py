@@ -129,8 +129,9 @@ def loads_in(fmt: str, info: dict[str, Any]) -> dict[str, Any]:
                 "triton_container": f">= {torchscript_container()}, pytorch backend (<name>_torchscript)",
                 "written_by_torch": wrote}
     if fmt == "torch_export":
-        return {"torch": f">= {wrote or 'the writer'} (ExportedProgram schema {info.get('schema_version', '?')}; "
-                "older torch is not promised)", "triton_container": python_backend}
+        schema = info.get("schema_version", "?")
+        return {"torch": f">= {wrote.split('+')[0] or 'the writer'} (ExportedProgram schema {schema}; older torch "
+                         "is not promised)", "triton_container": python_backend}
     if fmt == "aoti":
         return {"torch": f"== {wrote} exactly (the build that compiled it)",
                 "device": f"{info.get('compiled_for', '?')} ({info.get('target', '?')})",

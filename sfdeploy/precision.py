@@ -59,6 +59,18 @@ def cpu_bf16() -> CpuBf16:
     return CpuBf16(False, "this CPU has neither AVX512-BF16 nor AMX (torch would emulate bf16, slower than fp32)")
 
 
+#: the reduced precision each instance kind runs natively: tensor cores' fp16 on a GPU, bf16 on a CPU
+#: (one that has AVX512-BF16 or AMX, :func:`cpu_bf16`)
+NATIVE_REDUCED = {"gpu": "fp16", "cpu": "bf16"}
+
+
+def torch_dtype(precision: str) -> object:
+    """The torch dtype a precision computes in."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
 def is_cuda(device: str) -> bool:
     """Whether a resolved device name (``cpu``, ``cuda``, ``cuda:N``) is a GPU."""
     return device.split(":")[0] == "cuda"
@@ -68,8 +80,8 @@ def native_reduced(device: str) -> str | None:
     """The reduced precision ``device`` (resolved: ``cpu`` / ``cuda[:N]``) runs natively and
     fast: fp16 on a GPU (tensor cores), bf16 on a CPU that has AVX512-BF16 or AMX, else none."""
     if is_cuda(device):
-        return "fp16"
-    return "bf16" if cpu_bf16().supported else None
+        return NATIVE_REDUCED["gpu"]
+    return NATIVE_REDUCED["cpu"] if cpu_bf16().supported else None
 
 
 def auto_precisions(device: str) -> tuple[str, ...]:
@@ -83,7 +95,7 @@ def servable_by_auto(where: str) -> tuple[str, ...]:
     """The precisions ``auto`` may serve on ``where`` (an instance kind, ``cpu`` / ``gpu``, or a
     device): fp32 and its native reduced precision (bf16 on a CPU is only chosen where it was
     measured, i.e. on a CPU that has it). fp16 on a CPU, or bf16 on a GPU, only when asked for by name."""
-    return ("fp32", "fp16") if where == "gpu" or is_cuda(where) else ("fp32", "bf16")
+    return ("fp32", NATIVE_REDUCED["gpu" if where == "gpu" or is_cuda(where) else "cpu"])
 
 
 def precision_words(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -29,11 +29,9 @@ from sfdeploy.bench.model import BenchModel
 from sfdeploy.bench.rows import FAILED, OK
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.export.deploy import SlowFastDeploy
+from sfdeploy.precision import torch_dtype
 
 log = logging.getLogger("sfdeploy")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def clips_row(stage: str, backend: str, precision: str, batch: int, concurrency: int, timing: Timing,
               memory: float, note: str = "") -> dict[str, Any]:
@@ -64,7 +62,7 @@ def deploy_module(model: BenchModel, precision: str, device: str, rewrites: str 
     from sfdeploy.export.deploy import deploy_module as make
     from sfdeploy.export.run import resolve_rewrites
 
-    module, _ = make(model.recognizer, model.spec.mean, model.spec.std, DTYPES[precision], device,
+    module, _ = make(model.recognizer, model.spec.mean, model.spec.std, torch_dtype(precision), device,
                      resolve_rewrites(rewrites, device))
     return module
 

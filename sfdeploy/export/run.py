@@ -39,7 +39,7 @@ from sfdeploy.artifacts import (
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import ExportError, InputError
 from sfdeploy.fsutil import commit, ensure_writable_dir, partial_path, remove_partials
-from sfdeploy.precision import UNSUPPORTED, parse_precisions
+from sfdeploy.precision import UNSUPPORTED, parse_precisions, torch_dtype
 
 if TYPE_CHECKING:
     from sfdeploy.export.rewrites import Rewrites
@@ -193,13 +193,12 @@ class _Staged:
 
         example_cpu = torch.from_numpy(_example_batch(video, self.spec))
         spec_json = self.spec.to_json()
-        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         groups: dict[tuple[str, str], list[str]] = {}
         for fmt, precision in plan:
             groups.setdefault((precision, trace_device(fmt, precision, self.device)), []).append(fmt)
         for (precision, where), formats in groups.items():
-            module, changed = deploy_module(recognizer, self.spec.mean, self.spec.std, dtypes[precision], where,
-                                            self.rewrites)
+            module, changed = deploy_module(recognizer, self.spec.mean, self.spec.std, torch_dtype(precision),
+                                            where, self.rewrites)
             if precision == "fp32":
                 self.graph[where] = module
             example = example_cpu.to(where)
