@@ -5,7 +5,7 @@ Why: Inductor fuses the element-wise work around the convolutions (normalisation
 ReLUs: 18% of an H200's fp16 profile as separate kernels) and the package runs without Python
 model code or torch's graph interpreter. Why not always: a package runs only on the device kind,
 CPU instruction set or GPU compute capability, and torch build it was compiled on, and compiling
-takes a while (slowfast_tiny ~40 s, R50 70-90 s on 2 CPU cores; the progress line counts it). So
+takes a while (slowfast_tiny 30-40 s, R50 35-90 s on 2 CPU cores; the progress line counts it). So
 it is opt-in (``--formats ...,aoti``) and made where it will serve: ``sfdeploy export --device
 cuda`` on the GPU host compiles the CUDA package (see README, "Formats"). On the CPU it measured
 slower than frozen TorchScript for SlowFast (R50 batch 1, one thread: 750 vs 420 ms): `repo
