@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU record: SlowFast R50 4x16 at 224 px (the model users deploy), fp32 and fp16, batch 1..128,
+# The GPU record: SlowFast R50 4x16 at 224 px (the model users deploy), every runtime (TorchScript plain
+# and rewritten, ONNX Runtime, the ExportedProgram, the AOTInductor package compiled for this GPU), fp32 and fp16, batch 1..128,
 # Triton at batch 32 with 1/8/32 requests in flight beside in-process with 1/8/32 threads, end to
 # end on 256 synthetic videos, and a profile of where the time goes. Needs a CUDA GPU and sfdeploy
 # with onnxruntime-gpu (`pip install -e ".[gpu]"`, or benchmarks/wheelhouse.sh on an air-gapped host).
@@ -18,6 +19,7 @@ OUT="${SFDEPLOY_BENCH_OUT:-${newest:-$today}}"
 echo "gpu_full.sh: record $OUT" >&2
 for stage in ${STAGES:-model triton e2e}; do
   sfdeploy bench --full --device cuda --precision fp32,fp16 --batch-sizes 1,8,16,32,64,128 \
+    --backends "${BACKENDS:-mmaction2,eager,torchscript,onnxruntime,torch_export,aoti,triton-http,triton-grpc,triton-shm,triton-video}" \
     --concurrency 1,8,32 --triton-batch 32 --iters 20 --warmup 5 --e2e-videos 256 --trace \
     --out "$OUT" --resume --stage "$stage" "$@"
 done
