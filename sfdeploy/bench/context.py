@@ -16,17 +16,14 @@ from typing import Any
 
 import torch
 
-from sfdeploy.artifacts import backend_format
+from sfdeploy.artifacts import LOCAL_BACKENDS, backend_format
 from sfdeploy.bench import suites
 from sfdeploy.bench.exports import ensure_bench_export
 from sfdeploy.bench.model import BenchModel
 from sfdeploy.endpoints import DEFAULT_MODEL as SERVED_MODEL
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.precision import auto_precisions, is_cuda, supported
+from sfdeploy.precision import auto_precisions, is_cuda, servable_by_auto, supported
 from sfdeploy.target import SERVED, ModelTarget
-
-#: the in-process runtimes a run may measure, and so serve (the python backend runs each of them)
-LOCAL_RUNTIMES = ("torchscript", "onnxruntime", "torch_export", "aoti")
 
 
 class Context:
@@ -64,8 +61,8 @@ class Context:
     def _measured(self) -> tuple[list[tuple[str, str]], dict[tuple[str, str], dict[str, float]]]:
         """The (runtime, precision) pairs this run may serve, and its model rows' ms per clip for each."""
         precisions = self.opts.precisions or auto_precisions(self.device)  # (run_bench gives them normalised)
-        candidates = [(r, p) for r in LOCAL_RUNTIMES if r in self.opts.backends for p in precisions
-                      if supported(backend_format(r), p)]
+        candidates = [(r, p) for r in LOCAL_BACKENDS if r in self.opts.backends for p in precisions
+                      if supported(backend_format(r), p) and p in servable_by_auto(self.device)]  # as `repo` does
         rows = self.record.rows if self.record is not None else []
         timings: dict[tuple[str, str], dict[str, float]] = {}
         for row in rows:

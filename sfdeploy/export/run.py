@@ -95,8 +95,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     plan = plan_artifacts(formats, opts.precisions, opts.fp16, device)
     # Where each format's artifacts are checked and gated; an explicit device ONNX Runtime cannot
     # use fails here, before any work. The torch formats run on the export's device.
-    run_on = {fmt: backend_device(FORMAT_BACKEND[fmt], opts.device) if fmt == "onnx" else device
-              for fmt in formats}
+    run_on = {fmt: backend_device(FORMAT_BACKEND[fmt], opts.device) for fmt in formats}
     started = time.monotonic()
 
     log.info("[1/6] loading the trained model from %s", work_dir)
