@@ -102,7 +102,7 @@ case "$PHASE" in
     for part in "$KIT"/part*; do  # parts 3.. (made by --extra nvdec); 1 and 2 again are harmless
       [ -d "$part" ] && step "install-$(basename "$part")" 60 install_part "${part##*part}"
     done
-    step nvdec-probe 60 "$PY" -c 'from sfdeploy.gpudecode.select import probe_backends
+    step nvdec-probe 60 "$PY" -c 'from sfdeploy.decode.gpu.select import probe_backends
 for s in probe_backends(): print(s)'
     step demo 120 "$PY" -m sfdeploy demo --workdir "$STATE/demo"
     step pytest-gpu-decode 240 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --timeout 230 \

@@ -6,5 +6,7 @@
 #                        [--max-part-mb 58] [--ort none|gpu|cpu] [--extra nvdec]   (nvdec: the GPU video decoders)
 # On the host, from the sfdeploy checkout: bash KIT/part1/install_part.sh; bash KIT/part2/install_part.sh
 set -euo pipefail
-export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m sfdeploy.gpukit "$@"
+# The logic is kit/gpukit.py (a tool, not part of the library); it imports sfdeploy from this checkout.
+HERE="$(cd "$(dirname "$0")" && pwd)"
+export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" "$HERE/kit/gpukit.py" "$@"

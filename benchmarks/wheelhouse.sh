@@ -6,6 +6,8 @@
 #   benchmarks/wheelhouse.sh --python 3.12 --out /tmp/wheelhouse [--max-part-mb 60] [--ort gpu|cpu|none]
 #                            [--skip torch,triton,nvidia-*,cuda-*] [--host-first numpy]
 set -euo pipefail
-# The logic is sfdeploy/wheelhouse.py; importing it from this checkout needs no sfdeploy install.
-export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m sfdeploy.wheelhouse "$@"
+# The logic is kit/wheelhouse.py (a tool, not part of the library); it imports sfdeploy from this
+# checkout, which needs no sfdeploy install.
+HERE="$(cd "$(dirname "$0")" && pwd)"
+export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" "$HERE/kit/wheelhouse.py" "$@"

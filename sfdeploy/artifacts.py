@@ -11,10 +11,10 @@ none of them keeps its own copy of:
 * ``EXPORT/manifest.json`` (:class:`Manifest`): the clip spec, tensors, each artifact's file,
   size and sha256, the source checkpoint and the parity results;
 * the integrity check on open: :meth:`Manifest.artifact_path` hashes the file and refuses one
-  that is not the file the manifest vouches for (a re-export killed half-way, a copy gone wrong);
-* device names: :func:`resolve_device` turns ``auto`` / ``cpu`` / ``cuda[:N]`` / ``gpu`` into
-  one vocabulary (``cpu`` or ``cuda[:N]``), and :func:`backend_device` says where each local
-  backend runs for such a request (the one rule for what ``auto`` means for ONNX Runtime).
+  that is not the file the manifest vouches for (a re-export killed half-way, a copy gone wrong).
+
+Devices are not its business: :mod:`sfdeploy.device` owns the device vocabulary, and
+:mod:`sfdeploy.runtime.placement` says where each local backend runs for a requested device.
 
 Light on purpose (no torch at import time): the CLI's ``--help`` reads these names.
 """
@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.errors import EnvironmentProblem, ExportError, InputError
+from sfdeploy.errors import ExportError, InputError
 from sfdeploy.fsutil import atomic_write_text
-from sfdeploy.precision import PRECISIONS, REDUCED  # noqa: F401 - read from here too: artifacts are named by them
-
-log = logging.getLogger("sfdeploy")
+from sfdeploy.precision import PRECISIONS  # artifacts are named by them
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -68,9 +65,6 @@ BACKEND_FORMAT: dict[str, str] = {"onnxruntime": "onnx", "torchscript": "torchsc
                                   "torch_export": "torch_export", "aoti": "aoti"}
 LOCAL_BACKENDS: tuple[str, ...] = tuple(BACKEND_FORMAT)
 FORMAT_BACKEND: dict[str, str] = {fmt: backend for backend, fmt in BACKEND_FORMAT.items()}
-
-#: ONNX Runtime's name for its CUDA execution provider
-ORT_CUDA_PROVIDER = "CUDAExecutionProvider"
 
 #: max |probability difference| between an exported artifact, reloaded, and the module it came from
 # bf16 keeps 8 significant bits to fp16's 11: its rounding differences are ~8x larger
@@ -143,93 +137,9 @@ def backend_format(backend: str) -> str:
     return BACKEND_FORMAT[backend]
 
 
-#: the device vocabulary of every command (``--device``), and its one default; ``cuda:N`` and the
-#: older ``gpu`` (= ``cuda``) are accepted too
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-DEFAULT_DEVICE = "auto"
-
-
-def normalise_device(requested: str) -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as given (lower case; ``gpu`` -> ``cuda``), or an
-    error for a name outside the vocabulary. Nothing is probed: see :func:`resolve_device`."""
-    name = requested.strip().lower()
-    if name == "gpu":
-        return "cuda"
-    if name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit()):
-        return name
-    raise InputError(f"unknown device '{requested}'", fix="use auto, cpu, cuda or cuda:N")
-
-
-def resolve_device(requested: str = DEFAULT_DEVICE, *, must_exist: bool = True) -> str:
-    """``auto`` (a GPU if torch sees one), ``cpu``, ``cuda``, ``cuda:N`` or ``gpu`` -> ``cpu`` or
-    ``cuda[:N]``. With ``must_exist`` a CUDA device torch cannot see is an error; without it (a
-    Triton repository written here for a GPU server elsewhere) the name is just normalised."""
-    name = normalise_device(requested)
-    if name == "cpu":
-        return "cpu"
-    if name == "auto" or must_exist:
-        import torch
-
-        available = torch.cuda.is_available()
-        if name == "auto":
-            return "cuda" if available else "cpu"
-        index = int(name.partition(":")[2] or 0)
-        if not available or index >= torch.cuda.device_count():
-            raise EnvironmentProblem(f"device {name} requested but torch sees "
-                                     f"{torch.cuda.device_count() if available else 'no'} CUDA device(s)",
-                                     fix="use --device cpu (or auto), or check the driver with nvidia-smi")
-    return name
-
-
-def ort_cuda_installed() -> bool:
-    """Whether the installed onnxruntime carries the CUDA execution provider (the onnxruntime-gpu
-    build, ``sfdeploy[gpu]``). This is what was compiled in, not whether it loads: that needs the
-    CUDA and cuDNN libraries it was built for, and is only known once a session asks for it
-    (:mod:`sfdeploy.runtime.ort` checks the session it gets)."""
-    import onnxruntime
-
-    if ORT_CUDA_PROVIDER in onnxruntime.get_available_providers():
-        return True
-    devices = getattr(onnxruntime, "get_ep_devices", None)  # a CUDA plugin EP registers itself here
-    return devices is not None and any(d.ep_name == ORT_CUDA_PROVIDER for d in devices())
-
-
-def ort_no_cuda_error() -> EnvironmentProblem:
-    """CUDA was asked of an onnxruntime that has no CUDA provider at all (the CPU build)."""
-    import importlib.metadata as md
-
-    try:
-        build = f"onnxruntime {md.version('onnxruntime')}"
-    except md.PackageNotFoundError:
-        build = "this onnxruntime"
-    return EnvironmentProblem(f"ONNX Runtime on CUDA was asked for, but {build} is the CPU build: it has no "
-                              f"{ORT_CUDA_PROVIDER}",
-                              fix="pip uninstall -y onnxruntime && pip install 'sfdeploy[gpu]' (onnxruntime-gpu), "
-                                  "or use --device cpu")
-
-
-def backend_device(backend: str, requested: str = DEFAULT_DEVICE) -> str:
-    """Where local ``backend`` (``torchscript`` / ``onnxruntime``) runs when ``requested`` is asked for.
-
-    An explicit device is a demand: ``cuda`` that torch cannot see, or that the installed
-    onnxruntime has no CUDA provider for, is an error here, and a provider that is installed but
-    does not load is an error when the session opens. ``auto`` is the best device the backend can
-    use on this machine: CUDA when torch sees a GPU and, for ONNX Runtime, the installed build has
-    the CUDA provider; otherwise the CPU (logged, and recorded by whoever records devices)."""
-    fmt = backend_format(backend)
-    explicit = normalise_device(requested) != "auto"
-    if fmt == "onnx" and explicit and resolve_device(requested, must_exist=False).startswith("cuda") \
-            and not ort_cuda_installed():
-        raise ort_no_cuda_error()  # first: on a GPU machine, the one thing to fix
-    device = resolve_device(requested)
-    if fmt == "onnx" and device.startswith("cuda") and not ort_cuda_installed():
-        log.warning("onnxruntime is the CPU build (no %s): --device auto runs ONNX Runtime on the CPU; "
-                    "install sfdeploy[gpu] (onnxruntime-gpu) to run it on the GPU", ORT_CUDA_PROVIDER)
-        return "cpu"
-    return device
-
-
 def sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (artifacts are hundreds of MB): what the manifest records
+    and every open verifies."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -251,6 +161,9 @@ def verify_sha256(path: Path, expected: str, *, fix: str = "re-run `sfdeploy exp
 
 @dataclass
 class Artifact:
+    """One exported file, as the manifest describes it: format, precision, name, size and sha256 (checked on
+    open), the rewrites it was made with, and the facts it carries about itself."""
+
     format: str
     precision: str
     file: str
@@ -302,18 +215,24 @@ class Manifest:
 
     @property
     def input(self) -> dict[str, Any]:
+        """The input tensor every artifact takes (name, uint8, dynamic batch, layout), for users' runtimes and
+        Triton configs."""
         return {"name": INPUT_NAME, "dtype": "uint8", "shape": [-1, *self.clip_spec.input_shape],
                 "layout": "N V T H W C", "channel_order": self.clip_spec.channel_order}
 
     @property
     def output(self) -> dict[str, Any]:
+        """The output tensor every artifact returns (float32 probabilities, one per class)."""
         return {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, self.clip_spec.num_classes]}
 
     @property
     def parity_passed(self) -> bool:
+        """Whether the parity gate ran and every artifact passed it: what `repo` requires before serving."""
         return bool(self.parity) and all(r.get("passed") for r in self.parity.get("artifacts", {}).values())
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON, with the input and output tensors spelt out for readers that do not know the
+        clip spec."""
         return {
             "format_version": self.format_version,
             "clip_spec": self.clip_spec.to_dict(),
@@ -335,6 +254,8 @@ class Manifest:
 
     @classmethod
     def read(cls, export_dir: Path) -> Manifest:
+        """The manifest of ``export_dir``, or an :class:`InputError` that says what is wrong with the folder
+        (missing, not an export, written by another format version)."""
         export_dir = Path(export_dir)
         path = export_dir / MANIFEST_FILE
         if not export_dir.is_dir():
@@ -361,6 +282,7 @@ class Manifest:
             raise InputError(f"unreadable manifest ({exc})", path=path, fix="re-run `sfdeploy export`") from exc
 
     def artifact(self, key: str, export_dir: Path) -> Artifact:
+        """The entry of artifact ``key``, or an error naming the artifacts the export does have."""
         if key not in self.artifacts:
             raise InputError(f"the export has no {key} artifact (it has: {', '.join(self.artifacts)})",
                              path=export_dir, fix="re-export with the format / precision you need")

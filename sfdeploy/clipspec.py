@@ -15,6 +15,7 @@ in test mode spreads them evenly; one clip is the centre clip) times the spatial
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +27,10 @@ SPEC_KEY = "sfdeploy_clip_spec"  # key of the JSON spec in artifact metadata and
 
 @dataclass(frozen=True)
 class ClipSpec:
+    """How a video becomes model input, and the class names its outputs mean: the one copy that
+    training, export, the served model and the client all read (see the module docstring). Frozen,
+    so a spec read back from an artifact can be compared with ``==``."""
+
     clip_len: int
     frame_interval: int
     num_clips: int  # temporal views
@@ -39,6 +44,7 @@ class ClipSpec:
 
     @property
     def crops(self) -> int:
+        """Spatial views per clip (1 for ``center``, 3 for ``three``)."""
         return CROP_MODES[self.crop_mode]
 
     @property
@@ -58,6 +64,7 @@ class ClipSpec:
 
     @property
     def num_classes(self) -> int:
+        """Length of the model's output: one probability per class name."""
         return len(self.class_names)
 
     def mmaction_pipeline(self, decode: str = "decord") -> list[dict[str, Any]]:
@@ -98,15 +105,22 @@ class ClipSpec:
         ]
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-able data, with the derived ``views`` written too, so that a reader can check it
+        against clips x crops (:meth:`from_dict` does)."""
         data = asdict(self)
         data["views"] = self.views
         return data
 
     def to_json(self) -> str:
+        """The form stored in ``manifest.json``, artifact metadata and Triton parameters: sorted keys, so the same
+        spec always gives the same text."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClipSpec:
+        """Read back what :meth:`to_dict` wrote (lists become tuples; unknown keys from newer writers are ignored);
+        an :class:`InputError` when the stored ``views`` disagree with clips x crops, i.e. the spec was edited or is
+        corrupt."""
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["mean"] = tuple(float(x) for x in fields["mean"])
         fields["std"] = tuple(float(x) for x in fields["std"])
@@ -119,6 +133,7 @@ class ClipSpec:
 
     @classmethod
     def from_json(cls, text: str) -> ClipSpec:
+        """Read back what :meth:`to_json` wrote (see :meth:`from_dict`)."""
         return cls.from_dict(json.loads(text))
 
     @classmethod
@@ -166,6 +181,24 @@ class ClipSpec:
             std=tuple(float(x) for x in std),  # type: ignore[arg-type]
             class_names=tuple(class_names),
         )
+
+
+def spec_of(config: Any) -> ClipSpec:
+    """The clip spec a served model carries in its Triton config's ``parameters`` (``sfdeploy repo``
+    writes it there), read the one way for every reader: the client (whatever served config it got),
+    the model backends inside Triton, tests reading a ``config.pbtxt`` back. ``config`` is either form
+    Triton hands a config out in: the ``ModelConfig`` protobuf, or its JSON form (the HTTP client's
+    answer, a gRPC answer through ``MessageToDict``, a python backend's ``model_config``).
+
+    Raises ``KeyError`` when the config carries no spec (a model not written by ``sfdeploy repo``).
+    """
+    if isinstance(config, Mapping):
+        text = config.get("parameters", {})[SPEC_KEY]["string_value"]
+    elif SPEC_KEY in config.parameters:  # (indexing a protobuf map would add the missing key)
+        text = config.parameters[SPEC_KEY].string_value
+    else:
+        raise KeyError(SPEC_KEY)
+    return ClipSpec.from_json(text)
 
 
 def _pipeline(cfg: Any, split: str) -> list[dict]:

@@ -62,8 +62,10 @@ import sys
 import tempfile
 import types
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 from sfdeploy.errors import EnvironmentProblem, InputError
 
@@ -107,14 +109,19 @@ class _MissingDRNFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        """A spec for the two DRN module names (asked only once every real finder has failed), None for any other
+        name."""
         if fullname not in (_DRN_PACKAGE, _DRN_MODULE):
             return None
         return importlib.machinery.ModuleSpec(fullname, self, is_package=fullname == _DRN_PACKAGE)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        """Let the import system make a plain module (importlib requires this method of a loader)."""
         return None  # the default module object
 
     def exec_module(self, module: types.ModuleType) -> None:
+        """Make the DRN package importable as an empty package, and its module hold the :class:`DRN` placeholder that
+        says what to install."""
         if module.__name__ == _DRN_PACKAGE:
             module.__path__ = []  # a package, so that ``from .drn.drn import DRN`` resolves
         else:
@@ -168,8 +175,9 @@ def _libraries_load_locally() -> Iterator[None]:
 
 
 _DECORD_FFI_MODULE = "decord._ffi.base"
+_Around = Callable[[], AbstractContextManager[None]]
 #: module -> (a context to run it in, what to do to it after): the real modules, run with a fix
-_WRAPPED: dict[str, tuple[Callable[[], ContextManager[None]] | None, Callable[[types.ModuleType], None] | None]] = {
+_WRAPPED: dict[str, tuple[_Around | None, Callable[[types.ModuleType], None] | None]] = {
     _DEPENDENCY_MODULE: (None, _gate_multimodal),
     _DECORD_FFI_MODULE: (_libraries_load_locally, None),
 }
@@ -182,9 +190,12 @@ class _WrappingLoader(importlib.abc.Loader):
         self._loader, self._name = loader, name
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        """Whatever the real loader makes: only running the module is wrapped."""
         return self._loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
+        """Run the real module inside its context manager from :data:`_WRAPPED`, then apply its fix to the loaded
+        module."""
         around, after = _WRAPPED[self._name]
         with around() if around else contextlib.nullcontext():
             self._loader.exec_module(module)
@@ -198,6 +209,8 @@ class _WrappingFinder(importlib.abc.MetaPathFinder):
     first on ``sys.meta_path``; for every other name it returns None at once."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        """The real module's spec with its loader wrapped, for the names of :data:`_WRAPPED`; None at once for every
+        other name, so other imports pay nothing."""
         if fullname not in _WRAPPED:
             return None
         for finder in sys.meta_path:
@@ -333,6 +346,8 @@ def ensure_mmaction() -> None:
 
 
 def has_pkg_resources() -> bool:
+    """Whether ``pkg_resources`` is importable (gone in setuptools >= 82): mmengine needs it to resolve
+    ``mmaction::`` config paths, and :func:`load_config` resolves them itself where it is missing."""
     return importlib.util.find_spec("pkg_resources") is not None
 
 

@@ -40,30 +40,37 @@ class DemoPaths:
 
     @property
     def videos(self) -> Path:
+        """Stage 1's synthetic videos (``data synth``)."""
         return self.workdir / "videos"
 
     @property
     def data(self) -> Path:
+        """DATA: the annotation lists ``data prepare`` writes."""
         return self.workdir / "data"
 
     @property
     def work(self) -> Path:
+        """WORK: the finetune run (config, checkpoints, logs)."""
         return self.workdir / "work"
 
     @property
     def export(self) -> Path:
+        """EXPORT: the deployable artifacts and ``manifest.json``."""
         return self.workdir / "export"
 
     @property
     def repo(self) -> Path:
+        """The Triton model repository ``sfdeploy repo`` writes and the demo serves."""
         return self.workdir / "model_repository"
 
     @property
     def predictions(self) -> Path:
+        """The rows ``infer`` writes for the demo's videos through the served model."""
         return self.workdir / "predictions.csv"
 
     @property
     def bench(self) -> Path:
+        """The short benchmark's record (its ``.md`` table beside it)."""
         return self.workdir / "bench" / "results.json"
 
 

@@ -16,6 +16,9 @@ already been checked does all of that unchanged, and the questions code used to 
 ``device.startswith("cuda")`` (is it a GPU, which one, which Triton instance kind, which kind an
 AOTInductor package is compiled for) are answered here, once.
 
+Where each local backend runs for a requested device (``auto`` and ONNX Runtime's CPU build) is
+:func:`sfdeploy.runtime.placement.backend_device`: it needs the backends, which this module does not.
+
 Light on purpose (no torch at import time): the CLI's ``--help`` reads :data:`DEVICES`.
 """
 
@@ -118,5 +121,11 @@ class Device(str):
 
 
 def is_cuda(device: str) -> bool:
-    """Whether ``device`` (a :class:`Device` or a name it accepts) is a GPU."""
-    return Device(device).is_cuda
+    """Whether ``device`` (a :class:`Device` or a name it accepts) is a GPU; a name outside the
+    vocabulary (``remote``: the device of a served model's predictor, which runs elsewhere) is not.
+    For code handed any predictor's ``device``; a value known to be a :class:`Device` is asked
+    ``.is_cuda`` directly."""
+    try:
+        return Device(device).is_cuda
+    except InputError:
+        return False

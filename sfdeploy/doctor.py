@@ -22,6 +22,9 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 
 @dataclass(frozen=True)
 class Check:
+    """One line of ``sfdeploy doctor``: what was checked, ok / warn / fail, what was found, and the fix when it
+    is not ok."""
+
     name: str
     status: str
     detail: str
@@ -53,6 +56,7 @@ def _pins(*dists: str) -> str:
 
 
 def check_python() -> Check:
+    """The Python version, within what tritonserver's python backend stubs support."""
     v = sys.version_info
     ok = (3, 10) <= (v.major, v.minor) <= (3, 13)
     return Check("python", OK if ok else FAIL, sys.version.split()[0],
@@ -60,6 +64,7 @@ def check_python() -> Check:
 
 
 def check_torch() -> Check:
+    """torch installed, and whether it sees a GPU (what ``--device auto`` will use)."""
     version = _version("torch")
     if version is None:
         return Check("torch", FAIL, "not installed", "pip install torch==2.13.0 (before sfdeploy)")
@@ -96,6 +101,7 @@ def check_numpy() -> Check:
 
 
 def check_openmmlab() -> Check:
+    """The MMAction2 stack at versions that work together (mmcv below 2.2), and what sfdeploy.compat patches."""
     versions = {d: _version(d) for d in ("mmengine", "mmcv-lite", "mmcv", "mmaction2")}
     missing = [d for d in ("mmengine", "mmaction2") if versions[d] is None]
     mmcv = versions["mmcv-lite"] or versions["mmcv"]
@@ -138,6 +144,7 @@ def _import_fix(exc: Exception) -> str:
 
 
 def check_pkg_resources() -> Check:
+    """setuptools' pkg_resources, which MMAction2's own tools import (sfdeploy does without it)."""
     version = _version("setuptools")
     ok = importlib.util.find_spec("pkg_resources") is not None
     return Check("setuptools/pkg_resources", OK if ok else WARN, f"setuptools {version}",
@@ -195,6 +202,7 @@ def check_decoders() -> Check:
 
 
 def check_onnx() -> Check:
+    """One onnxruntime build installed (the CPU and GPU wheels clash), and its providers."""
     cpu, gpu = _version("onnxruntime"), _version("onnxruntime-gpu")
     if cpu and gpu:
         return Check("onnxruntime", FAIL, f"both onnxruntime {cpu} and onnxruntime-gpu {gpu} installed",
@@ -226,8 +234,8 @@ def check_onnxruntime_cuda() -> Check:
         return Check(name, WARN, "skipped: onnxruntime is not installed (see above)", "")
     import torch
 
-    from sfdeploy.artifacts import ORT_CUDA_PROVIDER, ort_cuda_installed
     from sfdeploy.errors import SfdeployError
+    from sfdeploy.runtime.placement import ORT_CUDA_PROVIDER, ort_cuda_installed
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     if not ort_cuda_installed():
@@ -251,6 +259,7 @@ def check_onnxruntime_cuda() -> Check:
 
 
 def check_tritonclient() -> Check:
+    """tritonclient with both protocols importable: what `infer` and `eval` talk to a server with."""
     version = _version("tritonclient")
     if version is None:
         return Check("tritonclient", FAIL, "not installed", f"pip install {_pins('tritonclient')}")
@@ -263,6 +272,7 @@ def check_tritonclient() -> Check:
 
 
 def check_tritonserver() -> Check:
+    """The tritonserver binary found and starting (``--help``) with its environment: what `sfdeploy serve` runs."""
     from sfdeploy.errors import SfdeployError
     from sfdeploy.serving.install import find_tritonserver
 
@@ -345,7 +355,7 @@ def check_gpu_decoders() -> Check:
     without any (``infer --decode auto`` then decodes on the CPU)."""
     import torch
 
-    from sfdeploy.gpudecode.select import INSTALL_FIX, probe_backends
+    from sfdeploy.decode.gpu.select import INSTALL_FIX, probe_backends
 
     statuses = probe_backends()
     detail = "; ".join(s.detail for s in statuses)
@@ -390,6 +400,7 @@ CHECKS: list[Callable[[], Check]] = [
 
 
 def run_checks() -> list[Check]:
+    """Every check of :data:`CHECKS`, in order; a check that crashes is reported as a failed line, not raised."""
     results = []
     for check in CHECKS:
         try:

@@ -14,8 +14,3 @@ DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_HTTP_URL = f"{LOOPBACK}:{DEFAULT_HTTP_PORT}"
-
-
-def with_default_port(url: str, protocol: str) -> str:
-    """``url`` with the default port of ``protocol`` when it names none (``host`` -> ``host:8001``)."""
-    return url if ":" in url else f"{url}:{DEFAULT_HTTP_PORT if protocol == 'http' else DEFAULT_GRPC_PORT}"

@@ -41,6 +41,16 @@ class InputError(SfdeployError):
     """Bad user input: a missing, corrupt or inconsistent file, directory or option value."""
 
 
+class OptionError(InputError):
+    """An option value that cannot be used with the others given; ``option`` names it (as the CLI
+    spells it), so that the command line can call it a usage error of that option."""
+
+    def __init__(self, message: str, *, option: str | None = None, path: str | Path | None = None,
+                 fix: str | None = None):
+        self.option = option
+        super().__init__(message, path=path, fix=fix)
+
+
 class EnvironmentProblem(SfdeployError):
     """The installed environment cannot do what was asked (missing package, binary, device)."""
 

@@ -1,10 +1,10 @@
 """``sfdeploy eval``: accuracy of an exported model on the val split, beside MMAction2's.
 
-The artifact is fed by the client path (parallel decode -> :mod:`sfdeploy.preprocess` -> the
-backend); the reference is the trained checkpoint in MMAction2, fed by MMAction2's test pipeline
-for the same views. Reported: top-1 / top-5 of both, and the share of videos on which their
-top-1 predictions are identical. A video that cannot be decoded is counted and listed, not
-dropped.
+The artifact is fed by the client path (parallel decode -> preprocessing -> the backend, through
+:mod:`sfdeploy.decode.pool`); the reference is the trained checkpoint in MMAction2, fed by
+MMAction2's test pipeline for the same views. Reported: top-1 / top-5 of both, and the share of
+videos on which their top-1 predictions are identical. A video that cannot be decoded is counted
+and listed, not dropped.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from sfdeploy.artifacts import Manifest, resolve_device
+from sfdeploy.artifacts import Manifest
 from sfdeploy.data.layout import PreparedData
+from sfdeploy.decode.clips import DecodeFailure
+from sfdeploy.decode.pool import decode_many
 from sfdeploy.errors import InputError
-from sfdeploy.preprocess import DecodeFailure, decode_many
+from sfdeploy.infer_options import InferOptions
 from sfdeploy.progress import progress
 from sfdeploy.runtime import Predictor
 from sfdeploy.target import ModelTarget
@@ -29,6 +31,9 @@ log = logging.getLogger("sfdeploy")
 
 @dataclass
 class EvalReport:
+    """What ``sfdeploy eval`` found: top-1/top-5 of the model, beside MMAction2's own on the same
+    videos when the reference was run, the videos that failed, and one row per video."""
+
     backend: str
     videos: int
     evaluated: int
@@ -41,6 +46,7 @@ class EvalReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """As JSON (what the command prints)."""
         return asdict(self)
 
 
@@ -68,8 +74,9 @@ def val_split(data_dir: Path, class_names: tuple[str, ...]) -> tuple[list[Path],
     return paths, labels
 
 
-def evaluate(target: ModelTarget, data_dir: Path, *, batch_size: int = 8, workers: int | None = None,
-             reference: bool = True, work_dir: Path | None = None, show_progress: bool = True) -> EvalReport:
+def evaluate(target: ModelTarget, data_dir: Path, *, batch_size: int = InferOptions.batch_size,
+             workers: int | None = None, reference: bool = True, work_dir: Path | None = None,
+             show_progress: bool = True) -> EvalReport:
     """Evaluate ``target`` on DATA's val split: its export run in this process, or the same model
     served (``backend="triton"``; ``target.export_dir`` is then the export it was served from). The
     MMAction2 reference runs on ``target.device``."""
@@ -103,7 +110,7 @@ def _evaluate(target: ModelTarget, data_dir: Path, predictor: Predictor, *, batc
         pending.clear()
 
     stream = decode_many(paths, spec, workers=workers)
-    for index, clip in progress(stream, desc=f"eval: {predictor.name}", unit="video", total=len(paths),
+    for index, clip, _ in progress(stream, desc=f"eval: {predictor.name}", unit="video", total=len(paths),
                                 enabled=show_progress):
         if isinstance(clip, DecodeFailure):
             failed.append({"path": clip.path, "error": clip.error})
@@ -125,7 +132,7 @@ def _evaluate(target: ModelTarget, data_dir: Path, predictor: Predictor, *, batc
 
         source = Path(work_dir) if work_dir else Path(manifest.source["work_dir"])
         trained = load_trained(source, Path(manifest.source["checkpoint"]) if not work_dir else None)
-        where = resolve_device(target.device)
+        where = target.device.resolve()
         ref = mmaction_reference({where: trained.recognizer.to(where)}, spec, [paths[i] for i in done],
                                  show_progress).probs[where]
         mm_top1, mm_top5 = _topk(ref, truth, 1), _topk(ref, truth, 5)

@@ -47,6 +47,7 @@ def commit(partial: Path, final: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that no reader ever sees half of it (see :func:`replace_atomically`)."""
     replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 

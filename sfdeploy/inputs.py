@@ -8,13 +8,18 @@ then treated exactly like an input argument (files, or folders to expand):
 * ``.csv``: a header row with a ``path`` column (other columns, e.g. labels, are ignored);
 * ``.parquet``: a ``path`` column of strings (needs pyarrow: ``sfdeploy[ray]``);
 * anything else: text, one path per line; blank lines and lines starting with ``#`` are skipped.
+
+:func:`collect_inputs` expands what the user passed (files and folders) into the videos of one
+run, once per run, for every engine.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from pathlib import Path
 
+from sfdeploy.data.probe import VIDEO_EXTENSIONS
 from sfdeploy.errors import EnvironmentProblem, InputError
 
 PATH_COLUMN = "path"
@@ -36,6 +41,25 @@ def read_input_list(path: str | Path) -> list[str]:
     except UnicodeDecodeError as exc:
         raise InputError("the input list is not text", path=path,
                          fix="one path per line (.txt), a .csv with a 'path' column, or a .parquet file") from exc
+
+
+def collect_inputs(items: Iterable[str | Path]) -> list[tuple[str, str | None]]:
+    """Expand folders into their videos (recursively, sorted); ``(path, error or None)`` per input.
+    A missing path or a folder without videos is an input with an error, not a silent skip."""
+    found: list[tuple[str, str | None]] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            videos = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+            if not videos:
+                found.append((str(path), f"folder has no videos ({', '.join(VIDEO_EXTENSIONS)}); "
+                                         "pass a folder with videos, or the video files"))
+            found += [(str(v), None) for v in videos]
+        elif path.is_file():
+            found.append((str(path), None))
+        else:
+            found.append((str(path), "file not found; check the path"))
+    return found
 
 
 def _csv_paths(path: Path, reader: csv.DictReader) -> list[str]:

@@ -23,9 +23,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sfdeploy.artifacts import DEFAULT_DEVICE, LOCAL_BACKENDS, PRECISIONS, normalise_device
+from sfdeploy.artifacts import LOCAL_BACKENDS
+from sfdeploy.device import DEFAULT_DEVICE, Device
 from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL
 from sfdeploy.errors import InputError
+from sfdeploy.precision import DEFAULT_RUN_PRECISION, RUN_PRECISIONS
 
 if TYPE_CHECKING:  # light at import: the CLI's options read this module's names
     from sfdeploy.clipspec import ClipSpec
@@ -49,8 +51,9 @@ class ModelTarget:
 
     backend: str = "auto"  # triton | onnxruntime | torchscript | auto
     export_dir: Path | None = None  # local backends: the `sfdeploy export` folder
-    precision: str = "fp32"  # which artifact of the export (local backends)
-    device: str = DEFAULT_DEVICE  # where a local backend runs: auto | cpu | cuda[:N]
+    precision: str = DEFAULT_RUN_PRECISION  # which artifact of the export (local backends)
+    # where a local backend runs: auto | cpu | cuda[:N] (a str is parsed into a Device when it is made)
+    device: Device = Device(DEFAULT_DEVICE)
     urls: tuple[str, ...] = (DEFAULT_HTTP_URL,)  # triton: the server(s)
     protocol: str = "http"  # triton: http | grpc
     model: str = DEFAULT_MODEL  # triton: the served model's name
@@ -64,11 +67,11 @@ class ModelTarget:
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{self.backend}'", fix=f"use one of: {', '.join(BACKENDS)}")
         urls = (self.urls,) if isinstance(self.urls, str) else tuple(self.urls)
-        for name, value in (("backend", backend), ("urls", urls), ("device", normalise_device(self.device)),
+        for name, value in (("backend", backend), ("urls", urls), ("device", Device(self.device)),
                             ("export_dir", Path(self.export_dir) if self.export_dir is not None else None)):
             object.__setattr__(self, name, value)  # frozen: normalised once, here
-        if self.precision not in PRECISIONS:
-            raise InputError(f"unknown precision '{self.precision}'", fix=f"use one of: {', '.join(PRECISIONS)}")
+        if self.precision not in RUN_PRECISIONS:
+            raise InputError(f"unknown precision '{self.precision}'", fix=f"use one of: {', '.join(RUN_PRECISIONS)}")
         if self.protocol not in PROTOCOLS:
             raise InputError(f"unknown protocol '{self.protocol}'", fix="use --protocol http or grpc")
         if self.server_decode and self.local:

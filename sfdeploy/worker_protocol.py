@@ -45,6 +45,7 @@ _CHUNK = 1 << 20
 
 
 def message(body: bytes) -> bytes:
+    """``body`` framed for the pipe: its 8-byte big-endian length, then the bytes (see the module docstring)."""
     return LENGTH.pack(len(body)) + body
 
 
@@ -57,6 +58,8 @@ def resolve(qualname: str, module: Any) -> Any:
 
 
 def import_ref(ref: str) -> Callable[..., Any]:
+    """The callable a ``module:qualified.name`` reference names, imported in the worker (functions cross the pipe by
+    name, never pickled); an ``ImportError`` when it names no callable."""
     module_name, qualname = ref.split(":", 1)
     target = resolve(qualname, importlib.import_module(module_name))
     if not callable(target):
@@ -119,6 +122,10 @@ def child_main() -> int:
 
 @dataclass
 class Worker:
+    """The parent's view of one worker process: its process, the bytes still to write and the bytes read but not yet
+    a whole message, and which items it owes answers for, in order (for timeouts and for blaming the right item when
+    it dies)."""
+
     process: subprocess.Popen
     outgoing: deque[memoryview] = field(default_factory=deque)
     incoming: bytearray = field(default_factory=bytearray)
@@ -131,10 +138,12 @@ class Worker:
 
     @property
     def fd_in(self) -> int:
+        """The worker's stdin pipe (the parent writes requests to it, non-blocking)."""
         return self.process.stdin.fileno()  # type: ignore[union-attr]
 
     @property
     def fd_out(self) -> int:
+        """The worker's stdout pipe (the parent reads answers from it, through the selector)."""
         return self.process.stdout.fileno()  # type: ignore[union-attr]
 
 
@@ -150,6 +159,7 @@ class Pipes:
         self.env = env
 
     def start(self) -> None:
+        """Start one more worker process and queue its handshake; it counts as ready only once it answers."""
         process = subprocess.Popen([self.python, "-m", "sfdeploy.workers"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, env=self.env, close_fds=True)
         worker = Worker(process, started=time.monotonic())
@@ -160,6 +170,7 @@ class Pipes:
         self.send(worker, self.handshake)
 
     def send(self, worker: Worker, data: bytes) -> None:
+        """Queue ``data`` (a framed message) for ``worker`` and write what its pipe takes now, without blocking."""
         worker.outgoing.append(memoryview(data))
         self.flush(worker)
 
@@ -211,6 +222,8 @@ class Pipes:
             yield body
 
     def retire(self, worker: Worker, kill: bool) -> None:
+        """Stop ``worker`` and forget it: ``kill`` it at once (stuck, or owing answers no longer
+        wanted), or close its input and let it exit (killed after 5 s)."""
         if kill:
             worker.process.kill()
         self.selector.unregister(worker.fd_out)

@@ -4,6 +4,7 @@ through the real CLI (as a user would), and reused by every test that needs a tr
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -17,6 +18,15 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+KIT_TOOLS = REPO / "benchmarks" / "kit"
+
+
+def kit_tool(name: str):
+    """``benchmarks/kit/NAME.py`` as a module: the release tools (the GPU kit, the wheelhouse) live
+    outside the package, run as scripts that import each other from their folder, as this does."""
+    if str(KIT_TOOLS) not in sys.path:
+        sys.path.insert(0, str(KIT_TOOLS))
+    return importlib.import_module(name)
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None
@@ -134,7 +144,7 @@ def val_clips(export: Path, prepared: Path, limit: int | None = None) -> np.ndar
     ``[N, V, T, H, W, 3]`` of real clips for the predictors."""
     from sfdeploy.artifacts import Manifest
     from sfdeploy.data.layout import PreparedData
-    from sfdeploy.preprocess import load_video
+    from sfdeploy.decode.clips import load_video
 
     data = PreparedData.from_dir(prepared)
     paths = [data.media_root / line.split()[0] for line in data.val.path.read_text().splitlines()[:limit]]

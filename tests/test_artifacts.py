@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sfdeploy.artifacts import MANIFEST_FILE, Manifest, artifact_file, artifact_key, resolve_device, sha256
+from sfdeploy.artifacts import MANIFEST_FILE, Manifest, artifact_file, artifact_key, sha256
+from sfdeploy.device import Device
 from sfdeploy.errors import InputError
 
 from conftest import run_cli
@@ -30,18 +31,18 @@ def test_artifact_names_are_derived_in_one_place() -> None:
 def test_device_names_resolve_to_one_vocabulary() -> None:
     import torch
 
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert Device("cpu").resolve() == "cpu"
+    assert Device("auto").resolve() == ("cuda" if torch.cuda.is_available() else "cpu")
     # A repository written here for a GPU server elsewhere: no GPU needed to say "gpu".
-    assert resolve_device("gpu", must_exist=False) == "cuda"
-    assert resolve_device("cuda:1", must_exist=False) == "cuda:1"
+    assert Device("gpu").resolve(must_exist=False) == "cuda"
+    assert Device("cuda:1").resolve(must_exist=False) == "cuda:1"
     with pytest.raises(InputError, match="unknown device 'tpu'"):
-        resolve_device("tpu")
+        Device("tpu")
     if not torch.cuda.is_available():
         from sfdeploy.errors import EnvironmentProblem
 
         with pytest.raises(EnvironmentProblem, match="torch sees no CUDA device"):
-            resolve_device("cuda")
+            Device("cuda").resolve()
 
 
 @pytest.fixture()

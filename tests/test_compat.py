@@ -120,7 +120,6 @@ def test_mmaction_imports_beside_the_real_transformers_5() -> None:
     [dev] installs the real package so this (and every other test) runs beside it."""
     import subprocess
     import sys
-
     from importlib import metadata
 
     if int(metadata.version("transformers").split(".")[0]) < 5:
@@ -162,7 +161,7 @@ from pathlib import Path
 if sys.argv[1] == "sfdeploy-first":
     import sfdeploy  # noqa: F401  (its import hook)
 import ctypes, decord  # decord's library and its libvpx 6.4 loaded first, as a decode would
-from sfdeploy.gpudecode.fidelity import SweepVideo, make_sweep
+from sfdeploy.bench.sweep import SweepVideo, make_sweep
 paths, refused = make_sweep(Path(tempfile.mkdtemp()), [SweepVideo("vp9", 128, 96)], frames=4)
 print(ctypes.RTLD_GLOBAL == ctypes.RTLD_LOCAL, refused or "encoded", decord.VideoReader(str(paths[0]))[0].shape
       if paths else "-")
@@ -182,5 +181,5 @@ def test_decord_keeps_its_libvpx_to_itself_so_pyav_encodes_vp9_after_it(order: s
     assert out.returncode == 0, out.stderr[-2000:]
     if order == "sfdeploy-first":
         assert out.stdout.split() == ["False", "encoded", "(96,", "128,", "3)"]  # and ctypes is as it was
-    else:  # sfdeploy.gpudecode imports sfdeploy only after decord had loaded globally
+    else:  # sfdeploy.decode.gpu imports sfdeploy only after decord had loaded globally
         assert "avcodec_open2(\"libvpx-vp9\"" in out.stdout and "returned 22" in out.stdout

@@ -108,7 +108,7 @@ def test_client_path_and_bytes_read_the_widths_decord_cannot(width: int, tmp_pat
 
     from sfdeploy.clipspec import ClipSpec
     from sfdeploy.compat import ensure_mmaction
-    from sfdeploy.preprocess import load_video
+    from sfdeploy.decode.clips import load_video
 
     spec = ClipSpec(clip_len=8, frame_interval=2, num_clips=2, crop_mode="center", short_side=32, crop_size=28,
                     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from sfdeploy import doctor
-from sfdeploy.artifacts import Manifest, backend_device, ort_cuda_installed
+from sfdeploy.artifacts import Manifest
 from sfdeploy.errors import EnvironmentProblem, InputError
 from sfdeploy.runtime.cuda import exact_fp32
+from sfdeploy.runtime.placement import backend_device, ort_cuda_installed
 
 from conftest import run_cli, val_clips
 

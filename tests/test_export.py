@@ -15,7 +15,7 @@ import torch
 from sfdeploy.artifacts import Manifest, sha256
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.data.layout import PreparedData
-from sfdeploy.preprocess import load_video
+from sfdeploy.decode.clips import load_video
 
 from conftest import Shifted, run_cli
 

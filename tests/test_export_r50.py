@@ -31,7 +31,7 @@ def test_r50_4x16_exports_on_cpu_and_passes_parity(prepared: Path, tmp_path: Pat
     for key, result in manifest.parity["artifacts"].items():
         assert result["passed"] and result["max_abs_diff"] <= 1e-4, (key, result)
     # a peaked softmax on real clips, not a saturated one, so that agreement within 1e-4 means something
-    from sfdeploy.preprocess import load_video
+    from sfdeploy.decode.clips import load_video
     from sfdeploy.runtime.ort import OrtPredictor
 
     clip = load_video(manifest.parity["videos"][0], manifest.clip_spec)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from sfdeploy.artifacts import Manifest, ort_cuda_installed
+from sfdeploy.artifacts import Manifest
+from sfdeploy.device import is_cuda
+from sfdeploy.runtime.placement import ort_cuda_installed
 
 from conftest import run_cli, val_clips
 
@@ -50,7 +52,7 @@ def clips(gpu_export: Path, prepared: Path) -> np.ndarray:
 
 def test_export_on_cuda_passes_parity_with_tf32_off(gpu_export: Path) -> None:
     parity = Manifest.read(gpu_export).parity
-    assert parity["settings"]["reference_device"].startswith("cuda") and parity["settings"]["tf32"] is False
+    assert is_cuda(parity["settings"]["reference_device"]) and parity["settings"]["tf32"] is False
     expected = {"torchscript", "torchscript_fp16", "torch_export", "torch_export_fp16"} | (
         {"onnx", "onnx_fp16"} if ORT_GPU else set())
     assert set(parity["artifacts"]) == expected
@@ -60,7 +62,7 @@ def test_export_on_cuda_passes_parity_with_tf32_off(gpu_export: Path) -> None:
     assert settings["fp32_bound"] == max(1e-4, 2 * settings["device_noise"])
     for key, result in parity["artifacts"].items():
         assert result["passed"], (key, result)
-        assert result["device"].startswith("cuda") and result["tf32"] is False, (key, result)
+        assert is_cuda(result["device"]) and result["tf32"] is False, (key, result)
         if result["precision"] == "fp32":
             assert result["max_abs_diff"] <= settings["fp32_bound"], (key, result)
         else:
@@ -68,9 +70,9 @@ def test_export_on_cuda_passes_parity_with_tf32_off(gpu_export: Path) -> None:
         if key.startswith("onnx"):
             assert result["runtime"].endswith("CUDAExecutionProvider"), result
     checks = parity["self_checks"]
-    assert checks["torchscript_fp16"]["device"].startswith("cuda")
+    assert is_cuda(checks["torchscript_fp16"]["device"])
     if ORT_GPU:  # fp16 ONNX is checked on the provider it is served with
-        assert checks["onnx_fp16"]["device"].startswith("cuda") and checks["onnx"]["device"] == "cpu"
+        assert is_cuda(checks["onnx_fp16"]["device"]) and checks["onnx"]["device"] == "cpu"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -244,7 +246,7 @@ def test_export_on_cuda_records_the_gpu_rewrites(gpu_export: Path) -> None:
     manifest = Manifest.read(gpu_export)
     for key, artifact in manifest.artifacts.items():
         assert artifact.rewrites == ["fold_bn", "frame_conv2d", "pad_stem", "channels_last"], (key, artifact)
-        assert artifact.optimized_for.startswith("cuda")
+        assert is_cuda(artifact.optimized_for)
         changed = manifest.parity["self_checks"][key]["rewrites"]
         assert changed["fold_bn"] > 0 and changed["pad_stem"] == 2 and changed["frame_conv2d"] > 0
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sfdeploy.gpudecode.select import GPU_BACKENDS, plan_decoding, probe_backend
+from sfdeploy.decode.gpu.select import GPU_BACKENDS, plan_decoding, probe_backend
 
 from badvideos import encoded_video, good_video, truncated
 from conftest import run_cli
@@ -49,13 +49,13 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_nvdec_clips_stay_on_the_gpu_and_fall_back_per_stream_with_the_reason(backend: str, videos: dict[str, Path],
                                                                              tiny_export: Path) -> None:
     from sfdeploy.artifacts import Manifest
-    from sfdeploy.gpudecode.pool import RoutedDecodePool
-    from sfdeploy.preprocess import load_video
+    from sfdeploy.decode.clips import load_video
+    from sfdeploy.decode.pool import DecodePool
 
     spec = Manifest.read(tiny_export).clip_spec
     plan = plan_decoding(backend, device="cuda:0", statuses=[probe_backend(backend)])
     names = list(videos)
-    with RoutedDecodePool(spec, plan, workers=2) as pool:
+    with DecodePool(spec, plan=plan, workers=2) as pool:
         got = {names[i]: (clip, how) for i, clip, how in pool.decode([videos[n] for n in names])}
     for name in ("mpeg4", "h264", "h264_vfr", "hevc"):
         clip, how = got[name]
@@ -89,7 +89,7 @@ def test_the_fidelity_gate_on_the_gpu_and_auto_following_it(backend: str, tiny_e
     import shutil
 
     from sfdeploy.bench.fidelity import FidelityOptions, run_fidelity
-    from sfdeploy.gpudecode.fidelity import read_gates
+    from sfdeploy.decode.gpu.gate import read_gates
 
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)

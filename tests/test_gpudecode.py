@@ -1,4 +1,4 @@
-"""GPU decoding (sfdeploy.gpudecode), the parts that run without a GPU: the decision rules on plain
+"""GPU decoding (sfdeploy.decode.gpu), the parts that run without a GPU: the decision rules on plain
 values, the real "not installed" situation of this machine, the resize and crop the GPU runs
 (here on CPU tensors, against OpenCV's), the routed decoding with its per-video decoder and reason,
 the fidelity harness on decord against PyAV, the gate file, `infer --decode`, the output columns,
@@ -15,9 +15,17 @@ import numpy as np
 import pytest
 
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.decode.gpu.select import (
+    GPU_BACKENDS,
+    IMPORT_NAMES,
+    INSTALL_FIX,
+    BackendStatus,
+    StreamInfo,
+    nvdec_refusal,
+    plan_decoding,
+    probe_backends,
+)
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.gpudecode.select import (GPU_BACKENDS, INSTALL_FIX, IMPORT_NAMES, BackendStatus, StreamInfo,
-                                       nvdec_refusal, plan_decoding, probe_backends)
 
 from badvideos import encoded_video, good_video, truncated
 from conftest import run_cli
@@ -110,7 +118,7 @@ def test_the_gpu_resize_and_crop_give_the_cpu_path_s_pixels(size: tuple[int, int
     worst case for rounding: ~12% of its values land one level apart."""
     import torch
 
-    from sfdeploy.gpudecode.backends import gpu_clip_views
+    from sfdeploy.decode.gpu.backends import gpu_clip_views
     from sfdeploy.preprocess import clip_views, sample_indices
 
     spec = SPEC if crop_mode == "center" else ClipSpec(**{**SPEC.__dict__, "crop_mode": "three", "crop_size": 64,
@@ -128,13 +136,13 @@ def test_the_gpu_resize_and_crop_give_the_cpu_path_s_pixels(size: tuple[int, int
 
 
 def test_routed_decoding_on_the_cpu_says_which_decoder_read_each_video(tmp_path: Path) -> None:
-    from sfdeploy.gpudecode.pool import RoutedDecodePool
-    from sfdeploy.preprocess import load_video
+    from sfdeploy.decode.clips import load_video
+    from sfdeploy.decode.pool import DecodePool
 
     videos = [good_video(tmp_path / "ok.mp4"), encoded_video(tmp_path / "w16.mp4", 16, 64, pix_fmt="yuv420p"),
               truncated(tmp_path / "cut.mp4", good_video(tmp_path / "src.mp4", frames=200))]
     plan = plan_decoding("auto", device="cpu", statuses=[])
-    with RoutedDecodePool(SPEC, plan, workers=1) as pool:
+    with DecodePool(SPEC, plan=plan, workers=1) as pool:
         results = {i: (clip, how) for i, clip, how in pool.decode(videos)}
     assert [results[i][1].decoder for i in range(3)] == ["decord", "pyav", ""]  # pyav: decord's width bug
     assert results[0][1].reason == "the model runs on cpu"
@@ -143,8 +151,49 @@ def test_routed_decoding_on_the_cpu_says_which_decoder_read_each_video(tmp_path:
     assert "cannot decode" in results[2][0].error and results[2][0].path == str(videos[2])
 
 
+class _StandInGpu:
+    """A GPU decoder on the CPU: the CPU path's pixels at the indices the worker sampled; it fails
+    on a file whose name says so."""
+
+    def __init__(self, backend: str, device: str, spec: ClipSpec) -> None:
+        self.spec = spec
+
+    def clip(self, source: str | bytes, info: StreamInfo, indices: tuple[int, ...]) -> np.ndarray:
+        from sfdeploy.decode import open_video
+        from sfdeploy.decode.gpu.backends import GpuDecodeFailed
+        from sfdeploy.preprocess import clip_views
+
+        if "fail" in str(source):
+            raise GpuDecodeFailed("the stand-in refuses it")
+        with open_video(source) as video:
+            return clip_views(video.frames(list(indices)), self.spec)
+
+
+def test_routed_decoding_hands_streams_to_the_gpu_decoder_and_back(tmp_path: Path, monkeypatch) -> None:
+    """The pool's GPU routing on a stand-in decoder: what the plan gives the GPU comes back from
+    it, a stream NVDEC cannot take and one the GPU decoder fails on are read on the CPU with the
+    reason, a corrupt video is its error row."""
+    from sfdeploy.decode.clips import DecodedBy, load_video
+    from sfdeploy.decode.gpu import backends
+    from sfdeploy.decode.pool import DecodePool
+
+    monkeypatch.setattr(backends, "GpuClipMaker", _StandInGpu)
+    videos = [good_video(tmp_path / "ok.mp4"), good_video(tmp_path / "fail.mp4", seed=1),
+              encoded_video(tmp_path / "w16.mp4", 16, 64, pix_fmt="yuv420p"),
+              truncated(tmp_path / "cut.mp4", good_video(tmp_path / "src.mp4", frames=200))]
+    plan = plan_decoding("torchcodec", device="cuda:0", statuses=[TC])
+    with DecodePool(SPEC, plan=plan, workers=1, gpu_threads=1) as pool:
+        results = {i: (clip, how) for i, clip, how in pool.decode(videos)}
+    assert results[0][1] == DecodedBy("nvdec:torchcodec", "--decode torchcodec; fidelity not measured for this export")
+    assert results[1][1] == DecodedBy("decord", "torchcodec failed on it (the stand-in refuses it)")
+    assert results[2][1].decoder == "pyav" and "below NVDEC's h264 minimum" in results[2][1].reason
+    for i in (0, 1, 2):
+        assert np.array_equal(results[i][0], load_video(videos[i], SPEC))
+    assert results[3][1] == DecodedBy("", "") and "cannot decode" in results[3][0].error
+
+
 def _sweep(tmp_path: Path) -> list[Path]:
-    from sfdeploy.gpudecode.fidelity import SweepVideo, make_sweep
+    from sfdeploy.bench.sweep import SweepVideo, make_sweep
 
     # even sizes: where decord and PyAV give byte-identical frames (odd 4:2:0 VP9 differs: FFmpeg versions)
     videos = [SweepVideo("h264", 96, 96), SweepVideo("mpeg4", 160, 120, motion="move_left"),
@@ -158,8 +207,9 @@ def _sweep(tmp_path: Path) -> list[Path]:
 def test_the_fidelity_harness_on_decord_against_pyav(tiny_export: Path, tmp_path: Path) -> None:
     """The CPU stand-in: byte-identical decoders agree on every video, with no difference at all."""
     from sfdeploy.artifacts import Manifest
+    from sfdeploy.bench.fidelity import cpu_decoder, measure_fidelity
     from sfdeploy.decode import open_video
-    from sfdeploy.gpudecode.fidelity import cpu_decoder, measure_fidelity, write_gate
+    from sfdeploy.decode.gpu.gate import write_gate
     from sfdeploy.runtime import open_local
 
     paths = _sweep(tmp_path)
@@ -178,7 +228,7 @@ def test_the_fidelity_harness_on_decord_against_pyav(tiny_export: Path, tmp_path
 
 
 def test_the_gate_file_round_trips_into_the_plan(tmp_path: Path) -> None:
-    from sfdeploy.gpudecode.fidelity import GATE_FILE, read_gates, summarize, write_gate
+    from sfdeploy.decode.gpu.gate import GATE_FILE, read_gates, summarize, write_gate
 
     entries = [{"codec": "h264", "status": "compared", "agree": True, "max_prob_diff": 0.01, "max_pixel_diff": 9}] * 3
     entries += [{"codec": "vp9", "status": "compared", "agree": a, "max_prob_diff": 0.2, "max_pixel_diff": 30}
@@ -224,8 +274,8 @@ def test_infer_decode_option(tiny_export: Path, synth_root: Path, tmp_path: Path
 
 
 def test_the_decoder_columns_in_every_format_and_an_older_csv_continued(tmp_path: Path) -> None:
+    from sfdeploy.decode.clips import DecodedBy
     from sfdeploy.predictions import Prediction, PredictionWriter
-    from sfdeploy.gpudecode.pool import DecodedBy
 
     row = Prediction.from_probs("b.mp4", np.array([0.2, 0.8], dtype=np.float32), ["x", "y"], 1,
                                 DecodedBy("nvdec:torchcodec", "fidelity gate passed: ..."))
@@ -282,7 +332,8 @@ def test_the_gpu_decoding_targets_of_a_record() -> None:
 
     record = {"profile": "full", "device_info": {"device": "cuda:0"}, "served": {}, "rows": [
         videos("decode-only", 64.0), videos("sfdeploy:torchscript", 60.0),
-        videos("gpu-decode-only:pynvvideocodec", 400.0), videos("sfdeploy:torchscript (gpu decode: pynvvideocodec)", 380.0),
+        videos("gpu-decode-only:pynvvideocodec", 400.0),
+        videos("sfdeploy:torchscript (gpu decode: pynvvideocodec)", 380.0),
         videos("gpu-decode-only:torchcodec", 300.0)]}
     got = {t["target"]: t for t in targets(record)}
     assert got["GPU decode-only (pynvvideocodec) >= 5x the CPU decode-only ceiling"]["status"] == "met"

@@ -1,4 +1,4 @@
-"""benchmarks/gpukit.sh (sfdeploy.gpukit), the parts that run offline: what the host already has is
+"""benchmarks/gpukit.sh (benchmarks/kit/gpukit.py), the parts that run offline: what the host already has is
 not shipped, per-Python files of other Pythons are dropped, packs are assigned to parts under the
 size limit in install order, and each part's install_part.sh verifies and installs on its own,
 the kit completing only when every part is in. The PyPI download is checked on a real GPU host
@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from sfdeploy import gpukit
-
 from test_wheelhouse import _wheel
+
+from conftest import kit_tool
+
+gpukit = kit_tool("gpukit")
 
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 

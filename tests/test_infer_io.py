@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from sfdeploy.cli import cli
-from sfdeploy.predictions import Prediction, PredictionWriter
 from sfdeploy.errors import InputError
 from sfdeploy.inputs import read_input_list
+from sfdeploy.predictions import Prediction, PredictionWriter
 
 
 def test_input_lists_in_text_csv_and_parquet(tmp_path) -> None:

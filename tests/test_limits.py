@@ -64,7 +64,8 @@ def test_a_decompression_bomb_is_refused_before_its_frames_are_decoded(triton, b
     from sfdeploy.artifacts import Manifest
     from sfdeploy.data.probe import probe_video
     from sfdeploy.decode import open_video
-    from sfdeploy.preprocess import DecodeFailure, decode_many
+    from sfdeploy.decode.clips import DecodeFailure
+    from sfdeploy.decode.pool import decode_many
 
     assert bomb.stat().st_size < 200_000  # a small upload ...
     before = triton.memory()["peak_mb"]
@@ -80,7 +81,7 @@ def test_a_decompression_bomb_is_refused_before_its_frames_are_decoded(triton, b
     assert _send(triton.http_url, long_tiny.read_bytes())["error"][0, 0] == b""
 
     spec = Manifest.read(tiny_export).clip_spec  # the client's decoder and `data prepare` apply the same limit
-    [(_, failure)] = list(decode_many([str(bomb)], spec, workers=1))
+    [(_, failure, _)] = list(decode_many([str(bomb)], spec, workers=1))
     assert isinstance(failure, DecodeFailure) and "over the limit of 8,847,360 pixels" in failure.error
     probe = probe_video(str(bomb))
     assert probe.reason == "frame_too_large" and "--max-video-pixels" in probe.fix

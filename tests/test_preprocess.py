@@ -1,4 +1,5 @@
-"""The client preprocessing equals MMAction2's test pipeline, pixel for pixel."""
+"""The client preprocessing equals MMAction2's test pipeline, pixel for pixel; the decode pool's
+CPU path decodes paths and bytes, reports failures in place, and needs no GPU code."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.decode import DecodeError
+from sfdeploy.decode.clips import DecodeFailure, load_video
+from sfdeploy.decode.pool import decode_many
 from sfdeploy.errors import InputError
-from sfdeploy.preprocess import DecodeFailure, decode_many, load_video, sample_indices
+from sfdeploy.preprocess import sample_indices
 
 from badvideos import encoded_video, good_video, not_a_video
 
@@ -91,7 +94,7 @@ def test_a_bad_source_is_an_input_error_naming_it(source: str, tmp_path: Path) -
 
 def test_decode_many_takes_bytes(videos: dict[str, Path]) -> None:
     sources = [videos["square"].read_bytes(), b"not a video" * 50, videos["vfr"]]
-    results = dict(decode_many(sources, BASE, workers=2))
+    results = {index: clip for index, clip, _ in decode_many(sources, BASE, workers=2)}
     assert np.array_equal(results[0], load_video(videos["square"], BASE))
     assert isinstance(results[1], DecodeFailure) and results[1].path == "<550 bytes of an encoded video>"
     assert "cannot decode" in results[1].error and "re-encode it" in results[1].error
@@ -102,7 +105,7 @@ def test_decode_many_reports_failures_in_place(videos: dict[str, Path], tmp_path
     bad = tmp_path / "bad.mp4"
     bad.write_text("not a video")
     paths = [videos["square"], bad, tmp_path / "missing.mp4", videos["vfr"]]
-    results = dict(decode_many(paths, BASE, workers=2))
+    results = {index: clip for index, clip, _ in decode_many(paths, BASE, workers=2)}
     assert sorted(results) == [0, 1, 2, 3]
     assert isinstance(results[1], DecodeFailure) and isinstance(results[2], DecodeFailure)
     assert results[1].path == str(bad) and "cannot decode" in results[1].error
@@ -112,12 +115,36 @@ def test_decode_many_reports_failures_in_place(videos: dict[str, Path], tmp_path
     assert results[0].shape == results[3].shape == (1, 8, 56, 56, 3)
 
 
+_CPU_ONLY = """
+import sys
+from sfdeploy.clipspec import ClipSpec
+from sfdeploy.decode.pool import _decode_task, decode_many
+spec, path = ClipSpec.from_json(sys.argv[1]), sys.argv[2]
+clip, how = _decode_task((path, spec, 10**8, None, ""))  # what a worker runs for a job without a GPU plan
+[(_, pooled, _)] = list(decode_many([path], spec, workers=1))
+assert (clip == pooled).all() and how.decoder == "decord", how
+print(sorted(m for m in sys.modules if m.startswith("sfdeploy.decode.gpu") or m.split(".")[0] == "torch"))
+"""
+
+
+def test_the_cpu_path_needs_no_gpu_code(videos: dict[str, Path]) -> None:
+    """A decode without a GPU plan imports nothing of the GPU decoding (nor torch), in the caller
+    or in the task its workers run."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CPU_ONLY, BASE.to_json(), str(videos["square"])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_decords_own_log_lines_stay_off_stderr_and_become_the_reason(tmp_path: Path, capfd) -> None:
     """decord prints why it cannot open a source straight to fd 2 ("video_reader.cc:83: ERROR
     opening: <source>, <reason>", its FFmpeg a line more) before raising a vaguer error."""
     import decord
 
-    from sfdeploy.decode import _decord_log_captured
+    from sfdeploy.decode.video import _decord_log_captured
 
     bad = not_a_video(tmp_path / "notes.mp4")
     capfd.readouterr()

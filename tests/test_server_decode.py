@@ -26,11 +26,12 @@ from click.testing import CliRunner
 from sfdeploy.artifacts import Manifest
 from sfdeploy.cli import cli
 from sfdeploy.client import Classifier, infer
+from sfdeploy.clipspec import spec_of
+from sfdeploy.decode.clips import load_video
 from sfdeploy.errors import InputError
-from sfdeploy.preprocess import load_video
 from sfdeploy.runtime.triton import TritonPredictor
 from sfdeploy.runtime.triton_video import TritonVideoPredictor
-from sfdeploy.serving.config import parse_config, spec_of
+from sfdeploy.serving.config import parse_config
 from sfdeploy.serving.repo import VIDEO_MODEL
 
 from badvideos import corrupt_index, good_video, not_a_video, truncated, zero_byte

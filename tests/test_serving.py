@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 
 from sfdeploy.client import Classifier
+from sfdeploy.clipspec import spec_of
 from sfdeploy.errors import ServingError
 from sfdeploy.runtime.ort import OrtPredictor
 from sfdeploy.runtime.torch_export import ExportedProgramPredictor
 from sfdeploy.runtime.torchscript import TorchScriptPredictor
 from sfdeploy.runtime.triton import TritonPredictor
-from sfdeploy.serving.config import parse_config, spec_of
+from sfdeploy.serving.config import parse_config
 from sfdeploy.serving.repo import PYTHON_MODEL, VIDEO_MODEL
 
 from badvideos import not_a_video, truncated

@@ -9,8 +9,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from sfdeploy.artifacts import DEFAULT_DEVICE, DEVICES
 from sfdeploy.cli import cli
+from sfdeploy.device import DEFAULT_DEVICE, DEVICES
 from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL
 from sfdeploy.errors import InputError
 from sfdeploy.target import ModelTarget

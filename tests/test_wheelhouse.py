@@ -1,6 +1,7 @@
-"""benchmarks/wheelhouse.sh, the pieces that run offline: which packages ship, splitting, and the
-generated install.sh (reassembly, sha256 check, host-first packages, pip --no-index) on a small
-wheelhouse made here. The download itself (PyPI, ~1 GB) is checked by hand: benchmarks/README.md."""
+"""benchmarks/wheelhouse.sh (benchmarks/kit/wheelhouse.py), the pieces that run offline: which packages
+ship, splitting, and the generated install.sh (reassembly, sha256 check, host-first packages, pip
+--no-index) on a small wheelhouse made here. The download itself (PyPI, ~1 GB) is checked by hand:
+benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from sfdeploy import wheelhouse
+from conftest import kit_tool
+
+wheelhouse = kit_tool("wheelhouse")
 
 
 def _wheel(folder: Path, name: str, version: str, files: dict[str, bytes]) -> Path:

@@ -1,6 +1,6 @@
 """``sfdeploy bench``: throughput and latency of every way to run the model, in stages that resume."""
 
-from sfdeploy.artifacts import PRECISIONS  # noqa: F401 - the precisions a run may ask for
+from sfdeploy.precision import PRECISIONS  # noqa: F401 - every precision a row may have (the report's order)
 
 #: What a benchmark can measure, in the order of its table (light: the CLI's --help reads it).
 BACKENDS = ("mmaction2", "eager", "torchscript", "onnxruntime", "torch_export", "aoti", "triton-http", "triton-grpc",

@@ -20,18 +20,20 @@ from sfdeploy.artifacts import LOCAL_BACKENDS, backend_format
 from sfdeploy.bench import suites
 from sfdeploy.bench.exports import ensure_bench_export
 from sfdeploy.bench.model import BenchModel
+from sfdeploy.device import Device
 from sfdeploy.endpoints import DEFAULT_MODEL as SERVED_MODEL
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.precision import auto_precisions, is_cuda, servable_by_auto, supported
+from sfdeploy.precision import auto_precisions, servable_by_auto, supported
 from sfdeploy.target import SERVED, ModelTarget
 
 
 class Context:
     """What the tasks of one run share; everything is made on first use and kept for the run."""
 
-    def __init__(self, opts: Any, model: BenchModel, device: str, work: Path, export_dir: Path,
+    def __init__(self, opts: Any, model: BenchModel, device: Device, work: Path, export_dir: Path,
                  record: Any = None) -> None:
-        self.opts, self.model, self.device, self.work, self.export_dir = opts, model, device, work, export_dir
+        self.opts, self.model, self.work, self.export_dir = opts, model, work, export_dir
+        self.device = Device(device)  # resolved: cpu or cuda[:N]
         self.record = record  # the run's record: the measured rows the served choice is made from
         self.workers = opts.workers or os.cpu_count() or 1
         self._held: tuple[Any, Any, Callable[[Any], None]] | None = None
@@ -51,7 +53,7 @@ class Context:
             if kept:
                 self._choice = ServedChoice.from_dict(kept)
             else:
-                self._choice = choose(*self._measured(), "gpu" if is_cuda(self.device) else "cpu",
+                self._choice = choose(*self._measured(), self.device.instance_kind,
                                       measured_on=f"{self.device} by this run's model stage")
                 if self.record is not None:
                     self.record.data["served_choice"] = self._choice.to_dict()
@@ -73,10 +75,12 @@ class Context:
 
     @property
     def served_runtime(self) -> str:
+        """The runtime the served model runs (:attr:`choice`)."""
         return self.choice.runtime
 
     @property
     def served_precision(self) -> str:
+        """The precision the served model runs (:attr:`choice`)."""
         return self.choice.precision
 
     def export(self, *needs: tuple[str, str], rewrites: str = suites.REWRITTEN) -> Path:
@@ -97,15 +101,16 @@ class Context:
         return resource
 
     def release(self) -> None:
+        """Close what is held (between stages: the next one's rows get the GPU memory)."""
         if self._held is not None:
             _, resource, close = self._held
             self._held = None
             close(resource)
             del resource
-        if self.device.startswith("cuda"):
+        if self.device.is_cuda:
             torch.cuda.empty_cache()
 
-    def local_target(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN
+    def local_target(self, backend: str, precision: str, device: Device, rewrites: str = suites.REWRITTEN
                      ) -> ModelTarget:
         """The bench export's artifact for ``backend`` and ``precision`` (made if missing), on ``device``."""
         export_dir = self.export((backend_format(backend), precision), rewrites=rewrites)
@@ -117,7 +122,7 @@ class Context:
         return ModelTarget(backend=SERVED, urls=(server.http_url if protocol == "http" else server.grpc_url,),
                            protocol=protocol, model=SERVED_MODEL, shm=shm, server_decode=server_decode)
 
-    def local(self, backend: str, precision: str, device: str, rewrites: str = suites.REWRITTEN,
+    def local(self, backend: str, precision: str, device: Device, rewrites: str = suites.REWRITTEN,
               cuda_graphs: bool = True) -> Any:
         """An in-process predictor (the runtime's own loader, as ``sfdeploy infer`` uses it); for the
         plain TorchScript rows, the plain graph run as loaded: no rewrites, no CUDA graphs, no CPU
@@ -137,9 +142,9 @@ class Context:
             factory = target.open
         return self.hold((backend, precision, device, rewrites, cuda_graphs), factory, lambda p: p.close())
 
-    def ort_device(self) -> tuple[str, str]:
-        """Where ONNX Runtime runs rows asked for on ``self.device``, and why not there if not."""
-        from sfdeploy.artifacts import backend_device
+    def ort_device(self) -> tuple[Device | str, str]:
+        """Where ONNX Runtime runs rows asked for on ``self.device`` (``""`` if not there), and why not."""
+        from sfdeploy.runtime.placement import backend_device
 
         try:
             where = backend_device("onnxruntime", self.device)
@@ -169,6 +174,7 @@ class Context:
         return self._server
 
     def videos(self) -> list[Path]:
+        """The end-to-end stage's videos: ``--videos``, or a synthetic set made once in the work folder."""
         from sfdeploy.data.probe import VIDEO_EXTENSIONS
 
         opts = self.opts
@@ -193,5 +199,6 @@ class Context:
         return sorted(folder.rglob("*.mp4"))[: opts.e2e_videos]
 
     def close(self) -> None:
+        """Release what is held and stop the server, if one was started."""
         self.release()
         self._stack.close()

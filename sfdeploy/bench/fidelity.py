@@ -1,6 +1,10 @@
-"""The GPU-decoding fidelity run (``benchmarks/gpu_fidelity.py``): make the sweep, compare a
-candidate decoder with the CPU path through an export's model, write the record and, for a GPU
-decoder, the gate ``sfdeploy infer`` reads (:mod:`sfdeploy.gpudecode.fidelity`).
+"""The GPU-decoding fidelity run (``benchmarks/gpu_fidelity.py``): make the sweep
+(:mod:`sfdeploy.bench.sweep`), run each video through the reference decoder (the CPU path) and the
+candidate and both clips through the same model (:func:`measure_fidelity`), write the record and,
+for a GPU decoder, the gate ``sfdeploy infer`` reads (:mod:`sfdeploy.decode.gpu.gate`).
+
+The harness itself is checked on the CPU with decord against PyAV (byte-identical frames:
+agreement 100%, difference 0).
 
 ::
 
@@ -14,11 +18,22 @@ import argparse
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from sfdeploy.clipspec import ClipSpec
+from sfdeploy.decode.clips import load_video
+from sfdeploy.decode.gpu.gate import AGREEMENT, SCHEMA, summarize
+from sfdeploy.decode.gpu.select import StreamInfo, nvdec_refusal
+from sfdeploy.decode.video import MAX_VIDEO_PIXELS, DecodeError, open_video
+from sfdeploy.device import Device
 from sfdeploy.fsutil import atomic_write_text
+from sfdeploy.preprocess import sample_indices
 
 log = logging.getLogger("sfdeploy")
 
@@ -28,9 +43,12 @@ CPU_STAND_IN = "pyav"
 
 @dataclass
 class FidelityOptions:
+    """What the fidelity sweep compares: a candidate decoder against the CPU path, through the
+    export's model on ``device`` (the options of ``benchmarks/gpu_fidelity.py``)."""
+
     export: Path
     candidate: str = "pynvvideocodec"
-    device: str = "cuda"
+    device: Device = Device("cuda")
     runtime: str = "torchscript"
     precision: str = "fp32"
     per_size: int = 4
@@ -40,22 +58,96 @@ class FidelityOptions:
     out: Path | None = None  # [default: benchmarks/results/decode-fidelity-<candidate>-<device>-<date>.json]
     gate: bool = True  # a GPU candidate's record becomes the export's gate
 
+    def __post_init__(self) -> None:
+        self.device = Device(self.device)  # a str given in Python is parsed here, once
+
+
+@dataclass(frozen=True)
+class ClipDecoder:
+    """A decoder the harness compares: ``load(path)`` gives the views (numpy, or a torch tensor on
+    the GPU); ``refusal(info)`` says why it does not take a stream (None: it does)."""
+
+    name: str
+    load: Callable[[str], Any]
+    refusal: Callable[[StreamInfo], str | None] = lambda info: None
+    backend: str | None = None  # the GPU decoder, for a GPU candidate
+
+
+def cpu_decoder(spec: ClipSpec, decoder: str = "auto", max_pixels: int = MAX_VIDEO_PIXELS) -> ClipDecoder:
+    """The CPU path (``auto``: decord, PyAV where decord mis-decodes), or PyAV alone (``pyav``)."""
+    return ClipDecoder("cpu" if decoder == "auto" else f"cpu:{decoder}",
+                       lambda path: load_video(path, spec, max_pixels=max_pixels, decoder=decoder))
+
+
+def gpu_decoder(spec: ClipSpec, backend: str, device: str, max_pixels: int = MAX_VIDEO_PIXELS) -> ClipDecoder:
+    """NVDEC through ``backend``, with the resize and crop on the GPU: what the decode pool runs for
+    the streams a plan routes to the GPU."""
+    from sfdeploy.decode.gpu.backends import GpuClipMaker
+
+    maker = GpuClipMaker(backend, device, spec)
+
+    def load(path: str) -> Any:
+        with open_video(path, max_pixels=max_pixels) as video:
+            info = StreamInfo.of(video)
+            indices = sample_indices(video.num_frames, spec).reshape(-1)
+        return maker.clip(path, info, indices.tolist())
+
+    return ClipDecoder(f"nvdec:{backend}", load, lambda info: nvdec_refusal(info, backend, max_pixels), backend)
+
+
+def _host(clip: Any) -> np.ndarray:
+    from sfdeploy.runtime import host_array
+
+    return host_array(clip)
+
+
+def measure_fidelity(paths: Sequence[Path], reference: ClipDecoder, candidate: ClipDecoder,
+                     predict: Callable[[Any], np.ndarray], *, threshold: float = AGREEMENT) -> dict[str, Any]:
+    """Each video through both decoders and ``predict`` (a batch -> probabilities); per video the
+    two top-1 classes, the largest probability and pixel differences; per codec the agreement, the
+    worst probability difference and the verdict (see the module docstring)."""
+    from sfdeploy.batching import stack_clips
+    from sfdeploy.decode.gpu.backends import GpuDecodeFailed
+
+    entries: list[dict[str, Any]] = []
+    for path in paths:
+        entry: dict[str, Any] = {"video": Path(path).name}
+        try:
+            with open_video(str(path)) as video:
+                info = StreamInfo.of(video)
+        except DecodeError as exc:
+            entries.append({**entry, "status": "unreadable", "reason": exc.message})
+            continue
+        entry.update(codec=info.codec, size=f"{info.width}x{info.height}", pix_fmt=info.pix_fmt, frames=info.frames)
+        refusal = candidate.refusal(info)
+        if refusal:
+            entries.append({**entry, "status": "refused", "reason": refusal})
+            continue
+        try:
+            ref, cand = reference.load(str(path)), candidate.load(str(path))
+        except (DecodeError, GpuDecodeFailed) as exc:
+            entries.append({**entry, "status": "failed", "reason": str(exc).splitlines()[0][:300]})
+            continue
+        p_ref, p_cand = predict(stack_clips([ref]))[0], predict(stack_clips([cand]))[0]
+        pixels = np.abs(_host(ref).astype(np.int16) - _host(cand).astype(np.int16))
+        entries.append({**entry, "status": "compared", "top1_reference": int(np.argmax(p_ref)),
+                        "top1_candidate": int(np.argmax(p_cand)), "agree": bool(np.argmax(p_ref) == np.argmax(p_cand)),
+                        "max_prob_diff": float(np.abs(p_ref - p_cand).max()),
+                        "max_pixel_diff": int(pixels.max()), "mean_pixel_diff": round(float(pixels.mean()), 4)})
+    return {"schema": SCHEMA, "kind": "sfdeploy-decode-fidelity", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "reference": reference.name, "candidate": candidate.name, "backend": candidate.backend,
+            "threshold": threshold, "codecs": summarize(entries, threshold), "videos": entries}
+
 
 def run_fidelity(opts: FidelityOptions) -> tuple[dict[str, Any], Path]:
     """Measure, write the record (and the gate); returns (record, its path)."""
-    from sfdeploy.artifacts import Manifest, backend_device
+    from sfdeploy.artifacts import Manifest
     from sfdeploy.bench.measure import device_info, device_slug
-    from sfdeploy.gpudecode.fidelity import (
-        ENCODERS,
-        cpu_decoder,
-        default_sweep,
-        gpu_decoder,
-        make_sweep,
-        measure_fidelity,
-        write_gate,
-    )
-    from sfdeploy.gpudecode.select import plan_decoding, probe_backend
+    from sfdeploy.bench.sweep import ENCODERS, default_sweep, make_sweep
+    from sfdeploy.decode.gpu.gate import write_gate
+    from sfdeploy.decode.gpu.select import plan_decoding, probe_backend
     from sfdeploy.runtime import open_local
+    from sfdeploy.runtime.placement import backend_device
 
     export = Path(opts.export)
     spec = Manifest.read(export).clip_spec
@@ -101,13 +193,15 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sfdeploy.gpudecode.fidelity import ENCODERS
-    from sfdeploy.gpudecode.select import GPU_BACKENDS
+    """``benchmarks/gpu_fidelity.py``: parse its arguments, run the sweep, print the summary; 1 on an error."""
+    from sfdeploy.bench.sweep import ENCODERS
+    from sfdeploy.decode.gpu.select import GPU_BACKENDS
 
     parser = argparse.ArgumentParser(prog="gpu_fidelity.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", required=True, type=Path, help="an `sfdeploy export` folder")
     parser.add_argument("--candidate", default=GPU_BACKENDS[0], choices=(*GPU_BACKENDS, CPU_STAND_IN),
-                        help=f"the decoder compared with the CPU path [{GPU_BACKENDS[0]}]; pyav: the harness's CPU check")
+                        help=f"the decoder compared with the CPU path [{GPU_BACKENDS[0]}]; pyav: the harness's CPU "
+                             "check")
     parser.add_argument("--device", default="cuda", help="where the model runs [cuda]")
     parser.add_argument("--runtime", default="torchscript", choices=("torchscript", "onnxruntime"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))

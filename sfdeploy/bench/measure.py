@@ -23,9 +23,13 @@ from datetime import date
 
 import numpy as np
 
+from sfdeploy.device import Device
+
 
 @dataclass
 class Timing:
+    """What timing a function found: calls, clips, wall time and the latency percentiles of one call."""
+
     calls: int
     clips: int
     wall_s: float
@@ -35,11 +39,12 @@ class Timing:
 
     @property
     def clips_per_s(self) -> float:
+        """Throughput over the timed wall time (0 when nothing was timed)."""
         return self.clips / self.wall_s if self.wall_s else 0.0
 
 
 def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+    if Device(device).is_cuda:
         import torch
 
         torch.cuda.synchronize()
@@ -115,7 +120,7 @@ def _timing(latencies: list[float], clips: int, wall: float) -> Timing:
 
 def peak_memory_mb(device: str) -> float:
     """GPU: peak bytes allocated by torch since the last reset; CPU: the process's peak RSS."""
-    if device.startswith("cuda"):
+    if Device(device).is_cuda:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
@@ -123,7 +128,8 @@ def peak_memory_mb(device: str) -> float:
 
 
 def reset_peak_memory(device: str) -> None:
-    if device.startswith("cuda"):
+    """Start :func:`peak_memory_mb`'s count afresh on a GPU (the CPU's peak RSS cannot be reset)."""
+    if Device(device).is_cuda:
         import torch
 
         torch.cuda.reset_peak_memory_stats()
@@ -160,7 +166,7 @@ def device_info(device: str) -> dict:
             info["packages"][dist] = md.version(dist)
         except md.PackageNotFoundError:
             continue
-    if device.startswith("cuda"):
+    if Device(device).is_cuda:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
@@ -175,7 +181,7 @@ def device_info(device: str) -> dict:
 
 def device_slug(info: dict) -> str:
     """``<device>-<date>``, used to name result files: e.g. nvidia-h100-80gb-hbm3-2026-11-24."""
-    name = info.get("gpu") if info["device"].startswith("cuda") else f"cpu-{info['cpu_cores']}c-{info['cpu']}"
+    name = info.get("gpu") if Device(info["device"]).is_cuda else f"cpu-{info['cpu_cores']}c-{info['cpu']}"
     slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
     slug = re.sub(r"-(r|tm|cpu)-", "-", slug)[:60].strip("-")
     return f"{slug}-{date.today().isoformat()}"

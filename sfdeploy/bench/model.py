@@ -38,6 +38,9 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
 
 @dataclass
 class BenchModel:
+    """The model a benchmark measures: its name, the MMAction2 recognizer (the baseline, and what the bench
+    export is made from), its clip spec and config."""
+
     name: str
     recognizer: Any  # mmaction Recognizer3D, eval mode, on CPU, fp32
     spec: ClipSpec

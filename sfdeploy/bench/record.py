@@ -74,6 +74,7 @@ class Record:
 
     @property
     def rows(self) -> list[dict[str, Any]]:
+        """The measured rows, in the order they were measured."""
         return self.data["rows"]
 
     def done(self, key: Key) -> bool:
@@ -88,6 +89,8 @@ class Record:
         self.save()
 
     def save(self) -> None:
+        """Write the record atomically, with its targets recomputed from the rows: a run killed at any point
+        leaves a readable record."""
         self.data["targets"] = targets(self.data)
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 

@@ -29,6 +29,8 @@ def _index(sequence: tuple[str, ...], value: str) -> int:
 
 
 def sort_key(row: dict[str, Any]) -> tuple:
+    """Where a row goes in the tables: by stage, then backend in a fixed reading order (unknown ones
+    last, by name), precision, batch and concurrency; a table that is remade reads the same."""
     return (_index(STAGES, row["stage"]), _index(_ORDER, row["backend"]), row["backend"],
             _index(_PRECISIONS, row["precision"]), row["batch"], row["concurrency"])
 
@@ -40,6 +42,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def baseline_clips_per_s(record: dict[str, Any]) -> float | None:
+    """The MMAction2 batch-1 figure every ``x mmaction2`` column divides by (None: not measured)."""
     return next((r["clips_per_s"] for r in record["rows"] if r["stage"] == "model" and r["backend"] == "mmaction2"
                  and r.get("status", OK) == OK), None)
 
@@ -49,8 +52,18 @@ def _device(info: dict[str, Any]) -> str:
 
 
 def markdown(record: dict[str, Any]) -> str:
-    info, spec, settings = record["device_info"], record["clip_spec"], record["settings"]
+    """The record as a Markdown page: what was measured and how, then a table per kind of row
+    (model only, inside the server, end to end), the targets, and the profiles."""
     rows = sorted(record["rows"], key=sort_key)
+    clips = [r for r in rows if r["kind"] == "clips"]
+    lines = [*_header(record, rows), *_clips_section(clips, baseline_clips_per_s(record)), *_served_section(clips),
+             *_videos_section(rows), *_targets_sections(record), *_ops_sections(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _header(record: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Title, versions and settings, the stages recorded so far, and how loaded the machine was."""
+    info, spec, settings = record["device_info"], record["clip_spec"], record["settings"]
     stages = [s for s in STAGES if any(r["stage"] == s for r in rows)]
     status = {s: sum(r.get("status", OK) == s for r in rows) for s in ("ok", "failed", "skipped")}
     lines = [
@@ -74,32 +87,51 @@ def markdown(record: dict[str, Any]) -> str:
                   + ("; measure again on a quiet machine." if "BUSY" in load else ".")]
     if record.get("note"):
         lines += ["", f"Note: {record['note']}"]
-    baseline = baseline_clips_per_s(record)
-    clips = [r for r in rows if r["kind"] == "clips"]
-    if clips:
-        lines += ["", "## Model only (preprocessed clips in, probabilities out)", "",
-                  _table(["stage", "backend", "precision", "batch", "concurrency", "clips/s", "p50 ms", "p95 ms",
-                          "p99 ms", "peak MB", "x mmaction2", "others", "note"],
-                         [_clips_cells(r, baseline) for r in clips])]
+    return lines
+
+
+def _clips_section(clips: list[dict[str, Any]], baseline: float | None) -> list[str]:
+    """The model-only table (clips in, probabilities out), every backend and stage."""
+    if not clips:
+        return []
+    return ["", "## Model only (preprocessed clips in, probabilities out)", "",
+            _table(["stage", "backend", "precision", "batch", "concurrency", "clips/s", "p50 ms", "p95 ms",
+                    "p99 ms", "peak MB", "x mmaction2", "others", "note"],
+                   [_clips_cells(r, baseline) for r in clips])]
+
+
+def _served_section(clips: list[dict[str, Any]]) -> list[str]:
+    """Where a served request's time goes, from Triton's own statistics of the rows that have them."""
     served = [r for r in clips if r.get("server")]
-    if served:
-        lines += ["", "## Where a served request's time goes (Triton's own statistics, per request)", "",
-                  "Mean ms per request in each phase of the server, over the row's window (warm-up included); "
-                  "`server clips/s`: inferences over that window's wall time, beside the client's figure.", "",
-                  _table(["backend", "batch", "concurrency", "requests", "batches run", "queue", "compute input",
-                          "compute infer", "compute output", "request (server)", "p50 (client)",
-                          "server clips/s", "client clips/s"],
-                         [[r["backend"], r["batch"], r["concurrency"], s["requests"], s["executions"], s["queue_ms"],
-                           s["compute_input_ms"], s["compute_infer_ms"], s["compute_output_ms"], s["request_ms"],
-                           r["p50_ms"], s["server_clips_per_s"], r["clips_per_s"]]
-                          for r in served for s in [r["server"]]])]
+    if not served:
+        return []
+    return ["", "## Where a served request's time goes (Triton's own statistics, per request)", "",
+            "Mean ms per request in each phase of the server, over the row's window (warm-up included); "
+            "`server clips/s`: inferences over that window's wall time, beside the client's figure.", "",
+            _table(["backend", "batch", "concurrency", "requests", "batches run", "queue", "compute input",
+                    "compute infer", "compute output", "request (server)", "p50 (client)",
+                    "server clips/s", "client clips/s"],
+                   [[r["backend"], r["batch"], r["concurrency"], s["requests"], s["executions"], s["queue_ms"],
+                     s["compute_input_ms"], s["compute_infer_ms"], s["compute_output_ms"], s["request_ms"],
+                     r["p50_ms"], s["server_clips_per_s"], r["clips_per_s"]]
+                    for r in served for s in [r["server"]]])]
+
+
+def _videos_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The end-to-end table: videos in, predictions out."""
     videos = [r for r in rows if r["kind"] == "videos"]
-    if videos:
-        lines += ["", "## End to end (videos -> predictions)", "",
-                  _table(["path", "precision", "batch", "concurrency", "videos", "videos/s", "others", "note"],
-                         [[r["backend"], r["precision"], r["batch"], r["concurrency"], r.get("videos", "-"),
-                           f"{r['videos_per_s']:.1f}" if r.get("status", OK) == OK else r["status"], others_cell(r),
-                           r["note"]] for r in videos])]
+    if not videos:
+        return []
+    return ["", "## End to end (videos -> predictions)", "",
+            _table(["path", "precision", "batch", "concurrency", "videos", "videos/s", "others", "note"],
+                   [[r["backend"], r["precision"], r["batch"], r["concurrency"], r.get("videos", "-"),
+                     f"{r['videos_per_s']:.1f}" if r.get("status", OK) == OK else r["status"], others_cell(r),
+                     r["note"]] for r in videos])]
+
+
+def _targets_sections(record: dict[str, Any]) -> list[str]:
+    """The targets met or not, then the best of the variants sfdeploy does not serve."""
+    lines: list[str] = []
     for group, title in (("targets", "Against the targets"),
                          ("variants", "Best of the variants sfdeploy does not serve (for reference)")):
         chosen = [t for t in record.get("targets", []) if t.get("group", "targets") == group]
@@ -107,12 +139,18 @@ def markdown(record: dict[str, Any]) -> str:
             lines += ["", f"## {title}", "",
                       _table(["target", "measured", "status"], [[t["target"], t["measured"], t["status"]]
                                                                 for t in chosen])]
+    return lines
+
+
+def _ops_sections(rows: list[dict[str, Any]]) -> list[str]:
+    """A profiler table (top operators) per profiled row."""
+    lines: list[str] = []
     for row in (r for r in rows if r["kind"] == "ops" and r.get("status", OK) == OK):
         lines += ["", f"## Where the time goes ({row['backend']} {row['precision']}, batch {row['batch']}: "
                       "profiler, top operators)", "",
                   _table(["operator", "ms per call", "share"],
                          [[o["op"], o["self_ms_per_call"], f"{o['share']:.0%}"] for o in row["ops"]])]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _clips_cells(row: dict[str, Any], baseline: float | None) -> list[Any]:

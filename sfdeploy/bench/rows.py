@@ -14,4 +14,5 @@ Key = tuple[Any, ...]
 
 
 def row_key(row: dict[str, Any]) -> Key:
+    """The identity of a row (:data:`ROW_KEY`): what ``--resume`` compares to find the rows still to measure."""
     return tuple(row[name] for name in ROW_KEY)

@@ -22,7 +22,7 @@ import statistics
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ from sfdeploy.runtime.triton_video import BUSY, TritonVideoPredictor
 
 @dataclass(frozen=True)
 class SoakOptions:
+    """How hard and how long to soak: the defaults are the recorded run (benchmarks/soak.py); one
+    seed draws the same corrupt requests in the same places, so two runs are comparable."""
+
     requests: int = 2000
     concurrency: int = 64
     corrupt_share: float = 0.01
@@ -87,18 +90,54 @@ def _overtaken(spans: list[tuple[float, float]]) -> dict[str, float]:
 def run_soak(server: Any, videos: Sequence[Path], opts: SoakOptions) -> dict[str, Any]:
     """Soak ``server`` (a started :class:`~sfdeploy.serving.server.TritonServer`) with ``videos``."""
     rng = random.Random(opts.seed)
-    url = server.http_url if opts.protocol == "http" else server.grpc_url
+    url = server.url(opts.protocol)
     predictor = TritonVideoPredictor(url, model=opts.model, protocol=opts.protocol)
-    classes = predictor.spec.class_names
     good = [(str(path), path.read_bytes()) for path in videos]
+    reference = _reference_labels(predictor, good)
+    plan = _plan(good, reference, corrupt_payloads(good[0][1], rng), opts, rng)
+    models = [video_model_name(opts.model), opts.model]
+    stats_before = {m: _stats(url, opts.protocol, m) for m in models}
+    memory_before = server.memory()
+    tally, wall = _send_all(predictor, plan, opts)
+    predictor.close()
+    memory_after = server.memory()
+    stats_after = {m: _stats(url, opts.protocol, m) for m in models}
+    latencies = tally.latencies
+    return {
+        "settings": asdict(opts), "videos": len(good),
+        "corrupt_sent": sum(1 for _, _, expected in plan if expected is None),
+        "outcomes": tally.outcomes, "lost_examples": tally.lost_errors[:5],
+        "wall_s": round(wall, 1), "requests_per_s": round(len(latencies) / wall, 2) if wall else 0.0,
+        "latency_s": {"p50": round(_percentile(latencies, 50), 3), "p90": round(_percentile(latencies, 90), 3),
+                      "p99": round(_percentile(latencies, 99), 3), "max": round(max(latencies, default=0.0), 3),
+                      "mean": round(statistics.fmean(latencies), 3) if latencies else None},
+        "overtaken": _overtaken(tally.spans),
+        "server_memory_mb": {"before": memory_before, "after": memory_after},
+        "triton_per_request": {m: _where_time_went(stats_before[m], stats_after[m]) for m in models},
+    }
+
+
+#: one request of the plan: (name, payload, the reference label; None: a corrupt one, must be refused)
+Request = tuple[str, bytes, str | None]
+
+
+def _reference_labels(predictor: TritonVideoPredictor, good: list[tuple[str, bytes]]) -> dict[str, str]:
+    """Each good video's label, asked alone before the load: the answer the load must not change."""
+    classes = predictor.spec.class_names
     reference = {}
-    for name, payload in good:  # each alone, before the load: the answer the load must not change
+    for name, payload in good:
         answer = predictor.predict([payload])[0]
         if isinstance(answer, str):
             raise ServingError(f"a good video was refused before the soak: {answer}", path=name)
         reference[name] = classes[int(np.argmax(answer))]
-    corrupt = corrupt_payloads(good[0][1], rng)
-    plan: list[tuple[str, bytes, str | None]] = []  # (name, payload, reference label; None: must be refused)
+    return reference
+
+
+def _plan(good: list[tuple[str, bytes]], reference: dict[str, str], corrupt: list[tuple[str, bytes]],
+          opts: SoakOptions, rng: random.Random) -> list[Request]:
+    """``opts.requests`` requests in sending order: the good videos in turn, a corrupt upload instead
+    with probability ``opts.corrupt_share`` (drawn from ``rng``: the same seed, the same run)."""
+    plan: list[Request] = []
     for i in range(opts.requests):
         if rng.random() < opts.corrupt_share:
             kind, payload = corrupt[i % len(corrupt)]
@@ -106,51 +145,66 @@ def run_soak(server: Any, videos: Sequence[Path], opts: SoakOptions) -> dict[str
         else:
             name, payload = good[i % len(good)]
             plan.append((name, payload, reference[name]))
-    models = [video_model_name(opts.model), opts.model]
-    stats_before = {m: _stats(url, opts.protocol, m) for m in models}
-    memory_before = server.memory()
-    latencies: list[float] = []
-    spans: list[tuple[float, float]] = []  # (start, end) of each answered request
-    outcomes = {"correct": 0, "wrong": 0, "refused_corrupt": 0, "accepted_corrupt": 0, "refused_good": 0,
-                "busy": 0, "lost": 0, "not_sent": 0}
-    lost_errors: list[str] = []
-    lock = threading.Lock()
+    return plan
+
+
+@dataclass
+class _Tally:
+    """What the client threads record, each change under ``lock``."""
+
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("correct", "wrong", "refused_corrupt", "accepted_corrupt", "refused_good", "busy", "lost", "not_sent"), 0))
+    latencies: list[float] = field(default_factory=list)
+    spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each answered request
+    lost_errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _outcome(answer: np.ndarray | str, expected: str | None, classes: Sequence[str]) -> str:
+    """The outcome key of one answered request (a ``str`` answer: the server refused the video)."""
+    refused = isinstance(answer, str)
+    if expected is None:
+        return "refused_corrupt" if refused else "accepted_corrupt"
+    if refused:
+        return "refused_good"
+    return "correct" if classes[int(np.argmax(answer))] == expected else "wrong"
+
+
+def _send_all(predictor: TritonVideoPredictor, plan: list[Request], opts: SoakOptions) -> tuple[_Tally, float]:
+    """Send ``plan`` from ``opts.concurrency`` threads, each taking the next request as it is free,
+    until ``opts.time_limit_s`` (later ones are counted as not sent); the tally and the wall time."""
+    classes = predictor.spec.class_names
+    tally = _Tally()
     cursor = iter(range(len(plan)))
     deadline = time.monotonic() + opts.time_limit_s
 
     def client() -> None:
         while True:
-            with lock:
+            with tally.lock:
                 index = next(cursor, None)
             if index is None:
                 return
             name, payload, expected = plan[index]
             if time.monotonic() > deadline:
-                with lock:
-                    outcomes["not_sent"] += 1
+                with tally.lock:
+                    tally.outcomes["not_sent"] += 1
                 continue
             start = time.perf_counter()
             try:
                 answer = predictor.predict([payload])[0]
             except ServingError as exc:  # refused by the queue policy (an answer: retry later), or lost
                 busy = any(reason in exc.message for reason in BUSY)
-                with lock:
-                    outcomes["busy" if busy else "lost"] += 1
+                with tally.lock:
+                    tally.outcomes["busy" if busy else "lost"] += 1
                     if not busy:
-                        lost_errors.append(f"{name}: {exc.message}"[:300])
+                        tally.lost_errors.append(f"{name}: {exc.message}"[:300])
                 continue
             seconds = time.perf_counter() - start
-            refused = isinstance(answer, str)
-            if expected is None:
-                kind = "refused_corrupt" if refused else "accepted_corrupt"
-            elif refused:
-                kind = "refused_good"
-            else:
-                kind = "correct" if classes[int(np.argmax(answer))] == expected else "wrong"
-            with lock:
-                outcomes[kind] += 1
-                latencies.append(seconds)
-                spans.append((start, start + seconds))
+            kind = _outcome(answer, expected, classes)
+            with tally.lock:
+                tally.outcomes[kind] += 1
+                tally.latencies.append(seconds)
+                tally.spans.append((start, start + seconds))
 
     started = time.monotonic()
     threads = [threading.Thread(target=client, name=f"soak-{i}") for i in range(opts.concurrency)]
@@ -158,19 +212,4 @@ def run_soak(server: Any, videos: Sequence[Path], opts: SoakOptions) -> dict[str
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.monotonic() - started
-    predictor.close()
-    memory_after = server.memory()
-    stats_after = {m: _stats(url, opts.protocol, m) for m in models}
-    corrupt_sent = sum(1 for _, _, expected in plan if expected is None)
-    return {
-        "settings": asdict(opts), "videos": len(good), "corrupt_sent": corrupt_sent,
-        "outcomes": outcomes, "lost_examples": lost_errors[:5],
-        "wall_s": round(wall, 1), "requests_per_s": round(len(latencies) / wall, 2) if wall else 0.0,
-        "latency_s": {"p50": round(_percentile(latencies, 50), 3), "p90": round(_percentile(latencies, 90), 3),
-                      "p99": round(_percentile(latencies, 99), 3), "max": round(max(latencies, default=0.0), 3),
-                      "mean": round(statistics.fmean(latencies), 3) if latencies else None},
-        "overtaken": _overtaken(spans),
-        "server_memory_mb": {"before": memory_before, "after": memory_after},
-        "triton_per_request": {m: _where_time_went(stats_before[m], stats_after[m]) for m in models},
-    }
+    return tally, time.monotonic() - started

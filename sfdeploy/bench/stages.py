@@ -26,7 +26,7 @@ from sfdeploy.bench.context import Context
 from sfdeploy.bench.rows import SKIPPED, Key
 from sfdeploy.endpoints import DEFAULT_MODEL as SERVED_MODEL
 from sfdeploy.errors import EnvironmentProblem
-from sfdeploy.precision import is_cuda, native_reduced, supported
+from sfdeploy.precision import native_reduced, supported
 from sfdeploy.target import SERVED
 
 log = logging.getLogger("sfdeploy")
@@ -35,6 +35,8 @@ log = logging.getLogger("sfdeploy")
 
 @dataclass(frozen=True)
 class Task:
+    """One row to measure: what it is (its :attr:`key` in the record) and how (``measure``)."""
+
     stage: str
     backend: str
     precision: str
@@ -44,6 +46,7 @@ class Task:
 
     @property
     def key(self) -> Key:
+        """The row's identity in the record: what ``--resume`` looks up to skip it."""
         return (self.stage, self.backend, self.precision, self.batch, self.concurrency)
 
 
@@ -132,7 +135,7 @@ def plan_model(c: Context) -> list[Task]:
         if runtime in opts.backends:
             precisions = [p for p in opts.precisions if supported(backend_format(runtime), p)]
             tasks += [_local(runtime, p, b) for p in precisions for b in opts.batch_sizes]
-            if runtime != "onnxruntime" and is_cuda(c.device):  # do CUDA graphs still pay (fused kernels)?
+            if runtime != "onnxruntime" and c.device.is_cuda:  # do CUDA graphs still pay (fused kernels)?
                 tasks += [_local(runtime, p, min(opts.batch_sizes), graphs=False) for p in precisions]
     return tasks
 
@@ -222,7 +225,7 @@ def plan_e2e(c: Context) -> list[Task]:
         tasks += [_decode_where(server_decode, c.served_precision, concurrency) for server_decode in (True, False)]
     if "mmaction2" in opts.backends:
         tasks.append(Task("e2e", "mmaction2:inference_recognizer", "fp32", 1, 1, mmaction2))
-    from sfdeploy.gpudecode.select import GPU_BACKENDS
+    from sfdeploy.decode.gpu.select import GPU_BACKENDS
 
     for backend in GPU_BACKENDS:
         tasks += [_gpu_decode(backend, c.served_runtime, None, 1, 1),
@@ -239,11 +242,11 @@ def _gpu_decode(backend: str, runtime: str, precision: str | None, batch: int, c
     """GPU decoding with ``backend``: decode only (``precision`` None) or end to end through the
     served runtime in process on the bench's GPU (Triton takes host clips here)."""
     def measure(c: Context) -> dict[str, Any]:
+        from sfdeploy.decode.gpu.select import plan_decoding, probe_backend
         from sfdeploy.errors import SfdeployError
-        from sfdeploy.gpudecode.select import plan_decoding, probe_backend
 
         try:
-            if not c.device.startswith("cuda"):
+            if not c.device.is_cuda:
                 raise EnvironmentProblem(f"GPU decoding is measured with --device cuda (this run: {c.device})")
             plan = plan_decoding(backend, device=c.device, statuses=[probe_backend(backend)])
         except SfdeployError as exc:
@@ -289,7 +292,7 @@ def plan_compile(c: Context) -> list[Task]:
     if "eager" not in opts.backends:
         return []
     variants = [("eager-compile", max(opts.batch_sizes))]
-    if c.device.startswith("cuda"):
+    if c.device.is_cuda:
         variants.append(("eager-cudagraphs", min(opts.batch_sizes)))
     warmup = max(opts.warmup, 3)  # the first calls compile (and record the graphs): never timed
     return [_eager("compile", v, p, b, warmup) for p in opts.precisions for v, b in variants]

@@ -28,6 +28,7 @@ from sfdeploy.bench.measure import Timing, peak_memory_mb, reset_peak_memory, ti
 from sfdeploy.bench.model import BenchModel
 from sfdeploy.bench.rows import FAILED, OK
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.device import Device
 from sfdeploy.export.deploy import SlowFastDeploy
 from sfdeploy.precision import torch_dtype
 
@@ -35,6 +36,7 @@ log = logging.getLogger("sfdeploy")
 
 def clips_row(stage: str, backend: str, precision: str, batch: int, concurrency: int, timing: Timing,
               memory: float, note: str = "") -> dict[str, Any]:
+    """A measured clips row: throughput, latency percentiles and peak memory (the record's columns)."""
     return {"stage": stage, "backend": backend, "precision": precision, "batch": batch,
             "concurrency": concurrency, "kind": "clips", "status": OK, "calls": timing.calls,
             "clips_per_s": round(timing.clips_per_s, 2), "p50_ms": round(timing.p50_ms, 3),
@@ -50,6 +52,7 @@ def unmeasured_row(stage: str, backend: str, precision: str, batch: int, concurr
 
 
 def random_clips(spec: ClipSpec, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` uint8 clips of ``spec``'s input shape, the same for a seed: timing needs no real video."""
     return np.random.default_rng(seed).integers(0, 256, size=(n, *spec.input_shape), dtype=np.uint8)
 
 
@@ -58,7 +61,9 @@ def random_clips(spec: ClipSpec, n: int, seed: int = 0) -> np.ndarray:
 PLAIN, REWRITTEN = "none", "auto"
 
 
-def deploy_module(model: BenchModel, precision: str, device: str, rewrites: str = PLAIN) -> SlowFastDeploy:
+def deploy_module(model: BenchModel, precision: str, device: Device, rewrites: str = PLAIN) -> SlowFastDeploy:
+    """The deployed module in eager mode on ``device``: what the eager rows time (plain, or rewritten
+    as the export would be for the device)."""
     from sfdeploy.export.deploy import deploy_module as make
     from sfdeploy.export.run import resolve_rewrites
 
@@ -100,7 +105,7 @@ def _timed(stage: str, backend: str, precision: str, batch: int, concurrency: in
         timing = measure()
     except (RuntimeError, MemoryError) as exc:
         log.warning("%s %s batch %d concurrency %d failed: %s", backend, precision, batch, concurrency, exc)
-        if device.startswith("cuda"):
+        if Device(device).is_cuda:
             torch.cuda.empty_cache()
         return unmeasured_row(stage, backend, precision, batch, concurrency, FAILED, f"failed: {str(exc)[:160]}")
     memory = 0.0 if backend.startswith("triton") else peak_memory_mb(device)
@@ -124,6 +129,7 @@ def mmaction2_call(model: BenchModel, device: str) -> Callable[[], None]:
 
 
 def module_call(module: Callable, frames: torch.Tensor) -> Callable[[], None]:
+    """One timed call of ``module`` on ``frames`` (inference mode: no autograd bookkeeping timed)."""
     def call() -> None:
         with torch.inference_mode():
             module(frames)
@@ -145,10 +151,11 @@ def variant_module(module: SlowFastDeploy, variant: str) -> Callable:
 
 def decode_only_row(spec: ClipSpec, paths: list[Path], workers: int) -> dict[str, Any]:
     """The ceiling of end to end: the same decode workers with no model at all."""
-    from sfdeploy.preprocess import DecodeFailure, decode_many
+    from sfdeploy.decode.clips import DecodeFailure
+    from sfdeploy.decode.pool import decode_many
 
     start = time.perf_counter()
-    decoded = sum(not isinstance(clip, DecodeFailure) for _, clip in decode_many(paths, spec, workers=workers))
+    decoded = sum(not isinstance(clip, DecodeFailure) for _, clip, _ in decode_many(paths, spec, workers=workers))
     return videos_row("decode-only", "-", 1, 1, decoded, time.perf_counter() - start, len(paths), workers,
                       f"{workers} decode workers, no model")
 
@@ -159,13 +166,14 @@ def gpu_decode_only_row(name: str, spec: ClipSpec, paths: list[Path], plan: Any,
     started by an untimed first video; the workers start in the timed window, as in decode-only."""
     from collections import Counter
 
-    from sfdeploy.gpudecode.pool import GPU_THREADS, decode_routed
-    from sfdeploy.preprocess import DecodeFailure
+    from sfdeploy.decode.clips import DecodeFailure
+    from sfdeploy.decode.gpu.route import GPU_THREADS
+    from sfdeploy.decode.pool import decode_many
 
-    list(decode_routed(paths[:1], spec, plan, workers=1))  # CUDA context, NVDEC session, torch kernels
+    list(decode_many(paths[:1], spec, plan=plan, workers=1))  # CUDA context, NVDEC session, torch kernels
     by: Counter[str] = Counter()
     start = time.perf_counter()
-    for _, clip, how in decode_routed(paths, spec, plan, workers=workers):
+    for _, clip, how in decode_many(paths, spec, plan=plan, workers=workers):
         if not isinstance(clip, DecodeFailure):
             by[how.decoder] += 1
     torch.cuda.synchronize()
@@ -208,6 +216,7 @@ def mmaction2_videos_row(model: BenchModel, paths: list[Path], device: str) -> d
 
 def videos_row(backend: str, precision: str, batch: int, concurrency: int, done: int, wall: float, videos: int,
                workers: int, note: str) -> dict[str, Any]:
+    """An end-to-end row: videos per second through decoding and the model (failed if any video failed)."""
     return {"stage": "e2e", "backend": backend, "precision": precision, "batch": batch, "concurrency": concurrency,
             "kind": "videos", "status": OK if done == videos else FAILED, "videos": videos, "ok_videos": done,
             "workers": workers, "wall_s": round(wall, 3), "videos_per_s": round(done / wall, 2), "note": note}
@@ -217,16 +226,17 @@ def profile_row(module: Callable, frames: torch.Tensor, precision: str, device: 
     """Where the time goes: the top operators by self time (CUDA time on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    on_gpu = Device(device).is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with torch.inference_mode():
         for _ in range(3):
             module(frames)
         with profile(activities=activities) as prof:
             for _ in range(5):
                 module(frames)
-            if device.startswith("cuda"):
+            if on_gpu:
                 torch.cuda.synchronize()
-    key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
     total = sum(getattr(e, key, 0) for e in events) or 1
     ops = [{"op": e.key, "self_ms_per_call": round(getattr(e, key, 0) / 1000 / 5, 3),

@@ -20,6 +20,7 @@ from typing import Any
 
 from sfdeploy.artifacts import LOCAL_BACKENDS
 from sfdeploy.bench.rows import OK, ROW_KEY
+from sfdeploy.device import Device
 
 MET, NOT_MET, REPORTED, MISSING = "met", "not met", "reported", "missing"
 
@@ -61,6 +62,8 @@ def served_config(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def served_label(record: dict[str, Any]) -> str:
+    """How the report names the served model: what `sfdeploy repo` serves by default, chosen or still to be
+    chosen."""
     served = served_config(record)
     if served.get("runtime") == "auto":
         return "python backend running what `repo --runtime auto` chooses from the model rows (not chosen yet)"
@@ -87,9 +90,9 @@ class _Targets:
     def __init__(self, record: dict[str, Any]) -> None:
         self.rows = [r for r in record.get("rows", []) if r.get("status", OK) == OK]
         self.clips = [r for r in self.rows if r["kind"] == "clips" and r["clips_per_s"] > 0]
-        self.device = record["device_info"]["device"]
+        self.device = Device(record["device_info"]["device"])  # as the run resolved it: cpu or cuda[:N]
         self.full = record.get("profile") == "full"
-        self.gpu_full = self.full and self.device.startswith("cuda")
+        self.gpu_full = self.full and self.device.is_cuda
         self.served = served_config(record)
         self.served_label = served_label(record)
         runtime = self.served.get("runtime", "torchscript")  # the served runtime (auto: not chosen yet)
@@ -100,6 +103,7 @@ class _Targets:
         self.out: list[dict[str, Any]] = []
 
     def add(self, target: str, measured: str, status: str, group: str = "targets", **rows_used: Any) -> None:
+        """Add one target's line; a figure measured on a busy machine says so, wherever it is quoted."""
         busy = [r for r in rows_used.values() if r is not None and r.get("busy")]
         if busy:  # a figure from a busy machine says so wherever it is quoted
             measured += (f"; measured while other work took {max(r['others_cores'] for r in busy):.2f} cores "
@@ -108,6 +112,7 @@ class _Targets:
                          **{name: _key(r) for name, r in rows_used.items() if r is not None}})
 
     def runtime_row(self, precision: str, batch: int, backend: str | None = None) -> dict[str, Any] | None:
+        """The in-process row of the served runtime (or ``backend``) at ``precision`` and ``batch``, if measured."""
         wanted = (backend or self.runtime, precision, batch)
         return next((r for r in self.in_process if (r["backend"], r["precision"], r["batch"]) == wanted), None)
 
@@ -127,6 +132,7 @@ class _Targets:
             self.add(name, "needs the model stage (baseline) and the triton stage", MISSING)
 
     def latency(self, name: str, row: dict[str, Any] | None, limit_ms: float) -> None:
+        """A latency target: the row's p50 against ``limit_ms``, or what is missing to judge it."""
         if row:
             self.add(name, f"{row['p50_ms']:.2f} ms", _status(row["p50_ms"] <= limit_ms), row=row)
         else:
@@ -150,6 +156,8 @@ class _Targets:
                 self.add(name, "needs the model stage", MISSING)
 
     def gpu_model_only(self) -> None:
+        """The GPU targets of the served runtime in process: fp16 throughput at the served batch, over the
+        MMAction2 baseline."""
         fp16, fp32 = self.runtime_row("fp16", GPU_BATCH), self.runtime_row("fp32", GPU_BATCH)
         name = (f"Served runtime ({self.runtime}) fp16 at batch {GPU_BATCH} >= {GPU_FP16_CLIPS_S:,} clips/s "
                 f"(aim {GPU_FP16_AIM:,})")
@@ -219,7 +227,7 @@ class _Targets:
         ceiling of the same run on the same videos, and end to end with it >= 90% of its decode-only."""
         decode = next((r for r in self.rows if r["stage"] == "e2e" and r["backend"] == "decode-only"), None)
         gpu_rows = [r for r in self.rows if r["stage"] == "e2e" and r["backend"].startswith(GPU_DECODE_PREFIX)]
-        if not gpu_rows and self.device.startswith("cuda"):
+        if not gpu_rows and self.device.is_cuda:
             self.add(f"GPU decode-only >= {GPU_DECODE_X:g}x the CPU decode-only ceiling", "needs the e2e stage with a "
                      "GPU decoder (pip install 'sfdeploy[nvdec]'; its skipped rows say why not)", MISSING)
         for row in gpu_rows:
@@ -245,7 +253,7 @@ class _Targets:
     def cpu_runtimes(self) -> None:
         """CPU: every runtime and precision beside TorchScript fp32, per batch (reported: which to
         serve on a CPU is `repo --runtime auto`'s measured choice)."""
-        if self.device.startswith("cuda"):
+        if self.device.is_cuda:
             return
         for batch in sorted({r["batch"] for r in self.in_process}):
             ts = _best([r for r in self.in_process if (r["backend"], r["precision"], r["batch"]) ==

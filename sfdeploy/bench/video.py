@@ -26,6 +26,8 @@ CLIENT_DECODE = f"sfdeploy:triton-{PROTOCOL} (1 video per request)"
 
 
 def bytes_per_video(paths: list[Path], spec: Any, server_decode: bool) -> float:
+    """Bytes a request carries per video: the encoded file (plus its length prefix) when decoded on the server,
+    else one decoded uint8 clip."""
     if server_decode:
         return round(float(np.mean([p.stat().st_size + 4 for p in paths])), 1)
     return float(np.prod(spec.input_shape))

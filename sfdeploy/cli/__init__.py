@@ -21,6 +21,7 @@ class SfdeployGroup(click.Group):
     """A group that turns library errors into clean CLI errors."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; an :class:`SfdeployError` becomes its message (exit code 1), Ctrl-C exit code 130."""
         try:
             return super().invoke(ctx)
         except SfdeployError as exc:
@@ -56,7 +57,8 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from sfdeploy.cli import bench, data, demo, doctor, evaluate, export, finetune, serving
+    """Add each command module's command (imported here: a module per command or family)."""
+    from sfdeploy.cli import bench, data, demo, doctor, evaluate, export, finetune, infer, serving
 
     cli.add_command(data.data)
     cli.add_command(finetune.finetune)
@@ -64,7 +66,7 @@ def _register() -> None:
     cli.add_command(evaluate.evaluate)
     cli.add_command(serving.repo)
     cli.add_command(serving.serve)
-    cli.add_command(serving.infer)
+    cli.add_command(infer.infer)
     cli.add_command(bench.bench)
     cli.add_command(demo.demo)
     cli.add_command(doctor.doctor)
@@ -74,4 +76,5 @@ _register()
 
 
 def main() -> None:
+    """The ``sfdeploy`` console script (and ``python -m sfdeploy``)."""
     cli(prog_name="sfdeploy")

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
-from sfdeploy.bench import BACKENDS, DEFAULT_BACKENDS, DEFAULT_STAGES, PRECISIONS, STAGES
+from sfdeploy.bench import BACKENDS, DEFAULT_BACKENDS, DEFAULT_STAGES, STAGES
 from sfdeploy.cli.options import device_option
+from sfdeploy.device import Device
+from sfdeploy.precision import BENCH_PRECISIONS
 
 
 def _ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -44,7 +46,7 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
                    "first: minutes for R50).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_ints, help="Model-only sweep.")
 @click.option("--precision", "precisions", default=None, callback=_words,
-              help=f"Comma-separated, of {', '.join(PRECISIONS)} [default: fp32 and the device's native reduced "
+              help=f"Comma-separated, of {', '.join(BENCH_PRECISIONS)} [default: fp32 and the device's native reduced "
                    "precision: fp16 on CUDA, bf16 on a CPU with AVX512-BF16 or AMX]. ONNX Runtime rows skip bf16.")
 @device_option("Where the model runs (auto: the GPU if torch sees one).")
 @click.option("--concurrency", default="1,8", show_default=True, callback=_ints,
@@ -65,7 +67,7 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="The record JSON (+ .md, .png) [default: benchmarks/results/<device>-<date>.json].")
 def bench(full: bool, work_dir: Path | None, stages: tuple[str, ...], resume: bool, export_dir: Path | None,
-          backends: tuple[str, ...], batch_sizes: tuple[int, ...], precisions: tuple[str, ...] | None, device: str,
+          backends: tuple[str, ...], batch_sizes: tuple[int, ...], precisions: tuple[str, ...] | None, device: Device,
           concurrency: tuple[int, ...], triton_batch: int, iters: int, min_time_s: float, warmup: int, e2e_videos: int,
           videos: Path | None, workers: int | None, trace: bool, note: str, out: Path | None) -> None:
     """Measure clips/s and latency of MMAction2 (the baseline), eager PyTorch, TorchScript, ONNX

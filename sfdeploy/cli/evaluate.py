@@ -1,4 +1,4 @@
-"""``sfdeploy eval``."""
+"""``sfdeploy eval``: an export's accuracy on DATA's val split, beside MMAction2's (:mod:`sfdeploy.evaluate`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from sfdeploy.cli.options import target_options
+from sfdeploy.infer_options import InferOptions
 
 if TYPE_CHECKING:
     from sfdeploy.target import ModelTarget
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
 @target_options(export_option=False, transport=False,
                 device_help="Where a local backend and the MMAction2 reference run (auto: the GPU when the backend "
                             "can use it here; cuda: the GPU or a clear error).")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=InferOptions.batch_size, show_default=True, type=click.IntRange(min=1),
+              help="Videos per model call (as for `infer`).")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode processes [default: one per CPU core].")
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Also run the checkpoint in MMAction2 and compare.")

@@ -17,8 +17,9 @@ from sfdeploy.artifacts import (
     parse_formats,
 )
 from sfdeploy.cli.options import device_option
+from sfdeploy.device import Device
 from sfdeploy.errors import InputError
-from sfdeploy.precision import PRECISIONS, precision_words
+from sfdeploy.precision import AUTO, EXPORT_PRECISIONS, FP16_FLAG, precision_words
 
 
 def _formats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -59,11 +60,12 @@ that pass are then timed on --device: `sfdeploy repo` serves the fastest by defa
 @click.option("--formats", default=",".join(DEFAULT_FORMATS), show_default=True, callback=_formats,
               help=f"Comma-separated, of: {', '.join(FORMATS)}. aoti compiles an AOTInductor package for --device "
                    "(minutes for R50; it runs only on that device kind and this torch build).")
-@click.option("--precisions", default="auto", show_default=True, callback=_precisions,
-              help=f"auto (fp32, plus fp16 on a GPU, bf16 on a CPU with AVX512-BF16 or AMX), or comma-separated, of: "
-                   f"{', '.join(PRECISIONS)} (fp32 is always written). Reduced precisions take uint8 in, float32 out; "
-                   "ONNX has no bf16.")
-@click.option("--fp16", is_flag=True, help="Also write fp16 variants (the same as adding fp16 to --precisions).")
+@click.option("--precisions", default=AUTO, show_default=True, callback=_precisions,
+              help=f"{AUTO} (fp32, plus fp16 on a GPU, bf16 on a CPU with AVX512-BF16 or AMX), or comma-separated, of: "
+                   f"{', '.join(EXPORT_PRECISIONS)} (fp32 is always written). Reduced precisions take uint8 in, "
+                   "float32 out; ONNX has no bf16.")
+@click.option("--fp16", is_flag=True,
+              help=f"Also write {FP16_FLAG} variants (the same as adding {FP16_FLAG} to --precisions).")
 @click.option("--views", default=1, show_default=True, type=click.IntRange(min=1),
               help="Views per video: 1 = the centre clip and crop (the val pipeline); more = clips x "
                    "crops of the config's test pipeline (e.g. 30 for R50: 10 clips x 3 crops).")
@@ -84,7 +86,7 @@ that pass are then timed on --device: `sfdeploy repo` serves the fastest by defa
               help="Time the artifacts that passed the gate on --device (recorded in manifest.json: `sfdeploy repo "
                    "--runtime auto` serves the fastest; without a measurement it serves TorchScript).")
 def export(work: Path, out: Path, checkpoint: Path | None, formats: tuple[str, ...], precisions: tuple[str, ...],
-           fp16: bool, views: int, device: str, parity_videos: int, parity_data: Path | None, rewrites: str,
+           fp16: bool, views: int, device: Device, parity_videos: int, parity_data: Path | None, rewrites: str,
            measure: bool) -> None:
     """``sfdeploy export`` (its help is :data:`HELP`, written from the gate's own thresholds)."""
     from sfdeploy.export.run import ExportOptions, export_work

@@ -16,6 +16,7 @@ class GreedyOption(click.Option):
     Use with ``multiple=True``; repeating the option also works."""
 
     def add_to_parser(self, parser: Any, ctx: click.Context) -> Any:
+        """Register as click does, then make the parser's handler swallow the following values too."""
         result = super().add_to_parser(parser, ctx)
         for name in self.opts:
             option = parser._long_opt.get(name) or parser._short_opt.get(name)
@@ -58,6 +59,7 @@ class BatchSize(click.ParamType):
     name = "B|auto"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        """``auto`` as it is, else a positive integer, or a usage error."""
         if isinstance(value, int) or value == "auto":
             return value
         try:
@@ -75,6 +77,7 @@ class FrameSize(click.ParamType):
     name = "WxH|PIXELS"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        """The limit in pixels, or a usage error saying the two spellings."""
         if isinstance(value, int):
             return value
         width, sep, height = str(value).lower().partition("x")
@@ -99,27 +102,29 @@ def max_video_pixels_option(where: str) -> Any:
 
 
 class DeviceType(click.Choice):
-    """``--device``: one vocabulary in every command (:data:`sfdeploy.artifacts.DEVICES`), ``cuda:N``
-    too, and ``gpu`` accepted as ``cuda`` (what ``repo --device`` took before)."""
+    """``--device``: one vocabulary in every command (:data:`sfdeploy.device.DEVICES`), ``cuda:N``
+    too, and ``gpu`` accepted as ``cuda`` (what ``repo --device`` took before); the value a command
+    gets is a :class:`sfdeploy.device.Device`, parsed here once."""
 
     def __init__(self) -> None:
-        from sfdeploy.artifacts import DEVICES
+        from sfdeploy.device import DEVICES
 
         super().__init__(DEVICES, case_sensitive=False)
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from sfdeploy.artifacts import normalise_device
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The :class:`~sfdeploy.device.Device` of ``value``, or a usage error naming the vocabulary."""
+        from sfdeploy.device import Device
         from sfdeploy.errors import InputError
 
         try:
-            return normalise_device(str(value))
+            return Device(str(value))
         except InputError as exc:
             self.fail(f"{exc.message}; use {', '.join(self.choices)} (or cuda:N)", param, ctx)
 
 
 def device_option(help_text: str) -> Any:
-    """``--device auto|cpu|cuda``, default ``auto`` (:data:`sfdeploy.artifacts.DEFAULT_DEVICE`)."""
-    from sfdeploy.artifacts import DEFAULT_DEVICE
+    """``--device auto|cpu|cuda``, default ``auto`` (:data:`sfdeploy.device.DEFAULT_DEVICE`)."""
+    from sfdeploy.device import DEFAULT_DEVICE
 
     return click.option("--device", default=DEFAULT_DEVICE, show_default=True, type=DeviceType(), help=help_text)
 
@@ -138,8 +143,8 @@ def target_options(*, export_option: bool = True, several_urls: bool = False, tr
     ``export_option=False``: the command takes EXPORT as its argument (``export_dir``) instead.
     ``several_urls``: ``--url`` may be repeated (``infer --engine ray`` spreads over them).
     An invalid combination is a usage error (exit code 2), before anything runs."""
-    from sfdeploy.artifacts import PRECISIONS
     from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL
+    from sfdeploy.precision import DEFAULT_RUN_PRECISION, RUN_PRECISIONS
     from sfdeploy.target import BACKENDS, DEFAULT_LOCAL_BACKEND, PROTOCOLS, SERVED
 
     options = [
@@ -154,7 +159,7 @@ def target_options(*, export_option: bool = True, several_urls: bool = False, tr
         click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served model name."),
         *([click.option("--export", "export_dir", type=click.Path(path_type=Path),
                         help="An `sfdeploy export` folder (local backends).")] if export_option else []),
-        click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
+        click.option("--precision", default=DEFAULT_RUN_PRECISION, show_default=True, type=click.Choice(RUN_PRECISIONS),
                      help="Which artifact of the export (local backends; bf16: on a GPU, or a CPU with AVX512-BF16 "
                           "or AMX)."),
         device_option(device_help),

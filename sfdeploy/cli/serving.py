@@ -1,4 +1,4 @@
-"""``sfdeploy repo``, ``sfdeploy serve`` and ``sfdeploy infer``."""
+"""``sfdeploy repo`` and ``sfdeploy serve``."""
 
 from __future__ import annotations
 
@@ -7,20 +7,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from sfdeploy.artifacts import LOCAL_BACKENDS
-from sfdeploy.cli.options import DeviceType, GreedyOption, max_video_pixels_option, target_options
-from sfdeploy.gpudecode.select import DECODE_MODES
-from sfdeploy.precision import PRECISIONS
-from sfdeploy.scale.cluster import STALL_TIMEOUT_S
+from sfdeploy.cli.options import DeviceType, GreedyOption, max_video_pixels_option
+from sfdeploy.precision import SERVE_PRECISIONS
 from sfdeploy.serving.repo import RepoOptions
 from sfdeploy.serving.server import TritonServer
-
-if TYPE_CHECKING:
-    from sfdeploy.target import ModelTarget
 
 REPO = RepoOptions(repo=Path("model_repository"))  # the defaults of `repo`, and of `serve` below
 SERVE = TritonServer(REPO.repo)
@@ -43,7 +37,7 @@ SERVE = TritonServer(REPO.repo)
               help="What the python-backend model runs. auto: the fastest the export measured on this instance "
                    "kind (`sfdeploy export` times every artifact that passes its gate); without a measurement for "
                    "it, torchscript. The choice and its reason are logged and written into config.pbtxt.")
-@click.option("--precision", default=REPO.precision, show_default=True, type=click.Choice(["auto", *PRECISIONS]),
+@click.option("--precision", default=REPO.precision, show_default=True, type=click.Choice(SERVE_PRECISIONS),
               help="Which precision of the export to serve: auto chooses with --runtime (without a measurement: "
                    "fp16 on a GPU if the export has it and it passed the gate, else fp32).")
 @click.option("--device", default=REPO.device, show_default=True, type=DeviceType(),
@@ -149,85 +143,3 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
         click.echo("stopping tritonserver", err=True)
     finally:
         server.stop()
-
-
-@click.command()
-@click.argument("inputs", nargs=-1, metavar="[VIDEO_OR_DIR]...")
-@click.option("--inputs-from", "lists", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="A list of inputs: .txt (a path per line), .csv or .parquet (a 'path' column). Repeatable.")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
-              help="local: this machine's processes; ray: a Ray cluster (README 'Scale out').")
-@click.option("--ray-address", help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001) [default: start one "
-                                    "on this machine].")
-@target_options(several_urls=True, device_help="Where a local backend runs (auto: the GPU when the backend can use "
-                                               "it here; cuda: the GPU or a clear error). With --engine ray: cuda "
-                                               "gives each model actor one GPU, auto one where the cluster has GPUs.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Videos per request.")
-@click.option("--concurrency", type=click.IntRange(min=1),
-              help="Requests in flight [local: 4]; with --engine ray, model actors [1].")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Decode processes [default: one per CPU core]; with --engine ray, decode tasks at once.")
-@click.option("--actor-cpus", type=click.FloatRange(min=0, min_open=True),
-              help="--engine ray: CPUs reserved, and threads, per model actor [1 CPU with 2 threads; triton: 0.25].")
-@click.option("--stall-timeout", default=STALL_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
-              help="--engine ray: stop (rows kept, --resume continues) when no row came for this many seconds while "
-                   "Ray cannot place the run's work (a lost node and no room to redo it); 0: wait for ever.")
-@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per row.")
-@click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output: .csv, .jsonl or .parquet, one row per input.")
-@click.option("--resume", is_flag=True, help="Skip inputs already in --out and append the rest.")
-@max_video_pixels_option("Decoding here")
-@click.option("--decode", default="auto", show_default=True, type=click.Choice(DECODE_MODES),
-              help="Where videos are decoded. auto: on the GPU (NVDEC) when the model runs there (--device cuda, "
-                   "local backend), a GPU decoder is installed and the export's fidelity record passed the stream's "
-                   "codec; else the CPU, saying why once. cpu. gpu: NVDEC where the stream allows (fails with the fix "
-                   "when no GPU decoder is here); pynvvideocodec / torchcodec: that decoder. Each row's decoder and "
-                   "decoder_reason say which decoder read the video and why.")
-def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, target: ModelTarget,
-          batch_size: int, concurrency: int | None, workers: int | None, actor_cpus: float | None,
-          stall_timeout: float, topk: int, out: Path, resume: bool, max_pixels: int, decode: str) -> None:
-    """Classify videos (files and folders) with a served or exported model.
-
-    Decoding runs in parallel worker processes (with --server-decode: on the server, and the
-    files' bytes are sent); batches go to the backend with --concurrency requests in flight.
-    Every input gets one row in --out: a video that fails has its error in its row and the
-    others are classified. Exits 1 if any input failed. --engine ray runs the same on a Ray
-    cluster (decode tasks, model actors) with the same rows and --resume.
-    """
-    from sfdeploy.inputs import read_input_list
-
-    items = [*inputs, *(path for listed in lists for path in read_input_list(listed))]
-    if not items:
-        raise click.UsageError("no inputs: pass videos or folders, or --inputs-from FILE")
-    if decode not in ("auto", "cpu") and (target.server_decode or engine == "ray"):
-        elsewhere = ("--server-decode decodes on the server" if target.server_decode
-                     else "--engine ray decodes in CPU tasks")
-        raise click.BadParameter(f"--decode {decode} decodes here, into the GPU of a local model; {elsewhere}",
-                                 param_hint="--decode")
-    if engine == "ray":
-        if target.server_decode:  # (RayOptions refuses it too: here it is a usage error)
-            raise click.BadParameter("--engine ray decodes in its own CPU tasks; use --engine local with "
-                                     "--server-decode", param_hint="--server-decode")
-        from sfdeploy.scale.engine import RayOptions, infer_ray
-
-        summary = infer_ray(items, out, RayOptions(
-            target=target, batch_size=batch_size, actors=concurrency or 1, actor_cpus=actor_cpus,
-            decode_tasks=workers, topk=topk, max_pixels=max_pixels, address=ray_address,
-            stall_timeout_s=stall_timeout), resume=resume)
-    else:
-        if len(target.urls) > 1:
-            raise click.BadParameter("one server per run with --engine local; --engine ray spreads over several",
-                                     param_hint="--url")
-        from sfdeploy.client import Classifier
-        from sfdeploy.client import infer as run_infer
-
-        with Classifier.open(target) as classifier:
-            summary = run_infer(items, out, classifier, batch_size=batch_size, concurrency=concurrency or 4,
-                                topk=topk, workers=workers, resume=resume, max_pixels=max_pixels, decode=decode)
-    for failure in summary.failures:
-        click.echo(f"failed: {failure['path']}: {failure['error']}", err=True)
-    click.echo(summary.describe(), err=True)
-    click.echo(json.dumps({"out": str(out), "ok": summary.ok, "failed": summary.failed, "skipped": summary.skipped,
-                           "wall_time_s": summary.wall_time_s}))
-    if summary.failed:
-        raise SystemExit(1)

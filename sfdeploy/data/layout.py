@@ -72,6 +72,8 @@ def leaf_datasets(dataset: Mapping) -> list[Mapping]:
 
 
 def write_class_index(path: Path, names: list[str]) -> None:
+    """``class_index.txt``: one class name per line, line *i* naming label *i* of the annotation lists (what export
+    and the client map outputs back with)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{name}\n" for name in names))
 
@@ -155,6 +157,8 @@ class PreparedData:
 
     @property
     def format(self) -> str:
+        """``video`` or ``rawframes``: how MMAction2 must read the lists (taken from the train list, or the val list
+        when training has none)."""
         return self.train.format if self.train.format != "empty" else self.val.format
 
     def split_list(self, split: str) -> AnnotationList:

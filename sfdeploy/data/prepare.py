@@ -35,6 +35,8 @@ TOO_SHORT_FIX = ("use a longer video, or prepare with a lower --min-frames (vide
 
 @dataclass
 class Candidate:
+    """A video file found under the root, before it is probed: its class folder and, for a pre-split root, its split."""
+
     path: Path
     class_name: str
     split: str | None  # "train"/"val" when the root is already split
@@ -42,6 +44,9 @@ class Candidate:
 
 @dataclass
 class PrepareResult:
+    """What ``prepare`` made of the root, for the CLI's summary and for callers: counts and classes, and every file
+    or class folder not used, with why (the same as ``prepare_report.json``)."""
+
     out: Path
     classes: list[str]
     train: int
@@ -54,6 +59,7 @@ class PrepareResult:
 
     @property
     def report_path(self) -> Path:
+        """``OUT/prepare_report.json``, which lists every file with the reason it was or was not used."""
         return self.out / layout.REPORT_JSON
 
 
@@ -148,27 +154,14 @@ def prepare(
     """
     video_root = Path(video_root).resolve()
     out = Path(out).resolve()
-    if not 0.0 < val_ratio < 1.0:
-        raise InputError(f"--val-ratio must be between 0 and 1, got {val_ratio}", fix="use e.g. 0.2")
-    candidates, ignored, empty, presplit = scan(video_root)
-    ensure_writable_dir(out, "output folder", "--out folder")
-    if not candidates:
-        raise InputError(
-            "no videos found" + (f" ({len(ignored)} other files ignored)" if ignored else ""),
-            path=video_root,
-            fix=f"put videos ({', '.join(VIDEO_EXTENSIONS)}) in one sub-folder per class: "
-            "VIDEO_ROOT/<class>/<video>",
-        )
-
+    candidates, ignored, empty, presplit = _find(video_root, out, val_ratio)
     probes = probe_videos([c.path for c in candidates], workers=workers, show_progress=show_progress,
                           max_pixels=max_pixels)
     usable, rejected = _usable(candidates, probes, video_root, min_frames)
     by_split, warnings = _split(usable, presplit, val_ratio, seed)
     probe_of = {cand.path: probe for cand, probe in usable}
     classes, skipped = _classes(by_split, candidates, empty, presplit, probe_of, rejected, warnings)
-    label = {name: i for i, name in enumerate(classes)}
-    entries = {split: [(p, label[name]) for name, vids in sorted(by_split[split].items())
-                       if name in label for p in vids] for split in ("train", "val")}
+    entries = _entries(by_split, classes)
     short = [{"path": str(p), "split": split, "frames": probe_of[p].frames}
              for split in ("train", "val") for p, _ in entries[split]
              if clip_frames is not None and probe_of[p].frames < clip_frames]
@@ -180,6 +173,39 @@ def prepare(
     result = PrepareResult(out=out, classes=classes, train=len(entries["train"]), val=len(entries["val"]),
                            rejected=report["rejected"], short=short, ignored=ignored,
                            skipped_classes=skipped, warnings=warnings)
+    _check_trainable(classes, entries, out, video_root)
+    _write_data(out, video_root, classes, entries, settings, len(short))
+    return result
+
+
+def _find(video_root: Path, out: Path, val_ratio: float) -> tuple[list[Candidate], list[dict], list[dict], bool]:
+    """:func:`scan`, after the options are checked and before any video is probed: a wrong option,
+    an unwritable ``out`` or a root without videos fails at once."""
+    if not 0.0 < val_ratio < 1.0:
+        raise InputError(f"--val-ratio must be between 0 and 1, got {val_ratio}", fix="use e.g. 0.2")
+    candidates, ignored, empty, presplit = scan(video_root)
+    ensure_writable_dir(out, "output folder", "--out folder")
+    if not candidates:
+        raise InputError(
+            "no videos found" + (f" ({len(ignored)} other files ignored)" if ignored else ""),
+            path=video_root,
+            fix=f"put videos ({', '.join(VIDEO_EXTENSIONS)}) in one sub-folder per class: "
+            "VIDEO_ROOT/<class>/<video>",
+        )
+    return candidates, ignored, empty, presplit
+
+
+def _entries(by_split: dict[str, dict[str, list[Path]]], classes: list[str]) -> dict[str, list[tuple[Path, int]]]:
+    """split -> (video, label) in annotation-list order; videos of classes not kept are left out."""
+    label = {name: i for i, name in enumerate(classes)}
+    return {split: [(p, label[name]) for name, vids in sorted(by_split[split].items())
+                    if name in label for p in vids] for split in ("train", "val")}
+
+
+def _check_trainable(classes: list[str], entries: dict[str, list[tuple[Path, int]]], out: Path,
+                     video_root: Path) -> None:
+    """Fail (after the report is written, which says why) when what is left cannot train a
+    classifier: fewer than two classes, or no val videos."""
     if len(classes) < 2:
         raise InputError(
             f"{len(classes)} class(es) with usable training videos ({', '.join(classes) or 'none'}); "
@@ -190,8 +216,6 @@ def prepare(
     if not entries["val"]:
         raise InputError(f"the val split is empty (details in {out / layout.REPORT_JSON})", path=video_root,
                          fix="add more videos per class, or pre-split the root into train/ and val/")
-    _write_data(out, video_root, classes, entries, settings, len(short))
-    return result
 
 
 def _usable(candidates: list[Candidate], probes: list[VideoProbe], video_root: Path,

@@ -38,13 +38,16 @@ class VideoProbe:
 
     @property
     def ok(self) -> bool:
+        """Whether the file can be trained on (the decoder found no reason against it)."""
         return self.reason is None
 
     @property
     def fix(self) -> str:
+        """What the user can do about ``reason`` (empty for a usable file), for the report."""
         return FIXES.get(self.reason or "", "")
 
     def to_dict(self) -> dict:
+        """The row ``prepare_report.json`` lists for this file, with the fix when it was rejected."""
         data = asdict(self)
         if self.reason:
             data["fix"] = self.fix

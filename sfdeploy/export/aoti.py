@@ -29,13 +29,14 @@ import torch
 
 from sfdeploy.artifacts import ARTIFACT_INFO_KEY
 from sfdeploy.clipspec import SPEC_KEY
+from sfdeploy.device import Device
 from sfdeploy.errors import ExportError
-from sfdeploy.export.formats import Written, artifact_info, check_reloaded, device_kind
+from sfdeploy.export.formats import Written, artifact_info, check_reloaded
 
 
 def _target(device: str) -> str:
     """What the package's kernels are built for: the CPU's vector ISA, or the GPU's compute capability."""
-    if device_kind(device) == "cpu":
+    if not Device(device).is_cuda:
         return torch.backends.cpu.get_cpu_capability()
     major, minor = torch.cuda.get_device_capability(torch.device(device))
     return f"compute capability {major}{minor} ({torch.cuda.get_device_name(torch.device(device))})"
@@ -51,7 +52,7 @@ def export_aoti(module: torch.nn.Module, example: torch.Tensor, path: Path, spec
     from sfdeploy.runtime.aoti import load_aoti
 
     device = str(example.device)
-    info = artifact_info("aoti", precision, compiled_for=device_kind(device), target=_target(device))
+    info = artifact_info("aoti", precision, compiled_for=Device(device).compiled_kind, target=_target(device))
     program = export_program(module, example, path)
     # AOTInductor requires the package's name to end in .pt2: compile under a temporary folder
     # beside ``path`` (same filesystem), then move the package onto ``path``.

@@ -3,7 +3,7 @@
 Everything a client would otherwise have to get exactly right lives inside the graph: the cast,
 the mean/std normalisation, the channel and axis layout, the slow/fast temporal split (done by
 ``ResNet3dSlowFast`` itself) and the averaging over views. A client only decodes, samples,
-resizes and crops (see :mod:`sfdeploy.preprocess`), which it must do anyway to make a batch.
+resizes and crops (see :mod:`sfdeploy.decode.clips`), which it must do anyway to make a batch.
 
 Input ``frames``: ``uint8 [N, V, T, H, W, 3]``, RGB, N clips in the batch (dynamic), V views of
 the same video. Output ``probs``: ``float32 [N, num_classes]``, the MMAction2 test-time result:
@@ -58,6 +58,8 @@ class SlowFastDeploy(nn.Module):
         return x
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``[N, V, T, H, W, 3]`` -> float32 probabilities ``[N, classes]``: normalise, backbone,
+        head, softmax, averaged over the V views as the config averages."""
         n, v = frames.shape[0], frames.shape[1]
         logits = self.cls_head(self.backbone(self._normalise(frames))).float().view(n, v, -1)
         if self.average_probs:

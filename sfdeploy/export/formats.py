@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sfdeploy.precision import is_cuda
-
 #: the module of each format's exporter (imported when used: each pulls its own heavy packages)
 _MODULES = {"torchscript": "sfdeploy.export.torchscript", "onnx": "sfdeploy.export.onnx_export",
             "torch_export": "sfdeploy.export.torch_export", "aoti": "sfdeploy.export.aoti"}
@@ -81,8 +79,3 @@ def check_reloaded(module: Any, reloaded: Any, example: Any, path: Path, precisi
     return self_check(diff, precision, path=path, device=str(example.device), runtime=runtime,
                       reference_device=str(example.device), fix=fix,
                       failure=f"the reloaded {what} differs from the module it came from (shape {tuple(got.shape)})")
-
-
-def device_kind(device: str) -> str:
-    """``cpu`` or ``cuda``: what an AOTInductor package is compiled for."""
-    return "cuda" if is_cuda(device) else "cpu"

@@ -50,8 +50,8 @@ import numpy as np
 from sfdeploy.artifacts import DEVICE_NOISE_FACTOR, FP16_MIN_TOP1_AGREEMENT, FP32_MAX_ABS_DIFF, REDUCED_MAX_ABS_DIFF
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.data.layout import AnnotationList, leaf_datasets, spread_by_class
+from sfdeploy.decode.clips import load_video
 from sfdeploy.errors import InputError
-from sfdeploy.preprocess import load_video
 from sfdeploy.progress import progress
 from sfdeploy.runtime import LocalPredictor
 
@@ -61,6 +61,9 @@ log = logging.getLogger("sfdeploy")
 
 @dataclass
 class ParityResult:
+    """What the parity gate found for one artifact: where and with what it ran, how far it was from MMAction2,
+    and whether that passes its criterion."""
+
     artifact: str
     precision: str
     device: str  # where the artifact ran ("cpu", "cuda:0")
@@ -73,6 +76,7 @@ class ParityResult:
     criterion: str
 
     def to_dict(self) -> dict[str, Any]:
+        """As JSON: the manifest's ``parity.artifacts.<key>``."""
         return asdict(self)
 
 
@@ -118,6 +122,9 @@ def reference_decoder(path: Path) -> str:
 
 
 class Reference(NamedTuple):
+    """MMAction2's own outputs on the gate's videos (per device), and the inputs its pipeline made, which the
+    artifacts are then fed."""
+
     probs: dict[str, np.ndarray]  # device -> [n, num_classes] on the host: "cpu" (the truth) and the gate's device
     inputs: np.ndarray  # MMAction2's pipeline output as uint8 [n, V, T, H, W, 3]
     decoders: list[str]  # the reference decoder of each video (:func:`reference_decoder`)

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sfdeploy.device import Device
+
 STEPS = ("fold_bn", "frame_conv2d", "pad_stem", "channels_last")
 STEM_CHANNELS = 4  # what the padded stems read: the smallest multiple of 4 above RGB's 3
 
@@ -56,10 +58,11 @@ class Rewrites:
 
     @classmethod
     def none(cls) -> Rewrites:
+        """The plain graph (no rewrite): what the CPU runs best, and the benchmark's reference."""
         return cls()
 
     @classmethod
-    def for_device(cls, device: str) -> Rewrites:
+    def for_device(cls, device: str | Device) -> Rewrites:
         """The measured choice: everything on a GPU (H200, R50 fp16 batch 32, eager: 480 -> 1,114
         clips/s); none on the CPU, where the TorchScript runtime's own freeze + optimize_for_inference
         (oneDNN's prepacked weights, conv+BN folding, conv+ReLU fusion; :mod:`sfdeploy.runtime.torchscript`)
@@ -67,12 +70,13 @@ class Rewrites:
         convolutions break oneDNN's layout chain. R50 batch 1, one thread, CPU time, 2026-12-04:
         plain 1,090 ms, rewritten 974, plain optimised 684, rewritten optimised 876 (slowfast_tiny
         batch 8: 64.5 / 62.7 / 54.1 / 59.4)."""
-        if device.startswith("cuda"):
+        if Device(device).is_cuda:
             return cls(fold_bn=True, frame_conv2d=True, pad_stem=True, channels_last=True)
         return cls()
 
     @classmethod
     def parse(cls, names: list[str] | tuple[str, ...]) -> Rewrites:
+        """The rewrites named (``--rewrites fold_bn,pad_stem``), refused when one is unknown."""
         unknown = [n for n in names if n not in STEPS]
         if unknown:
             raise ValueError(f"unknown rewrite(s) {', '.join(unknown)}; known: {', '.join(STEPS)}")
@@ -80,10 +84,12 @@ class Rewrites:
 
     @property
     def names(self) -> list[str]:
+        """The steps on, in :data:`STEPS` order (what the manifest records)."""
         return [f.name for f in fields(self) if getattr(self, f.name)]
 
     @property
     def input_channels(self) -> int:
+        """The channels the stem convolutions read: 4 with ``pad_stem`` (zero-padded RGB), else 3."""
         return STEM_CHANNELS if self.pad_stem else 3
 
 
@@ -102,6 +108,7 @@ class FrameConv2d(nn.Module):
         self.groups = conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The 3-D convolution's output, computed by one 2-D convolution over every frame."""
         n, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(n * t, c, h, w)
         y = F.conv2d(frames, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -31,15 +31,15 @@ from sfdeploy.artifacts import (
     Manifest,
     artifact_file,
     artifact_key,
-    backend_device,
     parse_formats,
-    resolve_device,
     sha256,
 )
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.device import DEFAULT_DEVICE, Device
 from sfdeploy.errors import ExportError, InputError
 from sfdeploy.fsutil import commit, ensure_writable_dir, partial_path, remove_partials
-from sfdeploy.precision import UNSUPPORTED, parse_precisions, torch_dtype
+from sfdeploy.precision import AUTO, UNSUPPORTED, parse_precisions, torch_dtype
+from sfdeploy.runtime.placement import backend_device
 
 if TYPE_CHECKING:
     from sfdeploy.export.rewrites import Rewrites
@@ -49,17 +49,19 @@ log = logging.getLogger("sfdeploy")
 
 @dataclass
 class ExportOptions:
+    """What ``sfdeploy export`` does, with its defaults (the command's options, for a library call)."""
+
     out: Path
     checkpoint: Path | None = None
     formats: tuple[str, ...] = DEFAULT_FORMATS
     # "auto" (fp32, and the device's native reduced precision: fp16 on a GPU, bf16 on a CPU with
     # AVX512-BF16 or AMX; sfdeploy.precision), or a comma-separated list; fp32 is always written
-    precisions: str | tuple[str, ...] = "auto"
+    precisions: str | tuple[str, ...] = AUTO
     fp16: bool = False  # also fp16, whatever `precisions` says (the older spelling of adding it)
     views: int = 1
     # where the reduced precisions are traced, the AOTInductor package compiled, the self-checks
-    # and the parity gate run: auto, cpu, cuda (per backend, see sfdeploy.artifacts.backend_device)
-    device: str = "auto"
+    # and the parity gate run: auto, cpu, cuda (per backend, see sfdeploy.runtime.placement.backend_device)
+    device: Device = Device(DEFAULT_DEVICE)
     parity_videos: int = 64
     parity_data: Path | None = None  # a prepared DATA folder to take parity clips from
     # graph rewrites (sfdeploy.export.rewrites): "auto" = the measured choice for `device`, "none",
@@ -67,6 +69,9 @@ class ExportOptions:
     rewrites: str = "auto"
     measure: bool = True  # time the artifacts that passed the gate (what `repo --runtime auto` reads)
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.device = Device(self.device)  # a str given in Python is parsed here, once
 
 
 def _parity_cfg(trained_cfg: object, parity_data: Path | None) -> object:
@@ -91,7 +96,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     out = Path(opts.out)
     ensure_writable_dir(out, "export folder", "--out folder")
     remove_partials(out)  # left by an export killed before it finished
-    device = resolve_device(opts.device)
+    device = opts.device.resolve()
     plan = plan_artifacts(formats, opts.precisions, opts.fp16, device)
     # Where each format's artifacts are checked and gated; an explicit device ONNX Runtime cannot
     # use fails here, before any work. The torch formats run on the export's device.
@@ -140,12 +145,12 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     return manifest
 
 
-def plan_artifacts(formats: tuple[str, ...], precisions: str | tuple[str, ...], fp16: bool, device: str
+def plan_artifacts(formats: tuple[str, ...], precisions: str | tuple[str, ...], fp16: bool, device: Device
                    ) -> list[tuple[str, str]]:
     """The (format, precision) pairs an export on ``device`` writes: every format at every
     precision (``precisions`` as :func:`sfdeploy.precision.parse_precisions` reads it, plus fp16
     with ``fp16``) that the format can hold; refused when that leaves nothing."""
-    chosen = tuple(dict.fromkeys(parse_precisions(precisions, device) + (("fp16",) if fp16 else ())))
+    chosen = parse_precisions(precisions, device, fp16=fp16)
     for fmt, precision in ((f, p) for p in chosen for f in formats if (f, p) in UNSUPPORTED):
         log.info("no %s %s artifact: %s", precision, fmt, UNSUPPORTED[fmt, precision])
     plan = [(fmt, precision) for precision in chosen for fmt in formats if (fmt, precision) not in UNSUPPORTED]
@@ -155,7 +160,7 @@ def plan_artifacts(formats: tuple[str, ...], precisions: str | tuple[str, ...], 
     return plan
 
 
-def host_facts(device: str) -> dict[str, Any]:
+def host_facts(device: Device) -> dict[str, Any]:
     """The manifest's ``host``: the device the export ran on and what its CPU runs natively."""
     import platform
 
@@ -174,7 +179,7 @@ def host_facts(device: str) -> dict[str, Any]:
 class _Staged:
     """The artifacts of one export, written under temporary names until the gate has run."""
 
-    def __init__(self, out: Path, spec: ClipSpec, device: str, rewrites: Rewrites, run_on: dict[str, str],
+    def __init__(self, out: Path, spec: ClipSpec, device: Device, rewrites: Rewrites, run_on: dict[str, Device],
                  show_progress: bool) -> None:
         self.out, self.spec, self.device, self.rewrites, self.run_on = out, spec, device, rewrites, run_on
         self.show_progress = show_progress
@@ -255,7 +260,7 @@ class _Staged:
         return timing.measure(passed, self.run_on, spec, self.device, show_progress=self.show_progress)
 
 
-def resolve_rewrites(value: str, device: str) -> Rewrites:
+def resolve_rewrites(value: str, device: Device) -> Rewrites:
     """``auto`` -> the measured choice for ``device``; ``none``; or a comma-separated list of steps."""
     from sfdeploy.export.rewrites import STEPS, Rewrites
 
@@ -289,7 +294,7 @@ def _example_batch(video: Path, spec: ClipSpec):
     """Two real clips (the same video twice) to trace with: batch 2 keeps the batch axis honest."""
     import numpy as np
 
-    from sfdeploy.preprocess import load_video
+    from sfdeploy.decode.clips import load_video
 
     clip = load_video(str(video), spec)
     return np.stack([clip, clip])

@@ -23,6 +23,9 @@ _IGNORED_PREFIXES = ("data_preprocessor.",)  # MMAction2's publish script strips
 
 @dataclass
 class TrainedModel:
+    """What `sfdeploy finetune` left in WORK, loaded: the full config, the checkpoint, the recognizer in eval
+    mode and the class names."""
+
     work_dir: Path
     config_path: Path
     checkpoint: Path
@@ -50,6 +53,8 @@ def find_checkpoint(work_dir: Path) -> Path:
 
 
 def check_state_dict(model_state: dict, checkpoint_state: dict, config: Path, checkpoint: Path) -> None:
+    """Refuse a checkpoint that does not fit the config's model (missing, unexpected or reshaped tensors), naming
+    an example of each, instead of exporting a half-loaded model."""
     model_keys = {k for k in model_state if not k.startswith(_IGNORED_PREFIXES)}
     ckpt_keys = {k for k in checkpoint_state if not k.startswith(_IGNORED_PREFIXES)}
     missing = sorted(model_keys - ckpt_keys)
@@ -70,6 +75,8 @@ def check_state_dict(model_state: dict, checkpoint_state: dict, config: Path, ch
 
 
 def load_trained(work_dir: Path, checkpoint: Path | None = None) -> TrainedModel:
+    """The model trained in ``work_dir`` (its best checkpoint unless ``checkpoint`` is given), checked to match
+    its config and class index."""
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         raise InputError("work dir not found", path=work_dir, fix="pass the --work-dir of `sfdeploy finetune`")

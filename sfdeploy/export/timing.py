@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.device import Device
 
 log = logging.getLogger("sfdeploy")
 
@@ -37,7 +38,6 @@ def measure(artifacts: dict[str, tuple[str, Path]], run_on: dict[str, str], spec
     returns the manifest's ``timings``: per artifact, the fastest ms per clip at each batch size."""
     import torch
 
-    from sfdeploy.export.formats import device_kind
     from sfdeploy.progress import bar
     from sfdeploy.runtime import open_artifact
 
@@ -62,7 +62,7 @@ def measure(artifacts: dict[str, tuple[str, Path]], run_on: dict[str, str], spec
         for predictor in opened.values():
             predictor.close()
     return {
-        "device": device, "device_kind": device_kind(device), "threads": torch.get_num_threads(),
+        "device": device, "device_kind": Device(device).compiled_kind, "threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(), "batches": list(batches), "rounds": rounds,
         "how": "each artifact opened as a server opens it, timed in turns; the fastest call per batch size, "
                "in ms per clip",

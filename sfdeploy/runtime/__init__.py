@@ -1,6 +1,6 @@
 """Run an exported model: one predictor per backend, one interface.
 
-A predictor takes the uint8 batch ``[N, V, T, H, W, 3]`` that :mod:`sfdeploy.preprocess` makes
+A predictor takes the uint8 batch ``[N, V, T, H, W, 3]`` that :mod:`sfdeploy.decode` makes
 and returns float32 probabilities ``[N, num_classes]``. Each reads the clip spec from the
 artifact it serves (or from the served model's config), never from a copy of its own, so the
 client always preprocesses the way the model was exported.
@@ -18,14 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sfdeploy.artifacts import (
-    DEFAULT_DEVICE,
-    Manifest,
-    artifact_key,
-    backend_device,
-    backend_format,
-    normalise_device,
-)
+from sfdeploy.artifacts import Manifest, artifact_key, backend_format
+from sfdeploy.device import DEFAULT_DEVICE, Device
 from sfdeploy.runtime.base import (  # noqa: F401 - the interface, read from here by the layers above
     Frames,
     LocalPredictor,
@@ -36,6 +30,7 @@ from sfdeploy.runtime.base import (  # noqa: F401 - the interface, read from her
     is_ort_value,
     is_torch_tensor,
 )
+from sfdeploy.runtime.placement import backend_device
 
 #: the predictor class of each artifact format, by module (imported when used)
 PREDICTORS: dict[str, tuple[str, str]] = {
@@ -46,7 +41,7 @@ PREDICTORS: dict[str, tuple[str, str]] = {
 }
 
 
-def open_artifact(path: Path, fmt: str, *, device: str = "cpu", threads: int | None = None,
+def open_artifact(path: Path, fmt: str, *, device: str | Device = "cpu", threads: int | None = None,
                   tf32: bool = True) -> LocalPredictor:
     """A predictor for one artifact file of format ``fmt`` (:data:`sfdeploy.artifacts.FORMATS`) on
     ``device`` (``cpu``, ``cuda``, ``cuda:N``: a demand, never silently another device).
@@ -63,17 +58,17 @@ def predictor_class(fmt: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def open_local(backend: str, export_dir: Path, *, precision: str = "fp32", device: str = DEFAULT_DEVICE,
+def open_local(backend: str, export_dir: Path, *, precision: str = "fp32", device: str | Device = DEFAULT_DEVICE,
                threads: int | None = None) -> LocalPredictor:
     """A predictor for an artifact of ``export_dir``, read through its manifest (and verified
     against the sha256 recorded there). ``device`` may be ``auto``: see
-    :func:`sfdeploy.artifacts.backend_device`; for an AOTInductor package, ``auto`` is the device
+    :func:`sfdeploy.runtime.placement.backend_device`; for an AOTInductor package, ``auto`` is the device
     kind it was compiled for."""
     fmt = backend_format(backend)
     manifest = Manifest.read(export_dir)
     key = artifact_key(fmt, precision)
     compiled_for = manifest.artifact(key, export_dir).device_kind
-    if compiled_for and normalise_device(device) == "auto":
+    if compiled_for and Device(device).is_auto:
         device = compiled_for
     run_on = backend_device(backend, device)
     return open_artifact(manifest.artifact_path(export_dir, key), fmt, device=run_on, threads=threads)

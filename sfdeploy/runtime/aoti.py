@@ -25,8 +25,8 @@ from typing import Any
 
 from sfdeploy.artifacts import ARTIFACT_INFO_KEY
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
+from sfdeploy.device import Device
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.precision import is_cuda
 from sfdeploy.runtime.torch_base import Loaded, TorchPredictor, parse_info
 
 _FIX = "use a package written by `sfdeploy export --formats aoti` (re-run it)"
@@ -57,15 +57,14 @@ def _isa_rank(isa: str) -> int:
     return max((i for i, name in enumerate(_ISA_ORDER) if name in words), default=0)
 
 
-def check_runs_here(facts: dict[str, str], info: dict[str, Any], device: str, path: Path) -> None:
+def check_runs_here(facts: dict[str, str], info: dict[str, Any], device: str | Device, path: Path) -> None:
     """Refuse a package this machine cannot run on ``device`` (see the module docstring)."""
     import torch
 
+    kind = Device(device).compiled_kind
     fix = (f"compile one for this machine: `sfdeploy export WORK --out EXPORT --formats aoti --device "
-           f"{'cuda' if is_cuda(device) else 'cpu'}` here (or serve the export's torch_export / "
-           "torchscript artifact, which load anywhere)")
+           f"{kind}` here (or serve the export's torch_export / torchscript artifact, which load anywhere)")
     built_for = facts.get("AOTI_DEVICE_KEY", "?")
-    kind = "cuda" if is_cuda(device) else "cpu"
     if built_for != kind:
         raise InputError(f"this AOTInductor package was compiled for {built_for}, not {kind}", path=path, fix=fix)
     wrote = info.get("producer", {}).get("torch")
@@ -107,7 +106,7 @@ def load_aoti(path: Path, device: str = "cpu", *, single_threaded: bool = False)
         raise InputError("the AOTInductor package has no sfdeploy clip spec", path=path, fix=_FIX)
     info = parse_info(facts.get(ARTIFACT_INFO_KEY, ""), path)
     check_runs_here(facts, info, device, path)
-    index = torch.device(device).index if is_cuda(device) else -1
+    index = torch.device(device).index if Device(device).is_cuda else -1
     try:
         model = torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded,
                                                   device_index=-1 if index is None else index)
@@ -126,4 +125,5 @@ class AotiPredictor(TorchPredictor):
     format = "aoti"
 
     def load(self, path: Path, device: str) -> Loaded:
-        return load_aoti(path, device, single_threaded=is_cuda(device))
+        """The package on ``device``; on CUDA loaded for one caller at a time (CUDA graph capture)."""
+        return load_aoti(path, device, single_threaded=Device(device).is_cuda)

@@ -1,7 +1,7 @@
 """The predictor interface and the batch helpers every backend shares (:mod:`sfdeploy.runtime`
 opens the backends; the backends import only this module, never the package that opens them).
 
-A predictor takes the uint8 batch ``[N, V, T, H, W, 3]`` that :mod:`sfdeploy.preprocess` makes
+A predictor takes the uint8 batch ``[N, V, T, H, W, 3]`` that :mod:`sfdeploy.decode` makes
 and returns float32 probabilities ``[N, num_classes]``. What a batch may be (:data:`Frames`): a
 numpy array, or a torch tensor on the CPU or on a CUDA device (and, for ONNX Runtime, an
 ``onnxruntime.OrtValue``).
@@ -21,6 +21,10 @@ Frames = Any
 
 
 class Predictor(Protocol):
+    """What every runtime offers its callers (client, evaluation, bench, the Triton backends): clips
+    in, probabilities out, whatever runs the model, in this process or on a server. ``spec`` says
+    what clips it takes, so callers preprocess for the model actually loaded."""
+
     name: str
     spec: ClipSpec
     device: str  # where the model runs: "cpu", "cuda:N", or "remote" for a served model
@@ -30,7 +34,10 @@ class Predictor(Protocol):
         numpy ``[N, num_classes]``."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release what the predictor holds (sessions, GPU memory, connections, shared memory); it
+        is not used afterwards."""
+        ...
 
 
 class LocalPredictor(Predictor, Protocol):
@@ -52,7 +59,7 @@ def is_ort_value(value: object) -> bool:
 
 def _not_a_batch(frames: object) -> InputError:
     return InputError(f"a batch must be a numpy array or a torch tensor, not {type(frames).__name__}",
-                      fix="make batches with sfdeploy.preprocess.load_video (numpy uint8)")
+                      fix="make batches with sfdeploy.decode.clips.load_video (numpy uint8)")
 
 
 def batch_layout(frames: Frames) -> tuple[str, tuple[int, ...]]:
@@ -67,11 +74,13 @@ def batch_layout(frames: Frames) -> tuple[str, tuple[int, ...]]:
 
 
 def check_batch(frames: Frames, spec: ClipSpec) -> None:
+    """Refuse a batch that is not uint8 ``[N, *spec.input_shape]`` with an :class:`InputError` naming both shapes,
+    before a runtime fails on it with a less useful message."""
     dtype, shape = batch_layout(frames)
     if dtype != "uint8" or len(shape) != 6 or shape[1:] != spec.input_shape:
         raise InputError(f"input batch {dtype} {shape} does not match the model's "
                          f"uint8 [N, {', '.join(map(str, spec.input_shape))}]",
-                         fix="make batches with sfdeploy.preprocess.load_video for this model's clip spec")
+                         fix="make batches with sfdeploy.decode.clips.load_video for this model's clip spec")
 
 
 def host_array(frames: Frames) -> np.ndarray:

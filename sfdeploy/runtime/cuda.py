@@ -24,19 +24,19 @@ from typing import Any
 
 import numpy as np
 
-from sfdeploy.artifacts import resolve_device
+from sfdeploy.device import Device
 from sfdeploy.runtime.base import is_torch_tensor
 
 
-def cuda_device(device: str) -> str:
+def cuda_device(device: str | Device) -> Device:
     """``cuda`` -> ``cuda:<current device>``, ``cuda:N`` -> itself, after checking torch sees it."""
     import torch
 
-    name = resolve_device(device)  # raises when torch cannot see the device
-    if not name.startswith("cuda"):
+    name = Device(device).resolve()  # raises when torch cannot see the device
+    if not name.is_cuda:
         raise ValueError(f"{device!r} is not a CUDA device")
     index = name.partition(":")[2]
-    return f"cuda:{index if index else torch.cuda.current_device()}"
+    return Device(f"cuda:{index if index else torch.cuda.current_device()}")
 
 
 def _fp32_flags() -> list[tuple[Any, str]]:
@@ -174,10 +174,13 @@ class CudaGraphs:
         self.disabled: str | None = None
 
     def bucket(self, n: int) -> int | None:
+        """The bucket a call of ``n`` clips replays (the smallest batch size graphs are captured for
+        that holds them), or None when ``n`` is larger than every bucket (the call runs eagerly)."""
         return next((b for b in self.buckets if b >= n), None)
 
     @property
     def captured(self) -> list[int]:
+        """The batch sizes captured so far (for tests and logs)."""
         return sorted(b for b, _ in self._graphs)
 
     def _capture(self, bucket: int, frames: Any) -> tuple[Any, Any, Any]:

@@ -19,16 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from sfdeploy.artifacts import ORT_CUDA_PROVIDER, backend_device, ort_cuda_installed, ort_no_cuda_error
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
+from sfdeploy.device import Device
 from sfdeploy.errors import EnvironmentProblem, InputError
 from sfdeploy.runtime.base import Frames, check_batch, host_array, is_ort_value, is_torch_tensor
+from sfdeploy.runtime.placement import ORT_CUDA_PROVIDER, backend_device, ort_cuda_installed, ort_no_cuda_error
 
 CPU_PROVIDER = "CPUExecutionProvider"
 _CUDA_LIBRARY = "libonnxruntime_providers_cuda.so"
 
 
 def read_onnx_spec(session: object, path: Path) -> ClipSpec:
+    """The clip spec the exporter wrote into the model's metadata: the predictor preprocesses by it."""
     meta = session.get_modelmeta().custom_metadata_map  # type: ignore[attr-defined]
     if SPEC_KEY not in meta:
         raise InputError("ONNX model has no sfdeploy clip spec in its metadata", path=path,
@@ -78,7 +80,7 @@ def _cuda_did_not_load(got: list[str], device: str) -> EnvironmentProblem:
             "`python -c 'import onnxruntime; onnxruntime.print_debug_info()'` shows what loads. Or use --device cpu")
 
 
-def open_session(model: str | Path | bytes, device: str = "cpu", *, threads: int | None = None,
+def open_session(model: str | Path | bytes, device: str | Device = "cpu", *, threads: int | None = None,
                  tf32: bool = True) -> Any:
     """An ``onnxruntime.InferenceSession`` on ``device`` (``cpu`` or ``cuda:N``), checked to run
     where it was asked to. ``tf32`` sets the CUDA provider's ``use_tf32`` (checked too)."""
@@ -94,13 +96,14 @@ def open_session(model: str | Path | bytes, device: str = "cpu", *, threads: int
     for spinning in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
         options.add_session_config_entry(spinning, "0")
     source = str(model) if isinstance(model, Path) else model
-    if device == "cpu":
+    device = Device(device)
+    if not device.is_cuda:
         return ort.InferenceSession(source, sess_options=options, providers=[CPU_PROVIDER])
     if not ort_cuda_installed():
         raise ort_no_cuda_error()
     import torch  # noqa: F401 - loads the CUDA libraries of torch's build, where onnxruntime-gpu looks too
 
-    index = device.partition(":")[2] or "0"
+    index = str(device.index)
     wanted = {"device_id": index, "use_tf32": "1" if tf32 else "0"}
     # enable_fallback=0: no silent retry on the CPU when CUDA fails at creation or at run time
     session = ort.InferenceSession(source, sess_options=options, providers=[(ORT_CUDA_PROVIDER, wanted), CPU_PROVIDER],
@@ -142,9 +145,13 @@ def run_bound(session: Any, input_name: str, output_name: str, frames: Frames, d
 
 
 class OrtPredictor:
-    def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None, tf32: bool = True) -> None:
+    """An ONNX artifact run by ONNX Runtime: on the CPU provider, or on the CUDA provider with I/O
+    binding (see the module docstring); never on another device than the one asked for."""
+
+    def __init__(self, path: Path, *, device: str | Device = "cpu", threads: int | None = None,
+                 tf32: bool = True) -> None:
         device = backend_device("onnxruntime", device)  # CUDA asked of the CPU build: a clear error
-        if device != "cpu":
+        if device.is_cuda:
             from sfdeploy.runtime.cuda import cuda_device
 
             device = cuda_device(device)  # cuda -> cuda:N
@@ -165,11 +172,12 @@ class OrtPredictor:
         self.name = f"onnxruntime:{Path(path).name}"
 
     def predict(self, frames: Frames) -> np.ndarray:
+        """Probabilities of a uint8 batch: a plain run on the CPU, a bound one on CUDA (no host round trip)."""
         check_batch(frames, self.spec)
-        if self.device == "cpu":
+        if not self.device.is_cuda:
             return self.session.run(None, {self.input_name: host_array(frames)})[0]
-        return run_bound(self.session, self.input_name, self.output_name, frames, "cuda",
-                         int(self.device.partition(":")[2]))
+        return run_bound(self.session, self.input_name, self.output_name, frames, "cuda", self.device.index)
 
     def close(self) -> None:
+        """Drop the session (its memory on the device goes with it)."""
         self.session = None

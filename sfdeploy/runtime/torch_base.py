@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from sfdeploy.artifacts import resolve_device
 from sfdeploy.clipspec import ClipSpec
+from sfdeploy.device import Device
 from sfdeploy.errors import InputError
 from sfdeploy.precision import REDUCED, check_runs
 from sfdeploy.runtime.base import Frames, check_batch
@@ -70,12 +70,12 @@ class TorchPredictor:
         self._feeder = None
         self._graphs = None
         path = Path(path)
-        self.device = resolve_device(device)  # raises when torch cannot see a CUDA device asked for
+        self.device = Device(device).resolve()  # raises when torch cannot see a CUDA device asked for
         if self.device != "cpu":
             from sfdeploy.runtime.cuda import DeviceFeeder
 
             self._feeder = DeviceFeeder(self.device)
-            self.device = str(self._feeder.device)
+            self.device = Device(str(self._feeder.device))
         if threads:
             torch.set_num_threads(threads)
         self.tf32 = tf32 and self._feeder is not None
@@ -109,6 +109,8 @@ class TorchPredictor:
         return module, ""
 
     def predict(self, frames: Frames) -> np.ndarray:
+        """Probabilities of a uint8 batch: on the CPU a plain call; on CUDA through the device feeder (and the
+        CUDA graphs), in exact fp32 when TF32 is off."""
         import torch
 
         check_batch(frames, self.spec)
@@ -141,4 +143,5 @@ class TorchPredictor:
         return self._feeder.host_buffer() if self._feeder else None
 
     def close(self) -> None:
+        """Drop the module and its graphs (their GPU memory goes with them)."""
         self.module = self._run = self._graphs = None

@@ -95,4 +95,5 @@ class ExportedProgramPredictor(TorchPredictor):
     format = "torch_export"
 
     def load(self, path: Path, device: str) -> Loaded:
+        """The ExportedProgram's module on ``device``, with its clip spec and facts."""
         return load_exported_program(path, device)

@@ -19,6 +19,8 @@ INFO_FILE = f"{ARTIFACT_INFO_KEY}.json"  # the artifact's facts (the torch versi
 
 
 def load_torchscript(path: Path, device: str = "cpu") -> Loaded:
+    """The TorchScript module on ``device`` with the clip spec and facts it carries, or an :class:`InputError`
+    for a file that is not an sfdeploy export."""
     import torch
 
     extra = {SPEC_FILE: "", INFO_FILE: ""}
@@ -59,7 +61,10 @@ class TorchScriptPredictor(TorchPredictor):
     format = "torchscript"
 
     def load(self, path: Path, device: str) -> Loaded:
+        """The TorchScript artifact on ``device`` (:func:`load_torchscript`)."""
         return load_torchscript(path, device)
 
     def optimize_cpu(self, module: Any) -> tuple[Any, str]:
+        """freeze + optimize_for_inference on the CPU (oneDNN's prepacked weights, fusions), and its name for the
+        record."""
         return optimize_for_cpu(module)

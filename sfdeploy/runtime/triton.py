@@ -4,34 +4,84 @@ The clip spec, the tensor names and the largest batch are read from the *served*
 (``get_model_config``), so the client preprocesses for the model that is actually loaded. A
 ``tritonclient`` client must be used in the thread that created it: each thread gets its own
 (and, with ``shm=True``, its own system shared-memory region for the input), so ``predict`` may
-be called from many threads at once to keep several requests in flight.
+be called from many threads at once to keep several requests in flight. What differs between the
+two protocols is one :class:`Protocol` each (:data:`PROTOCOLS`); the rest is one code path.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from sfdeploy.clipspec import SPEC_KEY, ClipSpec
-from sfdeploy.endpoints import with_default_port
+from sfdeploy.clipspec import spec_of
+from sfdeploy.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 from sfdeploy.errors import ServingError
 from sfdeploy.runtime.base import Frames, check_batch, host_array
 
 _REGION_IDS = itertools.count()
 
 
-def _client_module(protocol: str) -> Any:
-    if protocol == "http":
-        import tritonclient.http as module
-    elif protocol == "grpc":
-        import tritonclient.grpc as module
-    else:
-        raise ServingError(f"unknown protocol '{protocol}'", fix="use --protocol http or grpc")
-    return module
+def _as_is(answer: Any) -> Any:
+    return answer
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What differs between Triton's HTTP and gRPC clients; the predictor's code is otherwise one.
+
+    Both answer with the same content, the HTTP client as JSON dicts, the gRPC one as protobuf
+    messages: ``config`` and ``answer`` turn a model-config answer and any other answer (statistics)
+    into the JSON form, which is what the predictor reads."""
+
+    client_module: str  # the tritonclient module (imported on first use: it is heavy)
+    default_port: int  # where `sfdeploy serve` listens for it, when a URL names no port
+    timeout_option: str | None  # the client's keyword for the network timeout (gRPC: per call, not set)
+    config: Callable[[Any], dict[str, Any]]  # get_model_config's answer -> the config, JSON form
+    answer: Callable[[Any], dict[str, Any]]  # any other answer -> JSON form
+    # How the server says "this request's input is at fault" (INVALID_ARG; or too large, refused by
+    # the server's front before it was read: sfdeploy.serving.guard), as the client's exc.status()
+    invalid_input: frozenset[str]
+
+    def module(self) -> Any:
+        """The ``tritonclient`` module that speaks this protocol."""
+        return importlib.import_module(self.client_module)
+
+    def with_default_port(self, url: str) -> str:
+        """``url`` with this protocol's default port when it names none (``host`` -> ``host:8001``)."""
+        return url if ":" in url else f"{url}:{self.default_port}"
+
+    def client_options(self, timeout_s: float) -> dict[str, Any]:
+        """Keywords for its ``InferenceServerClient``."""
+        return {self.timeout_option: timeout_s} if self.timeout_option else {}
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "http": Protocol("tritonclient.http", DEFAULT_HTTP_PORT, "network_timeout", config=_as_is, answer=_as_is,
+                     invalid_input=frozenset({"400", "413"})),
+    "grpc": Protocol("tritonclient.grpc", DEFAULT_GRPC_PORT, None, config=lambda answer: _message_dict(answer.config),
+                     answer=_message_dict,
+                     invalid_input=frozenset({"StatusCode.INVALID_ARGUMENT", "StatusCode.RESOURCE_EXHAUSTED"})),
+}
+
+
+def protocol_of(name: str) -> Protocol:
+    """The :class:`Protocol` called ``name``, or a :class:`ServingError` that lists the known ones."""
+    if name not in PROTOCOLS:
+        raise ServingError(f"unknown protocol '{name}'", fix=f"use --protocol {' or '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
 
 
 class TritonPredictor:
@@ -40,9 +90,10 @@ class TritonPredictor:
 
     def __init__(self, url: str, *, model: str, protocol: str = "http", shm: bool = False,
                  timeout_s: float = 120.0) -> None:
-        self.url, self.model, self.protocol, self.shm = with_default_port(url, protocol), model, protocol, shm
+        self.wire = protocol_of(protocol)
+        self.url, self.model, self.protocol, self.shm = self.wire.with_default_port(url), model, protocol, shm
         self.timeout_s = timeout_s
-        self.module = _client_module(protocol)
+        self.module = self.wire.module()
         self._local = threading.local()
         self._states: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -69,16 +120,12 @@ class TritonPredictor:
             ready = [r["name"] for r in rows if r.get("state") == "READY"]
             raise ServingError(f"model '{model}' is not ready on {self.url} (ready: {', '.join(ready) or 'none'})",
                                fix="pass --model with one of the ready models")
-        config = client.get_model_config(model)
-        if protocol == "grpc":
-            from google.protobuf.json_format import MessageToDict
-
-            config = MessageToDict(config.config, preserving_proto_field_name=True)
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        if SPEC_KEY not in params:
+        config = self.wire.config(client.get_model_config(model))
+        try:
+            self.spec = spec_of(config)
+        except KeyError:
             raise ServingError(f"model '{model}' has no sfdeploy clip spec in its config",
-                               fix="serve a repository written by `sfdeploy repo`")
-        self.spec = ClipSpec.from_json(params[SPEC_KEY])
+                               fix="serve a repository written by `sfdeploy repo`") from None
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
         self.max_batch = max(1, int(config.get("max_batch_size", 1)))
@@ -86,8 +133,8 @@ class TritonPredictor:
     def _client(self) -> Any:
         state = getattr(self._local, "state", None)
         if state is None:
-            state = {"client": self.module.InferenceServerClient(url=self.url, network_timeout=self.timeout_s)
-                     if self.protocol == "http" else self.module.InferenceServerClient(url=self.url)}
+            options = self.wire.client_options(self.timeout_s)
+            state = {"client": self.module.InferenceServerClient(url=self.url, **options)}
             self._local.state = state
             with self._lock:
                 self._states.append(state)
@@ -119,6 +166,9 @@ class TritonPredictor:
                 state.update(region=None, handle=None, region_bytes=0)
 
     def predict(self, frames: Frames) -> np.ndarray:
+        """Probabilities for a batch of clips, sent in requests of at most the served model's
+        ``max_batch_size`` (a larger batch is split and the answers joined); safe to call from many
+        threads at once."""
         check_batch(frames, self.spec)
         frames = host_array(frames)  # the request body is host memory
         parts = [self._infer(frames[i:i + self.max_batch]) for i in range(0, len(frames), self.max_batch)]
@@ -146,14 +196,12 @@ class TritonPredictor:
 
     def statistics(self) -> dict[str, Any]:
         """The served model's inference statistics (Triton's statistics extension), as a dict."""
-        stats = self._client().get_inference_statistics(self.model)
-        if self.protocol == "grpc":
-            from google.protobuf.json_format import MessageToDict
-
-            stats = MessageToDict(stats, preserving_proto_field_name=True)
-        return stats["model_stats"][0]
+        return self.wire.answer(self._client().get_inference_statistics(self.model))["model_stats"][0]
 
     def close(self) -> None:
+        """Unregister and free every thread's shared-memory region (the server keeps a registered
+        region alive otherwise) and close every thread's client; a server already gone is not an
+        error here."""
         from tritonclient.utils import InferenceServerException
 
         with self._lock:

@@ -16,13 +16,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from sfdeploy.artifacts import ERROR_OUTPUT, OUTPUT_NAME, VIDEO_INPUT, video_model_name
+from sfdeploy.decode.clips import DecodeFailure
 from sfdeploy.errors import ServingError
-from sfdeploy.preprocess import DecodeFailure
 from sfdeploy.runtime.triton import TritonPredictor
 
-# How the server says "this one video cannot be classified" (INVALID_ARG; or too large, refused by
-# the server's front before it was read: sfdeploy.serving.guard), per protocol.
-_INVALID_INPUT = {"400", "StatusCode.INVALID_ARGUMENT", "413", "StatusCode.RESOURCE_EXHAUSTED"}
 # How Triton's queue policy refuses a request when too many wait, or it waited too long (503 / UNAVAILABLE).
 BUSY = ("Exceeds maximum queue size", "Request timeout expired")
 
@@ -55,7 +52,7 @@ class TritonVideoPredictor(TritonPredictor):
         try:
             result = self._client().infer(self.model, [request], outputs=outputs)
         except InferenceServerException as exc:
-            if len(videos) == 1 and str(exc.status()) in _INVALID_INPUT:  # this video's own error
+            if len(videos) == 1 and str(exc.status()) in self.wire.invalid_input:  # this video's own error
                 return [exc.message() or str(exc)]
             if any(reason in exc.message() for reason in BUSY):  # its queue policy (`sfdeploy repo --decode-*`)
                 raise ServingError(f"the server at {self.url} is busy and refused the request ({exc.message()})",

@@ -33,6 +33,9 @@ STALL_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class Cluster:
+    """The Ray this run works on, and what it has: sizes the stages, and says at the end whether
+    this process stops or leaves it."""
+
     address: str  # what was joined, or "local" for a Ray started here
     started_here: bool  # this process started Ray (and shuts it down)
     owned: bool  # this process connected (and disconnects); False when the caller had called ray.init
@@ -186,12 +189,16 @@ def check_placement(cluster: Cluster, *, actors: int, actor_cpus: float, actor_g
 
 @dataclass(frozen=True)
 class Sizing:
+    """How much of the object store decoded clips may take in this run, and why (the batches the
+    stages want in flight, at most half the store), so that decoding cannot fill it and spill."""
+
     clip_bytes: int
     batch_bytes: int
     budget_bytes: int  # Ray Data's object-store limit for this run
     batches_in_flight: int  # what the stages want in flight; the budget holds min(this, what fits)
 
     def describe(self) -> str:
+        """The sizing in one log line, saying when fewer batches fit than the stages could use."""
         fits = self.budget_bytes // max(1, self.batch_bytes)
         note = "" if fits >= self.batches_in_flight else (
             f"; only {fits} of the {self.batches_in_flight} batches the stages could use fit: decoding waits "
@@ -219,6 +226,8 @@ def shm_free_bytes() -> int | None:
 
 
 def shm_note() -> str:
+    """Free ``/dev/shm``, for the log: Ray keeps its object store there, and a container's default
+    64 MB sends it to slower disk."""
     free = shm_free_bytes()
     if free is None:
         return "no /dev/shm"

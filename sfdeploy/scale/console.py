@@ -110,9 +110,8 @@ def _pump(read_end: int, real: int, marker: bytes, last_word: bytes) -> None:
             if end or not chunk:
                 _write(real, data)
                 return
-            last = None
-            for last in starts.finditer(data):
-                pass
+            found = list(starts.finditer(data))
+            last = found[-1] if found else None  # the last line start in the held data
             cut = last.start() if last and b"\n" not in data[last.start():] else len(data)
             cut = min(cut, next((len(data) - n for n in range(len(last_word) - 1, 0, -1)
                                  if data.endswith(last_word[:n])), len(data)))

@@ -4,7 +4,8 @@
 
     from sfdeploy.scale.engine import RayOptions, infer_ray
 
-    summary = infer_ray(["videos/"], "p.parquet", RayOptions(ModelTarget(export_dir="EXPORT")))
+    options = RayOptions(ModelTarget(export_dir="EXPORT"), InferOptions(batch_size=8, concurrency=2))
+    summary = infer_ray(["videos/"], "p.parquet", options)
 
 The pipeline is Ray Data, nothing of our own to schedule::
 
@@ -16,11 +17,12 @@ The pipeline is Ray Data, nothing of our own to schedule::
 Only paths travel to the decode tasks (not frames: ``ray.data.read_videos`` would emit every
 frame); decoded clips travel from decode tasks to model actors through the object store, bounded
 by :func:`sfdeploy.scale.cluster.size_object_store`; small rows come back. Rows are written by
-:func:`sfdeploy.client.write_predictions`, the writer of the local engine: same files, same
-``--resume``, same summary, plus where the work ran (:mod:`sfdeploy.scale.placement`). Ray
-retries the work of a killed worker (a path may then arrive twice: it is written once); a file
-that crashes its decoder is its own error row; a run that cannot go on (a lost node, and no room
-left to redo its work) stops with a clear error (:mod:`sfdeploy.scale.stall`).
+:func:`sfdeploy.output.write_predictions`, the writer of the local engine: same files, same
+``--resume``, same summary, same options (:class:`~sfdeploy.infer_options.InferOptions`), plus
+where the work ran (:mod:`sfdeploy.scale.placement`). Ray retries the work of a killed worker (a
+path may then arrive twice: it is written once); a file that crashes its decoder is its own error
+row; a run that cannot go on (a lost node, and no room left to redo its work) stops with a clear
+error (:mod:`sfdeploy.scale.stall`).
 """
 
 from __future__ import annotations
@@ -36,15 +38,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sfdeploy.client import InferSummary, collect_inputs, write_predictions
-from sfdeploy.predictions import Prediction
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.decode import MAX_VIDEO_PIXELS
-from sfdeploy.errors import InputError, ServingError, SfdeployError
+from sfdeploy.errors import OptionError, ServingError, SfdeployError
+from sfdeploy.infer_options import InferOptions
+from sfdeploy.output import InferSummary, write_predictions
+from sfdeploy.predictions import Prediction
 from sfdeploy.progress import bar
 from sfdeploy.scale.cluster import (
     STALL_TIMEOUT_S,
     MiB,
+    Sizing,
     check_placement,
     connect,
     disconnect,
@@ -68,25 +71,33 @@ RAY_DATA_NOTICES = {"ray.data._internal.progress": logging.ERROR,
 
 @dataclass
 class RayOptions:
-    """How ``--engine ray`` runs: the model (as for the local engine) and the cluster's share."""
+    """How ``--engine ray`` runs: the model and the options (as for the local engine), and the
+    cluster's share."""
 
     # the model, as for the local engine; a local backend's export_dir must be at the same path on
     # every node; device cuda: one GPU per model actor, auto: one where the cluster has GPUs; triton:
     # batches are spread over target.urls (shm only for servers on the actors' machines)
     target: ModelTarget = field(default_factory=ModelTarget)
-    batch_size: int = 8
-    actors: int = 1  # model actors (--concurrency)
+    # as for the local engine; here concurrency is the model actors [RAY_ACTORS] and workers the
+    # decode tasks at once [as many as the CPUs allow]
+    infer: InferOptions = field(default_factory=InferOptions)
     actor_cpus: float | None = None  # CPUs (threads) per model actor [see model_cpus]
-    decode_tasks: int | None = None  # decode tasks at once (--workers) [as many as the CPUs allow]
-    topk: int = 5
-    max_pixels: int = MAX_VIDEO_PIXELS  # videos with larger frames are refused before decoding
     address: str | None = None  # --ray-address; None starts Ray on this machine (or uses the one this process runs)
-    stall_timeout_s: float = STALL_TIMEOUT_S  # no row for this long while Ray cannot place the run's work: stop (0: never)
+    # no row for this long while Ray cannot place the run's work: stop (0: never)
+    stall_timeout_s: float = STALL_TIMEOUT_S
 
     def __post_init__(self) -> None:
+        if self.infer.decode not in ("auto", "cpu"):
+            raise OptionError(f"--decode {self.infer.decode} decodes here, into the GPU of a local model; "
+                              "--engine ray decodes in CPU tasks", option="--decode", fix="use --decode cpu or auto")
         if self.target.server_decode:
-            raise InputError("--engine ray decodes in its own CPU tasks, not on the server",
-                             fix="use --engine local with --server-decode, or drop --server-decode")
+            raise OptionError("--engine ray decodes in its own CPU tasks, not on the server", option="--server-decode",
+                              fix="use --engine local with --server-decode, or drop --server-decode")
+
+    @property
+    def actors(self) -> int:
+        """Model actors (``--concurrency``)."""
+        return self.infer.model_actors()
 
     def model_cpus(self) -> float:
         """CPUs reserved per model actor: a fraction of one for a Triton client, else one (or
@@ -134,26 +145,21 @@ def infer_ray(inputs: Sequence[str | Path], out: str | Path, options: RayOptions
                       batches_by_actor=placement.batch_counts(), nodes=placement.nodes)
 
 
-def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: bool = False,
+def classify_ray(paths: Sequence[str], options: RayOptions, *, show_progress: bool = False,
                  placement: Placement | None = None, spec: ClipSpec | None = None) -> Iterator[Prediction]:
-    """One :class:`Prediction` per input, in completion order (a retried one may come twice).
+    """One :class:`Prediction` per video file of ``paths`` (expanded already:
+    :func:`sfdeploy.inputs.collect_inputs`), in completion order (a retried one may come twice).
 
     Raises :class:`ServingError` (or the error a stage raised) if the run cannot finish; the
     predictions yielded before stay valid. ``placement`` counts where the work ran; ``spec`` is
     :meth:`~sfdeploy.target.ModelTarget.read_spec`'s, when the caller has read it.
     """
     placement = placement if placement is not None else Placement()
-    if options.batch_size < 1 or options.actors < 1:
-        raise InputError("batch size and concurrency must be >= 1", fix="use e.g. --batch-size 8 --concurrency 2")
-    items = collect_inputs(inputs)
-    for path, error in items:
-        if error:
-            yield Prediction(path, "error", error=error)
-    paths = [path for path, error in items if not error]
+    paths = list(paths)
     if not paths:
         return
     spec = spec or options.target.read_spec()
-    decode_slots = options.decode_tasks or os.cpu_count() or 1
+    decode_slots = options.infer.workers or os.cpu_count() or 1
     # Started here, Ray gets a CPU per decode slot beside the model actors' CPUs: one machine then
     # runs what the local engine runs (a decode process per core, and the model).
     cluster = connect(options.address, num_cpus=decode_slots + math.ceil(options.actors * options.model_cpus()))
@@ -186,30 +192,57 @@ def classify_ray(inputs: Sequence[str], options: RayOptions, *, show_progress: b
                            fix="run the same command with --resume to classify them")
 
 
-def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: Any) -> Any:
-    """The Ray Data dataset: path blocks -> decode tasks -> model actors -> rows (lazy)."""
-    import numpy as np
-    import ray
+@dataclass(frozen=True)
+class _Shares:
+    """What each stage of one run gets of the cluster."""
 
-    from sfdeploy.scale.stages import PredictStage, decode_videos
-    from sfdeploy.scale.stall import StageNeed, StallRule, watch_settings
+    model_cpus: float  # CPUs per model actor
+    gpus: int  # GPUs per model actor
+    decode_slots: int  # decode tasks at once
+    per_task: int  # videos per decode task
+    decode_memory: int  # bytes reserved per decode task
+    sizing: Sizing  # the object store's budget for decoded clips
+
+
+def _share(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: Any) -> _Shares:
+    """Divide ``cluster`` between the decode tasks and the model actors, or fail at once where the
+    actors cannot be placed; the division is logged."""
+    import numpy as np
 
     model_cpus = options.model_cpus()
     # One GPU per model actor for --device cuda, and for auto where the cluster has GPUs (the actor
     # then resolves auto itself: onnxruntime without its CUDA provider runs on the actor's CPU).
     target = options.target
-    wants_gpu = target.device.startswith("cuda") or (target.device == "auto" and cluster.gpus >= 1)
+    wants_gpu = target.device.is_cuda or (target.device.is_auto and cluster.gpus >= 1)
     gpus = 1 if wants_gpu and target.local else 0
     check_placement(cluster, actors=options.actors, actor_cpus=model_cpus, actor_gpus=gpus)
     decode_slots = max(1, int(cluster.cpus - options.actors * model_cpus))
-    if options.decode_tasks:
-        decode_slots = min(decode_slots, options.decode_tasks)
-    per_task = min(MAX_VIDEOS_PER_TASK, max(
-        options.batch_size, math.ceil(len(paths) / (TASKS_PER_SLOT * decode_slots))))
+    if options.infer.workers:
+        decode_slots = min(decode_slots, options.infer.workers)
+    batch_size = options.infer.batch_size
+    per_task = min(MAX_VIDEOS_PER_TASK, max(batch_size, math.ceil(len(paths) / (TASKS_PER_SLOT * decode_slots))))
     clip_bytes = int(np.prod(spec.input_shape))
-    sizing = size_object_store(clip_bytes, options.batch_size, options.actors, decode_slots,
-                               cluster.object_store_bytes)
-    context = ray.data.DataContext.get_current()
+    sizing = size_object_store(clip_bytes, batch_size, options.actors, decode_slots, cluster.object_store_bytes)
+    # A decode task holds a batch being filled and one being handed over; reserving that memory
+    # lets Ray place tasks by memory too (and keeps decode and model stages separate operators).
+    decode_memory = 2 * sizing.batch_bytes + 256 * MiB
+
+    log.info("ray: %s: %.0f CPUs, %.0f GPUs, object store %.1f GiB (%s)",
+             "started on this machine" if cluster.started_here else f"cluster {cluster.address}",
+             cluster.cpus, cluster.gpus, cluster.object_store_bytes / 2**30, shm_note())
+    log.info("ray: %s", sizing.describe())
+    log.info("ray: decode: %d videos per task, up to %d tasks at once (1 CPU, %.0f MiB each); model: %d actor(s) "
+             "x %g CPU (%d threads), %d GPU, %s, batch %d", per_task, decode_slots, decode_memory / MiB, options.actors,
+             model_cpus, options.model_threads(), gpus, target.describe(), batch_size)
+    return _Shares(model_cpus, gpus, decode_slots, per_task, decode_memory, sizing)
+
+
+def _data_settings(context: Any, shares: _Shares, options: RayOptions) -> dict[str, Any]:
+    """The Ray Data settings of the run: its object-store budget, one block per decoded batch, the
+    stall watch, and Ray's own progress output off."""
+    from sfdeploy.scale.stall import StageNeed, StallRule, watch_settings
+
+    sizing = shares.sizing
     execution = copy.copy(context.execution_options)
     execution.resource_limits = execution.resource_limits.copy(object_store_memory=sizing.budget_bytes)
     settings = {
@@ -221,38 +254,39 @@ def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: An
         "enable_progress_bars": False,  # sfdeploy's own bar counts videos
         "print_on_execution_start": False,
     }
-    # A decode task holds a batch being filled and one being handed over; reserving that memory
-    # lets Ray place tasks by memory too (and keeps decode and model stages separate operators).
-    decode_memory = 2 * sizing.batch_bytes + 256 * MiB
     # What a task or actor of each stage asks Ray for: a lost one waits for this much to be free.
-    needs = (StageNeed("decode task", (("CPU", 1.0), ("memory", float(decode_memory)))),
-             StageNeed("model actor", (("CPU", model_cpus), *((("GPU", float(gpus)),) if gpus else ()))))
+    model_need = (("CPU", shares.model_cpus), *((("GPU", float(shares.gpus)),) if shares.gpus else ()))
+    needs = (StageNeed("decode task", (("CPU", 1.0), ("memory", float(shares.decode_memory)))),
+             StageNeed("model actor", model_need))
     settings.update(watch_settings(context, StallRule(options.stall_timeout_s, needs)))
+    return settings
 
-    log.info("ray: %s: %.0f CPUs, %.0f GPUs, object store %.1f GiB (%s)",
-             "started on this machine" if cluster.started_here else f"cluster {cluster.address}",
-             cluster.cpus, cluster.gpus, cluster.object_store_bytes / 2**30, shm_note())
-    log.info("ray: %s", sizing.describe())
-    log.info("ray: decode: %d videos per task, up to %d tasks at once (1 CPU, %.0f MiB each); model: %d actor(s) "
-             "x %g CPU (%d threads), %d GPU, %s, batch %d", per_task, decode_slots, decode_memory / MiB, options.actors,
-             model_cpus, options.model_threads(), gpus,
-             target.describe(),
-             options.batch_size)
 
+def _pipeline(paths: list[str], spec: ClipSpec, options: RayOptions, cluster: Any) -> Any:
+    """The Ray Data dataset: path blocks -> decode tasks -> model actors -> rows (lazy)."""
+    import ray
+
+    from sfdeploy.scale.stages import PredictStage, decode_videos
+
+    shares = _share(paths, spec, options, cluster)
+    context = ray.data.DataContext.get_current()
+    settings = _data_settings(context, shares, options)
     # One block of paths per decode task, built here (from_arrow would run a Ray task per block
     # just to read its schema). Workers get absolute paths: they may not share our directory.
     items = [{"path": path, "file": os.path.abspath(path)} for path in paths]
+    target = options.target
     if target.local:  # the workers may not share this process's directory
         target = replace(target, export_dir=target.export_dir.resolve())
-    stage = {"target": target, "spec_json": spec.to_json(), "threads": options.model_threads(), "topk": options.topk}
+    infer = options.infer
+    stage = {"target": target, "spec_json": spec.to_json(), "threads": options.model_threads(), "topk": infer.topk}
     with _data_context(context, settings):  # the dataset keeps a copy; the caller's context is left as it was
-        return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
+        return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / shares.per_task))
                 .map_batches(decode_videos, batch_size=None, batch_format="pyarrow", num_cpus=1,
-                             memory=decode_memory, compute=ray.data.TaskPoolStrategy(size=decode_slots),
-                             fn_kwargs={"spec_json": spec.to_json(), "batch_size": options.batch_size,
-                                        "max_pixels": options.max_pixels})
-                .map_batches(PredictStage, batch_size=options.batch_size, batch_format="pyarrow",
-                             fn_constructor_kwargs=stage, num_cpus=model_cpus, num_gpus=gpus,
+                             memory=shares.decode_memory, compute=ray.data.TaskPoolStrategy(size=shares.decode_slots),
+                             fn_kwargs={"spec_json": spec.to_json(), "batch_size": infer.batch_size,
+                                        "max_pixels": infer.max_pixels})
+                .map_batches(PredictStage, batch_size=infer.batch_size, batch_format="pyarrow",
+                             fn_constructor_kwargs=stage, num_cpus=shares.model_cpus, num_gpus=shares.gpus,
                              compute=ray.data.ActorPoolStrategy(size=options.actors)))
 
 

@@ -17,6 +17,9 @@ from sfdeploy.scale.stages import WHERE_COLUMNS
 
 @dataclass
 class Placement:
+    """Where a Ray run's work ran (nodes that decoded, actors that classified), counted from the
+    rows as they arrive: the run's summary says it, so a lost or idle node shows."""
+
     decoded: Counter[str] = field(default_factory=Counter)  # node id -> videos written
     batches: dict[str, dict[str, set[str]]] = field(default_factory=dict)  # actor id -> node id -> batch ids
     nodes: dict[str, str] = field(default_factory=dict)  # node id -> words, from :func:`node_names` at the end

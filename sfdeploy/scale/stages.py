@@ -25,6 +25,7 @@ import numpy as np
 
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.errors import InputError
+from sfdeploy.infer_options import InferOptions
 from sfdeploy.target import ModelTarget
 
 DECODE_NODE = "decode_node"  # the Ray node id of the decode task (decoded table and rows out)
@@ -45,7 +46,7 @@ def ray_place() -> tuple[str, str]:
 def decode_videos(paths: Any, *, spec_json: str, batch_size: int, max_pixels: int) -> Iterator[Any]:
     """Decode one block of paths (a Ray task): yields tables of up to ``batch_size`` decoded videos.
 
-    Decoding runs through :func:`sfdeploy.preprocess.decode_many` in one isolated worker process,
+    Decoding runs through :func:`sfdeploy.decode.pool.decode_many` in one isolated worker process,
     so a file that crashes or hangs the decoder becomes its own error row and this task goes on.
     Tables are yielded as they fill, in input order: Ray's backpressure on a generator task then
     bounds the decoded clips in flight, and a retried task (its worker was killed) yields the
@@ -53,7 +54,8 @@ def decode_videos(paths: Any, *, spec_json: str, batch_size: int, max_pixels: in
     """
     import pyarrow as pa
 
-    from sfdeploy.preprocess import DecodeFailure, decode_many
+    from sfdeploy.decode.clips import DecodeFailure
+    from sfdeploy.decode.pool import decode_many
 
     spec = ClipSpec.from_json(spec_json)
     node, _ = ray_place()
@@ -62,7 +64,7 @@ def decode_videos(paths: Any, *, spec_json: str, batch_size: int, max_pixels: in
     ready: dict[int, Any] = {}  # decoded out of order, waiting for the ones before them
     following = 0
     chunk: list[tuple[str, np.ndarray | DecodeFailure]] = []
-    for index, result in decode_many(files, spec, workers=1, max_pixels=max_pixels):
+    for index, result, _ in decode_many(files, spec, workers=1, max_pixels=max_pixels):
         ready[index] = result
         while following in ready:
             chunk.append((names[following], ready.pop(following)))
@@ -103,7 +105,8 @@ class PredictStage:
     ``device='cuda'``, with ``threads`` inference threads), or sends to Triton, spreading batches
     over the target's servers."""
 
-    def __init__(self, *, target: ModelTarget, spec_json: str, threads: int | None = None, topk: int = 5) -> None:
+    def __init__(self, *, target: ModelTarget, spec_json: str, threads: int | None = None,
+                 topk: int = InferOptions.topk) -> None:
         self.spec = ClipSpec.from_json(spec_json)
         self.predictors = [server.open(threads=threads) for server in target.servers()]
         for predictor in self.predictors:

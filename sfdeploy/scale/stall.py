@@ -41,17 +41,22 @@ class StageNeed:
     resources: tuple[tuple[str, float], ...]  # (name, amount); memory in bytes
 
     def matches(self, bundle: dict[str, float]) -> bool:
+        """Whether Ray's pending demand ``bundle`` is a task or actor of this stage."""
         wanted = dict(self.resources)
         given = {name: amount for name, amount in bundle.items() if amount}
         return given.keys() == wanted.keys() and all(abs(given[k] - wanted[k]) <= 1e-6 * max(1.0, wanted[k])
                                                      for k in wanted)
 
     def describe(self) -> str:
+        """What it asks for, in words (e.g. 1 CPU, 259 MiB memory)."""
         return ", ".join(_amount(name, amount) for name, amount in self.resources)
 
 
 @dataclass(frozen=True)
 class StallRule:
+    """When a run that waits on Ray counts as stalled, and what its stages ask Ray for: handed to
+    the watch through Ray Data's context (the watch runs inside Ray's executor)."""
+
     timeout_s: float  # no row for this long while Ray cannot place this run's work: stop
     needs: tuple[StageNeed, ...]
     notice_s: float = NOTICE_AFTER_S  # say what the run waits for after this long
@@ -72,12 +77,15 @@ class StallWatch(ExecutionCallback):
     """Ray Data calls this at every step of its scheduling loop, in the driver."""
 
     def before_execution_starts(self, executor: Any) -> None:
+        """Ray Data's hook: read this run's rule and start the clock."""
         self.rule: StallRule | None = executor._data_context.get_config(CONFIG_KEY)
         self.rows_out = -1
         self.since = self.next_check = time.monotonic()
         self.said: set[bool] = set()  # the notices given since the last row: waiting for room (True), slow (False)
 
     def on_execution_step(self, executor: Any) -> None:
+        """Ray Data's hook, each scheduling step: restart the clock on a new row, else say once what
+        the run waits for, and stop it once it has waited ``timeout_s`` for work Ray cannot place."""
         if self.rule is None:
             return
         output, _ = executor._output_node
@@ -132,6 +140,7 @@ def unplaced_work(needs: tuple[StageNeed, ...]) -> tuple[list[tuple[StageNeed, i
 
 
 def stall_error(idle: float, waiting: list[tuple[StageNeed, int]], cluster: str) -> ServingError:
+    """The error that stops a stalled run: what Ray cannot place, why, and how to go on."""
     largest = max((need for need, _ in waiting), key=lambda n: dict(n.resources).get("CPU", 0))
     return ServingError(
         f"the Ray run stalled: no row for {idle:.0f} s, and Ray cannot place {_work(waiting)} ({cluster}). "

@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sfdeploy.artifacts import BACKEND_FORMAT, FORMAT_BACKEND, Manifest, artifact_key
+from sfdeploy.device import Device
 from sfdeploy.errors import InputError
-from sfdeploy.precision import PRECISIONS, servable_by_auto
+from sfdeploy.precision import PRECISIONS, servable_by_auto, unmeasured_preference
 
 AUTO = "auto"
-#: the rule without a measurement: this runtime, and on a GPU the first of these precisions the
-#: export has (fp16 ran ~2x fp32 on an H200's tensor cores), on the CPU fp32
+#: the rule without a measurement: this runtime, and the first precision of
+#: :func:`sfdeploy.precision.unmeasured_preference` the export has (fp16 on a GPU, fp32 on the CPU)
 DEFAULT_RUNTIME = "torchscript"
-GPU_PRECISION_ORDER = ("fp16", "fp32")
 
 Candidate = tuple[str, str]  # (runtime, precision)
 
@@ -40,16 +40,13 @@ class ServedChoice:
     why: str
 
     def to_dict(self) -> dict[str, str]:
+        """As JSON: the bench record keeps it, so a resumed run serves the same."""
         return {"runtime": self.runtime, "precision": self.precision, "why": self.why}
 
     @classmethod
     def from_dict(cls, data: dict[str, str]) -> ServedChoice:
+        """The choice :meth:`to_dict` wrote."""
         return cls(data["runtime"], data["precision"], data["why"])
-
-
-def _device_kind(kind: str) -> str:
-    """The device kind (``cpu`` / ``cuda``) of a Triton instance kind (``cpu`` / ``gpu``)."""
-    return "cuda" if kind == "gpu" else "cpu"
 
 
 def _score(per_batch: dict[str, float]) -> float:
@@ -73,7 +70,7 @@ def choose(candidates: list[Candidate], timings: dict[Candidate, dict[str, float
     runtimes = [r for r, _ in candidates]
     runtime = DEFAULT_RUNTIME if DEFAULT_RUNTIME in runtimes else runtimes[0]
     precisions = [p for r, p in candidates if r == runtime]
-    order = GPU_PRECISION_ORDER if kind == "gpu" else ("fp32",)
+    order = unmeasured_preference(kind)
     precision = next((p for p in order if p in precisions), precisions[0])
     return ServedChoice(runtime, precision, f"no measurement on {kind} in this export (an export made on the "
                                             f"serving host measures one): {runtime} {precision} by the default rule")
@@ -86,7 +83,7 @@ def export_candidates(manifest: Manifest, kind: str, runtime: str = AUTO, precis
     ``kind``, matching ``runtime`` and ``precision`` (``auto``: any runtime; the precisions
     :func:`sfdeploy.precision.servable_by_auto` allows on ``kind``)."""
     passed = manifest.parity.get("artifacts")
-    device_kind = _device_kind(kind)
+    device_kind = Device.of_instance_kind(kind).compiled_kind
     out = []
     for key, artifact in manifest.artifacts.items():
         served_by = FORMAT_BACKEND[artifact.format]
@@ -112,7 +109,8 @@ def choose_for_export(manifest: Manifest, kind: str, runtime: str = AUTO, precis
                          fix="re-export with the format / precision you need (an AOTInductor package on the host "
                              "that serves it), or pass --runtime auto --precision auto")
     timings = manifest.timings
-    by_key = timings.get("ms_per_clip", {}) if timings.get("device_kind") == _device_kind(kind) else {}
+    measured_here = timings.get("device_kind") == Device.of_instance_kind(kind).compiled_kind
+    by_key = timings.get("ms_per_clip", {}) if measured_here else {}
     measured = {c: by_key.get(artifact_key(BACKEND_FORMAT[c[0]], c[1]), {}) for c in candidates}
     where = f"{timings.get('device', '')} at export ({timings.get('threads', '?')} threads)" if by_key else ""
     return choose(candidates, measured, kind, measured_on=where)

@@ -26,6 +26,10 @@ _FIX = "pip install 'nvidia-pytriton==0.7.0' (it ships the tritonserver binary)"
 
 @dataclass(frozen=True)
 class TritonInstall:
+    """Where the pieces of the tritonserver that nvidia-pytriton ships are: the binary, its
+    libraries, the python backend, and the backend stub built for this Python (the one that can
+    import sfdeploy)."""
+
     binary: Path
     libs: Path
     python_backend: Path  # folder holding libtriton_python.so and triton_python_backend_utils.py
@@ -46,6 +50,10 @@ def python_library_dir() -> str | None:
 
 
 def find_tritonserver() -> TritonInstall:
+    """The tritonserver of the installed nvidia-pytriton wheel, every piece checked to exist, so that
+    ``serve`` fails here with the fix rather than inside the server's log. An
+    :class:`EnvironmentProblem` when the wheel is missing, incomplete, or has no stub for this
+    Python."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or spec.origin is None:
         raise EnvironmentProblem("nvidia-pytriton is not installed", fix=_FIX)

@@ -27,6 +27,8 @@ def port_free(host: str, port: int) -> bool:
 
 
 def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free on ``host`` a moment ago (the kernel's pick); for private ports and
+    tests, which bind it soon after."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

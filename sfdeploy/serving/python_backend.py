@@ -19,14 +19,20 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.artifacts import backend_format, verify_sha256
-from sfdeploy.clipspec import SPEC_KEY, ClipSpec
+from sfdeploy.clipspec import spec_of
 from sfdeploy.runtime import open_artifact
 from sfdeploy.serving.config import ARTIFACT, ARTIFACT_SHA256, RUNTIME
 from sfdeploy.serving.tensors import from_array, to_array
 
 
 class TritonPythonModel:
+    """The class Triton's python backend instantiates once per model instance (the name is Triton's
+    contract): it opens the artifact the config names and serves it (see the module docstring)."""
+
     def initialize(self, args: dict[str, str]) -> None:
+        """Open the artifact on the instance's device, after checking its sha256 against the
+        config's, and refuse to load (a ``ValueError`` in the server log) when its clip spec is not
+        the config's: a model that would answer for other clips must not serve."""
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         artifact = Path(args["model_repository"]) / args["model_version"] / params[ARTIFACT]
@@ -37,7 +43,7 @@ class TritonPythonModel:
         if params.get(ARTIFACT_SHA256):  # the file `sfdeploy repo` placed, not a changed one
             verify_sha256(artifact, params[ARTIFACT_SHA256], fix="regenerate the repository with `sfdeploy repo`")
         self.predictor = open_artifact(artifact, backend_format(params[RUNTIME]), device=device)
-        configured = ClipSpec.from_json(params[SPEC_KEY])
+        configured = spec_of(config)
         if self.predictor.spec != configured:
             raise ValueError(f"{artifact} carries another clip spec than config.pbtxt: regenerate the "
                              "repository with `sfdeploy repo`")
@@ -50,6 +56,9 @@ class TritonPythonModel:
                                  f"{artifact.name} on {self.predictor.device} ({self.predictor.runtime})")
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        """One batch for all of ``requests`` (Triton's dynamic batcher gathered them), split back
+        into one response each; a failure answers every request of the batch with the error, and the
+        instance goes on serving."""
         import triton_python_backend_utils as pb_utils
 
         arrays = [to_array(pb_utils.get_input_tensor_by_name(r, self.input_name)) for r in requests]
@@ -66,4 +75,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
+        """Release the predictor when Triton unloads the model."""
         self.predictor.close()

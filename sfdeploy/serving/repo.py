@@ -27,21 +27,20 @@ from pathlib import Path
 
 from sfdeploy.artifacts import (
     BACKEND_FORMAT,
-    DEFAULT_DEVICE,
     ERROR_OUTPUT,
     LABEL_OUTPUT,
     VIDEO_INPUT,
     Manifest,
     artifact_key,
-    resolve_device,
     sha256,
     video_model_name,
 )
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.decode import MAX_VIDEO_PIXELS
+from sfdeploy.device import DEFAULT_DEVICE, Device
 from sfdeploy.endpoints import DEFAULT_MODEL
 from sfdeploy.errors import InputError
-from sfdeploy.precision import is_cuda, supported
+from sfdeploy.precision import supported
 from sfdeploy.serving.choice import choose_for_export
 from sfdeploy.serving.config import (
     ARTIFACT,
@@ -89,6 +88,9 @@ TORCHSCRIPT_OUTPUT = "probs__0"  # the pytorch backend names outputs <name>__<in
 
 @dataclass
 class RepoOptions:
+    """What ``sfdeploy repo`` writes, with its defaults: the one owner of both (the CLI's options
+    read their defaults from here, so a library call and the command write the same repository)."""
+
     repo: Path
     name: str = DEFAULT_MODEL
     max_batch: int = 32
@@ -99,7 +101,7 @@ class RepoOptions:
     # that passed the gate (sfdeploy.serving.choice), said with the reason in the log and config.pbtxt
     runtime: str = "auto"
     precision: str = "auto"
-    device: str = DEFAULT_DEVICE  # auto (GPU if torch sees one), cpu, cuda (KIND_GPU; "gpu" too)
+    device: Device = Device(DEFAULT_DEVICE)  # auto (GPU if torch sees one), cpu, cuda (KIND_GPU; "gpu" too)
     queue_delay_us: int = 5000
     tensorrt: bool = False  # TensorRT fp16 accelerator in <name>_onnx (NVIDIA's container)
     native: bool = True  # also write <name>_onnx and <name>_torchscript
@@ -112,6 +114,9 @@ class RepoOptions:
     decode_queue_timeout_s: float = 30.0
     decode_max_queue: int = 128
     require_parity: bool = True  # only `sfdeploy bench` turns this off, for its own speed-only exports
+
+    def __post_init__(self) -> None:
+        self.device = Device(self.device)  # a str given in Python is parsed here, once
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -136,7 +141,7 @@ def video_model(spec: ClipSpec, opts: RepoOptions) -> ServedModel:
     that each request goes to the next free instance alone (see :mod:`sfdeploy.serving.video_backend`)
     and the wait in its queue is bounded (``decode_queue_timeout_s``, ``decode_max_queue``); the max
     batch of ``<name>`` (a request's clips fit one call of it)."""
-    from sfdeploy.preprocess import DEFAULT_TIMEOUT_S  # numpy: not at import (the CLI reads RepoOptions)
+    from sfdeploy.decode.pool import DEFAULT_TIMEOUT_S  # numpy: not at import (the CLI reads RepoOptions)
 
     return ServedModel(
         name=video_model_name(opts.name), backend="python", spec=spec, max_batch=opts.max_batch,
@@ -178,7 +183,7 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     check_options(opts)
     spec = manifest.clip_spec
     # The repository may be written here for a GPU server elsewhere: "gpu" needs no GPU here.
-    kind = "gpu" if is_cuda(resolve_device(opts.device, must_exist=False)) else "cpu"
+    kind = Device(opts.device).resolve(must_exist=False).instance_kind
     choice = choose_for_export(manifest, kind, opts.runtime, opts.precision)
     runtime, precision = choice.runtime, choice.precision
     log.info("%s serves %s %s on %s instances: %s", opts.name, runtime, precision, kind, choice.why)

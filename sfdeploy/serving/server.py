@@ -128,6 +128,10 @@ def error_lines(log_text: str) -> list[str]:
 
 @dataclass
 class TritonServer:
+    """One tritonserver on a repository, behind its guard (see the module docstring): configure it
+    with the fields, then :meth:`start` and :meth:`stop`, or use it as a context manager, so that
+    nothing it started outlives it."""
+
     repo: Path
     host: str = LOOPBACK
     http_port: int = DEFAULT_HTTP_PORT
@@ -152,11 +156,18 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
+        """The URL a client on this machine uses for HTTP (the loopback address when the server
+        listens on every interface)."""
         return f"{self._client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """The URL a client on this machine uses for gRPC (as :attr:`http_url`)."""
         return f"{self._client_host}:{self.grpc_port}"
+
+    def url(self, protocol: str) -> str:
+        """The URL a client on this machine uses for ``protocol`` (``http`` or ``grpc``)."""
+        return {"http": self.http_url, "grpc": self.grpc_url}[protocol]
 
     @property
     def _client_host(self) -> str:
@@ -194,6 +205,9 @@ class TritonServer:
         return chosen
 
     def start(self) -> TritonServer:
+        """Start the server with the chosen models loaded, and return once every one is ready. Fails,
+        with nothing left running, when a port is busy (naming who holds it), nvidia-pytriton is
+        missing, or the server or a model does not come up (naming the log line that says why)."""
         models = self._choose_models()
         configs = self._configs  # parsed once, by _choose_models
         self.limits = {name: request_limit(configs[name]) for name in models}
@@ -276,6 +290,7 @@ class TritonServer:
                                path=self.log_file, fix="pass other --http-port/--grpc-port, or read the log")
 
     def log_text(self) -> str:
+        """The server's log so far ('' when there is none yet), for error messages and tests."""
         try:
             return Path(self.log_file).read_text(errors="replace") if self.log_file else ""
         except OSError:

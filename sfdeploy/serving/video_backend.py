@@ -1,7 +1,7 @@
 """The Triton python-backend model ``<name>_video``: the bytes of encoded videos in, labels out.
 
 Each request item is one encoded video file (input ``video``, BYTES): any container and codec the
-decoder reads. The instance decodes it with sfdeploy's own preprocessing, :class:`DecodePool`
+decoder reads. The instance decodes it with sfdeploy's own decode pool, :class:`DecodePool`
 (the code ``sfdeploy infer`` runs on the client), for the clip spec in the config's parameters,
 then sends the views to ``<name>`` (parameter ``target_model``) in one BLS request. ``<name>``'s
 dynamic batcher merges the clips of the video requests of every ``_video`` instance into one
@@ -48,8 +48,9 @@ import numpy as np
 from sfdeploy.artifacts import ERROR_OUTPUT, INPUT_NAME, LABEL_OUTPUT, OUTPUT_NAME, VIDEO_INPUT
 from sfdeploy.clipspec import SPEC_KEY, ClipSpec
 from sfdeploy.decode import MAX_VIDEO_PIXELS
+from sfdeploy.decode.clips import DecodeFailure
+from sfdeploy.decode.pool import DecodePool
 from sfdeploy.errors import EnvironmentProblem
-from sfdeploy.preprocess import DecodeFailure, DecodePool
 from sfdeploy.serving.config import DECODE_TIMEOUT_S, MAX_VIDEO_BYTES, MAX_VIDEO_PIXELS_KEY, TARGET_MODEL
 from sfdeploy.serving.tensors import bytes_items, bytes_tensor, from_array, require_numpy_bridge, to_array
 
@@ -93,7 +94,7 @@ class TritonPythonModel:
                 todo.append(i)
         decoded: dict[int, np.ndarray] = {}
         try:
-            for k, views in self.decoder.decode([videos[i] for i in todo]):
+            for k, views, _ in self.decoder.decode([videos[i] for i in todo]):
                 if isinstance(views, DecodeFailure):
                     results[todo[k]] = views.error
                 else:

@@ -55,6 +55,10 @@ Trial = Callable[[int], dict[str, Any]]  # batch -> {"batch", "fits", "peak_gib"
 
 @dataclass
 class BatchChoice:
+    """The batch size ``--batch-size auto`` settled on and how: kept from the preset (no CUDA to
+    probe), or probed on the GPU with the trials run, so that the log and ``finetune_summary.json``
+    can say why this batch."""
+
     batch_size: int
     how: str  # "preset" (no CUDA) or "probe"
     device: str
@@ -64,6 +68,7 @@ class BatchChoice:
     trials: list[dict[str, Any]] = field(default_factory=list)  # {"batch", "fits", "peak_gib", "why"}
 
     def to_dict(self) -> dict[str, Any]:
+        """As plain data, for ``finetune_summary.json``."""
         return asdict(self)
 
 

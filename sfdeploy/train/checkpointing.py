@@ -54,6 +54,8 @@ class CheckpointBatchNormHook(Hook):
     priority = "HIGH"
 
     def before_train(self, runner: Any) -> None:
+        """Adjust the momentum of every recomputed BatchNorm once, before the first step, and log how
+        many."""
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         layers = [bn for bn in recomputed_batchnorms(model) if bn.momentum is not None]
         for bn in layers:

@@ -30,6 +30,8 @@ OVERFIT_EPOCHS = 60  # the default --epochs of an --overfit check
 
 
 def use_cuda() -> bool:
+    """Whether training runs on CUDA here (torch sees a GPU); the config's device-dependent choices
+    follow it."""
     import torch
 
     return torch.cuda.is_available()

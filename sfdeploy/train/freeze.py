@@ -47,6 +47,7 @@ class BackboneFreezeHook(Hook):
         self.frozen = frozen
 
     def before_train(self, runner: Any) -> None:
+        """Freeze the backbone when the run (or a resumed one) starts in the frozen phase."""
         frozen = self._should_freeze(runner.epoch)
         self._set(runner, frozen)
         if frozen:
@@ -54,13 +55,14 @@ class BackboneFreezeHook(Hook):
             runner.logger.info(f"backbone frozen {until}: training the head only")
 
     def before_train_epoch(self, runner: Any) -> None:
+        """Unfreeze the backbone at the first epoch past ``unfreeze_after``."""
         if self.frozen and not self._should_freeze(runner.epoch):
             self._set(runner, False)
             runner.logger.info(f"epoch {runner.epoch + 1}: backbone unfrozen, training the whole model")
 
     def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
-        # The train loop calls model.train() at each epoch start (after before_train_epoch),
-        # which would put the frozen BatchNorm layers back in training mode.
+        """Keep a frozen backbone in eval mode: the train loop puts the model back in training mode
+        at each epoch start, which would let BatchNorm update its running statistics."""
         if self.frozen:
             backbone = self._backbone(runner)
             if backbone.training:

@@ -47,9 +47,14 @@ def to_plain(value: Any) -> Any:
 
 
 class PlainCheckpointHook(Hook):
+    """Keeps checkpoints loadable with ``torch.load(weights_only=True)``: plain lists, numbers and
+    tensors in the file, mmengine's objects rebuilt on resume (see the module docstring)."""
+
     priority = "VERY_LOW"  # after other hooks have added to the checkpoint
 
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        """Turn the message hub's ``HistoryBuffer`` objects into tagged plain dicts and numpy values
+        into numbers and tensors, in place, before mmengine writes the checkpoint."""
         hub = checkpoint.get("message_hub")
         if hub and "log_scalars" in hub:
             hub["log_scalars"] = {
@@ -61,6 +66,8 @@ class PlainCheckpointHook(Hook):
             checkpoint[key] = to_plain(checkpoint[key])
 
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        """Rebuild the ``HistoryBuffer`` objects :meth:`before_save_checkpoint` flattened, so a
+        resumed run's log and schedulers see what they saved."""
         hub = checkpoint.get("message_hub")
         if not hub or "log_scalars" not in hub:
             return
@@ -81,6 +88,8 @@ class GroupLRHook(Hook):
         self._groups: dict[str, dict] = {}
 
     def before_train(self, runner: Any) -> None:
+        """Note the first parameter group of each top-level module (the live dict, which the LR
+        schedulers update); with several optimizers there is nothing to add."""
         from mmengine.model import is_model_wrapper
         from mmengine.optim import OptimWrapper
 
@@ -94,6 +103,7 @@ class GroupLRHook(Hook):
                     self._groups.setdefault(owner[id(param)], group)
 
     def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        """Put each module's current learning rate on the message hub for the logger."""
         for module, group in self._groups.items():
             runner.message_hub.update_scalar(f"train/lr_{module}", group["lr"])
 
@@ -109,6 +119,8 @@ class ProgressHook(Hook):
         self.top1: float | None = None
 
     def before_train(self, runner: Any) -> None:
+        """Open the bar over every iteration of the run, already advanced to where a resumed run
+        starts."""
         from sfdeploy.progress import bar
 
         total = runner.max_epochs * len(runner.train_dataloader)
@@ -116,6 +128,8 @@ class ProgressHook(Hook):
         self.shown.update(min(total, runner.iter))  # a resumed run starts where it stopped
 
     def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        """Advance the bar by one iteration, showing the epoch, this iteration's loss and the last
+        val top-1."""
         loss = (outputs or {}).get("loss")
         facts = f"epoch {runner.epoch + 1}/{runner.max_epochs}"
         if loss is not None:
@@ -126,10 +140,12 @@ class ProgressHook(Hook):
         self.shown.update(1)
 
     def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
+        """Remember the val top-1, shown from the next iteration on."""
         if metrics and "acc/top1" in metrics:
             self.top1 = float(metrics["acc/top1"])
 
     def after_train(self, runner: Any) -> None:
+        """Close the bar (the console is the CLI's again)."""
         if self.shown is not None:
             self.shown.close()
 
@@ -147,7 +163,9 @@ class SummaryHook(Hook):
         self._validate_resumed = False
 
     def before_train(self, runner: Any) -> None:
-        # Runs after a resume has loaded the checkpoint: runner.epoch is where training restarts.
+        """Start the clock, continuing a resumed run's elapsed time and val history from where its
+        checkpoint was; runs after the resume has loaded it (``runner.epoch`` is where training
+        restarts)."""
         self._segment_start = time.monotonic()
         self._resumed = runner.epoch > 0
         self._base = float(runner.message_hub.get_info("sfdeploy_elapsed_s", 0.0)) if self._resumed else 0.0
@@ -159,9 +177,10 @@ class SummaryHook(Hook):
         self._validate_resumed = self._resumed and not any(h["epoch"] == runner.epoch for h in self._history)
 
     def before_train_epoch(self, runner: Any) -> None:
-        # The epoch checkpoint is written before that epoch's validation; a run killed in between
-        # would never validate (nor consider as best) the weights it resumes from. Done here, not
-        # in before_train, so that every hook (CheckpointHook's best tracking) is set up.
+        """Validate the resumed epoch's weights first when its validation was interrupted: the epoch
+        checkpoint is written before that epoch's validation, so a run killed in between would never
+        validate (nor consider as best) the weights it resumes from. Here, not in ``before_train``,
+        so that every hook (the checkpoint hook's best tracking) is set up."""
         if self._validate_resumed and runner.val_loop is not None:
             self._validate_resumed = False
             runner.logger.info(f"validating resumed epoch {runner.epoch}: its validation was interrupted")
@@ -171,11 +190,13 @@ class SummaryHook(Hook):
         return self._base + time.monotonic() - self._segment_start
 
     def after_train_epoch(self, runner: Any) -> None:
-        # Before the checkpoint of this epoch is written (CheckpointHook runs after, priority
-        # VERY_LOW), so a resumed run continues the clock from here.
+        """Store the elapsed time on the message hub before this epoch's checkpoint is written (the
+        checkpoint hook runs after), so that a resumed run continues the clock from here."""
         runner.message_hub.update_info("sfdeploy_elapsed_s", self._elapsed(), resumed=True)
 
     def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
+        """Append this epoch's metrics to ``WORK/val_history.json`` (rank 0), written at once so that
+        a killed run keeps them."""
         if not metrics or runner.rank != 0:
             return
         self._history.append({"epoch": runner.epoch, **{k: float(v) for k, v in metrics.items()}})
@@ -188,6 +209,8 @@ class SummaryHook(Hook):
         return {"overfit": {**overfit, "reached_100": bool(top1) and max(top1) >= 1.0}}
 
     def after_run(self, runner: Any) -> None:
+        """Write ``WORK/finetune_summary.json`` (rank 0): the run's facts, its best and last val
+        top-1, the best checkpoint, epochs run, wall time and the val history."""
         if runner.rank != 0:
             return
         hub = runner.message_hub

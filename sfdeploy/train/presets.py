@@ -15,6 +15,8 @@ def _preset_dir() -> Path:
 
 
 def available_presets() -> list[str]:
+    """The preset names ``--preset`` accepts: the configs shipped in ``finetune/`` (installed as
+    ``sfdeploy.presets``), helpers (``_*.py``) left out."""
     return sorted(p.stem for p in _preset_dir().glob("*.py") if not p.name.startswith("_"))
 
 

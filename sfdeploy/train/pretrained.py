@@ -25,6 +25,10 @@ PRETRAINED_FILE = "pretrained.pth"
 
 @dataclass
 class PretrainedInfo:
+    """What loading pretrained weights did, for the log and ``finetune_summary.json``: how much
+    of the model the checkpoint filled, and which tensors it could not (a classification head
+    re-initialised for the new classes is expected; much more is worth a look)."""
+
     source: str
     loaded: int  # tensors copied into the model
     total: int  # tensors in the model
@@ -33,6 +37,7 @@ class PretrainedInfo:
     unused: int  # checkpoint tensors the model has no place for
 
     def to_dict(self) -> dict[str, Any]:
+        """As plain data, for ``finetune_summary.json``."""
         return asdict(self)
 
 
@@ -47,6 +52,9 @@ def pretrained_source(cfg: Any, pretrained: str | None) -> str | None:
 
 
 def extract_state_dict(checkpoint: Any, source: str) -> dict[str, Any]:
+    """The model weights of a loaded checkpoint: its ``state_dict`` (MMAction2's checkpoints) or the
+    checkpoint itself (``torch.save(model.state_dict())``), DDP's ``module.`` prefix removed; an
+    :class:`InputError` for anything that is not a dict of tensors."""
     import torch
 
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None

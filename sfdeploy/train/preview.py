@@ -38,6 +38,9 @@ TEXT_COLOUR = (235, 235, 235)
 
 @dataclass
 class PreviewClip:
+    """One clip of the sheet: the video, its label, and the frames exactly as the training pipeline
+    gives them to the model, with the frames each SlowFast pathway takes."""
+
     video: Path
     label: int
     class_name: str
@@ -48,6 +51,9 @@ class PreviewClip:
 
 @dataclass
 class PreviewResult:
+    """What ``data preview`` wrote: the contact sheet, its JSON index (which video and frame is drawn
+    where), the optional GIF, and the clips drawn."""
+
     png: Path
     index: Path  # JSON: the videos of the sheet and where each frame is drawn
     gif: Path | None

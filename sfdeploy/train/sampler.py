@@ -46,4 +46,6 @@ class BalancedClassSampler(Sampler):
         return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
+        """Called by mmengine's train loop at each epoch: the epoch joins the seed, so each epoch
+        draws another sequence, the same on every rank."""
         self.epoch = epoch

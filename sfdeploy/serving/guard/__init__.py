@@ -50,6 +50,8 @@ SHM_DIR = Path("/dev/shm")
 
 
 def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (IPv6 when the host has a colon), bindable again at once
+    after a restart."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart binds while old connections linger
@@ -59,6 +61,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(sock: socket.socket, handler: type, config: GuardConfig, slots: threading.BoundedSemaphore) -> None:
+    """Accept connections on ``sock`` for ever (until it is closed), each handled by ``handler`` on
+    its own thread while a slot of ``slots`` is free; beyond ``max_connections`` a connection is
+    refused at once (HTTP: with a 503 that says why)."""
     while True:
         try:
             client, _ = sock.accept()
@@ -122,6 +127,9 @@ def watch(config: GuardConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """The guard process (``python -m sfdeploy.serving.guard CONFIG_JSON``): bind both public ports,
+    say ``listening``, forward until the parent or the server is gone, then clean up (see the module
+    docstring). 2 when a port cannot be bound."""
     config = GuardConfig.from_json(argv[1])
     sockets = []
     for port in (config.http_port, config.grpc_port):

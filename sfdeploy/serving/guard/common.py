@@ -20,6 +20,10 @@ MAX_FRAME = 1 << 24  # the largest HTTP/2 frame read (the protocol's own maximum
 
 @dataclass
 class GuardConfig:
+    """What one guard process is told by ``sfdeploy serve``: the public and private ports, the
+    request limits per model, and the processes it watches. It crosses to the guard process as JSON
+    on its command line."""
+
     host: str
     http_port: int  # public
     grpc_port: int  # public
@@ -34,14 +38,17 @@ class GuardConfig:
     shm_prefix: str = ""  # the python backend's shared-memory segments (/dev/shm/<prefix>*), removed at the end
 
     def to_json(self) -> str:
+        """The form passed on the guard's command line (:meth:`from_json` reads it back)."""
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> GuardConfig:
+        """Read back what :meth:`to_json` wrote."""
         return cls(**json.loads(text))
 
 
 def mb(size: int) -> str:
+    """``size`` bytes as MB for messages to users (one decimal)."""
     return f"{size / 2**20:.1f} MB"
 
 
@@ -55,6 +62,8 @@ class Refusal(Exception):
 
 
 def too_large(size: int, limit: int, owner: str, more: bool = False) -> str:
+    """The reason a too-large request is refused, naming its size, the limit and whose limit it is,
+    and how to send or allow more. ``more``: the size is only a lower bound (the body had not ended)."""
     return (f"the request body is {'over ' if more else ''}{mb(size)}, over the {mb(limit)} that {owner} accepts; "
             "it was refused before it was read. Send less per request (fewer videos or clips), or write the "
             "repository with a larger `sfdeploy repo --max-video-mb` / `--max-batch`")
@@ -65,6 +74,8 @@ class Closed(Exception):
 
 
 def recv(sock: socket.socket, size: int = CHUNK) -> bytes:
+    """Up to ``size`` bytes from ``sock``; a timeout, an error or the peer closing raises
+    :class:`Closed`, so a caller handles every way a connection ends in one place."""
     try:
         data = sock.recv(size)
     except (TimeoutError, OSError) as exc:
@@ -75,6 +86,7 @@ def recv(sock: socket.socket, size: int = CHUNK) -> bytes:
 
 
 def send(sock: socket.socket, data: bytes | memoryview) -> None:
+    """All of ``data`` to ``sock``; any failure raises :class:`Closed`."""
     try:
         sock.sendall(data)
     except OSError as exc:
@@ -119,6 +131,8 @@ class Reader:
         return head
 
     def line(self) -> bytes:
+        """The next line through its CRLF (a chunk-size line of a chunked body); :class:`Closed` when
+        it grows past 64 KiB without one."""
         while (end := self.buffer.find(b"\r\n")) < 0:
             if len(self.buffer) > MAX_HEAD:
                 raise Closed("chunk line too long")
@@ -174,11 +188,13 @@ def read_frame(reader: Reader) -> tuple[bytes, int, int, int, bytes]:
 
 
 def fill(reader: Reader, size: int) -> None:
+    """Read until ``reader`` has at least ``size`` bytes buffered."""
     while len(reader.buffer) < size:
         reader.buffer += recv(reader.sock)
 
 
 def take(reader: Reader, size: int) -> bytes:
+    """The next ``size`` bytes of ``reader``, consumed."""
     fill(reader, size)
     data = bytes(reader.buffer[:size])
     del reader.buffer[:size]

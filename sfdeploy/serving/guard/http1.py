@@ -90,6 +90,8 @@ class HttpConnection:
         return OTHER_LIMIT, "this endpoint"
 
     def run(self) -> None:
+        """Serve requests on this connection until it ends (the client closes, goes idle, or a
+        request is refused), then close both sides."""
         try:
             while self.one_request():
                 pass
@@ -138,6 +140,9 @@ class HttpConnection:
         return keep and not wants_close
 
     def forward_chunks(self, limit: int, owner: str) -> None:
+        """Forward a chunked body chunk by chunk while counting it: the sizes are known only as they
+        arrive, so the request is refused (413) as soon as the running total passes ``limit``, its
+        upstream connection dropped with the part already sent."""
         total = 0
         while True:
             line = self.reader.line()
@@ -192,6 +197,8 @@ class HttpConnection:
         return (_value(headers, "connection") or "").lower() != "close"
 
     def connect(self) -> None:
+        """Open the connection to tritonserver's private HTTP port on first need (one per client
+        connection); a 503 refusal when it is not reachable."""
         if self.upstream is None:
             try:
                 self.upstream = socket.create_connection((LOOPBACK, self.config.upstream_http), timeout=10)

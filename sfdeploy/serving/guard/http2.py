@@ -33,6 +33,7 @@ RESOURCE_EXHAUSTED = 8
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    """One HTTP/2 frame: 9-byte header (length, type, flags, stream) then ``payload``."""
     return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
 
 
@@ -91,6 +92,9 @@ class GrpcConnection:
         self.pending_bytes = 0
 
     def run(self) -> None:
+        """Check the client's connection preface, connect to tritonserver's private gRPC port, and
+        forward both ways (server to client on a thread of its own) until either side ends; then
+        close both."""
         reader = Reader(self.client)
         try:
             self.client.settimeout(min(HEADER_TIMEOUT_S, self.config.idle_timeout_s))
@@ -108,6 +112,7 @@ class GrpcConnection:
             self.close()
 
     def close(self) -> None:
+        """Shut both sockets down, which also ends the other direction's thread."""
         for sock in (self.client, self.upstream):
             if sock is not None:
                 try:
@@ -117,6 +122,9 @@ class GrpcConnection:
                 sock.close()
 
     def client_to_server(self, reader: Reader) -> None:
+        """Forward the client's frames, batched (:meth:`flush`), following each request's messages
+        (:meth:`check`) and dropping the DATA of refused calls; waking every second to close an idle
+        connection (:meth:`idle`)."""
         self.client.settimeout(1.0)  # a tick to check for idleness
         while True:
             if len(reader.buffer) < 9 or self.pending_bytes > CHUNK or len(self.pending) > 500:  # a read may wait
@@ -187,6 +195,8 @@ class GrpcConnection:
         return True
 
     def refuse(self, stream: int, message: str) -> None:
+        """End call ``stream``: the client gets RESOURCE_EXHAUSTED with ``message`` first, then the
+        server's half is reset (CANCEL), so that it never receives the oversized message."""
         self.flush()  # the frames before this one go first
         with self.lock:
             self.refused.add(stream)
@@ -198,6 +208,8 @@ class GrpcConnection:
         send(self.upstream, frame(RST_STREAM, 0, stream, CANCEL.to_bytes(4, "big")))
 
     def inject(self, data: bytes) -> None:
+        """Send frames of our own to the client: only after the server's SETTINGS went first, and
+        never inside a header block of the server's (HPACK state is shared)."""
         self.server_spoke.wait(HEADER_TIMEOUT_S)
         with self.to_client:
             send(self.client, data)
@@ -213,6 +225,8 @@ class GrpcConnection:
         raise Closed("idle")
 
     def server_to_client(self) -> None:
+        """Forward the server's frames to the client, keeping header blocks whole (no injected frame
+        between a HEADERS and its CONTINUATIONs), and note which calls ended, for the idle timeout."""
         reader = Reader(self.upstream)
         held = False
         try:

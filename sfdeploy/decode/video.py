@@ -27,9 +27,9 @@ before any frame is allocated. The number of frames decoded is the caller's (the
 sampled indices), never the file's: a 20,000-frame video decodes the same 32 frames as any other,
 so one decode holds at most ``len(indices) x max_pixels x 3`` bytes of frames.
 
-Everything that decodes goes through here: the client and server-side preprocessing
-(:mod:`sfdeploy.preprocess`), ``data prepare``'s probe (:mod:`sfdeploy.data.probe`) and MMAction2
-training/inference (:mod:`sfdeploy.train.transforms`).
+Everything that decodes goes through here: the client and server-side decoding
+(:mod:`sfdeploy.decode.clips`, :mod:`sfdeploy.decode.pool`), ``data prepare``'s probe
+(:mod:`sfdeploy.data.probe`) and MMAction2 training/inference (:mod:`sfdeploy.train.transforms`).
 """
 
 from __future__ import annotations
@@ -161,9 +161,9 @@ class Video:
 
     :attr:`decoder` is ``"decord"`` until decord turns out to mis-decode the stream (found on the
     first :meth:`frames` call), ``"pyav"`` after; ``decoder="pyav"`` decodes with PyAV from the
-    start (the fidelity harness compares the two, :mod:`sfdeploy.gpudecode.fidelity`). Counting
+    start (the fidelity harness compares the two, :mod:`sfdeploy.bench.fidelity`). Counting
     and indexing stay decord's either way. :attr:`codec` and :attr:`pix_fmt` are the stream's, from
-    its header (what a GPU decoder's capability check reads, :mod:`sfdeploy.gpudecode.select`).
+    its header (what a GPU decoder's capability check reads, :mod:`sfdeploy.decode.gpu.select`).
     Raises :class:`DecodeError` for a source that cannot be opened, has no frames, or has frames of
     more than ``max_pixels`` pixels.
     """
@@ -304,6 +304,7 @@ class Video:
         return np.stack([kept[i] for i in wanted.tolist()])
 
     def close(self) -> None:
+        """Drop decord's reader (its file and buffers) now rather than when the object is collected."""
         self._decord = None
 
     def __len__(self) -> int:

@@ -7,7 +7,7 @@ rules are tested as such on any machine; only :func:`probe_backend` looks at the
 
 The rules, in order (:func:`plan_decoding` once per run, :meth:`DecodePlan.route` per stream):
 
-1. ``--decode cpu``: the CPU decoder (:mod:`sfdeploy.decode`) for every stream.
+1. ``--decode cpu``: the CPU decoder (:mod:`sfdeploy.decode.video`) for every stream.
 2. Clips decoded on the GPU stay there and go to the model on that GPU; a model on the CPU or one
    behind Triton (which takes host memory here) gets CPU-decoded clips. ``--decode gpu`` then is
    an error with the fix; ``auto`` decodes on the CPU and says why once.
@@ -17,13 +17,13 @@ The rules, in order (:func:`plan_decoding` once per run, :meth:`DecodePlan.route
 4. Per stream, NVDEC must have the codec, the pixel format and the frame size
    (:data:`NVDEC_LIMITS`), and the backend must read the source (pynvvideocodec reads files, not
    bytes in memory); else the CPU decoder, with the reason.
-5. The fidelity gate (:mod:`sfdeploy.gpudecode.fidelity`): a codec whose GPU-decoded clips did not
+5. The fidelity gate (:mod:`sfdeploy.decode.gpu.gate`): a codec whose GPU-decoded clips did not
    give the model's top-1 of the CPU-decoded ones on >= 99.5% of the sweep goes to the CPU decoder.
    ``auto`` uses the GPU only with a fidelity record for the export; ``--decode gpu`` without one
    decodes on the GPU and says the fidelity is not measured.
 6. When the GPU decoder fails on a stream it accepted (a damaged stream, a frame count that
    differs from the CPU index, torchcodec falling back to its own CPU path), the CPU decoder reads
-   it (:mod:`sfdeploy.gpudecode.pool`): a video the CPU decoder cannot read either is its error row.
+   it (:mod:`sfdeploy.decode.gpu.route`): a video the CPU decoder cannot read either is its error row.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from sfdeploy.device import is_cuda
 from sfdeploy.errors import EnvironmentProblem, InputError
 
 #: The GPU decoders, in order of preference for ``--decode gpu|auto``. The order is the measured
@@ -89,7 +90,7 @@ class BackendStatus:
 
 @dataclass(frozen=True)
 class StreamInfo:
-    """What the CPU probe read from a stream's header (:class:`sfdeploy.decode.Video`)."""
+    """What the CPU probe read from a stream's header (:class:`sfdeploy.decode.video.Video`)."""
 
     codec: str
     width: int
@@ -100,6 +101,8 @@ class StreamInfo:
 
     @classmethod
     def of(cls, video: object, in_memory: bool = False) -> StreamInfo:
+        """The header of an opened :class:`~sfdeploy.decode.video.Video`: plain values, which travel
+        from a decode worker to the GPU decoder in the parent."""
         return cls(video.codec, video.width, video.height, video.pix_fmt, video.num_frames,  # type: ignore[attr-defined]
                    in_memory)
 
@@ -136,6 +139,7 @@ def probe_backend(name: str) -> BackendStatus:
 
 
 def probe_backends() -> list[BackendStatus]:
+    """Every GPU decoder's status, in order of preference (what :func:`plan_decoding` chooses from)."""
     return [probe_backend(name) for name in GPU_BACKENDS]
 
 
@@ -152,7 +156,8 @@ def nvdec_refusal(info: StreamInfo, backend: str, max_pixels: int) -> str | None
     if info.width * info.height > max_pixels:  # the probe refuses these first; the rule holds here too
         return f"{info.width}x{info.height} is over the limit of {max_pixels:,} pixels"
     if info.pix_fmt not in limits.pix_fmts:
-        return f"pixel format {info.pix_fmt or 'unknown'}: the GPU path takes {info.codec} in {', '.join(limits.pix_fmts)}"
+        return (f"pixel format {info.pix_fmt or 'unknown'}: the GPU path takes {info.codec} in "
+                f"{', '.join(limits.pix_fmts)}")
     if info.in_memory and backend == "pynvvideocodec":
         return "pynvvideocodec reads files, not a video in memory"
     return None
@@ -197,7 +202,7 @@ def plan_decoding(mode: str, *, device: str, statuses: Sequence[BackendStatus],
     if mode == "cpu":
         return DecodePlan(mode, None, device, "--decode cpu")
     forced = mode != "auto"
-    if not device.startswith("cuda"):
+    if not is_cuda(device):
         why = ("the model is served by Triton, which takes clips in host memory here" if device == "remote"
                else f"the model runs on {device}")
         if forced:

@@ -1,7 +1,8 @@
 """An install kit for an air-gapped GPU host whose image already has CUDA torch and most of the
-scientific stack, moved in small parts (``benchmarks/gpukit.sh`` runs ``python -m sfdeploy.gpukit``).
+scientific stack, moved in small parts (``benchmarks/gpukit.sh`` runs this script). A tool for
+building a release, not part of the library: it lives beside the script that runs it, not in the package.
 
-Where :mod:`sfdeploy.wheelhouse` ships every runtime dependency as wheels for ``pip install
+Where ``wheelhouse.py`` (beside this file) ships every runtime dependency as wheels for ``pip install
 --no-index``, this kit ships only what the host's image lacks, unpacked and xz-compressed (~30%
 smaller than the wheels), in numbered parts of at most ``--max-part-mb`` each, because what can be
 carried to such a host at once is size-limited (64 MiB per transfer on the machines this was made
@@ -20,7 +21,8 @@ for, checkout included). Each part installs on its own, in order:
 4. Write ``install_part.sh`` into every part: on the host it checks the Python, verifies each pack
    against the part's ``SHA256SUMS``, untars it into the interpreter's ``purelib``, and once every
    part of the kit is in (``KIT``), installs the sfdeploy checkout it is run from (``pip install
-   --no-deps --no-build-isolation -e``) and runs ``sfdeploy doctor``.
+   --no-deps --no-build-isolation -e``) and runs ``sfdeploy doctor`` (the script is
+   ``install_part.sh.in`` beside this file, filled in).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import fnmatch
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -39,8 +40,10 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name as canonical
 
+# beside this file (the folder of the script that runs is on the path)
+from wheelhouse import REPO, download, resolve, select, sfdeploy_project, sfdeploy_requirements
+
 from sfdeploy.artifacts import sha256
-from sfdeploy.wheelhouse import REPO, download, resolve, select, sfdeploy_project, sfdeploy_requirements
 
 #: a distribution sfdeploy requires -> host distributions that provide the same import (any one will do)
 EQUIVALENT: dict[str, tuple[str, ...]] = {
@@ -63,6 +66,8 @@ _PER_PYTHON_FILES = (re.compile(r"tritonserver/python_backend_stubs/3\.(\d+)/"),
 
 
 def read_host_packages(path: Path) -> set[str]:
+    """The distributions of a ``--host-packages`` file (one per line, ``#`` comments and
+    ``==version`` ignored), by canonical name."""
     names = set()
     for line in Path(path).read_text().splitlines():
         name = line.split("#", 1)[0].strip().split("==")[0].strip()
@@ -72,6 +77,8 @@ def read_host_packages(path: Path) -> set[str]:
 
 
 def host_provides(dist: str, host: set[str]) -> bool:
+    """Whether the host has ``dist``, by name or through an :data:`EQUIVALENT` (its
+    ``opencv-python-headless`` for our ``opencv-python``)."""
     return dist in host or any(canonical(e) in host for e in EQUIVALENT.get(dist, ()))
 
 
@@ -165,66 +172,14 @@ def assign_parts(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return parts
 
 
-INSTALL_PART_SH = r"""#!/usr/bin/env bash
-# Install one part of an sfdeploy GPU kit (written by benchmarks/gpukit.sh for CPython @PYTHON@).
-#   bash PART_DIR/install_part.sh [--python PY] [--checkout DIR] [--site DIR] [--kit-only] [--no-doctor]
-# Untars this part's packs into PY's purelib (site-packages; --site: another folder). When every part
-# of the kit has been installed there, installs the sfdeploy checkout (default: the current
-# directory) over them (pip install --no-deps --no-build-isolation -e: nothing is downloaded) and
-# runs `sfdeploy doctor` (--kit-only: neither).
-set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY=python3
-CHECKOUT="$PWD"
-SITE=""
-DOCTOR=1
-CHECKOUT_INSTALL=1
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --python) PY="$2"; shift 2 ;;
-    --checkout) CHECKOUT="$2"; shift 2 ;;
-    --site) SITE="$2"; shift 2 ;;
-    --kit-only) CHECKOUT_INSTALL=0; DOCTOR=0; shift ;;
-    --no-doctor) DOCTOR=0; shift ;;
-    *) echo "install_part.sh: unknown option $1 (use --python PY, --checkout DIR, --site DIR, --kit-only, --no-doctor)" >&2
-       exit 2 ;;
-  esac
-done
-fail() { echo "install_part.sh: $1" >&2; echo "  fix: $2" >&2; exit 1; }
-"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (@PY_MAJOR@, @PY_MINOR@))' \
-  || fail "$PY is not Python @PYTHON@" "pass --python with a Python @PYTHON@, or rebuild the kit with --python X.Y"
-[ -n "$SITE" ] || SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-[ -w "$SITE" ] || fail "$SITE is not writable" "run as a user who may install into $PY's site-packages"
-(cd "$HERE" && sha256sum --quiet -c SHA256SUMS) \
-  || fail "a pack of $(basename "$HERE") does not match its sha256" "copy the part again"
-for pack in "$HERE"/*.tar.xz; do
-  tar -xJf "$pack" -C "$SITE"
-done
-mkdir -p "$SITE/.sfdeploy-gpukit"
-cp "$HERE/PART" "$SITE/.sfdeploy-gpukit/$(cat "$HERE/PART" | head -n 1 | cut -d' ' -f1)"
-echo "install_part.sh: $(basename "$HERE") ($(ls "$HERE"/*.tar.xz | wc -l) packs) -> $SITE"
-missing=()
-for part in @PARTS@; do
-  [ -f "$SITE/.sfdeploy-gpukit/$part" ] || missing+=("$part")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "install_part.sh: still to install: ${missing[*]}"
-  exit 0
-fi
-if [ "$CHECKOUT_INSTALL" = 0 ]; then
-  echo "install_part.sh: every part installed in $SITE"
-  exit 0
-fi
-[ -f "$CHECKOUT/pyproject.toml" ] || fail "$CHECKOUT is not an sfdeploy checkout" "pass --checkout DIR"
-"$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e "$CHECKOUT"
-echo "install_part.sh: every part installed; sfdeploy from $CHECKOUT"
-if [ "$DOCTOR" = 1 ]; then
-  "$PY" -m sfdeploy doctor || true  # its table says what is missing (e.g. onnxruntime-gpu, optional)
-fi
-"""
+#: install_part.sh's text, with @PYTHON@, @PY_MAJOR@, @PY_MINOR@ and @PARTS@ to fill in
+INSTALL_PART_SH = Path(__file__).with_name("install_part.sh.in")
 
 
 def write_part(folder: Path, name: str, packs: list[Path], python: str, all_parts: list[str]) -> None:
+    """Fill ``folder`` as part ``name`` of the kit: its packs, their ``SHA256SUMS``, ``PART`` (its
+    name and packs) and its ``install_part.sh``, which knows every part of the kit (``all_parts``) to
+    tell when the install is complete."""
     folder.mkdir(parents=True, exist_ok=True)
     for pack_file in packs:
         shutil.move(str(pack_file), folder / pack_file.name)
@@ -232,12 +187,14 @@ def write_part(folder: Path, name: str, packs: list[Path], python: str, all_part
     (folder / "PART").write_text(f"{name} {' '.join(p.name.removesuffix('.tar.xz') for p in packs)}\n")
     major, minor = python.split(".")
     script = folder / "install_part.sh"
-    script.write_text(INSTALL_PART_SH.replace("@PYTHON@", python).replace("@PY_MAJOR@", major)
+    script.write_text(INSTALL_PART_SH.read_text().replace("@PYTHON@", python).replace("@PY_MAJOR@", major)
                       .replace("@PY_MINOR@", minor).replace("@PARTS@", " ".join(all_parts)))
     script.chmod(0o755)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``gpukit.sh``: resolve, download, unpack and pack, assign to parts, write them and
+    ``kit.json`` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="gpukit.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", required=True, help="target CPython version, e.g. 3.12")
     parser.add_argument("--out", required=True, type=Path, help="folder to write (new or empty)")

@@ -1,5 +1,6 @@
 """A wheelhouse for a GPU host without internet that already has CUDA torch (``benchmarks/wheelhouse.sh``
-runs ``python -m sfdeploy.wheelhouse`` from a source checkout: the sfdeploy wheel is built from it).
+runs this script from a source checkout: the sfdeploy wheel is built from it). A tool for building a
+release, not part of the library: it lives beside the script that runs it, not in the package.
 
 1. Resolve sfdeploy's runtime dependencies for the target Python on manylinux x86_64 with pip's
    own resolver (``pip install --dry-run --report``: metadata only, nothing is downloaded), torch
@@ -12,7 +13,7 @@ runs ``python -m sfdeploy.wheelhouse`` from a source checkout: the sfdeploy whee
 5. Write ``install.sh``: on the host it checks the Python and torch, reassembles and verifies every
    file (sha256), keeps the host's own copy of "host-first" packages (numpy: a numpy 2 host keeps
    numpy 2), and installs the rest with ``pip install --no-index --no-deps``, then runs
-   ``sfdeploy doctor``.
+   ``sfdeploy doctor`` (the script is ``wheelhouse_install.sh.in`` beside this file, filled in).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from packaging.utils import canonicalize_name as canonical  # PEP 503: what pip 
 
 from sfdeploy.artifacts import sha256
 
-REPO = Path(__file__).resolve().parents[1]  # the source checkout (pyproject.toml), checked in main()
+REPO = Path(__file__).resolve().parents[2]  # the source checkout (pyproject.toml), checked in main()
 ORT = {"gpu": "onnxruntime-gpu", "cpu": "onnxruntime", "none": None}
 # torch and what only torch pulls in: the host's CUDA build brings its own (nvidia-pytriton is shipped)
 DEFAULT_SKIP = "torch,triton,nvidia-cu*,nvidia-nccl*,nvidia-nv*,cuda-*"
@@ -47,6 +48,8 @@ def sfdeploy_project() -> dict:
 
 
 def sfdeploy_requirements(ort: str) -> list[str]:
+    """sfdeploy's runtime requirements plus those of the ``--ort`` extra (``none``: no ONNX Runtime),
+    as ``pyproject.toml`` pins them."""
     project = sfdeploy_project()
     return [*project["dependencies"], *project["optional-dependencies"].get(ort, [])]  # --ort none: no extra
 
@@ -115,12 +118,15 @@ def select(report: dict, requirements: list[str], python: str, skip: list[str]) 
 
 
 def download(ship: dict[str, dict], python: str, out: Path) -> None:
+    """Download exactly the versions pip resolved, as wheels for the target platform, without their
+    dependencies (the selection already has what ships)."""
     pins = [f"{item['metadata']['name']}=={item['metadata']['version']}" for item in ship.values()]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(out),
                     *platform_args(python), *pins], check=True)
 
 
 def build_sfdeploy(out: Path) -> Path:
+    """Build the sfdeploy wheel from this checkout into ``out``; returns its path."""
     before = set(out.glob("sfdeploy-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
                     "--wheel-dir", str(out), str(REPO)], check=True)
@@ -146,96 +152,15 @@ def split_large(out: Path, max_part_mb: float | None) -> list[dict]:
     return files
 
 
-INSTALL_SH = r"""#!/usr/bin/env bash
-# Offline install of sfdeploy and its runtime dependencies over this host's torch (and numpy).
-# Written by benchmarks/wheelhouse.sh for CPython @PYTHON@ on manylinux x86_64 (@ORT_NOTE@).
-#   bash install.sh [--python PYTHON] [--no-doctor] [-- EXTRA PIP ARGS]
-# PYTHON defaults to `python3` (the active virtual environment's, if one is active).
-set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY=python3
-DOCTOR=1
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --python) PY="$2"; shift 2 ;;
-    --no-doctor) DOCTOR=0; shift ;;
-    --) shift; break ;;
-    *) echo "install.sh: unknown option $1 (use --python PY, --no-doctor, -- PIP ARGS)" >&2; exit 2 ;;
-  esac
-done
-PIP_ARGS=("$@")
-fail() { echo "install.sh: $1" >&2; echo "  fix: $2" >&2; exit 1; }
-
-# 1. This wheelhouse's Python, and the host's torch.
-"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (@PY_MAJOR@, @PY_MINOR@))' \
-  || fail "$PY is Python $("$PY" -c 'import platform; print(platform.python_version())'), not @PYTHON@" \
-          "pass --python with a Python @PYTHON@, or rebuild the wheelhouse with wheelhouse.sh --python X.Y"
-"$PY" -c 'import torch' 2>/dev/null \
-  || fail "torch is not importable with $PY (the wheelhouse never ships torch)" \
-          "install the host's CUDA torch first (or pip install torch==2.13.0), then re-run install.sh"
-
-# 2. Reassemble the split files and check every file against its sha256.
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
-WHEELS=()
-while read -r name sha parts; do
-  if [ "$parts" = "0" ]; then
-    file="$HERE/$name"
-  else
-    file="$WORK/$name"
-    : > "$file"
-    for ((i = 0; i < parts; i++)); do
-      part="$HERE/$name@PART@$(printf '%03d' "$i")"
-      [ -f "$part" ] || fail "missing part $part" "copy every file of the wheelhouse, then re-run"
-      cat "$part" >> "$file"
-    done
-  fi
-  [ -f "$file" ] || fail "missing $HERE/$name" "copy every file of the wheelhouse, then re-run"
-  got="$("$PY" -c 'import hashlib, sys
-h, f = hashlib.sha256(), open(sys.argv[1], "rb")
-for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-print(h.hexdigest())' "$file")"
-  [ "$got" = "$sha" ] || fail "$name does not match its sha256 (a part truncated or missing in transfer?)" \
-                              "copy the wheelhouse again, then re-run"
-  WHEELS+=("$file")
-done < "$HERE/FILES"
-
-# 3. Host-first packages (@HOST_FIRST@): the host's own copy is kept when it has one.
-INSTALL=()
-for file in "${WHEELS[@]}"; do
-  dist="$(basename "$file" | cut -d- -f1 | tr 'A-Z_.' 'a-z--')"
-  if [[ " @HOST_FIRST@ " == *" $dist "* ]] && version="$("$PY" -c \
-       'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$dist" 2>/dev/null)"; then
-    echo "install.sh: keeping the host's $dist $version"
-    continue
-  fi
-  INSTALL+=("$file")
-done
-
-# 4. One ONNX Runtime build: onnxruntime and onnxruntime-gpu install the same module.
-for pair in "onnxruntime-gpu onnxruntime" "onnxruntime onnxruntime-gpu"; do
-  set -- $pair
-  if printf '%s\n' "${INSTALL[@]}" | grep -q "/${1//-/_}-[0-9]" && \
-     "$PY" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$2" 2>/dev/null; then
-    echo "install.sh: removing $2 (it provides the same onnxruntime module as $1)"
-    "$PY" -m pip uninstall -y "$2"
-  fi
-done
-
-# 5. Install offline, over the host's torch (and numpy): nothing is resolved or downloaded.
-"$PY" -m pip install --no-index --no-deps ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "${INSTALL[@]}"
-echo "install.sh: installed ${#INSTALL[@]} wheels"
-if [ "$DOCTOR" = 1 ]; then
-  "$PY" -m sfdeploy doctor
-fi
-"""
+#: install.sh's text, with @PYTHON@, @PY_MAJOR@, @PY_MINOR@, @PART@, @HOST_FIRST@ and @ORT_NOTE@ to fill in
+INSTALL_SH = Path(__file__).with_name("wheelhouse_install.sh.in")
 
 
 def write_install_script(out: Path, files: list[dict], python: str, host_first: list[str], ort: str) -> Path:
     """``FILES`` (name, sha256, number of parts per line) and ``install.sh`` in ``out``."""
     (out / "FILES").write_text("".join(f"{f['name']} {f['sha256']} {len(f['parts'])}\n" for f in files))
     major, minor = python.split(".")
-    text = (INSTALL_SH.replace("@PYTHON@", python).replace("@PY_MAJOR@", major).replace("@PY_MINOR@", minor)
+    text = (INSTALL_SH.read_text().replace("@PYTHON@", python).replace("@PY_MAJOR@", major).replace("@PY_MINOR@", minor)
             .replace("@PART@", PART).replace("@HOST_FIRST@", " ".join(canonical(h) for h in host_first))
             .replace("@ORT_NOTE@", f"ONNX Runtime: {ORT[ort] or 'none, the host keeps its own'}"))
     script = out / "install.sh"
@@ -245,6 +170,8 @@ def write_install_script(out: Path, files: list[dict], python: str, host_first: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``wheelhouse.sh``: resolve, select, download, build, split, and write ``install.sh`` and
+    ``wheelhouse.json`` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="wheelhouse.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", required=True, help="target CPython version, e.g. 3.12")
     parser.add_argument("--out", required=True, type=Path, help="folder to write (outside the repository)")

@@ -2,7 +2,7 @@
 
 A reader returns the frames at the asked indices as uint8 RGB ``[n, H, W, 3]`` on its CUDA device
 (no host round trip), or raises :class:`GpuDecodeFailed` with the reason, and the CPU decoder
-reads that stream instead (:mod:`sfdeploy.gpudecode.pool`). Indices are the CPU path's
+reads that stream instead (:mod:`sfdeploy.decode.gpu.route`). Indices are the CPU path's
 (:func:`sfdeploy.preprocess.sample_indices` over decord's frame count): a reader whose own count
 of the stream's frames differs refuses the stream rather than give other frames.
 
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.gpudecode.select import StreamInfo
+from sfdeploy.decode.gpu.select import StreamInfo
 from sfdeploy.preprocess import crop_offsets, resized_size
 
 #: frames resized at once: bounds the float32 copy (16 frames of 1080p: 400 MB)
@@ -43,6 +43,9 @@ class GpuDecodeFailed(Exception):
 
 
 class GpuReader(Protocol):
+    """What :class:`GpuClipMaker` needs of a GPU decoder, so that either backend (or a test's
+    stand-in) can sit behind it."""
+
     name: str  # the backend, as in GPU_BACKENDS
     device: Any  # torch.device
 
@@ -77,6 +80,8 @@ class PyNvVideoCodecReader:
         self.device = torch.device(device)
 
     def frames(self, source: str | bytes, indices: Sequence[int], info: StreamInfo) -> Any:
+        """The frames at sorted unique ``indices`` on :attr:`device`; :class:`GpuDecodeFailed` with the
+        reason where the stream is not one pynvvideocodec decodes as the CPU index says."""
         import PyNvVideoCodec as nvc
         import torch
 
@@ -114,6 +119,8 @@ class TorchCodecReader:
         self.device = torch.device(device)
 
     def frames(self, source: str | bytes, indices: Sequence[int], info: StreamInfo) -> Any:
+        """The frames at sorted unique ``indices`` on :attr:`device`; :class:`GpuDecodeFailed` where
+        torchcodec would fall back to its own CPU decoding or counts other frames than the CPU index."""
         from torchcodec.decoders import VideoDecoder, set_cuda_backend
 
         try:
@@ -137,6 +144,7 @@ READERS = {"pynvvideocodec": PyNvVideoCodecReader, "torchcodec": TorchCodecReade
 
 
 def open_reader(backend: str, device: str) -> GpuReader:
+    """The reader of GPU decoder ``backend`` (one of :data:`READERS`) on CUDA ``device``."""
     return READERS[backend](device)
 
 
