@@ -50,14 +50,14 @@ def run_infer(inputs: Sequence[str | Path], out: str | Path, target: ModelTarget
     :class:`~sfdeploy.scale.engine.RayOptions` fields (``address``, ``actor_cpus``,
     ``stall_timeout_s``); the local engine does not use them."""
     options = options or InferOptions()
-    if engine == "ray":
-        from sfdeploy.scale.engine import RayOptions, infer_ray
+    if engine == "local":
+        check_local(target, options)
+        from sfdeploy.client import Classifier, infer
 
-        return infer_ray(inputs, out, RayOptions(target, options, **ray), resume=resume, show_progress=show_progress)
-    if engine != "local":
+        with Classifier.open(target) as classifier:
+            return infer(inputs, out, classifier, options, resume=resume, show_progress=show_progress)
+    if engine != "ray":
         raise OptionError(f"unknown engine '{engine}'", option="--engine", fix=f"use one of {', '.join(ENGINES)}")
-    check_local(target, options)
-    from sfdeploy.client import Classifier, infer
+    from sfdeploy.scale.engine import RayOptions, infer_ray
 
-    with Classifier.open(target) as classifier:
-        return infer(inputs, out, classifier, options, resume=resume, show_progress=show_progress)
+    return infer_ray(inputs, out, RayOptions(target, options, **ray), resume=resume, show_progress=show_progress)

@@ -39,7 +39,7 @@ from sfdeploy.device import DEFAULT_DEVICE, Device
 from sfdeploy.errors import ExportError, InputError
 from sfdeploy.fsutil import commit, ensure_writable_dir, partial_path, remove_partials
 from sfdeploy.precision import AUTO, UNSUPPORTED, parse_precisions, torch_dtype
-from sfdeploy.runtime.placement import backend_device
+from sfdeploy.runtime.placement import format_device
 
 if TYPE_CHECKING:
     from sfdeploy.export.rewrites import Rewrites
@@ -60,7 +60,7 @@ class ExportOptions:
     fp16: bool = False  # also fp16, whatever `precisions` says (the older spelling of adding it)
     views: int = 1
     # where the reduced precisions are traced, the AOTInductor package compiled, the self-checks
-    # and the parity gate run: auto, cpu, cuda (per backend, see sfdeploy.runtime.placement.backend_device)
+    # and the parity gate run: auto, cpu, cuda (per format, see sfdeploy.runtime.placement.format_device)
     device: Device = Device(DEFAULT_DEVICE)
     parity_videos: int = 64
     parity_data: Path | None = None  # a prepared DATA folder to take parity clips from
@@ -100,7 +100,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     plan = plan_artifacts(formats, opts.precisions, opts.fp16, device)
     # Where each format's artifacts are checked and gated; an explicit device ONNX Runtime cannot
     # use fails here, before any work. The torch formats run on the export's device.
-    run_on = {fmt: backend_device(FORMAT_BACKEND[fmt], opts.device) for fmt in formats}
+    run_on = {fmt: format_device(fmt, opts.device) for fmt in formats}
     started = time.monotonic()
 
     log.info("[1/6] loading the trained model from %s", work_dir)

@@ -30,7 +30,7 @@ from sfdeploy.runtime.base import (  # noqa: F401 - the interface, read from her
     is_ort_value,
     is_torch_tensor,
 )
-from sfdeploy.runtime.placement import backend_device
+from sfdeploy.runtime.placement import format_device
 
 #: the predictor class of each artifact format, by module (imported when used)
 PREDICTORS: dict[str, tuple[str, str]] = {
@@ -62,13 +62,11 @@ def open_local(backend: str, export_dir: Path, *, precision: str = "fp32", devic
                threads: int | None = None) -> LocalPredictor:
     """A predictor for an artifact of ``export_dir``, read through its manifest (and verified
     against the sha256 recorded there). ``device`` may be ``auto``: see
-    :func:`sfdeploy.runtime.placement.backend_device`; for an AOTInductor package, ``auto`` is the device
-    kind it was compiled for."""
+    :func:`sfdeploy.runtime.placement.format_device` (for an AOTInductor package, ``auto`` is the
+    device kind it was compiled for)."""
     fmt = backend_format(backend)
     manifest = Manifest.read(export_dir)
     key = artifact_key(fmt, precision)
-    compiled_for = manifest.artifact(key, export_dir).device_kind
-    if compiled_for and Device(device).is_auto:
-        device = compiled_for
-    run_on = backend_device(backend, device)
-    return open_artifact(manifest.artifact_path(export_dir, key), fmt, device=run_on, threads=threads)
+    path = manifest.artifact_path(export_dir, key)
+    run_on = format_device(fmt, device, compiled_for=manifest.artifacts[key].device_kind)
+    return open_artifact(path, fmt, device=run_on, threads=threads)

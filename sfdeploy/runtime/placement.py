@@ -1,8 +1,8 @@
 """Where a local backend runs: the one rule for what ``--device`` means to each runtime.
 
-* :func:`backend_device`: the :class:`~sfdeploy.device.Device` a local backend (``torchscript``,
-  ``onnxruntime``, ...) runs on when a device is asked for; ``auto`` is the best one the backend
-  can use on this machine, an explicit device a demand.
+* :func:`format_device` (and :func:`backend_device`, by backend): the :class:`~sfdeploy.device.Device`
+  an artifact format (a local backend: ``torchscript``, ``onnxruntime``, ...) runs on when a device
+  is asked for; ``auto`` is the best one it can use on this machine, an explicit device a demand.
 * ONNX Runtime's CUDA provider, as far as it can be known without opening a session:
   :func:`ort_cuda_installed` (compiled in, i.e. the onnxruntime-gpu build) and the error for CUDA
   asked of the CPU build (:func:`ort_no_cuda_error`). Whether the provider *loads* is only known
@@ -56,15 +56,24 @@ def ort_no_cuda_error() -> EnvironmentProblem:
 
 def backend_device(backend: str, requested: str | Device = DEFAULT_DEVICE) -> Device:
     """Where local ``backend`` (``torchscript`` / ``onnxruntime`` / ...) runs when ``requested`` is
-    asked for: ``cpu`` or ``cuda[:N]``.
+    asked for: :func:`format_device` of the format it runs."""
+    return format_device(backend_format(backend), requested)
+
+
+def format_device(fmt: str, requested: str | Device = DEFAULT_DEVICE, *, compiled_for: str | None = None) -> Device:
+    """Where an artifact of format ``fmt`` runs when ``requested`` is asked for: ``cpu`` or
+    ``cuda[:N]``. The one rule for what ``--device`` means to each runtime.
 
     An explicit device is a demand: ``cuda`` that torch cannot see, or that the installed
     onnxruntime has no CUDA provider for, is an error here, and a provider that is installed but
-    does not load is an error when the session opens. ``auto`` is the best device the backend can
+    does not load is an error when the session opens. ``auto`` is the best device the format can
     use on this machine: CUDA when torch sees a GPU and, for ONNX Runtime, the installed build has
-    the CUDA provider; otherwise the CPU (logged, and recorded by whoever records devices)."""
-    fmt = backend_format(backend)
+    the CUDA provider; otherwise the CPU (logged, and recorded by whoever records devices). For an
+    artifact built for one device kind (``compiled_for``: an AOTInductor package), ``auto`` is that
+    kind, and another kind is refused when the artifact loads, with the reason."""
     requested = Device(requested)
+    if compiled_for and requested.is_auto:
+        requested = Device(compiled_for)
     if fmt == "onnx" and requested.is_cuda and not ort_cuda_installed():
         raise ort_no_cuda_error()  # first: on a GPU machine, the one thing to fix
     device = requested.resolve()
