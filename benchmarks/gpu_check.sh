@@ -122,6 +122,10 @@ for s in probe_backends(): print(s)'
     [ -f "$STATE/export-all/manifest.json" ] && cp "$STATE/export-all/manifest.json" "$OUT/export-all-manifest.json"
     step repo-auto 60 "$PY" -m sfdeploy repo "$STATE/export-all" --repo "$STATE/repo-auto" --device cuda --no-video
     [ -f "$STATE/repo-auto/slowfast/config.pbtxt" ] && cp "$STATE/repo-auto/slowfast/config.pbtxt" "$OUT/repo-auto.pbtxt"
+    # --device auto with an AOTInductor package: the Device value and the placement rule on a GPU
+    # (auto = the kind the package was compiled for), and the one decode pool feeding it
+    step infer-aoti-auto 90 "$PY" -m sfdeploy infer "$STATE/demo/videos" --backend aoti --export "$STATE/export-all" \
+      --precision fp16 --decode auto --out "$OUT/infer-aoti-auto.csv"
     step pytest-gpu-formats 300 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --timeout 290 \
       --junitxml "$OUT/pytest-gpu-formats.xml" tests/test_gpu.py -k "parity or new_formats or measured_fastest"
     step bench-model-formats 400 "$PY" -m sfdeploy "${BENCH[@]}" --stage model
