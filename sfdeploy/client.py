@@ -94,7 +94,7 @@ class Classifier:
         from sfdeploy.decode.gpu.gate import read_gates
         from sfdeploy.decode.gpu.select import plan_decoding, probe_backends
 
-        device = getattr(self.predictor, "device", "remote")
+        device = self.predictor.device
         on_gpu = decode != "cpu" and is_cuda(device)
         plan = plan_decoding(decode, device=device, statuses=probe_backends() if on_gpu else [],
                              gates=read_gates(self.export_dir) if on_gpu else None)

@@ -31,6 +31,9 @@ from sfdeploy.errors import EnvironmentProblem, InputError
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DEFAULT_DEVICE = "auto"
 
+#: the ``device`` of a served model's predictor: the model runs on the server, not on a device here
+REMOTE = "remote"
+
 #: the Triton instance kind of each device kind (``instance_group { kind: ... }``)
 TRITON_KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU"}
 
@@ -121,11 +124,6 @@ class Device(str):
 
 
 def is_cuda(device: str) -> bool:
-    """Whether ``device`` (a :class:`Device` or a name it accepts) is a GPU; a name outside the
-    vocabulary (``remote``: the device of a served model's predictor, which runs elsewhere) is not.
-    For code handed any predictor's ``device``; a value known to be a :class:`Device` is asked
-    ``.is_cuda`` directly."""
-    try:
-        return Device(device).is_cuda
-    except InputError:
-        return False
+    """Whether a predictor's ``device`` (a :class:`Device`, a name it accepts, or :data:`REMOTE`)
+    is a GPU here. A value known to be a :class:`Device` is asked ``.is_cuda`` directly."""
+    return device != REMOTE and Device(device).is_cuda

@@ -14,3 +14,5 @@ DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_HTTP_URL = f"{LOOPBACK}:{DEFAULT_HTTP_PORT}"
+#: the protocols a Triton client speaks (``--protocol``; http, the first, is the default)
+PROTOCOLS: tuple[str, ...] = ("http", "grpc")

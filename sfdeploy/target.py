@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from sfdeploy.artifacts import LOCAL_BACKENDS
 from sfdeploy.device import DEFAULT_DEVICE, Device
-from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL
+from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL, PROTOCOLS
 from sfdeploy.errors import InputError
 from sfdeploy.precision import DEFAULT_RUN_PRECISION, RUN_PRECISIONS
 
@@ -37,7 +37,6 @@ SERVED = "triton"  # the backend of a served model
 BACKENDS: tuple[str, ...] = (SERVED, *LOCAL_BACKENDS)
 #: the local backend when an export is given and no backend is (`infer --export`, `eval`)
 DEFAULT_LOCAL_BACKEND = "onnxruntime"
-PROTOCOLS: tuple[str, ...] = ("http", "grpc")
 
 
 @dataclass(frozen=True)

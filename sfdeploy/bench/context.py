@@ -119,7 +119,7 @@ class Context:
     def served_target(self, protocol: str, *, shm: bool = False, server_decode: bool = False) -> ModelTarget:
         """The served model of :meth:`server`, over ``protocol``."""
         server = self.server()
-        return ModelTarget(backend=SERVED, urls=(server.http_url if protocol == "http" else server.grpc_url,),
+        return ModelTarget(backend=SERVED, urls=(server.url(protocol),),
                            protocol=protocol, model=SERVED_MODEL, shm=shm, server_decode=server_decode)
 
     def local(self, backend: str, precision: str, device: Device, rewrites: str = suites.REWRITTEN,

@@ -143,9 +143,9 @@ def target_options(*, export_option: bool = True, several_urls: bool = False, tr
     ``export_option=False``: the command takes EXPORT as its argument (``export_dir``) instead.
     ``several_urls``: ``--url`` may be repeated (``infer --engine ray`` spreads over them).
     An invalid combination is a usage error (exit code 2), before anything runs."""
-    from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL
+    from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL, PROTOCOLS
     from sfdeploy.precision import DEFAULT_RUN_PRECISION, RUN_PRECISIONS
-    from sfdeploy.target import BACKENDS, DEFAULT_LOCAL_BACKEND, PROTOCOLS, SERVED
+    from sfdeploy.target import BACKENDS, DEFAULT_LOCAL_BACKEND, SERVED
 
     options = [
         click.option("--backend", type=click.Choice(BACKENDS),

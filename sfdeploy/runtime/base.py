@@ -27,7 +27,7 @@ class Predictor(Protocol):
 
     name: str
     spec: ClipSpec
-    device: str  # where the model runs: "cpu", "cuda:N", or "remote" for a served model
+    device: str  # where the model runs: "cpu", "cuda:N", or sfdeploy.device.REMOTE for a served model
 
     def predict(self, frames: Frames) -> np.ndarray:
         """uint8 ``[N, V, T, H, W, 3]`` (numpy or torch, see the module docstring) -> float32

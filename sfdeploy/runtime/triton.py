@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.clipspec import spec_of
+from sfdeploy.device import REMOTE
 from sfdeploy.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 from sfdeploy.errors import ServingError
 from sfdeploy.runtime.base import Frames, check_batch, host_array
@@ -98,7 +99,7 @@ class TritonPredictor:
         self._states: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.name = f"triton-{protocol}:{model}"
-        self.device = "remote"  # wherever the server's model instances run
+        self.device = REMOTE  # wherever the server's model instances run
         client = self._client()
         try:
             live = client.is_server_live()

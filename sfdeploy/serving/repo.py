@@ -183,7 +183,7 @@ def write_repository(export_dir: Path, opts: RepoOptions) -> list[Path]:
     check_options(opts)
     spec = manifest.clip_spec
     # The repository may be written here for a GPU server elsewhere: "gpu" needs no GPU here.
-    kind = Device(opts.device).resolve(must_exist=False).instance_kind
+    kind = opts.device.resolve(must_exist=False).instance_kind
     choice = choose_for_export(manifest, kind, opts.runtime, opts.precision)
     runtime, precision = choice.runtime, choice.precision
     log.info("%s serves %s %s on %s instances: %s", opts.name, runtime, precision, kind, choice.why)

@@ -34,7 +34,7 @@ import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sfdeploy.device import is_cuda
+from sfdeploy.device import REMOTE, is_cuda
 from sfdeploy.errors import EnvironmentProblem, InputError
 
 #: The GPU decoders, in order of preference for ``--decode gpu|auto``. The order is the measured
@@ -203,7 +203,7 @@ def plan_decoding(mode: str, *, device: str, statuses: Sequence[BackendStatus],
         return DecodePlan(mode, None, device, "--decode cpu")
     forced = mode != "auto"
     if not is_cuda(device):
-        why = ("the model is served by Triton, which takes clips in host memory here" if device == "remote"
+        why = ("the model is served by Triton, which takes clips in host memory here" if device == REMOTE
                else f"the model runs on {device}")
         if forced:
             raise InputError(f"--decode {mode} leaves the decoded clips on the GPU for the model, but {why}",
