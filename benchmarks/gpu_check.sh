@@ -7,7 +7,9 @@
 #   benchmarks/gpu_check.sh 2   # install kit part 2 (tritonserver), then `sfdeploy demo`, the record's
 #                               # triton and e2e stages, and `pytest -m gpu`
 #   benchmarks/gpu_check.sh 3   # GPU decoding (issue 19; a kit made with --extra nvdec): install the kit's
-#                               # further parts, the decoders' probe, tests/test_gpu_decode.py, the fidelity
+#                               # further parts, the decoders' probe, tests/test_gpu_decode.py (issue 33 too:
+#                               # a stream growing past the pixel limit refused on the GPU path, with the GPU
+#                               # memory it took printed in pytest-gpu-decode's output), the fidelity
 #                               # gate per decoder on the demo export, and the record's e2e stage again (its
 #                               # gpu-decode rows beside the CPU decode-only ceiling measured in call 2)
 #   benchmarks/gpu_check.sh 4   # torch.export / AOTInductor (issue 32): the demo's model exported on the GPU
@@ -105,7 +107,7 @@ case "$PHASE" in
     step nvdec-probe 60 "$PY" -c 'from sfdeploy.decode.gpu.select import probe_backends
 for s in probe_backends(): print(s)'
     step demo 120 "$PY" -m sfdeploy demo --workdir "$STATE/demo"
-    step pytest-gpu-decode 240 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --timeout 230 \
+    step pytest-gpu-decode 240 "$PY" -m pytest -m gpu -q -rA -s -p no:cacheprovider --timeout 230 \
       --junitxml "$OUT/pytest-gpu-decode.xml" tests/test_gpu_decode.py
     for decoder in pynvvideocodec torchcodec; do
       step "fidelity-$decoder" 150 "$PY" benchmarks/gpu_fidelity.py --export "$STATE/demo/export" \

@@ -7,7 +7,7 @@ reads (``EXPORT/decode_fidelity.json``). The logic is :mod:`sfdeploy.bench.fidel
 
     python benchmarks/gpu_fidelity.py --export EXPORT --candidate pynvvideocodec   # on a GPU host
     python benchmarks/gpu_fidelity.py --export EXPORT --candidate torchcodec
-    python benchmarks/gpu_fidelity.py --export EXPORT --candidate pyav --device cpu --per-size 1  # CPU check
+    python benchmarks/gpu_fidelity.py --export EXPORT --candidate decord --device cpu --per-size 1  # CPU check
 """
 
 from __future__ import annotations

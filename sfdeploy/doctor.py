@@ -174,8 +174,9 @@ def check_opencv() -> Check:
 
 
 def check_decoders() -> Check:
-    """decord and PyAV installed, and the adapter (sfdeploy.decode) decoding a 72 px wide h264 clip,
-    a width decord mis-decodes, through its PyAV fallback, and a 96 px one through decord."""
+    """decord and PyAV installed, and the adapter (sfdeploy.decode: decord's index, PyAV's frames
+    capped at the pixel limit) reading a 96 px wide h264 clip and a 72 px one, a width decord
+    itself mis-decodes."""
     versions = {dist: _version(dist) for dist in ("decord", "av")}
     reinstall = f"pip install --force-reinstall {_pins(*versions)}"
     missing = [dist for dist, version in versions.items() if version is None]
@@ -184,7 +185,7 @@ def check_decoders() -> Check:
     import numpy as np
 
     from sfdeploy.data.synth import encode_h264
-    from sfdeploy.decode import DecodeError, open_video
+    from sfdeploy.decode import MAX_VIDEO_PIXELS, DecodeError, open_video
 
     seen = []
     try:
@@ -194,7 +195,8 @@ def check_decoders() -> Check:
                 seen.append((width, video.decoder, len(frames)))
     except DecodeError as exc:  # reported, not raised
         return Check("decoders", FAIL, f"cannot decode a test video: {exc.message}", reinstall)
-    detail = (f"decord {versions['decord']}, PyAV {versions['av']} (fallback for streams decord mis-decodes): "
+    detail = (f"decord {versions['decord']} (indexes), PyAV {versions['av']} (decodes, capped at "
+              f"{MAX_VIDEO_PIXELS:,} pixels a frame): "
               + ", ".join(f"{w} px -> {d} ({n}/8 frames)" for w, d, n in seen))
     ok = all(n == 8 for _, _, n in seen)
     return Check("decoders", OK if ok else FAIL, detail,

@@ -8,12 +8,20 @@ big-endian length followed by that many bytes:
 
 * parent -> worker: a handshake ``pickle({sys_path, fn, init})`` (``fn`` and ``init`` as
   ``module:qualified.name``; the worker takes the parent's ``sys.path`` so it imports the same
-  modules); then one message per item, ``index (8 bytes) + pickle(item)``; closing the pipe
-  tells the worker to exit.
+  modules); then one message per item (:func:`pack`); closing the pipe tells the worker to exit.
 * worker -> parent: ``pickle(("ready", None))`` or ``pickle(("fatal", reason))`` once ``fn``
   and ``init`` are imported and ``init`` has run; then one message per item, in order,
-  ``index (8 bytes) + pickle(("ok", result) | ("error", "Type: message"))``. An item that does
-  not unpickle, or a result that does not pickle, is that item's error.
+  ``pack(index, ("ok", result) | ("error", "Type: message"))``. An item that does not unpickle,
+  or a result that does not pickle, is that item's error.
+
+An item or result message is ``index (8 bytes), n (4 bytes), n buffer sizes (8 bytes each), the
+pickle (protocol 5), the n buffers``. Large buffers cross out of band, never copied into a
+pickle: numpy arrays (decoded clips) by their own protocol-5 support, and ``bytes`` of at least
+:data:`OUT_OF_BAND` (an encoded video, sent as a ``memoryview``) by :class:`_Pickler`; they arrive as
+views of the one buffer the message was read into (a read-only ``memoryview``). Why: a Triton
+``<name>_video`` instance hands each upload to its worker, and joined copies (pickle, index,
+length prefix, the slices on the way back) made a 250 MB upload cost 1.25 GB in the instance and
+0.75 GB in the worker; it now costs the upload itself on each side.
 
 Pickle only ever crosses this private pipe between sfdeploy's own parent and the worker it
 started: nothing is unpickled from a file, a socket or anyone else.
@@ -27,6 +35,7 @@ directions cannot deadlock it, and a hung worker cannot stop it from noticing ti
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import pickle
 import selectors
@@ -41,7 +50,11 @@ from typing import Any
 
 LENGTH = struct.Struct(">Q")
 INDEX = struct.Struct(">Q")
+COUNT = struct.Struct(">I")
 _CHUNK = 1 << 20
+OUT_OF_BAND = 1 << 16  # a ``bytes`` object this large crosses as a buffer of its own, not inside the pickle
+
+Part = bytes | memoryview
 
 
 def message(body: bytes) -> bytes:
@@ -67,20 +80,70 @@ def import_ref(ref: str) -> Callable[..., Any]:
     return target
 
 
-def _read_exact(stream: Any, size: int) -> bytes | None:
-    data = stream.read(size)
-    if not data:
-        return None
-    if len(data) != size:
-        raise EOFError(f"the parent closed the pipe mid-message ({len(data)} of {size} bytes)")
-    return data
+def _as_view(buffer: Any) -> memoryview:
+    """How a large ``bytes`` object arrives: a read-only view of the message it came in (no copy)."""
+    return memoryview(buffer).toreadonly()
 
 
-def _read_message(stream: Any) -> bytes | None:
-    header = _read_exact(stream, LENGTH.size)
-    if header is None:
+class _Pickler(pickle.Pickler):
+    """Protocol 5, with memoryviews (and ``bytes`` subclasses, such as numpy's ``bytes_``) of at
+    least :data:`OUT_OF_BAND` sent out of band, as numpy arrays already are; smaller views as
+    ``bytes``. Exact ``bytes`` never reach this hook (pickle's fast path copies them into the
+    stream): a sender that wants a large one out of band passes ``memoryview(data)``."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (memoryview, bytes)):
+            if memoryview(obj).nbytes >= OUT_OF_BAND:
+                return _as_view, (pickle.PickleBuffer(obj),)
+            return bytes, (bytes(obj),)
+        return NotImplemented
+
+
+def pack(index: int, obj: Any) -> list[Part]:
+    """The framed message of item or result ``index`` holding ``obj``, as parts to write one after
+    the other (see the module docstring): the large buffers are ``obj``'s own memory, not copies."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(obj)
+    data = stream.getbuffer()
+    raws = [buffer.raw() for buffer in buffers]
+    head = INDEX.pack(index) + COUNT.pack(len(raws)) + b"".join(LENGTH.pack(raw.nbytes) for raw in raws)
+    size = len(head) + data.nbytes + sum(raw.nbytes for raw in raws)
+    return [LENGTH.pack(size) + head, data, *raws]
+
+
+def unpack(body: bytearray | memoryview) -> tuple[int, Any]:
+    """``(index, obj)`` of a message body made by :func:`pack`; the large buffers in ``obj`` are
+    views of ``body``."""
+    view = memoryview(body)
+    (index,) = INDEX.unpack_from(view)
+    (count,) = COUNT.unpack_from(view, INDEX.size)
+    at = INDEX.size + COUNT.size
+    sizes = [LENGTH.unpack_from(view, at + i * LENGTH.size)[0] for i in range(count)]
+    at += count * LENGTH.size
+    end = len(view) - sum(sizes)
+    buffers, start = [], end
+    for size in sizes:
+        buffers.append(view[start:start + size])
+        start += size
+    return index, pickle.loads(view[at:end], buffers=buffers)
+
+
+def _read_message(stream: Any) -> bytearray | None:
+    """The next message's body, read into one buffer of its size (None when the parent closed the pipe)."""
+    header = stream.read(LENGTH.size)
+    if not header:
         return None
-    return _read_exact(stream, LENGTH.unpack(header)[0]) or b""
+    if len(header) != LENGTH.size:
+        raise EOFError("the parent closed the pipe mid-message")
+    body = bytearray(LENGTH.unpack(header)[0])
+    view, got = memoryview(body), 0
+    while got < len(body):
+        step = stream.readinto(view[got:])
+        if not step:
+            raise EOFError(f"the parent closed the pipe mid-message ({got} of {len(body)} bytes)")
+        got += step
+    return body
 
 
 def child_main() -> int:
@@ -93,8 +156,9 @@ def child_main() -> int:
     os.dup2(null, 0)
     os.close(null)
 
-    def send(body: bytes) -> None:
-        reply.write(message(body))
+    def send(*parts: Part) -> None:
+        for part in parts:
+            reply.write(part)
         reply.flush()
 
     hello = _read_message(requests)
@@ -107,16 +171,17 @@ def child_main() -> int:
         if setup["init"]:
             import_ref(setup["init"])()
     except BaseException as exc:  # reported to the parent, which raises it as an EnvironmentProblem
-        send(pickle.dumps(("fatal", f"{type(exc).__name__}: {exc}")))
+        send(message(pickle.dumps(("fatal", f"{type(exc).__name__}: {exc}"))))
         return 1
-    send(pickle.dumps(("ready", None)))
+    send(message(pickle.dumps(("ready", None))))
     while (body := _read_message(requests)) is not None:
+        (index,) = INDEX.unpack_from(body)
         try:
-            outcome: Any = ("ok", fn(pickle.loads(body[INDEX.size:])))
-            payload = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+            parts = pack(index, ("ok", fn(unpack(body)[1])))
         except Exception as exc:  # reported to the parent as this item's failure
-            payload = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
-        send(body[:INDEX.size] + payload)
+            parts = pack(index, ("error", f"{type(exc).__name__}: {exc}"))
+        del body  # the item's memory goes before the next one is read
+        send(*parts)
     return 0
 
 
@@ -169,9 +234,10 @@ class Pipes:
         self.workers.append(worker)
         self.send(worker, self.handshake)
 
-    def send(self, worker: Worker, data: bytes) -> None:
-        """Queue ``data`` (a framed message) for ``worker`` and write what its pipe takes now, without blocking."""
-        worker.outgoing.append(memoryview(data))
+    def send(self, worker: Worker, *parts: Part) -> None:
+        """Queue a framed message (in ``parts``, written one after the other, never joined) for
+        ``worker`` and write what its pipe takes now, without blocking."""
+        worker.outgoing.extend(memoryview(part).cast("B") for part in parts)
         self.flush(worker)
 
     def flush(self, worker: Worker) -> None:
@@ -210,14 +276,15 @@ class Pipes:
             worker.incoming += chunk
 
     @staticmethod
-    def messages(worker: Worker) -> Iterator[bytes]:
-        """Complete messages received from the worker, in order."""
+    def messages(worker: Worker) -> Iterator[bytearray]:
+        """Complete messages received from the worker, in order (each body a buffer of its own,
+        which the arrays of a result then view)."""
         while len(worker.incoming) >= LENGTH.size:
             (size,) = LENGTH.unpack_from(worker.incoming)
             end = LENGTH.size + size
             if len(worker.incoming) < end:
                 return
-            body = bytes(worker.incoming[LENGTH.size:end])
+            body = worker.incoming[LENGTH.size:end]
             del worker.incoming[:end]
             yield body
 

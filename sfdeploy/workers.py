@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.worker_protocol import INDEX, Pipes, Worker, message, resolve
+from sfdeploy.worker_protocol import Pipes, Worker, message, pack, resolve, unpack
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -206,8 +206,7 @@ class IsolatedPool(Generic[T, R]):
                 worker.ready = True
                 worker.since = time.monotonic()
                 continue
-            (index,) = INDEX.unpack_from(body)
-            status, value = pickle.loads(body[INDEX.size:])
+            index, (status, value) = unpack(body)
             expected = worker.assigned.popleft()
             if index != expected:
                 raise RuntimeError(f"worker answered item {index} before item {expected}")  # a protocol bug
@@ -221,7 +220,7 @@ class IsolatedPool(Generic[T, R]):
             while todo and len(worker.assigned) < self.prefetch and not worker.eof:
                 index = todo.popleft()
                 try:
-                    payload = pickle.dumps(items[index], protocol=pickle.HIGHEST_PROTOCOL)
+                    parts = pack(index, items[index])
                 except Exception as exc:  # this item cannot travel; the others can
                     yield index, self.on_failure(items[index], WorkerFailure(
                         "error", f"cannot send the item to a worker ({type(exc).__name__}: {exc})"))
@@ -229,7 +228,7 @@ class IsolatedPool(Generic[T, R]):
                 if not worker.assigned:
                     worker.since = time.monotonic()
                 worker.assigned.append(index)
-                pipes.send(worker, message(INDEX.pack(index) + payload))
+                pipes.send(worker, *parts)
         for key, events in pipes.selector.select(timeout=_POLL_S):
             worker = key.data
             if worker not in pipes.workers:

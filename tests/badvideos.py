@@ -108,7 +108,7 @@ def bad_input_matrix(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         "very_long": encoded_video(b / "long.mp4", 96, 96, frames=1500, seed=1),
         "variable_frame_rate": encoded_video(b / "vfr.mp4", 96, 96, frames=60, vfr=True, seed=2),
         "plain_b": good_video(b / "plain.mp4", frames=48, motion="move_right"),
-        # decord mis-decodes 72 px wide streams: sfdeploy decodes it with PyAV, in training and serving
+        # decord mis-decodes 72 px wide streams: sfdeploy decodes every stream with PyAV (decord only indexes)
         "decord_width_bug": encoded_video(b / "narrow_72.mp4", 72, 128, frames=40, seed=3),
     }
     failing = {
@@ -126,6 +126,28 @@ def decompression_bomb(path: Path, width: int = 4096, height: int = 4096, frames
     return _flat_h264(path, width, height, frames)
 
 
+def growing_stream(path: Path, small: tuple[int, int] = (64, 64), large: tuple[int, int] = (8192, 8192),
+                   frames: int = 2) -> Path:
+    """A stream whose header and first 8 frames are ``small`` (width, height) and whose last
+    ``frames`` frames are ``large``: two MPEG-TS h264 segments one after the other (a valid stream:
+    the second brings its own parameter sets). Its header passes any limit; decoding its later
+    frames takes gigabytes (flat black: ~2 s to make, a few hundred KB)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_flat_h264_segment(*small, 8) + _flat_h264_segment(*large, frames))
+    return path
+
+
+def _flat_h264_segment(width: int, height: int, frames: int) -> bytes:
+    import io
+
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="mpegts") as container:
+        _encode_flat(container, width, height, frames)
+    return out.getvalue()
+
+
 def many_small_frames(path: Path, frames: int = 20_000, size: int = 16) -> Path:
     """The harmless opposite: a long video of tiny frames (decodes the clip's frames only)."""
     return _flat_h264(path, size, size, frames)
@@ -136,13 +158,19 @@ def _flat_h264(path: Path, width: int, height: int, frames: int) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "40"}
-        image = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), dtype=np.uint8), format="rgb24")
-        for _ in range(frames):
-            for packet in stream.encode(image):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        _encode_flat(container, width, height, frames)
     return path
+
+
+def _encode_flat(container: object, width: int, height: int, frames: int) -> None:
+    import av
+
+    stream = container.add_stream("libx264", rate=25)  # type: ignore[attr-defined]
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.options = {"preset": "ultrafast", "crf": "40"}
+    image = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), dtype=np.uint8), format="rgb24")
+    for _ in range(frames):
+        for packet in stream.encode(image):
+            container.mux(packet)  # type: ignore[attr-defined]
+    for packet in stream.encode():
+        container.mux(packet)  # type: ignore[attr-defined]

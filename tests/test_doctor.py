@@ -17,7 +17,7 @@ def test_all_checks_pass_in_the_installed_environment() -> None:
     assert {"torch", "decoders", "tritonserver", "mmaction2 stack", "onnxruntime", "ray"} <= names
     decoders = next(c for c in results if c.name == "decoders")
     assert "decord 0.6.0" in decoders.detail and "PyAV 17.0.1" in decoders.detail
-    assert "72 px -> pyav (8/8 frames)" in decoders.detail  # the fallback, on a width decord mis-decodes
+    assert "72 px -> pyav (8/8 frames)" in decoders.detail  # a width decord itself mis-decodes
 
 
 def test_a_failing_check_prints_its_fix_and_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """GPU decoding (sfdeploy.decode.gpu), the parts that run without a GPU: the decision rules on plain
 values, the real "not installed" situation of this machine, the resize and crop the GPU runs
 (here on CPU tensors, against OpenCV's), the routed decoding with its per-video decoder and reason,
-the fidelity harness on decord against PyAV, the gate file, `infer --decode`, the output columns,
+the fidelity harness on decord against the CPU path's PyAV, the gate file, `infer --decode`, the output columns,
 and the bench's GPU-decoding rows and targets. The NVDEC path itself: tests/test_gpu_decode.py."""
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_routed_decoding_on_the_cpu_says_which_decoder_read_each_video(tmp_path:
     plan = plan_decoding("auto", device="cpu", statuses=[])
     with DecodePool(SPEC, plan=plan, workers=1) as pool:
         results = {i: (clip, how) for i, clip, how in pool.decode(videos)}
-    assert [results[i][1].decoder for i in range(3)] == ["decord", "pyav", ""]  # pyav: decord's width bug
+    assert [results[i][1].decoder for i in range(3)] == ["pyav", "pyav", ""]  # every CPU decode: PyAV
     assert results[0][1].reason == "the model runs on cpu"
     for i in (0, 1):
         assert np.array_equal(results[i][0], load_video(str(videos[i]), SPEC))
@@ -153,18 +153,20 @@ def test_routed_decoding_on_the_cpu_says_which_decoder_read_each_video(tmp_path:
 
 class _StandInGpu:
     """A GPU decoder on the CPU: the CPU path's pixels at the indices the worker sampled; it fails
-    on a file whose name says so."""
+    on a file whose name says so, and refuses one named "grown" as frames over the limit."""
 
-    def __init__(self, backend: str, device: str, spec: ClipSpec) -> None:
+    def __init__(self, backend: str, device: str, spec: ClipSpec, max_pixels: int = 0) -> None:
         self.spec = spec
 
     def clip(self, source: str | bytes, info: StreamInfo, indices: tuple[int, ...]) -> np.ndarray:
-        from sfdeploy.decode import open_video
+        from sfdeploy.decode import DecodeError, open_video
         from sfdeploy.decode.gpu.backends import GpuDecodeFailed
         from sfdeploy.preprocess import clip_views
 
         if "fail" in str(source):
             raise GpuDecodeFailed("the stand-in refuses it")
+        if "grown" in str(source):  # what GpuClipMaker raises for a GPU frame over the pixel limit
+            raise DecodeError("frames of 8192x8192 are over the limit", reason="frame_too_large", path=str(source))
         with open_video(source) as video:
             return clip_views(video.frames(list(indices)), self.spec)
 
@@ -172,7 +174,7 @@ class _StandInGpu:
 def test_routed_decoding_hands_streams_to_the_gpu_decoder_and_back(tmp_path: Path, monkeypatch) -> None:
     """The pool's GPU routing on a stand-in decoder: what the plan gives the GPU comes back from
     it, a stream NVDEC cannot take and one the GPU decoder fails on are read on the CPU with the
-    reason, a corrupt video is its error row."""
+    reason, a corrupt video is its error row, and so is a GPU-decoded one refused for its frames' size."""
     from sfdeploy.decode.clips import DecodedBy, load_video
     from sfdeploy.decode.gpu import backends
     from sfdeploy.decode.pool import DecodePool
@@ -180,16 +182,18 @@ def test_routed_decoding_hands_streams_to_the_gpu_decoder_and_back(tmp_path: Pat
     monkeypatch.setattr(backends, "GpuClipMaker", _StandInGpu)
     videos = [good_video(tmp_path / "ok.mp4"), good_video(tmp_path / "fail.mp4", seed=1),
               encoded_video(tmp_path / "w16.mp4", 16, 64, pix_fmt="yuv420p"),
-              truncated(tmp_path / "cut.mp4", good_video(tmp_path / "src.mp4", frames=200))]
+              truncated(tmp_path / "cut.mp4", good_video(tmp_path / "src.mp4", frames=200)),
+              good_video(tmp_path / "grown.mp4", seed=2)]
     plan = plan_decoding("torchcodec", device="cuda:0", statuses=[TC])
     with DecodePool(SPEC, plan=plan, workers=1, gpu_threads=1) as pool:
         results = {i: (clip, how) for i, clip, how in pool.decode(videos)}
     assert results[0][1] == DecodedBy("nvdec:torchcodec", "--decode torchcodec; fidelity not measured for this export")
-    assert results[1][1] == DecodedBy("decord", "torchcodec failed on it (the stand-in refuses it)")
+    assert results[1][1] == DecodedBy("pyav", "torchcodec failed on it (the stand-in refuses it)")
     assert results[2][1].decoder == "pyav" and "below NVDEC's h264 minimum" in results[2][1].reason
     for i in (0, 1, 2):
         assert np.array_equal(results[i][0], load_video(videos[i], SPEC))
     assert results[3][1] == DecodedBy("", "") and "cannot decode" in results[3][0].error
+    assert results[4][1] == DecodedBy("", results[0][1].reason) and "over the limit" in results[4][0].error
 
 
 def _sweep(tmp_path: Path) -> list[Path]:
@@ -207,7 +211,7 @@ def _sweep(tmp_path: Path) -> list[Path]:
 def test_the_fidelity_harness_on_decord_against_pyav(tiny_export: Path, tmp_path: Path) -> None:
     """The CPU stand-in: byte-identical decoders agree on every video, with no difference at all."""
     from sfdeploy.artifacts import Manifest
-    from sfdeploy.bench.fidelity import cpu_decoder, measure_fidelity
+    from sfdeploy.bench.fidelity import cpu_decoder, decord_decoder, measure_fidelity
     from sfdeploy.decode import open_video
     from sfdeploy.decode.gpu.gate import write_gate
     from sfdeploy.runtime import open_local
@@ -217,8 +221,8 @@ def test_the_fidelity_harness_on_decord_against_pyav(tiny_export: Path, tmp_path
         assert (video.codec, video.pix_fmt) == ("hevc", "yuv420p")
     spec = Manifest.read(tiny_export).clip_spec
     predictor = open_local("torchscript", tiny_export, device="cpu", threads=1)
-    record = measure_fidelity(paths, cpu_decoder(spec), cpu_decoder(spec, "pyav"), predictor.predict)
-    assert (record["reference"], record["candidate"], record["backend"]) == ("cpu", "cpu:pyav", None)
+    record = measure_fidelity(paths, cpu_decoder(spec), decord_decoder(spec), predictor.predict)
+    assert (record["reference"], record["candidate"], record["backend"]) == ("cpu", "cpu:decord", None)
     assert [v["status"] for v in record["videos"]] == ["compared"] * len(paths)
     assert all(v["agree"] and v["max_prob_diff"] == 0.0 and v["max_pixel_diff"] == 0 for v in record["videos"])
     assert set(record["codecs"]) == {"h264", "mpeg4", "vp9", "mjpeg", "hevc"}
@@ -269,7 +273,7 @@ def test_infer_decode_option(tiny_export: Path, synth_root: Path, tmp_path: Path
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["path", "status", "label", "score", "top_k", "error", "decoder", "decoder_reason"]
     ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == 16 and {(r["decoder"], r["decoder_reason"]) for r in ok} == {("decord", "the model runs on cpu")}
+    assert len(ok) == 16 and {(r["decoder"], r["decoder_reason"]) for r in ok} == {("pyav", "the model runs on cpu")}
     assert [(r["decoder"], r["decoder_reason"]) for r in rows if r["status"] == "error"] == [("", "")]
 
 
@@ -355,7 +359,7 @@ def test_the_fidelity_script_on_the_cpu_stand_in(tiny_export: Path, tmp_path: Pa
 
     out = tmp_path / "fidelity.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_fidelity.py"), "--export", str(tiny_export),
-                             "--candidate", "pyav", "--device", "cpu", "--codecs", "mpeg4", "--per-size", "1",
+                             "--candidate", "decord", "--device", "cpu", "--codecs", "mpeg4", "--per-size", "1",
                              "--frames", "8", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1]) == {"record": str(out), "gate": None, "passed": ["mpeg4"]}

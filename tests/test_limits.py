@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,6 +77,18 @@ def test_a_decompression_bomb_is_refused_before_its_frames_are_decoded(triton, b
     assert "frames of 4096x4096 (16,777,216 pixels) are over the limit of 8,847,360 pixels" in info.value.message()
     assert "--max-video-pixels" in info.value.message()
     assert grown < 150, f"the server's process tree grew by {grown:.0f} MB on a refused video"  # decoded: ~800 MB
+
+    from badvideos import growing_stream  # a header of 64x64, later frames of 8192x8192: refused at the decoder
+
+    growing = growing_stream(tmp_path / "grows_to_8192.ts")
+    before = triton.memory()["peak_mb"]
+    with pytest.raises(InferenceServerException) as info:
+        _send(triton.http_url, growing.read_bytes())
+    grown = triton.memory()["peak_mb"] - before
+    assert info.value.status() == "400"
+    assert "frames of 8192x8192 (67,108,864 pixels) are over the limit of 8,847,360 pixels from frame 8 on" in (
+        info.value.message())
+    assert grown < 300, f"the server's process tree grew by {grown:.0f} MB on a growing stream"  # decord: 2.27 GB
 
     long_tiny = many_small_frames(tmp_path / "16x16_20000_frames.mp4")  # many frames of a harmless size: fine
     assert _send(triton.http_url, long_tiny.read_bytes())["error"][0, 0] == b""
@@ -243,3 +256,91 @@ def test_a_stub_that_cannot_start_fails_serve_at_once_with_its_line(tiny_repo: P
     check = doctor.check_python_backend_stub()
     assert check.status == doctor.FAIL and "libpython" in check.detail and "not found" in check.detail
     assert "shared Python library" in check.fix
+
+
+def _post_chunked(url: str, model: str, body: bytes, json_size: int | None = None, chunk: int = 1 << 20
+                  ) -> tuple[int, dict]:
+    """POST ``body`` to ``model``'s infer path in chunked transfer coding, stopping early when the
+    server answers first; (status, the JSON answer)."""
+    import select
+
+    host, port = url.rsplit(":", 1)
+    extra = f"Inference-Header-Content-Length: {json_size}\r\n" if json_size is not None else ""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {url}\r\nTransfer-Encoding: chunked\r\n"
+                     f"{extra}\r\n".encode())
+        for start in range(0, len(body), chunk):
+            if select.select([sock], [], [], 0)[0]:  # answered (refused) already
+                break
+            part = body[start:start + chunk]
+            sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+        else:
+            sock.sendall(b"0\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"(?i)content-length: (\d+)", answer).group(1)):
+            answer += sock.recv(1 << 16)
+    head, payload = answer.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(payload)
+
+
+@numpy_1
+def test_large_uploads_cost_bounded_memory_and_past_the_budget_are_told_to_retry(triton, synth_root: Path) -> None:
+    """A 250 MB upload (under the 257 MB limit, not a video) used to take the server's tree up by
+    1.46 GB and keep 0.53 GB; three at once 3.0 GB (PSS; the RSS sum said 1.75 and 3.5 GB). Now: no
+    needless copy on its way to the decoder
+    (~4x its size: tritonserver's body, the python backend's shared memory, the stub's BYTES copy,
+    the decode worker's), the memory budget admits one such upload at a time (the others: 503,
+    retry later), and what stays afterwards is the backend's shared memory, bounded by its size.
+    Memory is the tree's PSS (shared pages once), polled (MemoryWatch)."""
+    import threading
+
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from sfdeploy.serving.memory import MemoryWatch
+
+    upload = bytes(250 << 20)
+
+    def attempt(results: list, protocol: str = "http") -> None:
+        grpc_as_http = {"StatusCode.INVALID_ARGUMENT": "400", "StatusCode.UNAVAILABLE": "503"}
+        try:
+            _send(triton.url(protocol), upload, protocol=protocol)
+            results.append(("200", ""))
+        except InferenceServerException as exc:
+            results.append((grpc_as_http.get(exc.status(), exc.status()), exc.message()))
+
+    one: list = []
+    with MemoryWatch(triton.memory) as watch:
+        attempt(one)
+    assert one[0][0] == "400" and "not a video" in one[0][1], one
+    assert watch.grown_mb <= 1100, f"one 250 MB upload took the tree up by {watch.grown_mb:.0f} MB"
+    assert triton.memory()["pss_mb"] - watch.start_mb <= 500
+
+    three: list = []
+    with MemoryWatch(triton.memory) as watch:
+        threads = [threading.Thread(target=attempt, args=(three, protocol)) for protocol in ("http", "grpc", "http")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    statuses = sorted(status for status, _ in three)
+    assert statuses == ["400", "503", "503"], three
+    assert all("retry later" in message.lower() for status, message in three if status == "503")
+    assert watch.grown_mb <= 1500, f"three 250 MB uploads at once took the tree up by {watch.grown_mb:.0f} MB"
+    assert triton.memory()["pss_mb"] - watch.start_mb <= 500
+
+    # A chunked upload is counted as it arrives and refused at the limit, before tritonserver sees any of it;
+    # a chunked request within the limits is served like any other.
+    with MemoryWatch(triton.memory) as watch:
+        status, answer = _post_chunked(triton.http_url, "slowfast_video", bytes(300 << 20))
+    assert status == 413 and "over the 257.0 MB that model 'slowfast_video' accepts" in answer["error"], answer
+    assert watch.grown_mb < 64, f"a refused chunked upload took the tree up by {watch.grown_mb:.0f} MB"
+    video = http.InferInput("video", [1, 1], "BYTES")
+    data = np.empty((1, 1), dtype=object)
+    data[0, 0] = next(synth_root.rglob("*.mp4")).read_bytes()
+    video.set_data_from_numpy(data)
+    body, json_size = http.InferenceServerClient.generate_request_body(
+        [video], outputs=[http.InferRequestedOutput("label", binary_data=False)])
+    status, answer = _post_chunked(triton.http_url, "slowfast_video", body, json_size, chunk=4096)
+    assert status == 200 and answer["outputs"][0]["data"][0], answer

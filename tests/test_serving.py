@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sfdeploy import shmkey
 from sfdeploy.client import Classifier
 from sfdeploy.clipspec import spec_of
 from sfdeploy.errors import ServingError
@@ -227,6 +228,13 @@ def test_a_loading_server_is_not_ready(tiny_repo: Path, tmp_path: Path) -> None:
             TritonPredictor(server.http_url, model="slowfast")
         assert info.value.fix
         loader.join(timeout=30)
+        import tritonclient.grpc as grpc  # open: the front lets gRPC model control through too
+
+        assert "slow_loading" in {m.name for m in grpc.InferenceServerClient(server.grpc_url)
+                                  .get_model_repository_index().models}
+        key_files = [shmkey.key_file(port) for port in (server.http_port, server.grpc_port)]
+        assert all(path.is_file() for path in key_files)
+    assert not any(path.exists() for path in key_files)  # the shared-memory key goes with the server
 
 
 def test_serve_reports_a_busy_port_and_a_broken_model(tiny_repo: Path, tmp_path: Path) -> None:
@@ -249,6 +257,83 @@ def test_serve_reports_a_busy_port_and_a_broken_model(tiny_repo: Path, tmp_path:
     assert result.returncode == 1
     assert "tritonserver exited" in result.stderr and "slowfast" in result.stderr
     assert "fix:" in result.stderr
+
+
+_HOLDER = """
+import os, socket, subprocess, sys, time
+sock = socket.socket()
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+sock.listen()  # and never accepts, as a stub that inherited the socket
+child = subprocess.Popen([sys.argv[3], "-c", "import time; time.sleep(120)"], pass_fds=[sock.fileno()]) \\
+    if sys.argv[2:3] == ["--child"] else None
+print(child.pid if child else os.getpid(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_busy_port_is_told_apart_live_server_or_leftover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill advice only for a backend stub whose tritonserver is gone; another `sfdeploy serve`
+    (its guard), a live tritonserver (and its stubs), a server that answers, or another user's
+    program are named as such. Holders are python processes that look like them (their argv)."""
+    import http.server
+
+    from sfdeploy.serving import ports
+
+    for name in ("tritonserver", "triton_python_backend_stub"):
+        (tmp_path / name).symlink_to(sys.executable)
+    started: list[int] = []
+
+    def hold(*argv: str) -> tuple[int, subprocess.Popen]:
+        port = ports.free_port()
+        proc = subprocess.Popen([*argv[:1], "-c", _HOLDER, str(port), *argv[1:]], stdout=subprocess.PIPE, text=True)
+        started.extend([proc.pid, int(proc.stdout.readline())])  # printed once it listens
+        return port, proc
+
+    def error(port: int) -> tuple[str, str]:
+        err = ports.busy_port_error("127.0.0.1", port, "--http-port")
+        return str(err), err.fix
+
+    try:
+        port, guard = hold(sys.executable, "-m", "sfdeploy.serving.guard", "{}")  # its parent: this process
+        message, fix = error(port)
+        assert f"in use by another `sfdeploy serve` (pid {os.getpid()})" in message
+        assert "kill" not in fix and "stop that server" in fix and "--http-port" in fix
+
+        port, server = hold(str(tmp_path / "tritonserver"), "--child", str(tmp_path / "triton_python_backend_stub"))
+        stub = started[-1]
+        message, fix = error(port)  # held by the server and its stub
+        assert f"tritonserver (pid {server.pid})" in message or f"tritonserver is pid {server.pid}" in message
+        assert "killed" not in message and "kill" not in fix
+        server.kill()
+        server.wait()  # the stub, reparented, still holds the socket: a leftover
+        message, fix = error(port)
+        assert f"by pid {stub} (triton_python_backend_stub), left running by a tritonserver that was killed" \
+            in message and f"`kill {stub}`" in fix
+
+        port, lone = hold(str(tmp_path / "triton_python_backend_stub"))  # its parent is no tritonserver
+        message, fix = error(port)
+        assert "left running by a tritonserver that was killed" in message and f"`kill {lone.pid}`" in fix
+    finally:
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    monkeypatch.setattr(ports, "_holders", lambda inodes: [])  # as for another user's processes
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        message, fix = error(busy.getsockname()[1])
+    assert "by another program (not visible to this user" in message and "kill" not in fix
+    answering = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=answering.serve_forever, daemon=True).start()
+    try:
+        message, fix = error(answering.server_address[1])
+    finally:
+        answering.shutdown()
+        answering.server_close()
+    assert "a live server (it answers HTTP)" in message and "kill" not in fix
 
 
 def test_serve_shuts_down_cleanly_on_sigterm(tiny_repo: Path) -> None:

@@ -15,6 +15,7 @@ from sfdeploy.cli.options import DeviceType, GreedyOption, max_video_pixels_opti
 from sfdeploy.precision import SERVE_PRECISIONS
 from sfdeploy.serving.repo import RepoOptions
 from sfdeploy.serving.server import TritonServer
+from sfdeploy.shmkey import key_file as shm_key_file
 
 REPO = RepoOptions(repo=Path("model_repository"))  # the defaults of `repo`, and of `serve` below
 SERVE = TritonServer(REPO.repo)
@@ -102,13 +103,20 @@ def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances:
               help="Seconds to wait for the models to be ready.")
 @click.option("--allow-model-control", is_flag=True,
               help="Let clients list, load and unload the repository's models (closed by default).")
+@click.option("--allow-remote-shm", is_flag=True,
+              help="Let clients on non-loopback connections register shared memory (still only with the server's "
+                   "key, which `serve` writes for this user on this machine); by default only loopback clients may.")
 @click.option("--idle-timeout", default=SERVE.idle_timeout_s, show_default=True, type=click.FloatRange(min=1),
               help="Seconds a client connection may stay open with no request in flight.")
 @click.option("--max-connections", default=SERVE.max_connections, show_default=True, type=click.IntRange(min=1),
               help="Client connections at once (HTTP and gRPC together); more are refused.")
+@click.option("--memory-budget-mb", default=SERVE.memory_budget_mb, show_default=True, type=click.IntRange(min=0),
+              help="Memory the requests in flight may cost at once (a request costs ~2x its size for a clip model, "
+                   "~4x for <name>_video); one that does not fit is answered 503 / UNAVAILABLE, retry later. "
+                   "A request alone always fits; 0: no budget.")
 def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, models: tuple[str, ...],
           log_file: Path | None, startup_timeout: int, allow_model_control: bool, idle_timeout: float,
-          max_connections: int) -> None:
+          max_connections: int, memory_budget_mb: int, allow_remote_shm: bool) -> None:
     """Run the tritonserver shipped in nvidia-pytriton on a model repository until Ctrl-C.
 
     Binds 127.0.0.1 unless --host says otherwise, waits until the models are ready, prints the
@@ -120,7 +128,8 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
     server = TritonServer(repo_dir, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           models=list(models) or None, log_file=log_file, startup_timeout_s=startup_timeout,
                           allow_model_control=allow_model_control, idle_timeout_s=idle_timeout,
-                          max_connections=max_connections)
+                          max_connections=max_connections, memory_budget_mb=memory_budget_mb,
+                          allow_remote_shm=allow_remote_shm)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -129,11 +138,13 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
         click.echo(f"ready: http {server.http_url}  grpc {server.grpc_url}  metrics {host}:{metrics_port}", err=True)
         click.echo(f"models: {', '.join(server.loaded)}", err=True)
         click.echo("request limits: " + ", ".join(f"{m} {size / 2**20:.1f} MB" for m, size in server.limits.items())
-                   + f"; idle connections closed after {idle_timeout:g} s; model control "
+                   + f"; memory budget {memory_budget_mb} MB; idle connections closed after {idle_timeout:g} s; "
+                   "model control "
                    + ("open" if allow_model_control else "closed"), err=True)
         for name, why in server.skipped.items():
             click.echo(f"not loaded: {name} ({why})", err=True)
         click.echo(f"log: {server.log_file}", err=True)
+        click.echo(f"shared-memory key (for this user's `infer --shm`): {shm_key_file(http_port)}", err=True)
         click.echo(json.dumps({"http": server.http_url, "grpc": server.grpc_url, "models": server.loaded,
                                "pid": server.process.pid}))
         sys.stdout.flush()

@@ -32,7 +32,7 @@ class VideoProbe:
     fps: float = 0.0
     width: int = 0
     height: int = 0
-    decoder: str = ""  # "decord", or "pyav" for a stream decord mis-decodes (sfdeploy.decode)
+    decoder: str = ""  # which decoder gave the frames: "pyav" (sfdeploy.decode: decord only indexes)
     reason: str | None = None
     detail: str = ""
 

@@ -1,7 +1,7 @@
 """Decoding a video into the clips the model takes, anywhere it runs: one package, one pool.
 
-* :mod:`~sfdeploy.decode.video`: the one CPU decoder (decord, PyAV on exactly the streams decord
-  mis-decodes), the frame-size limit, and why a video cannot be decoded (:class:`DecodeError`);
+* :mod:`~sfdeploy.decode.video`: the one CPU decoder (decord's index, PyAV's frames), the
+  frame-size limit on every frame, and why a video cannot be decoded (:class:`DecodeError`);
 * :mod:`~sfdeploy.decode.clips`: one video -> the clip spec's views (``load_video``; the sampling,
   resizing and cropping are :mod:`sfdeploy.preprocess`'s, frames -> clips), the rows of videos
   that give none (``DecodeFailure``) and which decoder read each (``DecodedBy``);
@@ -15,8 +15,6 @@ decord and torch are imported where frames are made): the CLI reads the limits a
 """
 
 from sfdeploy.decode.video import (
-                                   CPU_DECODERS,
-                                   DECORD_MISDECODE,
                                    FIXES,
                                    MAX_VIDEO_PIXELS,
                                    MAX_VIDEO_SIZE,
@@ -30,5 +28,5 @@ from sfdeploy.decode.video import (
                                    worker_failure_reason,
 )
 
-__all__ = ["CPU_DECODERS", "DECORD_MISDECODE", "FIXES", "MAX_VIDEO_PIXELS", "MAX_VIDEO_SIZE", "PLAIN_REASONS",
-           "DecodeError", "Source", "Video", "describe", "open_video", "short_error", "worker_failure_reason"]
+__all__ = ["FIXES", "MAX_VIDEO_PIXELS", "MAX_VIDEO_SIZE", "PLAIN_REASONS", "DecodeError", "Source", "Video", "describe",
+           "open_video", "short_error", "worker_failure_reason"]

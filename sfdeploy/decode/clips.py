@@ -1,8 +1,8 @@
 """One video -> the views the deployed model takes, and what stands in the results for a video
 that gives none.
 
-:func:`load_video` opens a video with :mod:`sfdeploy.decode.video` (decord, PyAV on the streams
-decord mis-decodes) and turns its sampled frames into the clip spec's views with
+:func:`load_video` opens a video with :mod:`sfdeploy.decode.video` (decord's index, PyAV's
+frames, capped at the pixel limit) and turns its sampled frames into the clip spec's views with
 :mod:`sfdeploy.preprocess` (sample, resize, crop: MMAction2's test pipeline, pixel for pixel).
 ``source`` is a path or the bytes of an encoded file (server-side decoding receives those; no
 temporary file is written).
@@ -37,18 +37,16 @@ from sfdeploy.preprocess import clip_views, sample_indices
 from sfdeploy.workers import WorkerFailure
 
 
-def load_video(source: str | Path | bytes, spec: ClipSpec, *, max_pixels: int = MAX_VIDEO_PIXELS,
-               decoder: str = "auto") -> np.ndarray:
+def load_video(source: str | Path | bytes, spec: ClipSpec, *, max_pixels: int = MAX_VIDEO_PIXELS) -> np.ndarray:
     """Decode and preprocess one video: uint8 ``[V, T, crop, crop, 3]`` RGB.
 
     ``source`` is a path or the bytes of an encoded file (server-side decoding receives those; no
     temporary file is written). Decoding is :mod:`sfdeploy.decode.video`'s, the decoder MMAction2
-    trains with here (decord, PyAV on the streams decord mis-decodes); a stream with frames of more
-    than ``max_pixels`` is refused before decoding. Raises :class:`sfdeploy.decode.DecodeError` (an
-    :class:`InputError` naming the video and the fix). ``decoder="pyav"``: PyAV for every stream
-    (:data:`sfdeploy.decode.CPU_DECODERS`).
+    trains with here (decord's index, PyAV's frames); a stream with frames of more than
+    ``max_pixels`` is refused before decoding, and so is one whose frames grow past it. Raises
+    :class:`sfdeploy.decode.DecodeError` (an :class:`InputError` naming the video and the fix).
     """
-    with open_video(source, max_pixels=max_pixels, decoder=decoder) as video:
+    with open_video(source, max_pixels=max_pixels) as video:
         return video_clip(video, spec)
 
 
@@ -68,7 +66,7 @@ class DecodeFailure:
 
 @dataclass(frozen=True)
 class DecodedBy:
-    """Which decoder read a video (``nvdec:<backend>``, ``decord``, ``pyav``; ``""`` when none
+    """Which decoder read a video (``nvdec:<backend>``, ``pyav`` on the CPU; ``""`` when none
     could) and why that one: the ``decoder`` and ``decoder_reason`` of its row."""
 
     decoder: str

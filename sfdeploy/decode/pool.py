@@ -10,8 +10,8 @@ report the decoder ignores the third item.
 
 A video that crashes or hangs the decoder costs its own result and its worker (replaced), never
 the caller's process; one with frames of more than ``max_pixels`` is refused before decoding
-(:mod:`sfdeploy.decode.video`); a failure's ``path`` is the path, or ``<N bytes of an encoded
-video>``.
+them, in its header or at the first such frame (:mod:`sfdeploy.decode.video`); a failure's
+``path`` is the path, or ``<N bytes of an encoded video>``.
 
 Without a plan, or with one whose decoder is the CPU's (its ``why`` is every row's reason), a
 worker opens and decodes each video, and nothing of :mod:`sfdeploy.decode.gpu` is imported or run.
@@ -40,7 +40,7 @@ DEFAULT_TIMEOUT_S = 300.0  # a video that takes longer to decode fails (its work
 #: a clip: numpy uint8 ``[V, T, H, W, 3]``, or the same as a torch tensor on the GPU (GPU-decoded)
 Clip = Any
 #: (source, spec, max_pixels, the plan when it has a GPU decoder, the reason a CPU decode is given)
-Job = tuple[str | bytes, ClipSpec, int, "DecodePlan | None", str]
+Job = tuple[str | bytes | memoryview, ClipSpec, int, "DecodePlan | None", str]
 Decoded = tuple[int, Clip | DecodeFailure, DecodedBy]
 
 
@@ -65,6 +65,12 @@ def _decode_task(job: Job) -> tuple[Any, DecodedBy]:
 def _decode_failed(job: Job, failure: WorkerFailure) -> tuple[DecodeFailure, DecodedBy]:
     """The row of a video whose worker crashed or hung on it."""
     return worker_failure(job[0], failure), DecodedBy("", job[4])
+
+
+def _wire(source: str | bytes) -> str | memoryview:
+    """How a source travels to a worker: the bytes of a video as a view, which the worker pipe sends
+    out of band, without the copy pickle makes of ``bytes`` (:mod:`sfdeploy.worker_protocol`)."""
+    return memoryview(source) if isinstance(source, bytes) else source
 
 
 def single_threaded() -> None:
@@ -95,7 +101,7 @@ class DecodePool:
         if self._gpu_plan is not None:
             from sfdeploy.decode.gpu.route import GpuRouter
 
-            self._gpu = GpuRouter(self._gpu_plan, spec, gpu_threads)
+            self._gpu = GpuRouter(self._gpu_plan, spec, gpu_threads, max_pixels)
 
     def warm(self) -> None:
         """Start the workers now (imports done before the first video arrives)."""
@@ -104,8 +110,10 @@ class DecodePool:
     def decode(self, sources: Sequence[str | Path | bytes]) -> Iterator[Decoded]:
         """``(index, clip or DecodeFailure, DecodedBy)`` for each source (a path or the bytes of an
         encoded file), as they complete."""
-        items = [bytes(s) if isinstance(s, (bytes, bytearray, memoryview)) else str(s) for s in sources]
-        jobs: list[Job] = [(s, self.spec, self.max_pixels, self._gpu_plan, self._reason) for s in items]
+        # bytes (numpy's bytes_ from a Triton BYTES tensor too) as they are: a copy of an upload costs its size again
+        items = [s if isinstance(s, bytes) else bytes(s) if isinstance(s, (bytearray, memoryview)) else str(s)
+                 for s in sources]
+        jobs: list[Job] = [(_wire(s), self.spec, self.max_pixels, self._gpu_plan, self._reason) for s in items]
         results = ((index, result, how) for index, (result, how) in self._pool.imap(jobs))
         if self._gpu is None:
             yield from results
@@ -113,7 +121,8 @@ class DecodePool:
         retry = yield from self._gpu.read(items, results)  # [(index, why the GPU decoder failed on it)]
         if retry:  # the CPU decoder reads what the GPU decoder could not
             backend = self._gpu_plan.backend
-            jobs = [(items[i], self.spec, self.max_pixels, None, f"{backend} failed on it ({why})") for i, why in retry]
+            jobs = [(_wire(items[i]), self.spec, self.max_pixels, None, f"{backend} failed on it ({why})")
+                    for i, why in retry]
             for k, (clip, how) in self._pool.imap(jobs):
                 yield retry[k][0], clip, how
 

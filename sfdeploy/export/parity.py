@@ -103,18 +103,24 @@ def val_videos(cfg: Any, limit: int, seed: int = 0) -> list[tuple[Path, int]]:
 def reference_decoder(path: Path) -> str:
     """Which MMAction2 decoder the reference pipeline uses for this video (``mmaction_pipeline``'s
     ``decode``). Never sfdeploy's adapter where MMAction2 has an independent one: ``"decord"``
-    (DecordInit/DecordDecode) wherever decord reads the stream; on a stream decord mis-decodes
-    (sfdeploy decodes it with PyAV), MMAction2's own ``"pyav"`` pair, which samples from the
-    container's frame count, so only where that count equals the stream's (mp4/mov/avi); else
-    ``"sfdeploy"``, the transforms training used (then only sampling, resize and crop are checked
-    independently of the adapter; the width-sweep test covers its decoding)."""
+    (DecordInit/DecordDecode) wherever decord decodes the stream (its first frame, asked of decord
+    itself: sfdeploy's decoder only indexes with decord); on a stream decord mis-decodes,
+    MMAction2's own ``"pyav"`` pair, which samples from the container's frame count, so only where
+    that count equals the stream's (mp4/mov/avi); else ``"sfdeploy"``, the transforms training used
+    (then only sampling, resize and crop are checked independently of the adapter; the width-sweep
+    test covers its decoding). A video sfdeploy cannot decode raises its :class:`DecodeError`."""
+    import decord
+
     from sfdeploy.decode import open_video
 
-    with open_video(path) as video:
+    with open_video(path) as video:  # the pixel limit, then sfdeploy's own first frame
         video.frames([0])
-        if video.decoder == "decord":
-            return "decord"
         frames = video.num_frames
+    try:
+        decord.VideoReader(str(path), num_threads=1).get_batch([0])
+        return "decord"
+    except decord.DECORDError:  # its width bug ("DECORDArrayCopyFromTo"), or any frame decord cannot give
+        pass
     import av  # only for the streams decord mis-decodes
 
     with av.open(str(path)) as container:

@@ -150,10 +150,29 @@ class TritonPredictor:
             self._drop_region(state)
             name = f"sfdeploy_{os.getpid()}_{next(_REGION_IDS)}"
             size = max(nbytes, int(np.prod(self.spec.input_shape)) * self.max_batch)
+            headers = self._shm_headers()
             handle = shm.create_shared_memory_region(name, f"/{name}", size)
-            state["client"].register_system_shared_memory(name, f"/{name}", size)
-            state.update(region=name, handle=handle, region_bytes=size)
+            try:
+                state["client"].register_system_shared_memory(name, f"/{name}", size, headers=headers)
+            except Exception as exc:  # refused (the server's answer says why) or unreachable
+                shm.destroy_shared_memory_region(handle)
+                raise ServingError(f"the server at {self.url} did not register a shared-memory region "
+                                   f"({type(exc).__name__}: {exc})",
+                                   fix="do what the server's answer says, or send the tensors over the network "
+                                       "(drop --shm)") from exc
+            state.update(region=name, handle=handle, region_bytes=size, shm_headers=headers)
         return state["region"], state["handle"]
+
+    def _shm_headers(self) -> dict[str, str]:
+        """The header carrying the server's shared-memory key (:mod:`sfdeploy.shmkey`), read from
+        the key file of this URL's port: `sfdeploy serve` opens its shared-memory API to nothing
+        else. A server elsewhere gets none (system shared memory is this machine's own)."""
+        from sfdeploy import shmkey
+
+        host, _, port = self.url.rpartition(":")
+        if not shmkey.is_this_machine(host):
+            return {}
+        return shmkey.headers(self.protocol, shmkey.read_key(int(port)))
 
     @staticmethod
     def _drop_region(state: dict[str, Any]) -> None:
@@ -161,7 +180,7 @@ class TritonPredictor:
 
         if state.get("region"):
             try:
-                state["client"].unregister_system_shared_memory(state["region"])
+                state["client"].unregister_system_shared_memory(state["region"], headers=state["shm_headers"])
             finally:
                 shm.destroy_shared_memory_region(state["handle"])
                 state.update(region=None, handle=None, region_bytes=0)

@@ -15,6 +15,11 @@ the server runs in tritonserver's ``none`` mode on a repository of links to the 
 (nothing can be loaded or unloaded), and the repository API (index, load, unload) and the logging
 and trace settings (which can make the server write files where a client says) answer only
 requests carrying a key this object makes per server (tritonserver's restricted-API options).
+The shared-memory API (system and CUDA), which writes outputs into whatever region a client names,
+is closed the same way with a second key (:mod:`sfdeploy.shmkey`): that one is written, for this
+user only, to a key file per public port, which sfdeploy's own client (``infer --shm``) reads, and
+removed on stop; the guard also refuses shared-memory calls from non-loopback peers unless
+``allow_remote_shm``.
 
 Nothing outlives the server: tritonserver, its python-backend stubs and their decode workers share
 one process group, in a session of its own (a Ctrl-C in the terminal reaches sfdeploy first, which
@@ -41,11 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sfdeploy import shmkey
 from sfdeploy.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LOOPBACK
 from sfdeploy.errors import InputError, ServingError
 from sfdeploy.serving.config import TARGET_MODEL, parse_config, python_shm_sizes, request_limit
-from sfdeploy.serving.guard import GuardConfig, remove_shm
+from sfdeploy.serving.guard import SHM_KEY_ENV, GuardConfig, remove_shm
+from sfdeploy.serving.guard.budget import CLIP_COST, DEFAULT_BUDGET_MB, VIDEO_COST
 from sfdeploy.serving.install import find_tritonserver, make_backend_dir
+from sfdeploy.serving.memory import process_group_memory
 from sfdeploy.serving.ports import busy_port_error, free_port, port_free
 
 log = logging.getLogger("sfdeploy")
@@ -92,27 +100,6 @@ def stub_passes_bytes() -> bool:
     return int(_numpy_version().split(".")[0]) < 2
 
 
-def process_group_memory(*pgids: int) -> dict[str, float]:
-    """Memory of every process in the groups ``pgids`` (tritonserver's: the server, its stubs,
-    their decode workers; the guard's), in MB: ``rss`` now and ``peak``, the sum of each process's
-    high-water mark."""
-    rss = peak = 0
-    processes = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) not in pgids:
-                continue
-            status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
-        except (OSError, ValueError, IndexError):
-            continue
-        processes += 1
-        rss += int(status.get("VmRSS", "0 kB").split()[0])
-        peak += int(status.get("VmHWM", "0 kB").split()[0])
-    return {"processes": processes, "rss_mb": round(rss / 1024, 1), "peak_mb": round(peak / 1024, 1)}
-
-
 def error_lines(log_text: str) -> list[str]:
     """The server's own error lines, benign GPU-less noise removed. A model that failed to load
     with an :class:`SfdeployError` has its ``fix:`` on the next line: it is kept with its error."""
@@ -143,6 +130,8 @@ class TritonServer:
     allow_model_control: bool = False  # open load/unload and the repository index to clients
     idle_timeout_s: float = 60.0  # a client connection with nothing in flight this long is closed
     max_connections: int = 256  # client connections at once; more are refused
+    allow_remote_shm: bool = False  # let clients on non-loopback connections register shared memory (with the key)
+    memory_budget_mb: int = DEFAULT_BUDGET_MB  # what the requests in flight may cost at once (guard.budget); 0: none
     skipped: dict[str, str] = field(default_factory=dict)  # model -> why it is not loaded
 
     def __post_init__(self) -> None:
@@ -152,6 +141,7 @@ class TritonServer:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._configs: dict[str, Any] = {}
         self._key = secrets.token_hex(16)  # opens the restricted APIs: never printed, never sent by a client
+        self._shm_key = secrets.token_hex(16)  # opens the shared-memory API: in key files for this user only
         self._shm_prefix = f"sfdeploy_{os.getpid()}_{secrets.token_hex(4)}_"
 
     @property
@@ -224,7 +214,6 @@ class TritonServer:
             os.close(handle)
             self.log_file = Path(name)
         upstream_http, upstream_grpc = free_port(), free_port()
-        restricted = ["logging", "trace", *([] if self.allow_model_control else ["model-repository"])]
         if self.allow_model_control:  # the whole repository, the chosen models loaded, the others loadable
             repository, control = Path(self.repo).resolve(), ["--model-control-mode=explicit",
                                                              *[f"--load-model={m}" for m in models]]
@@ -239,9 +228,11 @@ class TritonServer:
             "--grpc-address=127.0.0.1", f"--grpc-port={upstream_grpc}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
-            f"--http-restricted-api={','.join(restricted)}:{ADMIN_HEADER}={self._key}",
-            f"--grpc-restricted-protocol={','.join(restricted)}:{ADMIN_HEADER}={self._key}",
-            *control, "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=5",
+            # tritonserver keeps 8 gRPC request objects for reuse by default, each with the capacity of
+            # the largest message it held: one 250 MB upload left 310 MB behind. None kept: given back.
+            "--grpc-infer-allocation-pool-size=0",
+            *self._restricted_apis(), *control,
+            "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=5",
             f"--backend-config=python,shm-default-byte-size={shm_default}",
             f"--backend-config=python,shm-growth-byte-size={shm_growth}",
         ]
@@ -263,6 +254,16 @@ class TritonServer:
         self.loaded = models
         return self
 
+    def _restricted_apis(self) -> list[str]:
+        """tritonserver's own walls behind the guard's: the logging and trace settings (and the
+        repository API while model control is closed) answer only a key no client gets; shared
+        memory only this server's shm key (:mod:`sfdeploy.shmkey`)."""
+        restricted = ",".join(["logging", "trace", *([] if self.allow_model_control else ["model-repository"])])
+        return [f"--http-restricted-api={restricted}:{ADMIN_HEADER}={self._key}",
+                f"--grpc-restricted-protocol={restricted}:{ADMIN_HEADER}={self._key}",
+                f"--http-restricted-api=shared-memory:{shmkey.HEADER}={self._shm_key}",
+                f"--grpc-restricted-protocol=shared-memory:{shmkey.HEADER}={self._shm_key}"]
+
     def _serving_repository(self, models: list[str]) -> Path:
         """A repository of links to the chosen models only: what the server loads at start when
         model control is closed (tritonserver's ``none`` mode loads its whole repository)."""
@@ -274,15 +275,22 @@ class TritonServer:
 
     def _start_guard(self, upstream_http: int, upstream_grpc: int) -> None:
         """The guard on the public ports, in a session of its own (a Ctrl-C in the terminal is for
-        sfdeploy, which stops it); waits until it listens."""
+        sfdeploy, which stops it); waits until it listens. The shared-memory key is published first,
+        for sfdeploy's clients of this user on this machine (``infer --shm``; removed by :meth:`stop`)."""
+        for port in (self.http_port, self.grpc_port):
+            shmkey.write_key(port, self._shm_key)
         config = GuardConfig(
             host=self.host, http_port=self.http_port, grpc_port=self.grpc_port, upstream_http=upstream_http,
             upstream_grpc=upstream_grpc, http_limits=self.limits, grpc_limit=max(self.limits.values()),
             idle_timeout_s=self.idle_timeout_s, max_connections=self.max_connections, parent_pid=os.getpid(),
-            server_pid=self.process.pid, shm_prefix=self._shm_prefix)
+            server_pid=self.process.pid, shm_prefix=self._shm_prefix, memory_budget=self.memory_budget_mb << 20,
+            costs={name: VIDEO_COST if TARGET_MODEL in self._configs[name].parameters else CLIP_COST
+                   for name in self.limits})
+        config.allow_model_control, config.allow_remote_shm = self.allow_model_control, self.allow_remote_shm
+        env = {**os.environ, SHM_KEY_ENV: self._shm_key}  # not on its command line: any local user reads that
         with open(self.log_file, "ab") as sink:
             self.guard = subprocess.Popen([sys.executable, "-m", "sfdeploy.serving.guard", config.to_json()],
-                                          stdout=subprocess.PIPE, stderr=sink, start_new_session=True)
+                                          stdout=subprocess.PIPE, stderr=sink, start_new_session=True, env=env)
         ready, _, _ = select.select([self.guard.stdout], [], [], 30)
         line = self.guard.stdout.readline().decode(errors="replace").strip() if ready else ""
         if line != "listening":
@@ -363,6 +371,8 @@ class TritonServer:
             self.guard.wait()
             self.guard.stdout.close()
         remove_shm(self._shm_prefix)
+        for port in (self.http_port, self.grpc_port):
+            shmkey.remove_key(port, self._shm_key)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -4,13 +4,13 @@
 ``DecordInit`` / ``DecordDecode`` in every pipeline of the ``WORK/config.py`` that ``finetune``
 writes, and the config imports this module through ``custom_imports``. So MMAction2's own tools
 (``init_recognizer``, ``inference_recognizer``, ``tools/test.py``) decode a video exactly as
-sfdeploy's client does: decord, and PyAV on the streams decord mis-decodes (some frame widths),
-instead of failing on those.
+sfdeploy's client does: decord's index (frame count and rate), and PyAV's frames, capped at the
+pixel limit, on every width (decord fails on some) and stream (none grows past the limit).
 
 They are drop-in replacements: same keys in and out as MMAction2's decord pair (``total_frames``,
 ``avg_fps``, ``video_reader``; ``imgs``, ``original_shape``, ``img_shape``), same file reading
 (``io_backend`` and its arguments), and the same frames wherever decord can decode
-(``tests/test_decode_sweep.py``). ``results["decoder"]`` says which decoder produced them.
+(``tests/test_decode_sweep.py``). ``results["decoder"]`` says which decoder produced them (``pyav``).
 """
 
 from __future__ import annotations

@@ -6,6 +6,13 @@ reads that stream instead (:mod:`sfdeploy.decode.gpu.route`). Indices are the CP
 (:func:`sfdeploy.preprocess.sample_indices` over decord's frame count): a reader whose own count
 of the stream's frames differs refuses the stream rather than give other frames.
 
+The pixel limit. NVDEC allocates its surfaces before anything here sees a frame, so it cannot be
+capped as FFmpeg's ``max_pixels`` caps the CPU decoder; what is checked is each decoded batch's
+size: a frame other than the header's size fails the stream, and one over the pool's
+``max_pixels`` (a stream that grows past the limit after its header) refuses the video with the
+CPU decoder's ``frame_too_large`` :class:`~sfdeploy.decode.DecodeError`. pynvvideocodec is given
+the header's size as its largest (``max_width``/``max_height``) and fails on a larger frame.
+
 * pynvvideocodec (NVIDIA, ``PyNvVideoCodec.SimpleDecoder``): reads a file (a seekable container),
   ``get_batch_frames_by_index`` decodes the frames at sorted, unique indices; with
   ``OutputColorType.RGB`` each frame is interleaved RGB in device memory, exported by DLPack
@@ -32,6 +39,7 @@ from typing import Any, Protocol
 
 from sfdeploy.clipspec import ClipSpec
 from sfdeploy.decode.gpu.select import StreamInfo
+from sfdeploy.decode.video import MAX_VIDEO_PIXELS, DecodeError, describe
 from sfdeploy.preprocess import crop_offsets, resized_size
 
 #: frames resized at once: bounds the float32 copy (16 frames of 1080p: 400 MB)
@@ -40,6 +48,15 @@ RESIZE_CHUNK = 16
 
 class GpuDecodeFailed(Exception):
     """The GPU decoder did not decode a stream it was given; the message says why."""
+
+
+class GpuFrameSize(GpuDecodeFailed):
+    """The GPU decoder returned frames of another size than the stream's header: ``size`` is
+    theirs, (width, height), for :class:`GpuClipMaker` to hold against the pixel limit."""
+
+    def __init__(self, message: str, size: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 class GpuReader(Protocol):
@@ -64,6 +81,9 @@ def _checked(frames: Any, indices: Sequence[int], info: StreamInfo, name: str) -
     import torch
 
     expected = (len(indices), info.height, info.width, 3)
+    if frames.ndim == 4 and tuple(frames.shape[1:3]) != expected[1:3]:
+        raise GpuFrameSize(f"{name} returned frames of {frames.shape[2]}x{frames.shape[1]}, the header says "
+                           f"{info.width}x{info.height}", (int(frames.shape[2]), int(frames.shape[1])))
     if tuple(frames.shape) != expected or frames.dtype != torch.uint8:
         raise GpuDecodeFailed(f"{name} returned {frames.dtype} {tuple(frames.shape)}, expected uint8 {expected}")
     return frames
@@ -187,9 +207,9 @@ class GpuClipMaker:
     threads' decoding and resizing overlap) and synchronises it before handing the clip over, so
     the clip is ready on any stream that uses it next (the model's)."""
 
-    def __init__(self, backend: str, device: str, spec: ClipSpec) -> None:
+    def __init__(self, backend: str, device: str, spec: ClipSpec, max_pixels: int = MAX_VIDEO_PIXELS) -> None:
         self.reader = open_reader(backend, device)
-        self.spec = spec
+        self.spec, self.max_pixels = spec, max_pixels
         self._local = threading.local()
 
     def _stream(self) -> Any:
@@ -201,7 +221,8 @@ class GpuClipMaker:
         return stream
 
     def clip(self, source: str | bytes, info: StreamInfo, indices: Sequence[int]) -> Any:
-        """uint8 ``[V, T, crop, crop, 3]`` on the reader's device; :class:`GpuDecodeFailed` if not."""
+        """uint8 ``[V, T, crop, crop, 3]`` on the reader's device; :class:`GpuDecodeFailed` if not,
+        :class:`~sfdeploy.decode.DecodeError` (``frame_too_large``) for frames over the limit."""
         import numpy as np
         import torch
 
@@ -214,4 +235,11 @@ class GpuClipMaker:
                 stream.synchronize()
             except torch.cuda.OutOfMemoryError as exc:  # the model's batches hold the GPU: this one on the CPU
                 raise GpuDecodeFailed(f"out of GPU memory ({_first_line(exc)})") from exc
+            except GpuFrameSize as exc:  # the stream grew after its header: past the limit, the video's refusal
+                width, height = exc.size
+                if width * height > self.max_pixels:
+                    raise DecodeError(f"frames of {width}x{height} ({width * height:,} pixels) are over the limit "
+                                      f"of {self.max_pixels:,} pixels ({exc}); not decoded", reason="frame_too_large",
+                                      path=describe(source)) from exc
+                raise
         return views

@@ -13,8 +13,9 @@ the CPU decoder cannot read either is that video's error row. What a native cras
 decoder would cost is this process (the rows written so far are kept: ``--resume``).
 
 Every result says which decoder read the video and why
-(:class:`~sfdeploy.decode.clips.DecodedBy`): ``nvdec:<backend>``, ``decord`` or ``pyav``, and the
-rule of :mod:`sfdeploy.decode.gpu.select` that chose it.
+(:class:`~sfdeploy.decode.clips.DecodedBy`): ``nvdec:<backend>`` or ``pyav`` (the CPU decoder), and
+the rule of :mod:`sfdeploy.decode.gpu.select` that chose it. A GPU-decoded frame over the pixel
+limit (a stream that grows after its header) is the video's ``frame_too_large`` row, as on the CPU.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sfdeploy.clipspec import ClipSpec
-from sfdeploy.decode.clips import DecodedBy
+from sfdeploy.decode.clips import DecodedBy, decode_failure
 from sfdeploy.decode.gpu.select import DecodePlan, StreamInfo
-from sfdeploy.decode.video import Video
+from sfdeploy.decode.video import MAX_VIDEO_PIXELS, DecodeError, Video
 from sfdeploy.preprocess import sample_indices
 
 #: GPU decoding threads in this process (NVDEC sessions at once)
@@ -60,11 +61,12 @@ class GpuRouter:
     """The GPU side of a routed :class:`~sfdeploy.decode.pool.DecodePool`, in this process: the
     plan's decoder on the plan's device, ``threads`` NVDEC sessions at once."""
 
-    def __init__(self, plan: DecodePlan, spec: ClipSpec, threads: int | None = None) -> None:
+    def __init__(self, plan: DecodePlan, spec: ClipSpec, threads: int | None = None,
+                 max_pixels: int = MAX_VIDEO_PIXELS) -> None:
         from sfdeploy.decode.gpu.backends import GpuClipMaker
 
         self.threads = GPU_THREADS if threads is None else threads
-        self._maker = GpuClipMaker(plan.backend, plan.device, spec)
+        self._maker = GpuClipMaker(plan.backend, plan.device, spec, max_pixels=max_pixels)
 
     def read(self, items: Sequence[str | bytes], results: Iterable[Decoded]
              ) -> Generator[Decoded, None, list[tuple[int, str]]]:
@@ -72,13 +74,14 @@ class GpuRouter:
         here (``items``: the sources, by index); returns ``(index, why)`` of the videos the GPU
         decoder failed on, for the CPU decoder to read."""
         retry: list[tuple[int, str]] = []
-        pending: dict[Future, tuple[int, DecodedBy]] = {}
+        pending: dict[Future, tuple[int, DecodedBy, str | bytes]] = {}
         with ThreadPoolExecutor(self.threads, thread_name_prefix="sfdeploy-nvdec") as threads:
             for index, result, how in results:
                 if not isinstance(result, ToGpu):
                     yield index, result, how
                     continue
-                pending[threads.submit(self._maker.clip, items[index], result.info, result.indices)] = (index, how)
+                source = items[index]
+                pending[threads.submit(self._maker.clip, source, result.info, result.indices)] = (index, how, source)
                 # Bounded: a slow GPU (or model) holds back the workers instead of piling up clips.
                 yield from _finished(pending, retry, block=len(pending) >= 2 * self.threads)
             while pending:
@@ -86,15 +89,20 @@ class GpuRouter:
         return retry
 
 
-def _finished(pending: dict[Future, tuple[int, DecodedBy]], retry: list[tuple[int, str]], *, block: bool
-              ) -> Iterator[Decoded]:
-    """The GPU clips done (waiting for one when ``block``); a failed one goes to ``retry``."""
+def _finished(pending: dict[Future, tuple[int, DecodedBy, str | bytes]], retry: list[tuple[int, str]], *,
+              block: bool) -> Iterator[Decoded]:
+    """The GPU clips done (waiting for one when ``block``); a failed one goes to ``retry``, a
+    refused one (frames over the pixel limit) is its failure row."""
     from sfdeploy.decode.gpu.backends import GpuDecodeFailed
 
     done = wait(pending, return_when=FIRST_COMPLETED).done if block else [f for f in pending if f.done()]
     for future in done:
-        index, how = pending.pop(future)
+        index, how, source = pending.pop(future)
         try:
-            yield index, future.result(), how
+            clip = future.result()
         except GpuDecodeFailed as exc:
             retry.append((index, str(exc)))
+        except DecodeError as exc:
+            yield index, decode_failure(source, exc), DecodedBy("", how.reason)
+        else:
+            yield index, clip, how

@@ -20,11 +20,24 @@ process, one per server, listens on the public ones and forwards, unchanged, wha
 * Both: a connection with nothing in flight for ``idle_timeout_s`` is closed (gRPC: after a
   GOAWAY, so the client reconnects cleanly), and connections beyond ``max_connections`` are
   refused (HTTP ``503``).
+* Shared memory (system and CUDA: register, unregister, status): tritonserver writes outputs into
+  whatever region a client names, so these calls pass only with the server's key
+  (:mod:`sfdeploy.shmkey`, given to this process in its environment, never on its command line)
+  and only from a loopback peer unless ``allow_remote_shm``; else HTTP ``403`` / gRPC
+  ``PERMISSION_DENIED`` with the reason (tritonserver checks the key again). To see each gRPC
+  call's path and metadata, every client header block is decoded (one HPACK decoder per
+  connection, in order), its frames still forwarded unchanged.
+* Errors of the right class: closed gRPC control calls (repository index, load, unload unless
+  ``allow_model_control``; logging and trace always) are answered ``PERMISSION_DENIED`` here, not
+  tritonserver's ``UNAVAILABLE``, which clients retry (over HTTP tritonserver's own ``403``
+  stands); tritonserver's ``500`` for a request body it cannot parse becomes ``400``
+  (:func:`~sfdeploy.serving.guard.http1.client_fault`).
 
 Watchdog: this process also watches the sfdeploy process that started it and the tritonserver it
 fronts. When either is gone it kills the server's process group (tritonserver, its backend stubs
-and their decode workers), removes the python backend's shared-memory segments and exits, so a
-killed ``sfdeploy serve`` or a crashed tritonserver leaves nothing running, bound or mapped.
+and their decode workers), removes the python backend's shared-memory segments and the server's
+shared-memory key files (:mod:`sfdeploy.shmkey`) and exits, so a killed ``sfdeploy serve`` or a
+crashed tritonserver leaves nothing running, bound or mapped.
 
 Run as ``python -m sfdeploy.serving.guard CONFIG_JSON`` (:class:`GuardConfig`); it prints
 ``listening`` once both ports are bound, or an ``error:`` line and exits 2.
@@ -40,11 +53,13 @@ import threading
 import time
 from pathlib import Path
 
-from sfdeploy.serving.guard.common import GuardConfig
+from sfdeploy import shmkey
+from sfdeploy.serving.guard.budget import install as install_budget
+from sfdeploy.serving.guard.common import SHM_KEY_ENV, GuardConfig
 from sfdeploy.serving.guard.http1 import HttpConnection, http_error
 from sfdeploy.serving.guard.http2 import GrpcConnection
 
-__all__ = ["GuardConfig", "main", "remove_shm"]
+__all__ = ["SHM_KEY_ENV", "GuardConfig", "main", "remove_shm"]
 
 SHM_DIR = Path("/dev/shm")
 
@@ -113,7 +128,7 @@ def remove_shm(prefix: str) -> list[str]:
 
 def watch(config: GuardConfig) -> None:
     """Return when the parent or the server is gone, after killing the server's process group and
-    removing its shared memory."""
+    removing its shared memory and its shared-memory key files."""
     server_start = process_start(config.server_pid)
     while server_start is not None:
         if os.getppid() != config.parent_pid or process_start(config.server_pid) != server_start:
@@ -124,6 +139,8 @@ def watch(config: GuardConfig) -> None:
     except OSError:
         pass
     remove_shm(config.shm_prefix)
+    for port in (config.http_port, config.grpc_port):  # a killed `serve` cannot remove its key files itself
+        shmkey.remove_key(port, config.shm_key)
 
 
 def main(argv: list[str]) -> int:
@@ -131,6 +148,7 @@ def main(argv: list[str]) -> int:
     say ``listening``, forward until the parent or the server is gone, then clean up (see the module
     docstring). 2 when a port cannot be bound."""
     config = GuardConfig.from_json(argv[1])
+    config.shm_key = os.environ.pop(SHM_KEY_ENV, "")  # not on the command line: any local user reads that
     sockets = []
     for port in (config.http_port, config.grpc_port):
         try:
@@ -138,6 +156,7 @@ def main(argv: list[str]) -> int:
         except OSError as exc:
             print(f"error: cannot listen on {config.host}:{port}: {exc.strerror}", flush=True)
             return 2
+    install_budget(config.memory_budget)
     slots = threading.BoundedSemaphore(config.max_connections)
     for sock, handler in zip(sockets, (HttpConnection, GrpcConnection), strict=True):
         threading.Thread(target=serve, args=(sock, handler, config, slots), daemon=True).start()

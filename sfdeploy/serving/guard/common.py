@@ -4,10 +4,15 @@ its limits, and blocking socket reads and writes that turn every failure, timeou
 
 from __future__ import annotations
 
+import hmac
 import json
+import re
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from urllib.parse import unquote
+
+from sfdeploy import shmkey
 
 HEADER_TIMEOUT_S = 10.0  # to send a request head (HTTP) or the connection preface (gRPC); at most the idle timeout
 BODY_TIMEOUT_S = 60.0  # the longest pause while a client sends a body
@@ -16,6 +21,11 @@ MAX_HEAD = 64 * 1024
 OTHER_LIMIT = 1 << 20  # bodies of paths other than a model's infer (health, metadata, shared-memory registration)
 CHUNK = 1 << 20  # bytes per read
 MAX_FRAME = 1 << 24  # the largest HTTP/2 frame read (the protocol's own maximum)
+SHM_KEY_ENV = "SFDEPLOY_GUARD_SHM_KEY"  # how the guard gets the shared-memory key (its environment is the user's)
+# Shared-memory calls (register, unregister, status; system and CUDA): the server maps the region a
+# client names and writes outputs into it, so they pass only as shm_refusal says.
+_SHM_PATH = re.compile(r"^/*v2/+(system|cuda)sharedmemory(/|$)", re.IGNORECASE)
+SHM_METHODS = ("/inference.GRPCInferenceService/SystemSharedMemory", "/inference.GRPCInferenceService/CudaSharedMemory")
 
 
 @dataclass
@@ -36,15 +46,52 @@ class GuardConfig:
     parent_pid: int = 0  # watched: when it is gone, the server goes
     server_pid: int = 0  # watched: tritonserver, leader of its process group, killed when either side is gone
     shm_prefix: str = ""  # the python backend's shared-memory segments (/dev/shm/<prefix>*), removed at the end
+    memory_budget: int = 0  # bytes the requests in flight may cost at once (guard.budget); 0: no budget
+    costs: dict[str, float] = field(default_factory=dict)  # model -> memory a request costs per body byte
+    allow_model_control: bool = False  # gRPC repository calls pass (else refused here, PERMISSION_DENIED)
+    allow_remote_shm: bool = False  # shared-memory calls from non-loopback peers pass (with the key)
+    shm_key: str = ""  # the server's shared-memory key: never on the command line (environment, SHM_KEY_ENV)
 
     def to_json(self) -> str:
-        """The form passed on the guard's command line (:meth:`from_json` reads it back)."""
-        return json.dumps(asdict(self))
+        """The form passed on the guard's command line (:meth:`from_json` reads it back): all but
+        the key, which any local user could read there (``ps``)."""
+        return json.dumps({**asdict(self), "shm_key": ""})
 
     @classmethod
     def from_json(cls, text: str) -> GuardConfig:
         """Read back what :meth:`to_json` wrote."""
         return cls(**json.loads(text))
+
+
+def is_shm_path(target: str) -> bool:
+    """Whether an HTTP request target is the shared-memory API, as spelled any way tritonserver may
+    route it (percent-encoded, absolute form, another case)."""
+    path = unquote(re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*", "", target).split("?")[0])
+    return bool(_SHM_PATH.match(path))
+
+
+def peer_is_loopback(sock: socket.socket) -> bool:
+    """Whether the client of an accepted connection is on this machine's loopback."""
+    try:
+        return shmkey.is_loopback(sock.getpeername()[0])
+    except (OSError, IndexError):
+        return False
+
+
+def shm_refusal(config: GuardConfig, port: int, loopback_peer: bool, key: str | None) -> str | None:
+    """Why a shared-memory call (register, unregister, status) on public ``port`` is refused here,
+    None if it passes: from a non-loopback peer unless ``allow_remote_shm``, and without this
+    server's key always (tritonserver checks the key again)."""
+    if not loopback_peer and not config.allow_remote_shm:
+        return ("shared memory is open only to clients connected through this machine's loopback (127.0.0.1): the "
+                "server writes outputs into the region a client names. Connect to 127.0.0.1, or start the server with "
+                "`sfdeploy serve --allow-remote-shm`")
+    if not key or not config.shm_key or not hmac.compare_digest(key.encode(), config.shm_key.encode()):
+        return (f"shared memory needs this server's key (header '{shmkey.HEADER}'; gRPC metadata "
+                f"'{shmkey.GRPC_HEADER}'), which `sfdeploy serve` gives only "
+                f"to its user on this machine, in {shmkey.key_file(port)}; sfdeploy's client (`infer "
+                "--shm`) sends it. Regions named without it are refused: they may not be the client's to write")
+    return None
 
 
 def mb(size: int) -> str:

@@ -1,9 +1,14 @@
 """The gRPC (HTTP/2) half of the server's front (:mod:`sfdeploy.serving.guard`): frames are forwarded
 both ways as they come; the length prefix of each request message is read before its bytes go on,
 and a call whose message is over the limit (or compressed) is answered ``RESOURCE_EXHAUSTED`` with
-the reason and cancelled on the server's side, which never receives it. Nothing is decoded but
-frame headers and those prefixes; the one header block written here is HPACK literals, which leave
-the client's decoding table as the server's encoder expects it."""
+the reason and cancelled on the server's side, which never receives it. The client's header blocks
+are decoded too (each call's ``:path`` and metadata), all through one HPACK decoder per connection,
+in order, so that its table stays the server's; their frames still go on unchanged, and a call
+refused by its header block (shared memory without the key or from afar, closed model control) is
+answered ``PERMISSION_DENIED``, then reset on the server's side after its headers, before its
+message. Nothing else is decoded but frame headers and message prefixes; the one header block
+written here is HPACK literals, which leave the client's decoding table as the server's encoder
+expects it."""
 
 from __future__ import annotations
 
@@ -11,25 +16,37 @@ import socket
 import threading
 import time
 
+from sfdeploy import shmkey
 from sfdeploy.endpoints import LOOPBACK
+from sfdeploy.serving.guard.budget import retry_later, shared
 from sfdeploy.serving.guard.common import (
     CHUNK,
     HEADER_TIMEOUT_S,
+    MAX_HEAD,
+    SHM_METHODS,
     Closed,
     GuardConfig,
     Reader,
+    peer_is_loopback,
     read_frame,
     send,
     send_parts,
+    shm_refusal,
     take,
     too_large,
 )
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 7, 8, 9
-END_STREAM, END_HEADERS, PADDED = 0x1, 0x4, 0x8
+END_STREAM, END_HEADERS, PADDED, PRIORITY, ACK = 0x1, 0x4, 0x8, 0x20, 0x1
 CANCEL, NO_ERROR = 0x8, 0x0
-RESOURCE_EXHAUSTED = 8
+PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE = 7, 8, 14
+HEADER_TABLE_SIZE = 0x1  # the SETTINGS entry that bounds the client's HPACK table
+_SERVICE = "/inference.GRPCInferenceService/"
+# Calls closed unless model control is open (`serve --allow-model-control`), and calls always closed
+# (tritonserver's logging and trace settings can make it write files where a client says).
+CONTROL_METHODS = frozenset(_SERVICE + m for m in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"))
+CLOSED_METHODS = frozenset(_SERVICE + m for m in ("LogSettings", "TraceSetting"))
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
@@ -64,6 +81,26 @@ def grpc_refusal(stream: int, status: int, message: str) -> bytes:
             + frame(RST_STREAM, 0, stream, NO_ERROR.to_bytes(4, "big")))
 
 
+def _fragment(flags: int, payload: bytes) -> bytes:
+    """The header block fragment of a HEADERS frame: its padding and priority fields stripped."""
+    start, end = 0, len(payload)
+    if flags & PADDED:
+        start, end = 1, len(payload) - (payload[0] if payload else len(payload) + 1)
+    if flags & PRIORITY:
+        start += 5
+    if end < start:
+        raise Closed("a HEADERS frame shorter than its padding (a protocol error)")
+    return payload[start:end]
+
+
+def _model_name(message: memoryview) -> str | None:
+    """The model a ``ModelInferRequest`` names, from the first bytes of its message (field 1,
+    ``model_name``, which protobuf writes first); None when they are not at hand or not that."""
+    if len(message) < 2 or message[0] != 0x0A or message[1] > 0x7F or len(message) < 2 + message[1]:
+        return None
+    return bytes(message[2:2 + message[1]]).decode("utf-8", "replace")
+
+
 class _Message:
     """Where a stream is in its request messages: the bytes of a length prefix so far, then the
     message bytes still to come."""
@@ -90,6 +127,16 @@ class GrpcConnection:
         self.active = time.monotonic()
         self.pending: list[bytes] = []  # frames read from the client, not yet sent on
         self.pending_bytes = 0
+        from hpack import Decoder
+
+        self.decoder = Decoder()  # every client header block, in order (see decode)
+        self.decoder.max_header_list_size = 1 << 20  # never stricter than the server, which has its own limit
+        self.block: list[tuple[bytes, bytes]] = []  # the frames of a client header block not yet ended
+        self.fragments: list[bytes] = []  # their header block fragments
+        self.block_stream = 0
+        self.loopback = peer_is_loopback(client)
+        self.budget = shared()
+        self.charges: dict[int, int] = {}  # stream -> what its messages are charged to the budget
 
     def run(self) -> None:
         """Check the client's connection preface, connect to tritonserver's private gRPC port, and
@@ -110,6 +157,14 @@ class GrpcConnection:
             pass
         finally:
             self.close()
+            with self.lock:
+                self.budget.give(sum(self.charges.values()))
+                self.charges.clear()
+
+    def release(self, stream: int) -> None:
+        """Refund what call ``stream`` was charged: it has ended, one way or another."""
+        with self.lock:
+            self.budget.give(self.charges.pop(stream, 0))
 
     def close(self) -> None:
         """Shut both sockets down, which also ends the other direction's thread."""
@@ -122,8 +177,9 @@ class GrpcConnection:
                 sock.close()
 
     def client_to_server(self, reader: Reader) -> None:
-        """Forward the client's frames, batched (:meth:`flush`), following each request's messages
-        (:meth:`check`) and dropping the DATA of refused calls; waking every second to close an idle
+        """Forward the client's frames, batched (:meth:`flush`), reading each call's header block
+        (:meth:`header_frame`) and following its messages (:meth:`check`), dropping the DATA of
+        refused calls; waking every second to close an idle
         connection (:meth:`idle`)."""
         self.client.settimeout(1.0)  # a tick to check for idleness
         while True:
@@ -138,12 +194,10 @@ class GrpcConnection:
                 continue
             if kind in (HEADERS, DATA):
                 self.active = time.monotonic()
-            if kind == HEADERS and stream not in self.messages:
-                with self.lock:
-                    self.open.add(stream)
-                    self.messages[stream] = _Message()
-                    self.last_stream = max(self.last_stream, stream)
-            elif kind == DATA:
+            if kind in (HEADERS, CONTINUATION) or self.block:
+                self.header_frame(header, kind, flags, stream, payload)
+                continue
+            if kind == DATA:
                 if stream in self.refused or not self.check(stream, flags, payload):
                     if payload:  # the server never sees these bytes: give the client its window back
                         self.inject(frame(WINDOW_UPDATE, 0, 0, len(payload).to_bytes(4, "big")))
@@ -151,10 +205,76 @@ class GrpcConnection:
             elif kind == RST_STREAM:
                 with self.lock:
                     self.open.discard(stream)
-            if flags & END_STREAM and kind in (HEADERS, DATA) or kind == RST_STREAM:
+                self.release(stream)
+            if flags & END_STREAM and kind == DATA or kind == RST_STREAM:
                 self.messages.pop(stream, None)
             self.pending += (header, payload)
             self.pending_bytes += len(header) + len(payload)
+
+    def header_frame(self, header: bytes, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        """Hold a client header block's frames until its last, decode the block (:meth:`decode`),
+        then pass its frames on unchanged, refusing the call it opens when :meth:`call_refusal` says
+        so: the server still gets the block first (its HPACK table must see every one, and a stream
+        it has not seen cannot be reset), kept open, then reset."""
+        if kind == HEADERS and not self.block:
+            fragment = _fragment(flags, payload)
+        elif kind == CONTINUATION and self.block and stream == self.block_stream:
+            fragment = payload
+        else:
+            raise Closed("a header block interleaved with other frames (a protocol error)")
+        self.block.append((header, payload))
+        self.fragments.append(fragment)
+        self.block_stream = stream
+        if sum(len(f) for f in self.fragments) > MAX_HEAD:
+            raise Closed("header block over 64 KiB")
+        if not flags & END_HEADERS:
+            return
+        frames, fields = self.block, self.decode(b"".join(self.fragments))
+        self.block, self.fragments = [], []
+        ends = frames[0][0][4] & END_STREAM  # the call has no message (flag of its HEADERS frame)
+        why = None
+        if stream > self.last_stream:  # a new call (a block on an older stream is its trailers)
+            why = self.call_refusal(fields)
+            with self.lock:
+                self.open.add(stream)
+                self.messages[stream] = _Message()
+                self.last_stream = stream
+        if why and ends:  # kept open, to be reset: the server must not run a call without its message
+            first = frames[0][0]
+            frames[0] = (first[:4] + bytes((first[4] & ~END_STREAM,)) + first[5:], frames[0][1])
+        elif ends:
+            self.messages.pop(stream, None)
+        for part in frames:
+            self.pending += part
+            self.pending_bytes += len(part[0]) + len(part[1])
+        if why:
+            self.refuse(stream, PERMISSION_DENIED, why)
+
+    def decode(self, block: bytes) -> dict[bytes, bytes]:
+        """A client header block's fields, through this connection's one decoder (in order, so that
+        its table stays what the client's encoder and the server's decoder hold)."""
+        from hpack import HPACKError
+
+        try:
+            return dict(self.decoder.decode(block, raw=True))
+        except (HPACKError, ValueError, IndexError) as exc:  # the server would end the connection too
+            raise Closed(f"undecodable header block ({exc})") from exc
+
+    def call_refusal(self, fields: dict[bytes, bytes]) -> str | None:
+        """Why the call a header block opens is refused here, None if it goes on: shared memory from
+        afar or without the key (:func:`shm_refusal`), and control calls that are closed."""
+        path = fields.get(b":path", b"").decode("latin-1")
+        if path.startswith(SHM_METHODS):
+            key = fields.get(shmkey.GRPC_HEADER.encode())
+            return shm_refusal(self.config, self.config.grpc_port, self.loopback,
+                               None if key is None else key.decode("latin-1"))
+        if path in CLOSED_METHODS:
+            return ("the server's logging and trace settings are closed to clients (they can make it write files "
+                    "where a client says); set them where the server is started")
+        if path in CONTROL_METHODS and not self.config.allow_model_control:
+            return ("model control is closed on this server: clients cannot list, load or unload its models. Start it "
+                    "with `sfdeploy serve --allow-model-control` to open the repository API")
+        return None
 
     def flush(self) -> None:
         """Send the frames read so far in one system call: a large message comes in thousands of
@@ -190,21 +310,41 @@ class GrpcConnection:
             elif size > self.config.grpc_limit:
                 why = too_large(size, self.config.grpc_limit, "this server").replace("request body", "request message")
             if why:
-                self.refuse(stream, why)
+                self.refuse(stream, RESOURCE_EXHAUSTED, why)
+                return False
+            if not self.charge(stream, size, data):
                 return False
         return True
 
-    def refuse(self, stream: int, message: str) -> None:
-        """End call ``stream``: the client gets RESOURCE_EXHAUSTED with ``message`` first, then the
-        server's half is reset (CANCEL), so that it never receives the oversized message."""
+    def charge(self, stream: int, size: int, message: memoryview) -> bool:
+        """Charge a request message of ``size`` bytes to the memory budget at its length prefix
+        (before its bytes go on), at the cost of the model it names (the most costly served one
+        when its first bytes are not at hand); False, and the call answered UNAVAILABLE, "retry
+        later", when it does not fit beside what is in flight."""
+        name = _model_name(message)
+        factor = self.config.costs.get(name, 1.0) if name else max(self.config.costs.values(), default=1.0)
+        cost = int(size * factor)
+        if not self.budget.take(cost):
+            self.refuse(stream, UNAVAILABLE, retry_later(cost, self.budget))
+            return False
+        with self.lock:
+            self.charges[stream] = self.charges.get(stream, 0) + cost
+        return True
+
+    def refuse(self, stream: int, status: int, message: str) -> None:
+        """End call ``stream``: the client gets gRPC ``status`` with ``message`` first, then the
+        server's half is reset (CANCEL), so that it never receives the refused message. The call's
+        header block must have gone to the server already (a reset of a stream it has not seen
+        ends the whole connection)."""
         self.flush()  # the frames before this one go first
+        self.release(stream)
         with self.lock:
             self.refused.add(stream)
             self.open.discard(stream)
             self.messages.pop(stream, None)
         # The client's answer first: cancelled, the server ends the call its own way ("Unable to parse
         # request", INTERNAL), and that must not reach the client before the reason.
-        self.inject(grpc_refusal(stream, RESOURCE_EXHAUSTED, message))
+        self.inject(grpc_refusal(stream, status, message))
         send(self.upstream, frame(RST_STREAM, 0, stream, CANCEL.to_bytes(4, "big")))
 
     def inject(self, data: bytes) -> None:
@@ -224,6 +364,13 @@ class GrpcConnection:
         time.sleep(0.5)
         raise Closed("idle")
 
+    def note_settings(self, payload: bytes) -> None:
+        """Follow the table size the server allows the client's HPACK encoder, before the client
+        hears of it: a larger table the client then announces is what the decoder must accept."""
+        for at in range(0, len(payload) - 5, 6):
+            if int.from_bytes(payload[at:at + 2], "big") == HEADER_TABLE_SIZE:
+                self.decoder.max_allowed_table_size = int.from_bytes(payload[at + 2:at + 6], "big")
+
     def server_to_client(self) -> None:
         """Forward the server's frames to the client, keeping header blocks whole (no injected frame
         between a HEADERS and its CONTINUATIONs), and note which calls ended, for the idle timeout."""
@@ -232,6 +379,8 @@ class GrpcConnection:
         try:
             while True:
                 header, kind, flags, stream, payload = read_frame(reader)
+                if kind == SETTINGS and not flags & ACK:
+                    self.note_settings(payload)
                 if kind == HEADERS and not flags & END_HEADERS and not held:
                     self.to_client.acquire()
                     held = True
@@ -247,6 +396,7 @@ class GrpcConnection:
                 if (kind == HEADERS and flags & END_STREAM) or kind == RST_STREAM:
                     with self.lock:
                         self.open.discard(stream)
+                    self.release(stream)
                     self.active = time.monotonic()
         except (Closed, OSError):
             pass
