@@ -209,8 +209,8 @@ def _pipeline(cfg: Any, split: str) -> list[dict]:
     return list(pipeline)
 
 
-#: Steps the client reproduces exactly. Decoding steps all map to sfdeploy's decoder (decord's index,
-#: PyAV's frames): the same frames as decord and MMAction2's PyAV pair,
+#: Steps the client reproduces exactly. Decoding steps all map to sfdeploy's decoder (PyAV, as
+#: decord indexes and decodes): the same frames as decord and MMAction2's PyAV pair,
 #: proven over every width (tests/test_decode_sweep.py); OpenCV's decoder is accepted as before.
 VIDEO_INIT_STEPS = ("DecordInit", "OpenCVInit", "PyAVInit", "SfdeployVideoInit")
 VIDEO_DECODE_STEPS = ("DecordDecode", "OpenCVDecode", "PyAVDecode", "SfdeployVideoDecode")

@@ -174,9 +174,9 @@ def check_opencv() -> Check:
 
 
 def check_decoders() -> Check:
-    """decord and PyAV installed, and the adapter (sfdeploy.decode: decord's index, PyAV's frames
-    capped at the pixel limit) reading a 96 px wide h264 clip and a 72 px one, a width decord
-    itself mis-decodes."""
+    """decord (MMAction2's decoder: the parity gate's reference) and PyAV installed, and the adapter
+    (sfdeploy.decode: PyAV's index and frames, capped at the pixel limit) reading a 96 px wide h264
+    clip and a 72 px one, a width decord itself mis-decodes."""
     versions = {dist: _version(dist) for dist in ("decord", "av")}
     reinstall = f"pip install --force-reinstall {_pins(*versions)}"
     missing = [dist for dist, version in versions.items() if version is None]
@@ -195,7 +195,7 @@ def check_decoders() -> Check:
                 seen.append((width, video.decoder, len(frames)))
     except DecodeError as exc:  # reported, not raised
         return Check("decoders", FAIL, f"cannot decode a test video: {exc.message}", reinstall)
-    detail = (f"decord {versions['decord']} (indexes), PyAV {versions['av']} (decodes, capped at "
+    detail = (f"decord {versions['decord']} (the parity reference), PyAV {versions['av']} (decodes, capped at "
               f"{MAX_VIDEO_PIXELS:,} pixels a frame): "
               + ", ".join(f"{w} px -> {d} ({n}/8 frames)" for w, d, n in seen))
     ok = all(n == 8 for _, _, n in seen)

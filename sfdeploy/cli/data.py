@@ -62,7 +62,7 @@ def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: st
     """Probe and split VIDEO_ROOT/<class>/*.mp4 (or VIDEO_ROOT/{train,val}/<class>/) into
     MMAction2 annotation lists.
 
-    Every video is decoded in parallel (decord's index, PyAV's frames, as in training and
+    Every video is decoded in parallel (PyAV, as decord indexes and decodes, as in training and
     serving); corrupt, empty and unreadable files are listed with the reason and the
     fix in OUT/prepare_report.json, and the rest is used. Videos shorter than the preset's clip are
     used too, and listed as short.

@@ -32,7 +32,7 @@ class VideoProbe:
     fps: float = 0.0
     width: int = 0
     height: int = 0
-    decoder: str = ""  # which decoder gave the frames: "pyav" (sfdeploy.decode: decord only indexes)
+    decoder: str = ""  # which decoder gave the frames: "pyav" (sfdeploy.decode)
     reason: str | None = None
     detail: str = ""
 

@@ -1,6 +1,6 @@
 """Decoding a video into the clips the model takes, anywhere it runs: one package, one pool.
 
-* :mod:`~sfdeploy.decode.video`: the one CPU decoder (decord's index, PyAV's frames), the
+* :mod:`~sfdeploy.decode.video`: the one CPU decoder (PyAV, as decord indexes and decodes), the
   frame-size limit on every frame, and why a video cannot be decoded (:class:`DecodeError`);
 * :mod:`~sfdeploy.decode.clips`: one video -> the clip spec's views (``load_video``; the sampling,
   resizing and cropping are :mod:`sfdeploy.preprocess`'s, frames -> clips), the rows of videos
@@ -11,7 +11,7 @@
 * :mod:`~sfdeploy.decode.gpu`: GPU decoding (NVDEC), imported only when a plan uses it.
 
 This module re-exports :mod:`~sfdeploy.decode.video`'s names and imports nothing heavy (numpy,
-decord and torch are imported where frames are made): the CLI reads the limits at start.
+PyAV and torch are imported where frames are made): the CLI reads the limits at start.
 """
 
 from sfdeploy.decode.video import (

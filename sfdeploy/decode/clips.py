@@ -1,8 +1,8 @@
 """One video -> the views the deployed model takes, and what stands in the results for a video
 that gives none.
 
-:func:`load_video` opens a video with :mod:`sfdeploy.decode.video` (decord's index, PyAV's
-frames, capped at the pixel limit) and turns its sampled frames into the clip spec's views with
+:func:`load_video` opens a video with :mod:`sfdeploy.decode.video` (PyAV, reading as decord
+would, capped at the pixel limit) and turns its sampled frames into the clip spec's views with
 :mod:`sfdeploy.preprocess` (sample, resize, crop: MMAction2's test pipeline, pixel for pixel).
 ``source`` is a path or the bytes of an encoded file (server-side decoding receives those; no
 temporary file is written).
@@ -42,7 +42,7 @@ def load_video(source: str | Path | bytes, spec: ClipSpec, *, max_pixels: int = 
 
     ``source`` is a path or the bytes of an encoded file (server-side decoding receives those; no
     temporary file is written). Decoding is :mod:`sfdeploy.decode.video`'s, the decoder MMAction2
-    trains with here (decord's index, PyAV's frames); a stream with frames of more than
+    trains with here (PyAV, reading as decord would); a stream with frames of more than
     ``max_pixels`` is refused before decoding, and so is one whose frames grow past it. Raises
     :class:`sfdeploy.decode.DecodeError` (an :class:`InputError` naming the video and the fix).
     """

@@ -4,8 +4,9 @@
 ``DecordInit`` / ``DecordDecode`` in every pipeline of the ``WORK/config.py`` that ``finetune``
 writes, and the config imports this module through ``custom_imports``. So MMAction2's own tools
 (``init_recognizer``, ``inference_recognizer``, ``tools/test.py``) decode a video exactly as
-sfdeploy's client does: decord's index (frame count and rate), and PyAV's frames, capped at the
-pixel limit, on every width (decord fails on some) and stream (none grows past the limit).
+sfdeploy's client does: PyAV counting frames as decord's index does (frame count and rate) and
+decoding them, capped at the pixel limit, on every width (decord fails on some) and stream (none
+grows past the limit).
 
 They are drop-in replacements: same keys in and out as MMAction2's decord pair (``total_frames``,
 ``avg_fps``, ``video_reader``; ``imgs``, ``original_shape``, ``img_shape``), same file reading

@@ -48,9 +48,6 @@ IMPORT_NAMES = {"pynvvideocodec": "PyNvVideoCodec", "torchcodec": "torchcodec"}
 INSTALL_FIX = ("pip install 'sfdeploy[nvdec]' (pynvvideocodec and torchcodec; or either alone), on a machine with an "
                "NVIDIA GPU and its driver; torchcodec also needs FFmpeg's shared libraries (libavcodec 4-8, e.g. "
                "apt-get install ffmpeg)")
-#: what a decoder read that is not on the GPU is called in the rows: the CPU decoder's name
-#: (:attr:`sfdeploy.decode.Video.decoder`: decord only indexes)
-CPU_NAMES = ("pyav",)
 
 
 @dataclass(frozen=True)
