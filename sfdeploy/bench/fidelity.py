@@ -74,7 +74,7 @@ class ClipDecoder:
 
 
 def cpu_decoder(spec: ClipSpec, max_pixels: int = MAX_VIDEO_PIXELS) -> ClipDecoder:
-    """The CPU path (:func:`~sfdeploy.decode.clips.load_video`: decord's index, PyAV's frames)."""
+    """The CPU path (:func:`~sfdeploy.decode.clips.load_video`: PyAV, as decord indexes and decodes)."""
     return ClipDecoder("cpu", lambda path: load_video(path, spec, max_pixels=max_pixels))
 
 

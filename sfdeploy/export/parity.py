@@ -104,7 +104,7 @@ def reference_decoder(path: Path) -> str:
     """Which MMAction2 decoder the reference pipeline uses for this video (``mmaction_pipeline``'s
     ``decode``). Never sfdeploy's adapter where MMAction2 has an independent one: ``"decord"``
     (DecordInit/DecordDecode) wherever decord decodes the stream (its first frame, asked of decord
-    itself: sfdeploy's decoder only indexes with decord); on a stream decord mis-decodes,
+    itself: sfdeploy's decoder does not use it); on a stream decord mis-decodes,
     MMAction2's own ``"pyav"`` pair, which samples from the container's frame count, so only where
     that count equals the stream's (mp4/mov/avi); else ``"sfdeploy"``, the transforms training used
     (then only sampling, resize and crop are checked independently of the adapter; the width-sweep

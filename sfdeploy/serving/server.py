@@ -285,8 +285,8 @@ class TritonServer:
             idle_timeout_s=self.idle_timeout_s, max_connections=self.max_connections, parent_pid=os.getpid(),
             server_pid=self.process.pid, shm_prefix=self._shm_prefix, memory_budget=self.memory_budget_mb << 20,
             costs={name: VIDEO_COST if TARGET_MODEL in self._configs[name].parameters else CLIP_COST
-                   for name in self.limits})
-        config.allow_model_control, config.allow_remote_shm = self.allow_model_control, self.allow_remote_shm
+                   for name in self.limits},
+            allow_model_control=self.allow_model_control, allow_remote_shm=self.allow_remote_shm)
         env = {**os.environ, SHM_KEY_ENV: self._shm_key}  # not on its command line: any local user reads that
         with open(self.log_file, "ab") as sink:
             self.guard = subprocess.Popen([sys.executable, "-m", "sfdeploy.serving.guard", config.to_json()],
