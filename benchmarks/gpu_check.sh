@@ -17,6 +17,13 @@
 #                               # serves from that measurement, the GPU tests of the new formats, and the
 #                               # record's model rows still missing (ExportedProgram, AOTInductor: fp16 at
 #                               # batch 1 and 32 beside TorchScript plain and rewritten)
+#   benchmarks/gpu_check.sh 5   # GPU-resident serving (issue 30): every kit part (NVDEC too), the GPU serving
+#                               # tests (a KIND_GPU instance taking GPU inputs, <name>_video decoding on
+#                               # NVDEC vs the client's CPU decoding, CUDA shared memory), `infer --shm cuda`
+#                               # and `--server-decode` rows, the record's triton stage (triton-cuda-shm) and
+#                               # e2e stage (triton-video on the server's CPU and NVDEC, with Triton's
+#                               # statistics), then the served model's instances 1, 2, 4 at 8 in flight, a
+#                               # record each (what sets `repo --instances`' GPU default)
 #
 # Every step has its own time limit inside an overall deadline (BUDGET_S, default 540 s a call), and
 # what it produced is copied to $OUT as it finishes (the record after every stage): a call cut short
@@ -26,7 +33,7 @@
 # A plain GPU machine with internet can run the same: pip install -e ".[gpu,dev]" and KIT=none.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE="${1:?usage: benchmarks/gpu_check.sh 1|2|3|4}"
+PHASE="${1:?usage: benchmarks/gpu_check.sh 1|2|3|4|5}"
 OUT="${OUT:-/tmp/sfdeploy-gpu-out}"
 STATE="${SFDEPLOY_GPU_STATE:-/tmp/sfdeploy-gpu}"
 KIT="${KIT:-.gpukit}"
@@ -39,7 +46,8 @@ export PYTHONUNBUFFERED=1 SFDEPLOY_TEST_DEMO="$STATE/demo"
 # (PROFILE=small DEVICE=cpu PRECISIONS=fp32 KIT=none rehearse the script on a CPU machine.)
 PROFILE_FLAG=(); [ "${PROFILE:-full}" = full ] && PROFILE_FLAG=(--full)
 BENCH=(bench "${PROFILE_FLAG[@]}" --device "${DEVICE:-cuda}" --precision "${PRECISIONS:-fp32,fp16}" --batch-sizes "${BATCHES:-1,32}"
-       --backends mmaction2,eager,torchscript,torch_export,aoti,triton-grpc,triton-http,triton-shm --concurrency 1,8
+       --backends mmaction2,eager,torchscript,torch_export,aoti,triton-grpc,triton-http,triton-shm,triton-cuda-shm,triton-video
+       --concurrency 1,8
        --triton-batch 32 --iters "${ITERS:-20}" --warmup 5 --e2e-videos "${E2E_VIDEOS:-128}"
        --trace --out "$RECORD" --resume)
 
@@ -79,7 +87,27 @@ torch.cuda.get_device_name(0))'
   "$PY" -m sfdeploy doctor
 }
 
-export -f install_part env_report
+serve_gpu() {  # the demo's export for GPU instances, <name>_video on NVDEC where a GPU decoder runs, served
+  local decode=cpu
+  "$PY" -c 'import sys; from sfdeploy.decode.gpu.select import probe_backends
+sys.exit(0 if any(s.available for s in probe_backends()) else 1)' && decode=gpu
+  "$PY" -m sfdeploy repo "$STATE/demo/export" --repo "$STATE/repo-gpu" --device cuda --decode "$decode" \
+    --decode-instances 2 || return 1
+  cp "$STATE/repo-gpu/slowfast/config.pbtxt" "$OUT/repo-gpu-slowfast.pbtxt"
+  cp "$STATE/repo-gpu/slowfast_video/config.pbtxt" "$OUT/repo-gpu-slowfast_video.pbtxt"
+  "$PY" -m sfdeploy serve --repo "$STATE/repo-gpu" --http-port 18000 --grpc-port 18001 --metrics-port 18002 \
+    > "$OUT/serve-gpu.log" 2>&1 &
+  echo $! > "$STATE/serve.pid"
+  "$PY" -c 'import sys, time, urllib.request
+for _ in range(90):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:18000/v2/health/ready", timeout=2); sys.exit(0)
+    except OSError:
+        time.sleep(1)
+sys.exit(1)' 
+}
+
+export -f install_part env_report serve_gpu
 export KIT PY
 case "$PHASE" in
   1)
@@ -133,6 +161,30 @@ for s in probe_backends(): print(s)'
     step bench-model-formats 400 "$PY" -m sfdeploy "${BENCH[@]}" --stage model
     save_record
     ;;
-  *) echo "usage: benchmarks/gpu_check.sh 1|2|3|4" >&2; exit 2 ;;
+  5)
+    for part in "$KIT"/part*; do  # every part (NVDEC's too): a fresh machine has none, a warm one all
+      [ -d "$part" ] && step "install-$(basename "$part")" 60 install_part "${part##*part}"
+    done
+    step install-sfdeploy 60 "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+    step demo 200 "$PY" -m sfdeploy demo --workdir "$STATE/demo"
+    step pytest-gpu-serving 240 "$PY" -m pytest -m gpu -q -rA -s -p no:cacheprovider --timeout 230 \
+      --junitxml "$OUT/pytest-gpu-serving.xml" tests/test_gpu_serving.py tests/test_cuda_shm.py
+    step serve-gpu 30 serve_gpu
+    step infer-shm-cuda 60 "$PY" -m sfdeploy infer "$STATE/demo/videos" --url "127.0.0.1:18001" --protocol grpc \
+      --shm cuda --out "$OUT/infer-shm-cuda.csv"
+    step infer-server-nvdec 60 "$PY" -m sfdeploy infer "$STATE/demo/videos" --url "127.0.0.1:18001" --protocol grpc \
+      --server-decode --decode gpu --out "$OUT/infer-server-nvdec.csv"
+    [ -f "$STATE/serve.pid" ] && kill "$(cat "$STATE/serve.pid")" 2>/dev/null; sleep 3
+    step bench-triton-serving 200 "$PY" -m sfdeploy "${BENCH[@]}" --stage triton
+    save_record
+    step bench-e2e-serving 150 "$PY" -m sfdeploy "${BENCH[@]}" --stage e2e
+    save_record
+    for n in 1 2 4; do
+      step "bench-instances-$n" 90 "$PY" -m sfdeploy bench "${PROFILE_FLAG[@]}" --device "${DEVICE:-cuda}" \
+        --precision fp16 --backends triton-grpc,triton-shm --stage triton --concurrency 8 --triton-batch 32 \
+        --instances "$n" --iters 10 --warmup 3 --export "$STATE/record.work/export" --out "$OUT/instances-$n.json"
+    done
+    ;;
+  *) echo "usage: benchmarks/gpu_check.sh 1|2|3|4|5" >&2; exit 2 ;;
 esac
 echo "gpu_check: phase $PHASE done $(date +%T)"; cat "$OUT/summary.txt"

@@ -43,6 +43,8 @@ OUTPUT_NAME = "probs"  # float32 [N, num_classes]
 VIDEO_INPUT = "video"  # BYTES [N, 1]: the bytes of one encoded video file per item
 LABEL_OUTPUT = "label"  # BYTES [N, 1]: the top-1 class name ("" for an item that failed)
 ERROR_OUTPUT = "error"  # BYTES [N, 1]: why an item failed ("" for an item that was classified)
+DECODER_OUTPUT = "decoder"  # BYTES [N, 1]: which decoder read the item (pyav, nvdec:<backend>; "" if none)
+DECODER_REASON_OUTPUT = "decoder_reason"  # BYTES [N, 1]: why that decoder (sfdeploy.decode.gpu.select)
 
 
 def video_model_name(name: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sfdeploy.decode.clips import DecodedBy, DecodeFailure
+from sfdeploy.decode.clips import DecodedBy, DecodeFailure, ServerDecoded
 from sfdeploy.errors import ServingError
 from sfdeploy.predictions import Prediction
 from sfdeploy.runtime import Predictor
@@ -91,6 +91,8 @@ class BatchPipeline:
                 if isinstance(row, str):  # server-side decoding: why the server could not classify it
                     yield Prediction(path, "error", error=row)
                     continue
+                if isinstance(row, ServerDecoded):  # ... and which decoder read it there
+                    row, how = row.probs, row.decoded_by
                 yield Prediction.from_probs(path, row, self.classes, self.topk, how)
 
 

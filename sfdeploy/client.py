@@ -70,9 +70,11 @@ class Classifier:
 
     @classmethod
     def from_triton(cls, url: str = DEFAULT_HTTP_URL, model: str = DEFAULT_MODEL, protocol: str = "http",
-                    shm: bool = False, server_decode: bool = False) -> Classifier:
-        """A served model. ``server_decode``: send the encoded files to ``<model>_video``, which decodes
-        them on the server (nothing decoded here; the file's bytes on the wire, not uint8 clips)."""
+                    shm: bool | str = False, server_decode: bool = False) -> Classifier:
+        """A served model. ``shm``: how the clips reach a server on this machine (``True`` or ``"system"``:
+        system shared memory; ``"cuda"``: CUDA shared memory; a :class:`sfdeploy.transport.SharedMemory`).
+        ``server_decode``: send the encoded files to ``<model>_video``, which decodes them on the server
+        (nothing decoded here; the file's bytes on the wire, not uint8 clips)."""
         return cls.open(ModelTarget(backend=SERVED, urls=(url,), model=model, protocol=protocol, shm=shm,
                                     server_decode=server_decode))
 
@@ -90,10 +92,14 @@ class Classifier:
     def decode_plan(self, decode: str = "auto") -> DecodePlan:
         """Where this classifier's videos are decoded (``--decode``: auto, cpu, gpu, or a GPU
         decoder by name; :func:`sfdeploy.decode.gpu.select.plan_decoding`), said once in the log.
-        Raises when ``gpu`` (or a decoder by name) cannot be had, with the fix."""
+        Raises when ``gpu`` (or a decoder by name) cannot be had, with the fix. With server-side
+        decoding the mode is the server's to follow (auto, cpu or gpu, sent with each request)."""
         from sfdeploy.decode.gpu.gate import read_gates
         from sfdeploy.decode.gpu.select import plan_decoding, probe_backends
 
+        if self.server_decode:  # nothing decoded here: the mode goes to the server with each request
+            self.predictor.ask_decode(decode)  # type: ignore[attr-defined]
+            return DecodePlan(decode, None, self.predictor.device, "decoded on the server (<model>_video)")
         device = self.predictor.device
         on_gpu = decode != "cpu" and is_cuda(device)
         plan = plan_decoding(decode, device=device, statuses=probe_backends() if on_gpu else [],

@@ -11,7 +11,8 @@
 
 A :class:`ModelTarget` says everything that picks the model: the backend, the export folder
 (local backends), precision and device, or the server(s), protocol, model name and how the
-inputs travel (system shared memory, or encoded files decoded on the server). ``infer``, ``eval``,
+inputs travel (system or CUDA shared memory, :mod:`sfdeploy.transport`, or encoded files decoded on
+the server). ``infer``, ``eval``,
 the Ray engine and its model actors, and ``bench`` take it whole; :meth:`ModelTarget.open` is the
 one place that turns it into a predictor. Invalid combinations are refused when it is made, before
 anything runs.
@@ -28,6 +29,7 @@ from sfdeploy.device import DEFAULT_DEVICE, Device
 from sfdeploy.endpoints import DEFAULT_HTTP_URL, DEFAULT_MODEL, PROTOCOLS
 from sfdeploy.errors import InputError
 from sfdeploy.precision import DEFAULT_RUN_PRECISION, RUN_PRECISIONS
+from sfdeploy.transport import SharedMemory, check_same_host, shared_memory
 
 if TYPE_CHECKING:  # light at import: the CLI's options read this module's names
     from sfdeploy.clipspec import ClipSpec
@@ -56,7 +58,9 @@ class ModelTarget:
     urls: tuple[str, ...] = (DEFAULT_HTTP_URL,)  # triton: the server(s)
     protocol: str = "http"  # triton: http | grpc
     model: str = DEFAULT_MODEL  # triton: the served model's name
-    shm: bool = False  # triton: inputs through system shared memory (a server on this machine)
+    # triton: how the inputs travel: none | system | cuda shared memory (a server on this machine); a bool
+    # (True: system) or a str is parsed into a SharedMemory when it is made
+    shm: SharedMemory = SharedMemory.NONE
     server_decode: bool = False  # triton: send encoded files to <model>_video, decoded on the server
 
     def __post_init__(self) -> None:
@@ -67,6 +71,7 @@ class ModelTarget:
             raise InputError(f"unknown backend '{self.backend}'", fix=f"use one of: {', '.join(BACKENDS)}")
         urls = (self.urls,) if isinstance(self.urls, str) else tuple(self.urls)
         for name, value in (("backend", backend), ("urls", urls), ("device", Device(self.device)),
+                            ("shm", shared_memory(self.shm)),
                             ("export_dir", Path(self.export_dir) if self.export_dir is not None else None)):
             object.__setattr__(self, name, value)  # frozen: normalised once, here
         if self.precision not in RUN_PRECISIONS:
@@ -83,6 +88,9 @@ class ModelTarget:
         if self.server_decode and self.shm:
             raise InputError("--shm carries decoded clips; with --server-decode the encoded files are sent",
                              fix="drop --shm or --server-decode")
+        if not self.local:
+            for url in self.urls:
+                check_same_host(self.shm, url)
 
     @property
     def local(self) -> bool:
@@ -105,7 +113,7 @@ class ModelTarget:
         """For logs: ``onnxruntime fp32 (EXPORT, device auto)`` or ``triton grpc slowfast at URL``."""
         if self.local:
             return f"{self.backend} {self.precision} ({self.export_dir}, device {self.device})"
-        how = " (decoded on the server)" if self.server_decode else " (shared memory)" if self.shm else ""
+        how = " (decoded on the server)" if self.server_decode else f" ({self.shm.describe()})" if self.shm else ""
         return f"{self.backend} {self.protocol} {self.model} at {', '.join(self.urls)}{how}"
 
     def open(self, *, threads: int | None = None) -> Predictor:
@@ -123,7 +131,8 @@ class ModelTarget:
             return TritonVideoPredictor(self.url, model=self.model, protocol=self.protocol)
         from sfdeploy.runtime.triton import TritonPredictor
 
-        return TritonPredictor(self.url, model=self.model, protocol=self.protocol, shm=self.shm)
+        return TritonPredictor(self.url, model=self.model, protocol=self.protocol, shm=self.shm,
+                               shm_device=self.device)
 
     def read_spec(self) -> ClipSpec:
         """The clip spec the model takes, read without running it: from the export's manifest, or
@@ -134,7 +143,7 @@ class ModelTarget:
             return Manifest.read(self.export_dir).clip_spec
         specs = {}
         for server in self.servers():
-            predictor = replace(server, shm=False, server_decode=False).open()
+            predictor = replace(server, shm=SharedMemory.NONE, server_decode=False).open()
             specs[server.url] = predictor.spec
             predictor.close()
         first = next(iter(specs.values()))

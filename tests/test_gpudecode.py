@@ -99,8 +99,6 @@ def test_the_decoding_plan_follows_its_rules() -> None:
     (StreamInfo("hevc", 7680, 4320, "yuv420p", 48), "torchcodec", "over the limit of 8,847,360 pixels"),
     (StreamInfo("h264", 97, 131, "yuv444p", 48), "torchcodec", "pixel format yuv444p"),
     (StreamInfo("av1", 320, 240, "yuv420p", 48), "torchcodec", "NVDEC has no av1 decoder"),
-    (StreamInfo("h264", 320, 240, "yuv420p", 48, in_memory=True), "pynvvideocodec", "reads files, not a video"),
-    (StreamInfo("h264", 320, 240, "yuv420p", 48, in_memory=True), "torchcodec", None),
     (StreamInfo("hevc", 1920, 1080, "yuv420p", 48), "pynvvideocodec", None),
     (StreamInfo("mpeg4", 320, 240, "yuv420p", 48), "pynvvideocodec", None),
 ])

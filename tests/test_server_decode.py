@@ -110,7 +110,9 @@ def test_video_configs_parse_and_name_their_model(tiny_repo: Path, spec) -> None
         assert config.backend == "python" and config.max_batch_size == 32 and spec_of(config) == spec
         assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("video", 13, [1])]  # TYPE_STRING
         assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
-            ("probs", 11, [4]), ("label", 13, [1]), ("error", 13, [1])]  # FP32, TYPE_STRING
+            ("probs", 11, [4]), ("label", 13, [1]), ("error", 13, [1]), ("decoder", 13, [1]),
+            ("decoder_reason", 13, [1])]  # FP32, TYPE_STRING
+        assert config.parameters["decode"].string_value == "auto"
         assert config.output[0].label_filename == "labels.txt"
         batching = config.dynamic_batching  # each request alone to the next free instance, with a bounded wait
         assert list(batching.preferred_batch_size) == [1] and batching.max_queue_delay_microseconds == 0
@@ -290,7 +292,8 @@ def test_200_video_requests_at_concurrency_16(triton, synth_root: Path) -> None:
     finally:
         predictor.close()
     assert errors == [] and len(answers) == 200
-    assert all(isinstance(a, np.ndarray) and a.shape == (4,) and abs(a.sum() - 1) < 1e-4 for a in answers)
+    assert all(a.probs.shape == (4,) and abs(a.probs.sum() - 1) < 1e-4 and a.decoded_by.decoder == "pyav"
+               for a in answers)
     model_after, _ = executed_batches(triton.http_url, "slowfast")
     _, videos_after = executed_batches(triton.http_url, "slowfast_video")
     assert videos_after - videos_before == 200
@@ -374,6 +377,40 @@ def test_infer_server_decode_gives_the_same_rows(triton, synth_root: Path, real_
             assert [c for c, _ in json.loads(row["top_k"])] == [c for c, _ in json.loads(want["top_k"])]
         else:  # the same cause, from the same decoding code
             assert row["error"].split(" (")[0] == want["error"].split(" (")[0], (row["error"], want["error"])
+
+
+def test_each_answer_says_which_decoder_read_the_video_and_a_request_may_ask_for_the_cpu(
+        triton, real_world: dict[str, Path]) -> None:
+    """The server's decoder per video, in the response and in `infer`'s rows; the request parameter
+    `decode` (what `infer --server-decode --decode` sends): cpu is followed, gpu refused by a server
+    whose instances decode on the CPU, with the reason."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from sfdeploy.serving.video_backend import ASKED_CPU
+
+    payloads = [real_world[name].read_bytes() for name in ("h264_320x180_long.mp4", "vp9_320x240_short.webm")]
+    data = np.empty((2, 1), dtype=object)
+    data[:, 0] = payloads
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        video = grpcclient.InferInput("video", [2, 1], "BYTES")
+        video.set_data_from_numpy(data)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in ("probs", "decoder", "decoder_reason")]
+        plain = client.infer("slowfast_video", [video], outputs=outputs)
+        asked = client.infer("slowfast_video", [video], outputs=outputs, parameters={"decode": "cpu"})
+        assert [d.decode() for d in plain.as_numpy("decoder")[:, 0]] == ["pyav", "pyav"]
+        reasons = {r.decode() for r in plain.as_numpy("decoder_reason")[:, 0]}
+        assert reasons == {"this instance runs on the CPU (KIND_CPU)"}
+        assert {r.decode() for r in asked.as_numpy("decoder_reason")[:, 0]} == {ASKED_CPU}
+        assert np.array_equal(plain.as_numpy("probs"), asked.as_numpy("probs"))
+        with pytest.raises(InferenceServerException, match="asked for GPU decoding, but this server decodes on th"):
+            client.infer("slowfast_video", [video], outputs=outputs, parameters={"decode": "gpu"})
+    finally:
+        client.close()
+    with Classifier.from_triton(triton.grpc_url, protocol="grpc", server_decode=True) as served:
+        rows = list(served.classify([real_world["hevc_640x360.mkv"]], decode="cpu"))
+    assert [(r.decoder, r.decoder_reason) for r in rows] == [("pyav", ASKED_CPU)]
 
 
 def test_classifier_from_triton_server_decode(triton, real_world: dict[str, Path]) -> None:

@@ -116,11 +116,12 @@ class Context:
         export_dir = self.export((backend_format(backend), precision), rewrites=rewrites)
         return ModelTarget(backend=backend, export_dir=export_dir, precision=precision, device=device)
 
-    def served_target(self, protocol: str, *, shm: bool = False, server_decode: bool = False) -> ModelTarget:
-        """The served model of :meth:`server`, over ``protocol``."""
+    def served_target(self, protocol: str, *, shm: bool | str = False, server_decode: bool = False) -> ModelTarget:
+        """The served model of :meth:`server`, over ``protocol``; ``shm``: how the input travels
+        (:class:`sfdeploy.transport.SharedMemory` or its name; CUDA shared memory on this run's GPU)."""
         server = self.server()
-        return ModelTarget(backend=SERVED, urls=(server.url(protocol),),
-                           protocol=protocol, model=SERVED_MODEL, shm=shm, server_decode=server_decode)
+        return ModelTarget(backend=SERVED, urls=(server.url(protocol),), protocol=protocol, model=SERVED_MODEL,
+                           shm=shm, server_decode=server_decode, device=self.device)
 
     def local(self, backend: str, precision: str, device: Device, rewrites: str = suites.REWRITTEN,
               cuda_graphs: bool = True) -> Any:
@@ -167,11 +168,26 @@ class Context:
             # the runtime and precision `repo` picks by default here: the configuration users get
             write_repository(export_dir, RepoOptions(repo=repo, name=SERVED_MODEL, max_batch=max(batches),
                                                      runtime=self.served_runtime, precision=self.served_precision,
-                                                     device=self.device, native=False, require_parity=False))
+                                                     device=self.device, native=False, require_parity=False,
+                                                     instances=self.opts.instances,
+                                                     decode="gpu" if self.server_gpu_decoding()[0] else "auto"))
             self._server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(),
                                         metrics_port=free_port()).start()
             self._stack.callback(self._server.stop)
         return self._server
+
+    def server_gpu_decoding(self) -> tuple[bool, str]:
+        """Whether the bench's server decodes on its GPU (a CUDA bench with a GPU decoder here: the
+        server runs on this machine; the bench export has no fidelity record, so ``--decode gpu``,
+        and the CPU rows ask for the CPU per request), and why not."""
+        if not self.device.is_cuda:
+            return False, f"GPU decoding on the server is measured with --device cuda (this run: {self.device})"
+        from sfdeploy.decode.gpu.select import probe_backends
+
+        statuses = probe_backends()
+        if not any(s.available for s in statuses):
+            return False, "no GPU video decoder here (" + "; ".join(f"{s.name}: {s.detail}" for s in statuses) + ")"
+        return True, ""
 
     def videos(self) -> list[Path]:
         """The end-to-end stage's videos: ``--videos``, or a synthetic set made once in the work folder."""

@@ -17,7 +17,7 @@ from sfdeploy.bench.rows import OK
 from sfdeploy.bench.targets import served_label
 
 _ORDER = ("mmaction2", "eager", "eager-rewrites", "torchscript-plain", "torchscript", "onnxruntime", "torch_export",
-          "aoti", "triton-http", "triton-grpc", "triton-shm",
+          "aoti", "triton-http", "triton-grpc", "triton-shm", "triton-cuda-shm",
           "eager-compile", "eager-cudagraphs", "eager-profile", "decode-only", "sfdeploy:triton-grpc",
           "sfdeploy:triton-http", "sfdeploy:torchscript", "sfdeploy:onnxruntime", "sfdeploy:torch_export",
           "sfdeploy:aoti", "mmaction2:inference_recognizer")
@@ -56,7 +56,7 @@ def markdown(record: dict[str, Any]) -> str:
     (model only, inside the server, end to end), the targets, and the profiles."""
     rows = sorted(record["rows"], key=sort_key)
     clips = [r for r in rows if r["kind"] == "clips"]
-    lines = [*_header(record, rows), *_clips_section(clips, baseline_clips_per_s(record)), *_served_section(clips),
+    lines = [*_header(record, rows), *_clips_section(clips, baseline_clips_per_s(record)), *_served_section(rows),
              *_videos_section(rows), *_targets_sections(record), *_ops_sections(rows)]
     return "\n".join(lines) + "\n"
 
@@ -100,20 +100,23 @@ def _clips_section(clips: list[dict[str, Any]], baseline: float | None) -> list[
                    [_clips_cells(r, baseline) for r in clips])]
 
 
-def _served_section(clips: list[dict[str, Any]]) -> list[str]:
-    """Where a served request's time goes, from Triton's own statistics of the rows that have them."""
-    served = [r for r in clips if r.get("server")]
+def _served_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Where a served request's time goes, from Triton's own statistics of the rows that have them:
+    the clip model's (its requests are batches of clips) and ``<name>_video``'s (a video per request;
+    its compute infer holds the decoding and the BLS call to the clip model)."""
+    served = [r for r in rows if r.get("server")]
     if not served:
         return []
     return ["", "## Where a served request's time goes (Triton's own statistics, per request)", "",
             "Mean ms per request in each phase of the server, over the row's window (warm-up included); "
-            "`server clips/s`: inferences over that window's wall time, beside the client's figure.", "",
+            "`server /s`: inferences (clips, or videos for `triton-video`) over that window's wall time, beside "
+            "the client's figure.", "",
             _table(["backend", "batch", "concurrency", "requests", "batches run", "queue", "compute input",
                     "compute infer", "compute output", "request (server)", "p50 (client)",
-                    "server clips/s", "client clips/s"],
+                    "server /s", "client /s"],
                    [[r["backend"], r["batch"], r["concurrency"], s["requests"], s["executions"], s["queue_ms"],
                      s["compute_input_ms"], s["compute_infer_ms"], s["compute_output_ms"], s["request_ms"],
-                     r["p50_ms"], s["server_clips_per_s"], r["clips_per_s"]]
+                     r.get("p50_ms", "-"), s["server_clips_per_s"], r.get("clips_per_s", r.get("videos_per_s"))]
                     for r in served for s in [r["server"]]])]
 
 

@@ -12,6 +12,13 @@ OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
 Key = tuple[Any, ...]
 
+#: the triton-video rows' backends (sfdeploy.bench.video): decoding on the server's CPU, on its
+#: NVDEC, or on the client, one video per request over gRPC
+VIDEO_PROTOCOL = "grpc"
+SERVER_DECODE = f"triton-video:{VIDEO_PROTOCOL}"
+SERVER_GPU_DECODE = f"triton-video:{VIDEO_PROTOCOL} (nvdec)"
+CLIENT_DECODE = f"sfdeploy:triton-{VIDEO_PROTOCOL} (1 video per request)"
+
 
 def row_key(row: dict[str, Any]) -> Key:
     """The identity of a row (:data:`ROW_KEY`): what ``--resume`` compares to find the rows still to measure."""

@@ -36,6 +36,9 @@ class BenchOptions:
     device: Device = Device(DEFAULT_DEVICE)
     concurrency: tuple[int, ...] = (1, 8)
     triton_batch: int = 8
+    # the served model's instances (`repo --instances`; per GPU on a GPU): the GPU run measures 1, 2
+    # and 4 at 8 in flight, one record each, to set `repo`'s default (benchmarks/gpu_check.sh)
+    instances: int = 1
     warmup: int = 3
     iters: int = 10
     min_time_s: float = 1.0  # each row times calls for this long at least (fast calls: a stable figure)
@@ -79,7 +82,7 @@ def _settings(opts: BenchOptions, device: Device, precisions: tuple[str, ...]) -
         "device": device, "warmup": opts.warmup, "iters": opts.iters, "min_time": opts.min_time_s,
         "batch_sizes": sorted(set(opts.batch_sizes)),
         "precisions": list(precisions), "backends": list(opts.backends), "concurrency": sorted(set(opts.concurrency)),
-        "triton_batch": opts.triton_batch, "e2e_videos": opts.e2e_videos,
+        "triton_batch": opts.triton_batch, "instances": opts.instances, "e2e_videos": opts.e2e_videos,
         "videos": str(opts.videos) if opts.videos else None, "workers": opts.workers,
         "mmaction2_videos": opts.mmaction2_videos, "trace": opts.trace,
     }

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.artifacts import video_model_name
+from sfdeploy.decode.clips import ServerDecoded
 from sfdeploy.endpoints import DEFAULT_MODEL
 from sfdeploy.errors import ServingError
 from sfdeploy.runtime.triton import TritonPredictor
@@ -129,7 +130,7 @@ def _reference_labels(predictor: TritonVideoPredictor, good: list[tuple[str, byt
         answer = predictor.predict([payload])[0]
         if isinstance(answer, str):
             raise ServingError(f"a good video was refused before the soak: {answer}", path=name)
-        reference[name] = classes[int(np.argmax(answer))]
+        reference[name] = classes[int(np.argmax(answer.probs))]
     return reference
 
 
@@ -160,14 +161,14 @@ class _Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _outcome(answer: np.ndarray | str, expected: str | None, classes: Sequence[str]) -> str:
+def _outcome(answer: ServerDecoded | str, expected: str | None, classes: Sequence[str]) -> str:
     """The outcome key of one answered request (a ``str`` answer: the server refused the video)."""
     refused = isinstance(answer, str)
     if expected is None:
         return "refused_corrupt" if refused else "accepted_corrupt"
     if refused:
         return "refused_good"
-    return "correct" if classes[int(np.argmax(answer))] == expected else "wrong"
+    return "correct" if classes[int(np.argmax(answer.probs))] == expected else "wrong"
 
 
 def _send_all(predictor: TritonVideoPredictor, plan: list[Request], opts: SoakOptions) -> tuple[_Tally, float]:

@@ -151,22 +151,36 @@ def _in_process(runtime: str, precision: str, batch: int, concurrency: int) -> T
     return Task("triton", runtime, precision, batch, concurrency, measure)
 
 
-#: how each served row reaches the server: (protocol, system shared memory for the input)
-SERVED_TRANSPORTS = {"triton-http": ("http", False), "triton-grpc": ("grpc", False), "triton-shm": ("grpc", True)}
+#: how each served row reaches the server: (protocol, how the input travels: a sfdeploy.transport.SharedMemory name)
+SERVED_TRANSPORTS = {"triton-http": ("http", "none"), "triton-grpc": ("grpc", "none"),
+                     "triton-shm": ("grpc", "system"), "triton-cuda-shm": ("grpc", "cuda")}
 
 
 def _served(backend: str, precision: str, batch: int, concurrency: int) -> Task:
     def measure(c: Context) -> dict[str, Any]:
         import time
 
+        from sfdeploy.runtime.shm_regions import cuda_shared_memory
+        from sfdeploy.transport import SharedMemory
+
         protocol, shm = SERVED_TRANSPORTS[backend]
+        shm = SharedMemory(shm)
+        if shm is SharedMemory.CUDA:  # a row of its own where it can run, else skipped saying why
+            try:
+                if not c.device.is_cuda:
+                    raise EnvironmentProblem(f"CUDA shared memory is measured on --device cuda (this run: {c.device})")
+                cuda_shared_memory(c.device.index or 0)
+            except EnvironmentProblem as exc:
+                return suites.unmeasured_row("triton", backend, precision, batch, concurrency, SKIPPED, exc.message)
         predictor = c.hold((backend,), c.served_target(protocol, shm=shm).open, lambda p: p.close())
         frames = suites.random_clips(c.model.spec, batch)
+        if shm is SharedMemory.CUDA:  # on the GPU, as a GPU decoder hands it over: sent device to device
+            frames = torch.from_numpy(frames).to(c.device)
         before, started = predictor.statistics(), time.perf_counter()
         row = suites.concurrent_row("triton", backend, precision, batch, concurrency,
                                     lambda: predictor.predict(frames), c.device, c.opts.warmup, c.opts.iters,
                                     note=f"python backend, {c.served_runtime}; "
-                                         f"{'system shared memory, ' if shm else ''}server memory not counted",
+                                         f"{f'{shm.describe()}, ' if shm else ''}server memory not counted",
                                     min_time_s=c.opts.min_time_s)
         if row.get("status") == "ok":  # Triton's own account of the same requests
             row["server"] = suites.server_stats_delta(before, predictor.statistics(), time.perf_counter() - started)
@@ -175,7 +189,7 @@ def _served(backend: str, precision: str, batch: int, concurrency: int) -> Task:
 
 
 def plan_triton(c: Context) -> list[Task]:
-    """The served model (HTTP, gRPC, gRPC with the input in system shared memory) and, at each of
+    """The served model (HTTP, gRPC, gRPC with the input in system or CUDA shared memory) and, at each of
     its concurrencies, the same runtime in this process with as many threads: like for like,
     measured side by side; each served row carries Triton's own statistics for its requests."""
     opts = c.opts
@@ -221,8 +235,8 @@ def plan_e2e(c: Context) -> list[Task]:
 
     tasks = [Task("e2e", "decode-only", "-", 1, 1, decode_only),
              Task("e2e", f"sfdeploy:{via}", c.served_precision, batch, concurrency, sfdeploy)]
-    if "triton-video" in opts.backends:  # decoding on the server vs on the client, like for like
-        tasks += [_decode_where(server_decode, c.served_precision, concurrency) for server_decode in (True, False)]
+    if "triton-video" in opts.backends:  # decoding on the server (CPU, GPU) vs on the client, like for like
+        tasks += [_decode_where(where, c.served_precision, concurrency) for where in ("cpu", "gpu", None)]
     if "mmaction2" in opts.backends:
         tasks.append(Task("e2e", "mmaction2:inference_recognizer", "fp32", 1, 1, mmaction2))
     from sfdeploy.decode.gpu.select import GPU_BACKENDS
@@ -267,20 +281,22 @@ def _gpu_decode(backend: str, runtime: str, precision: str | None, batch: int, c
     return Task("e2e", name, precision or "-", batch, concurrency, measure)
 
 
-def _decode_where(server_decode: bool, precision: str, concurrency: int) -> Task:
+def _decode_where(server_decode: str | None, precision: str, concurrency: int) -> Task:
+    """A ``triton-video`` row: decoding on the server's ``cpu`` or ``gpu``, or (None) on the client."""
     from sfdeploy.bench import video
 
     def measure(c: Context) -> dict[str, Any]:
         from sfdeploy.artifacts import video_model_name
 
         c.release()
+        why_not = c.server_gpu_decoding()[1] if server_decode == "gpu" else ""
         server = c.server()
-        if video_model_name(SERVED_MODEL) in server.skipped:  # e.g. numpy 2: the stub cannot pass BYTES
-            return suites.unmeasured_row("e2e", name, precision, 1, concurrency, SKIPPED,
-                                         server.skipped[video_model_name(SERVED_MODEL)], kind="videos")
+        why_not = why_not or server.skipped.get(video_model_name(SERVED_MODEL), "")  # numpy 2: no BYTES tensors
+        if why_not:
+            return suites.unmeasured_row("e2e", name, precision, 1, concurrency, SKIPPED, why_not, kind="videos")
         return video.decode_row(server.grpc_url, SERVED_MODEL, precision, c.videos(),
                                 server_decode=server_decode, concurrency=concurrency, workers=c.workers)
-    name = video.SERVER_DECODE if server_decode else video.CLIENT_DECODE
+    name = video.row_name(server_decode)
     return Task("e2e", name, precision, 1, concurrency, measure)
 
 

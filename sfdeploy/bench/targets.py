@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from sfdeploy.artifacts import LOCAL_BACKENDS
-from sfdeploy.bench.rows import OK, ROW_KEY
+from sfdeploy.bench.rows import OK, ROW_KEY, SERVER_DECODE, SERVER_GPU_DECODE
 from sfdeploy.device import Device
 
 MET, NOT_MET, REPORTED, MISSING = "met", "not met", "reported", "missing"
@@ -36,6 +36,7 @@ SERVED_SHARE = 0.90  # the served model over the same runtime in process, like f
 E2E_SHARE = 0.90  # videos -> predictions over decoding alone (the ceiling), CPU and GPU decoding alike
 GPU_DECODE_X = 5.0  # GPU decode-only over the CPU decode-only ceiling of the same run (issue 19)
 GPU_DECODE_PREFIX = "gpu-decode-only:"
+SERVED_NVDEC_X = 5.0  # <name>_video decoding on NVDEC over the same server decoding on its CPU (issue 30)
 
 
 def _key(row: dict[str, Any]) -> dict[str, Any]:
@@ -48,6 +49,10 @@ def _status(ok: bool | None) -> str:
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(rows, key=lambda r: r["clips_per_s"], default=None)
+
+
+def _best_videos(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(rows, key=lambda r: r["videos_per_s"], default=None)
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -79,6 +84,7 @@ def targets(record: dict[str, Any]) -> list[dict[str, Any]]:
     found.served_vs_in_process()
     found.end_to_end()
     found.gpu_decoding()
+    found.served_gpu_decoding()
     found.cpu_runtimes()
     found.variants()
     return found.out
@@ -238,6 +244,19 @@ class _Targets:
                         and r["backend"].endswith(f"(gpu decode: {backend})")), None)
             self._videos_ratio(f"End to end with GPU decoding ({backend}) >= {E2E_SHARE:.0%} of GPU decode-only",
                                e2e, row, E2E_SHARE, "{:.0%}", "needs its end-to-end row")
+
+    def served_gpu_decoding(self) -> None:
+        """Issue 30's targets, on a GPU: ``<name>_video`` decoding on the server's NVDEC >= 5x the same
+        server decoding on its CPU (same run, same videos), and >= 90% of GPU decode-only."""
+        if not self.device.is_cuda:
+            return
+        e2e = {r["backend"]: r for r in self.rows if r["stage"] == "e2e"}
+        nvdec = e2e.get(SERVER_GPU_DECODE)
+        self._videos_ratio(f"Served, NVDEC on the server >= {SERVED_NVDEC_X:g}x decoding on its CPU", nvdec,
+                           e2e.get(SERVER_DECODE), SERVED_NVDEC_X, "{:.1f}x", "needs both triton-video rows")
+        decode_only = _best_videos([r for name, r in e2e.items() if name.startswith(GPU_DECODE_PREFIX)])
+        self._videos_ratio(f"Served, NVDEC on the server >= {E2E_SHARE:.0%} of GPU decode-only", nvdec, decode_only,
+                           E2E_SHARE, "{:.0%}", "needs the triton-video (nvdec) and gpu-decode-only rows")
 
     def _videos_ratio(self, name: str, row: dict[str, Any] | None, reference: dict[str, Any] | None, goal: float,
                       shown: str, missing: str) -> None:

@@ -52,6 +52,8 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--concurrency", default="1,8", show_default=True, callback=_ints,
               help="Requests in flight to Triton, and threads of its in-process reference.")
 @click.option("--triton-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Clips per request.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1),
+              help="The served model's instances (`repo --instances`; per GPU on a GPU).")
 @click.option("--iters", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed calls per row (at least).")
 @click.option("--min-time", "min_time_s", default=1.0, show_default=True, type=click.FloatRange(min=0),
@@ -68,8 +70,8 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="The record JSON (+ .md, .png) [default: benchmarks/results/<device>-<date>.json].")
 def bench(full: bool, work_dir: Path | None, stages: tuple[str, ...], resume: bool, export_dir: Path | None,
           backends: tuple[str, ...], batch_sizes: tuple[int, ...], precisions: tuple[str, ...] | None, device: Device,
-          concurrency: tuple[int, ...], triton_batch: int, iters: int, min_time_s: float, warmup: int, e2e_videos: int,
-          videos: Path | None, workers: int | None, trace: bool, note: str, out: Path | None) -> None:
+          concurrency: tuple[int, ...], triton_batch: int, instances: int, iters: int, min_time_s: float, warmup: int,
+          e2e_videos: int, videos: Path | None, workers: int | None, trace: bool, note: str, out: Path | None) -> None:
     """Measure clips/s and latency of MMAction2 (the baseline), eager PyTorch, TorchScript, ONNX
     Runtime, the ExportedProgram, the AOTInductor package and the Triton-served model (what `sfdeploy
     repo` serves by default: chosen from this run's model rows), and videos/s end to end beside the
@@ -84,8 +86,8 @@ def bench(full: bool, work_dir: Path | None, stages: tuple[str, ...], resume: bo
 
     results, files = run_bench(BenchOptions(
         profile="full" if full else "small", work_dir=work_dir, backends=backends or (), batch_sizes=batch_sizes,
-        precisions=precisions, device=device, concurrency=concurrency, triton_batch=triton_batch, warmup=warmup,
-        iters=iters, min_time_s=min_time_s, e2e_videos=e2e_videos, videos=videos, workers=workers, trace=trace, out=out,
-        stages=stages or (), resume=resume, export=export_dir, note=note))
+        precisions=precisions, device=device, concurrency=concurrency, triton_batch=triton_batch, instances=instances,
+        warmup=warmup, iters=iters, min_time_s=min_time_s, e2e_videos=e2e_videos, videos=videos, workers=workers,
+        trace=trace, out=out, stages=stages or (), resume=resume, export=export_dir, note=note))
     click.echo(files[1].read_text(), err=True)
     click.echo(json.dumps({"results": [str(f) for f in files]}))

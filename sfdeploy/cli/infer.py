@@ -53,8 +53,10 @@ INFER = InferOptions()  # the defaults of `infer`
               help="Where videos are decoded. auto: on the GPU (NVDEC) when the model runs there (--device cuda, "
                    "local backend), a GPU decoder is installed and the export's fidelity record passed the stream's "
                    "codec; else the CPU, saying why once. cpu. gpu: NVDEC where the stream allows (fails with the fix "
-                   "when no GPU decoder is here); pynvvideocodec / torchcodec: that decoder. Each row's decoder and "
-                   "decoder_reason say which decoder read the video and why.")
+                   "when no GPU decoder is here); pynvvideocodec / torchcodec: that decoder. With --server-decode "
+                   "it is asked of the server: auto as its repository says (`repo --decode`), cpu, or gpu (NVDEC; a "
+                   "server without it refuses). Each row's decoder and decoder_reason say which decoder read the "
+                   "video and why.")
 def infer(inputs: tuple[str, ...], lists: tuple[Path, ...], engine: str, ray_address: str | None, target: ModelTarget,
           batch_size: int, concurrency: int | None, workers: int | None, actor_cpus: float | None,
           stall_timeout: float, topk: int, out: Path, resume: bool, max_pixels: int, decode: str) -> None:

@@ -53,6 +53,38 @@ def parse_cfg_options(items: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+class OptionalValue(click.Option):
+    """A choice option whose value may be left out (``--shm`` alone: its ``flag_value``), like
+    click's ``is_flag=False, flag_value=...``, except that the next word is taken as its value only
+    when it is one of the choices: ``infer --shm videos/`` reads as ``--shm`` then the positional
+    (as when ``--shm`` was a flag), not as a bad value ``videos/``. ``--shm=WORD`` is always the value."""
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> Any:
+        """Register as click does, then let the parser see no value after the option when the next
+        word is not one of its choices."""
+        result = super().add_to_parser(parser, ctx)
+        if not hasattr(parser, "_match_long_opt"):  # click's parser internals moved: its own behaviour (a test says)
+            return result
+        choices = {str(choice).lower() for choice in self.type.choices}
+        names, match = set(self.opts), parser._match_long_opt
+
+        def match_long(opt: str, explicit_value: str | None, state: Any) -> None:
+            following = state.rargs[0] if state.rargs else None
+            if opt in names and explicit_value is None and isinstance(following, str) \
+                    and following.lower() not in choices:
+                rest = state.rargs[:]
+                state.rargs[:] = []  # nothing follows: click gives the option its flag_value
+                try:
+                    match(opt, None, state)
+                finally:
+                    state.rargs[:] = rest
+                return
+            match(opt, explicit_value, state)
+
+        parser._match_long_opt = match_long
+        return result
+
+
 class BatchSize(click.ParamType):
     """A positive integer, or ``auto``."""
 
@@ -129,6 +161,22 @@ def device_option(help_text: str) -> Any:
     return click.option("--device", default=DEFAULT_DEVICE, show_default=True, type=DeviceType(), help=help_text)
 
 
+def transport_options() -> list[Any]:
+    """``--shm [none|system|cuda]`` (alone: system, :mod:`sfdeploy.transport`) and ``--server-decode``:
+    how a served model's inputs travel."""
+    from sfdeploy.transport import CHOICES, FLAG_VALUE, SharedMemory
+
+    return [
+        click.option("--shm", cls=OptionalValue, type=click.Choice(CHOICES, case_sensitive=False),
+                     is_flag=False, flag_value=FLAG_VALUE, default=SharedMemory.NONE.value, show_default=True,
+                     help="How inputs reach a server on this machine. --shm alone (or --shm system): system "
+                          "shared memory; --shm cuda: CUDA shared memory on the GPU (the batch's own, else "
+                          "--device cuda:N, else cuda:0; needs the cuda-python package); none: in the request."),
+        click.option("--server-decode", is_flag=True, help="Send the encoded files to <model>_video, which "
+                                                           "decodes them on the server (no local decoding)."),
+    ]
+
+
 #: the parameters `target_options` turns into one ModelTarget
 _TARGET_PARAMS = ("backend", "export_dir", "precision", "device", "urls", "protocol", "model", "shm", "server_decode")
 
@@ -165,12 +213,7 @@ def target_options(*, export_option: bool = True, several_urls: bool = False, tr
         device_option(device_help),
     ]
     if transport:
-        options += [
-            click.option("--shm", is_flag=True,
-                         help="Send inputs through system shared memory (server on this machine)."),
-            click.option("--server-decode", is_flag=True, help="Send the encoded files to <model>_video, which "
-                                                               "decodes them on the server (no local decoding)."),
-        ]
+        options += transport_options()
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)

@@ -12,8 +12,9 @@ import click
 
 from sfdeploy.artifacts import LOCAL_BACKENDS
 from sfdeploy.cli.options import DeviceType, GreedyOption, max_video_pixels_option
+from sfdeploy.decode.gpu.select import SERVER_DECODE_MODES
 from sfdeploy.precision import SERVE_PRECISIONS
-from sfdeploy.serving.repo import RepoOptions
+from sfdeploy.serving.repo import GPU_DECODE_INSTANCES, RepoOptions
 from sfdeploy.serving.server import TritonServer
 from sfdeploy.shmkey import key_file as shm_key_file
 
@@ -30,7 +31,7 @@ SERVE = TritonServer(REPO.repo)
 @click.option("--max-batch", default=REPO.max_batch, show_default=True, type=click.IntRange(min=1),
               help="max_batch_size.")
 @click.option("--instances", default=REPO.instances, show_default=True, type=click.IntRange(min=1),
-              help="Model instances.")
+              help="<name>'s model instances: per GPU on KIND_GPU (Triton's count is per GPU), else on the CPU.")
 @click.option("--version", "version", default=REPO.version, show_default=True, type=click.IntRange(min=1),
               help="Version folder to write (a new number keeps the older versions).")
 @click.option("--runtime", default=REPO.runtime, show_default=True,
@@ -51,8 +52,14 @@ SERVE = TritonServer(REPO.repo)
               help="Also write <name>_onnx and <name>_torchscript for NVIDIA's Triton container.")
 @click.option("--video/--no-video", default=True, show_default=True,
               help="Also write <name>_video: send encoded video files, decoded on the server.")
+@click.option("--decode", default=REPO.decode, show_default=True, type=click.Choice(SERVER_DECODE_MODES),
+              help="Where <name>_video decodes. auto: NVDEC on the GPU instances (--device cuda) when the server has "
+                   "a GPU decoder (pynvvideocodec, torchcodec) and the export's fidelity record passed the stream's "
+                   "codec, else the CPU; gpu: NVDEC without a fidelity record (needs --device cuda); cpu. A stream "
+                   "NVDEC cannot take is decoded on the CPU; each answer says which decoder read the video and why.")
 @click.option("--decode-instances", type=click.IntRange(min=1),
-              help="<name>_video instances, each decoding one video at a time [default: the CPU count].")
+              help="<name>_video instances, each decoding one video at a time [default: the CPU count; decoding on "
+                   f"the GPU: {GPU_DECODE_INSTANCES} per GPU].")
 @click.option("--max-video-mb", default=REPO.max_video_mb, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="<name>_video refuses larger videos before decoding them; `serve` refuses larger requests to it "
@@ -66,7 +73,7 @@ SERVE = TritonServer(REPO.repo)
               help="<name>_video: requests arriving when this many wait are refused at once (503); each waiting "
                    "request holds its upload in memory; 0: no limit.")
 def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances: int, version: int, runtime: str,
-         precision: str, device: str, queue_delay_us: int, tensorrt: bool, native: bool, video: bool,
+         precision: str, device: str, queue_delay_us: int, tensorrt: bool, native: bool, video: bool, decode: str,
          decode_instances: int | None, max_video_mb: float, max_pixels: int, decode_queue_timeout: float,
          decode_max_queue: int) -> None:
     """Write a Triton model repository for EXPORT (an `sfdeploy export` folder).
@@ -83,8 +90,8 @@ def repo(export_dir: Path, repo_dir: Path, name: str, max_batch: int, instances:
     folders = write_repository(export_dir, RepoOptions(
         repo=repo_dir, name=name, max_batch=max_batch, instances=instances, version=version, runtime=runtime,
         precision=precision, device=device, queue_delay_us=queue_delay_us, tensorrt=tensorrt, native=native,
-        video=video, decode_instances=decode_instances, max_video_mb=max_video_mb, max_video_pixels=max_pixels,
-        decode_queue_timeout_s=decode_queue_timeout, decode_max_queue=decode_max_queue))
+        video=video, decode=decode, decode_instances=decode_instances, max_video_mb=max_video_mb,
+        max_video_pixels=max_pixels, decode_queue_timeout_s=decode_queue_timeout, decode_max_queue=decode_max_queue))
     click.echo(json.dumps({"repo": str(repo_dir), "models": [f.name for f in folders], "version": version}))
 
 

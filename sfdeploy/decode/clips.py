@@ -73,6 +73,15 @@ class DecodedBy:
     reason: str
 
 
+@dataclass(frozen=True)
+class ServerDecoded:
+    """A video classified by ``<name>_video``: its probabilities, and which decoder read it on the
+    server and why (what the client's :class:`DecodedBy` says of a video decoded here)."""
+
+    probs: np.ndarray
+    decoded_by: DecodedBy
+
+
 def decode_failure(source: str | bytes, exc: DecodeError) -> DecodeFailure:
     """The row of a video the decoder refused: what went wrong and the fix."""
     what = exc.message if exc.reason in PLAIN_REASONS else f"cannot decode: {exc.message}"

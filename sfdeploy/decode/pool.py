@@ -54,7 +54,7 @@ def _decode_task(job: Job) -> tuple[Any, DecodedBy]:
             if plan is not None:
                 from sfdeploy.decode.gpu.route import route_stream
 
-                to_gpu, reason = route_stream(video, source, spec, plan, max_pixels)
+                to_gpu, reason = route_stream(video, spec, plan, max_pixels)
                 if to_gpu is not None:
                     return to_gpu, DecodedBy(f"nvdec:{plan.backend}", reason)
             return video_clip(video, spec), DecodedBy(video.decoder, reason)
@@ -107,15 +107,17 @@ class DecodePool:
         """Start the workers now (imports done before the first video arrives)."""
         self._pool.warm()
 
-    def decode(self, sources: Sequence[str | Path | bytes]) -> Iterator[Decoded]:
+    def decode(self, sources: Sequence[str | Path | bytes], *, cpu_because: str | None = None) -> Iterator[Decoded]:
         """``(index, clip or DecodeFailure, DecodedBy)`` for each source (a path or the bytes of an
-        encoded file), as they complete."""
+        encoded file), as they complete. ``cpu_because``: this call decodes on the CPU whatever the
+        plan, for that reason (a served request that asks for it)."""
         # bytes (numpy's bytes_ from a Triton BYTES tensor too) as they are: a copy of an upload costs its size again
         items = [s if isinstance(s, bytes) else bytes(s) if isinstance(s, (bytearray, memoryview)) else str(s)
                  for s in sources]
-        jobs: list[Job] = [(_wire(s), self.spec, self.max_pixels, self._gpu_plan, self._reason) for s in items]
+        plan, reason = (None, cpu_because) if cpu_because is not None else (self._gpu_plan, self._reason)
+        jobs: list[Job] = [(_wire(s), self.spec, self.max_pixels, plan, reason) for s in items]
         results = ((index, result, how) for index, (result, how) in self._pool.imap(jobs))
-        if self._gpu is None:
+        if self._gpu is None or plan is None:
             yield from results
             return
         retry = yield from self._gpu.read(items, results)  # [(index, why the GPU decoder failed on it)]

@@ -3,15 +3,18 @@
 The clip spec, the tensor names and the largest batch are read from the *served* model's config
 (``get_model_config``), so the client preprocesses for the model that is actually loaded. A
 ``tritonclient`` client must be used in the thread that created it: each thread gets its own
-(and, with ``shm=True``, its own system shared-memory region for the input), so ``predict`` may
-be called from many threads at once to keep several requests in flight. What differs between the
-two protocols is one :class:`Protocol` each (:data:`PROTOCOLS`); the rest is one code path.
+(and, with shared memory, its own region for the input: system shared memory, or CUDA shared
+memory on the client's GPU, :mod:`sfdeploy.transport`), so ``predict`` may be called from many
+threads at once to keep several requests in flight. What differs between the two protocols is one
+:class:`Protocol` each (:data:`PROTOCOLS`), and between the two kinds of region one
+:class:`~sfdeploy.runtime.shm_regions.Region` subclass each; the rest is one code path.
 """
 
 from __future__ import annotations
 
 import importlib
 import itertools
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -21,10 +24,12 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.clipspec import spec_of
-from sfdeploy.device import REMOTE
+from sfdeploy.device import REMOTE, Device
 from sfdeploy.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 from sfdeploy.errors import ServingError
-from sfdeploy.runtime.base import Frames, check_batch, host_array
+from sfdeploy.runtime.base import Frames, check_batch, host_array, is_torch_tensor
+from sfdeploy.runtime.shm_regions import REGIONS, Region, cuda_shared_memory
+from sfdeploy.transport import SharedMemory, check_same_host, shared_memory
 
 _REGION_IDS = itertools.count()
 
@@ -87,12 +92,22 @@ def protocol_of(name: str) -> Protocol:
 
 class TritonPredictor:
     """A client of the served model ``model`` at ``url`` (see the module docstring); opened through
-    :meth:`sfdeploy.target.ModelTarget.open`, which owns the defaults."""
+    :meth:`sfdeploy.target.ModelTarget.open`, which owns the defaults.
 
-    def __init__(self, url: str, *, model: str, protocol: str = "http", shm: bool = False,
-                 timeout_s: float = 120.0) -> None:
+    ``shm``: how the input travels (a :class:`~sfdeploy.transport.SharedMemory`, or ``True`` /
+    ``False`` / a name). ``shm_device``: the GPU of CUDA shared memory for a batch that is not on one
+    already (a CUDA tensor's region is on its own GPU); default ``cuda:0``."""
+
+    def __init__(self, url: str, *, model: str, protocol: str = "http", shm: SharedMemory | bool | str = False,
+                 shm_device: str | None = None, timeout_s: float = 120.0) -> None:
         self.wire = protocol_of(protocol)
-        self.url, self.model, self.protocol, self.shm = self.wire.with_default_port(url), model, protocol, shm
+        self.url, self.model, self.protocol = self.wire.with_default_port(url), model, protocol
+        self.shm = shared_memory(shm)
+        gpu = Device(shm_device or "cuda")
+        self.shm_gpu = gpu.index if gpu.is_cuda else 0
+        if self.shm is SharedMemory.CUDA:  # before the server is asked anything: what is missing, at once
+            check_same_host(self.shm, self.url)
+            cuda_shared_memory(self.shm_gpu)
         self.timeout_s = timeout_s
         self.module = self.wire.module()
         self._local = threading.local()
@@ -141,27 +156,37 @@ class TritonPredictor:
                 self._states.append(state)
         return state["client"]
 
-    def _region(self, nbytes: int) -> tuple[str, Any]:
-        """This thread's shared-memory region, big enough for ``nbytes``."""
-        import tritonclient.utils.shared_memory as shm
-
+    def _region(self, frames: Frames) -> Region:
+        """This thread's shared-memory region, made (again: larger, or on another GPU) to hold ``frames``."""
         state = self._local.state
-        if state.get("region_bytes", 0) < nbytes:
-            self._drop_region(state)
-            name = f"sfdeploy_{os.getpid()}_{next(_REGION_IDS)}"
-            size = max(nbytes, int(np.prod(self.spec.input_shape)) * self.max_batch)
+        nbytes, device_id = math.prod(frames.shape), self._gpu_of(frames)
+        region = state.get("region")
+        if region is None or not region.fits(nbytes, device_id):
+            if region is not None:
+                state["region"] = None
+                region.close()
             headers = self._shm_headers()
-            handle = shm.create_shared_memory_region(name, f"/{name}", size)
+            size = max(nbytes, math.prod(self.spec.input_shape) * self.max_batch)
+            region = REGIONS[self.shm](f"sfdeploy_{os.getpid()}_{next(_REGION_IDS)}", size, device_id)
             try:
-                state["client"].register_system_shared_memory(name, f"/{name}", size, headers=headers)
+                region.register(state["client"], headers)
             except Exception as exc:  # refused (the server's answer says why) or unreachable
-                shm.destroy_shared_memory_region(handle)
-                raise ServingError(f"the server at {self.url} did not register a shared-memory region "
+                region.destroy()
+                raise ServingError(f"the server at {self.url} did not register a {region.what} region "
                                    f"({type(exc).__name__}: {exc})",
                                    fix="do what the server's answer says, or send the tensors over the network "
                                        "(drop --shm)") from exc
-            state.update(region=name, handle=handle, region_bytes=size, shm_headers=headers)
-        return state["region"], state["handle"]
+            state["region"] = region
+        return region
+
+    def _gpu_of(self, frames: Frames) -> int:
+        """The GPU a CUDA region for ``frames`` goes on: a CUDA tensor's own, else :attr:`shm_gpu`."""
+        if self.shm is SharedMemory.CUDA and is_torch_tensor(frames) and frames.is_cuda:
+            import torch
+
+            index = frames.device.index
+            return torch.cuda.current_device() if index is None else index
+        return self.shm_gpu
 
     def _shm_headers(self) -> dict[str, str]:
         """The header carrying the server's shared-memory key (:mod:`sfdeploy.shmkey`), read from
@@ -174,38 +199,26 @@ class TritonPredictor:
             return {}
         return shmkey.headers(self.protocol, shmkey.read_key(int(port)))
 
-    @staticmethod
-    def _drop_region(state: dict[str, Any]) -> None:
-        import tritonclient.utils.shared_memory as shm
-
-        if state.get("region"):
-            try:
-                state["client"].unregister_system_shared_memory(state["region"], headers=state["shm_headers"])
-            finally:
-                shm.destroy_shared_memory_region(state["handle"])
-                state.update(region=None, handle=None, region_bytes=0)
-
     def predict(self, frames: Frames) -> np.ndarray:
         """Probabilities for a batch of clips, sent in requests of at most the served model's
         ``max_batch_size`` (a larger batch is split and the answers joined); safe to call from many
-        threads at once."""
+        threads at once. With CUDA shared memory a batch on the GPU stays there (copied device to
+        device into the region); otherwise the batch goes through host memory."""
         check_batch(frames, self.spec)
-        frames = host_array(frames)  # the request body is host memory
+        if self.shm is not SharedMemory.CUDA:
+            frames = host_array(frames)  # the request body, or system shared memory, is host memory
         parts = [self._infer(frames[i:i + self.max_batch]) for i in range(0, len(frames), self.max_batch)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _infer(self, frames: np.ndarray) -> np.ndarray:
+    def _infer(self, frames: Frames) -> np.ndarray:
         client = self._client()
-        frames = np.ascontiguousarray(frames)
         request = self.module.InferInput(self.input_name, list(frames.shape), "UINT8")
         if self.shm:
-            import tritonclient.utils.shared_memory as shm
-
-            region, handle = self._region(frames.nbytes)
-            shm.set_shared_memory_region(handle, [frames])
-            request.set_shared_memory(region, frames.nbytes)
+            region = self._region(frames)
+            region.write(frames)
+            request.set_shared_memory(region.name, math.prod(frames.shape))  # uint8: a byte per value
         else:
-            request.set_data_from_numpy(frames)
+            request.set_data_from_numpy(np.ascontiguousarray(frames))
         output = self.module.InferRequestedOutput(self.output_name)
         try:
             result = client.infer(self.model, [request], outputs=[output])
@@ -227,8 +240,10 @@ class TritonPredictor:
         with self._lock:
             states, self._states = self._states, []
         for state in states:
+            region = state.pop("region", None)
             try:
-                self._drop_region(state)
+                if region is not None:
+                    region.close()
             except (InferenceServerException, OSError) as exc:  # the server may be gone already
                 import logging
 

@@ -15,9 +15,16 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from sfdeploy.artifacts import ERROR_OUTPUT, OUTPUT_NAME, VIDEO_INPUT, video_model_name
-from sfdeploy.decode.clips import DecodeFailure
-from sfdeploy.errors import ServingError
+from sfdeploy.artifacts import (
+    DECODER_OUTPUT,
+    DECODER_REASON_OUTPUT,
+    ERROR_OUTPUT,
+    OUTPUT_NAME,
+    VIDEO_INPUT,
+    video_model_name,
+)
+from sfdeploy.decode.clips import DecodedBy, DecodeFailure, ServerDecoded
+from sfdeploy.errors import InputError, ServingError
 from sfdeploy.runtime.triton import TritonPredictor
 
 # How Triton's queue policy refuses a request when too many wait, or it waited too long (503 / UNAVAILABLE).
@@ -32,25 +39,43 @@ class TritonVideoPredictor(TritonPredictor):
         if self.input_name != VIDEO_INPUT:
             raise ServingError(f"model '{self.model}' does not take encoded videos (its input is '{self.input_name}')",
                                fix="serve a repository written by `sfdeploy repo` (it writes <name>_video)")
+        config = self.wire.config(self._client().get_model_config(self.model))
+        served = {output["name"] for output in config["output"]}
+        # a repository written before the decoder outputs: no decoder in the rows
+        self.outputs = [name for name in (OUTPUT_NAME, ERROR_OUTPUT, DECODER_OUTPUT, DECODER_REASON_OUTPUT)
+                        if name in served or name in (OUTPUT_NAME, ERROR_OUTPUT)]
+        self.parameters: dict[str, str] = {}
 
-    def predict(self, videos: Sequence[bytes]) -> list[np.ndarray | str]:  # type: ignore[override]
-        """For each encoded video: its probabilities ``[num_classes]``, or why the server could not
-        classify it (a ``str``). Raises :class:`ServingError` if the server fails as a whole."""
-        answers: list[np.ndarray | str] = []
+    def ask_decode(self, decode: str) -> None:
+        """Where the server is asked to decode this predictor's requests (``--decode`` with
+        ``--server-decode``): ``auto`` as its repository says, ``cpu``, or ``gpu`` (NVDEC; a server
+        without it refuses the request), sent as the request parameter ``decode``."""
+        from sfdeploy.decode.gpu.select import SERVER_DECODE_MODES
+
+        if decode not in SERVER_DECODE_MODES:
+            raise InputError(f"--decode {decode} with --server-decode: the server chooses among its own decoders",
+                             fix=f"use --decode {' or '.join(SERVER_DECODE_MODES)}")
+        self.parameters = {} if decode == "auto" else {"decode": decode}
+
+    def predict(self, videos: Sequence[bytes]) -> list[ServerDecoded | str]:  # type: ignore[override]
+        """For each encoded video: its probabilities ``[num_classes]`` and the server's decoder, or why
+        the server could not classify it (a ``str``). Raises :class:`ServingError` if the server fails
+        as a whole."""
+        answers: list[ServerDecoded | str] = []
         for start in range(0, len(videos), self.max_batch):
             answers += self._infer_videos(videos[start:start + self.max_batch])
         return answers
 
-    def _infer_videos(self, videos: Sequence[bytes]) -> list[np.ndarray | str]:
+    def _infer_videos(self, videos: Sequence[bytes]) -> list[ServerDecoded | str]:
         from tritonclient.utils import InferenceServerException
 
         data = np.empty((len(videos), 1), dtype=np.object_)  # one encoded file per item (np.array would pad)
         data[:, 0] = list(videos)
         request = self.module.InferInput(VIDEO_INPUT, list(data.shape), "BYTES")
         request.set_data_from_numpy(data)
-        outputs = [self.module.InferRequestedOutput(name) for name in (OUTPUT_NAME, ERROR_OUTPUT)]
+        outputs = [self.module.InferRequestedOutput(name) for name in self.outputs]
         try:
-            result = self._client().infer(self.model, [request], outputs=outputs)
+            result = self._client().infer(self.model, [request], outputs=outputs, parameters=self.parameters or None)
         except InferenceServerException as exc:
             if len(videos) == 1 and str(exc.status()) in self.wire.invalid_input:  # this video's own error
                 return [exc.message() or str(exc)]
@@ -62,9 +87,19 @@ class TritonVideoPredictor(TritonPredictor):
         except Exception as exc:  # a broken connection: tritonclient raises several types
             raise ServingError(f"inference on {self.url} failed ({type(exc).__name__}: {exc})",
                                fix="check that the server still runs (`sfdeploy serve` log)") from exc
-        errors = result.as_numpy(ERROR_OUTPUT).reshape(-1)
-        return [error.decode() if error else probs for probs, error in zip(result.as_numpy(OUTPUT_NAME), errors,
-                                                                           strict=True)]
+        return _answers(result, len(videos))
+
+
+def _answers(result: object, count: int) -> list[ServerDecoded | str]:
+    """Per video of a response: its error, or its probabilities with the decoder the server says."""
+    def texts(name: str) -> list[str]:
+        array = result.as_numpy(name)  # type: ignore[attr-defined]
+        return [""] * count if array is None else [item.decode() for item in array.reshape(-1)]
+
+    decoders, reasons = texts(DECODER_OUTPUT), texts(DECODER_REASON_OUTPUT)
+    probs = result.as_numpy(OUTPUT_NAME)  # type: ignore[attr-defined]
+    return [error or ServerDecoded(row, DecodedBy(decoder, reason))
+            for row, error, decoder, reason in zip(probs, texts(ERROR_OUTPUT), decoders, reasons, strict=True)]
 
 
 def read_encoded(paths: Sequence[str]) -> Iterator[tuple[int, bytes | DecodeFailure]]:

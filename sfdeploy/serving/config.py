@@ -34,6 +34,12 @@ TARGET_MODEL = "target_model"  # the model its decoded clips go to
 MAX_VIDEO_BYTES = "max_video_bytes"  # larger payloads are refused before decoding
 MAX_VIDEO_PIXELS_KEY = "max_video_pixels"  # videos with larger frames are refused before decoding
 DECODE_TIMEOUT_S = "decode_timeout_s"  # a decode that takes longer fails (its worker is replaced)
+VIDEO_DECODE = "decode"  # where it decodes: auto | cpu | gpu (sfdeploy.decode.gpu.select.SERVER_DECODE_MODES)
+# ... and, as a request parameter of the same name, where one request asks to be decoded (auto | cpu | gpu)
+
+#: Triton's python-backend parameter: "no" lets a KIND_GPU instance receive its inputs in GPU memory
+#: (a BLS request's GPU clips, a client's CUDA shared memory) instead of copied to the host first
+FORCE_CPU_ONLY_INPUTS = "FORCE_CPU_ONLY_INPUT_TENSORS"
 
 
 @dataclass(frozen=True)
@@ -187,3 +193,29 @@ def python_shm_sizes(configs: list[Any]) -> tuple[int, int]:
     (tmpfs pages are only backed once touched)."""
     largest = max([request_limit(c) for c in configs if c.backend == "python"] or [0])
     return largest + PYTHON_SHM_MARGIN_BYTES, PYTHON_SHM_GROWTH_BYTES
+
+
+def cuda_pool_bytes(configs: list[Any]) -> int:
+    """Triton's CUDA memory pool for each GPU (``--cuda-memory-pool-byte-size``) serving ``configs``,
+    or 0 when no python-backend model has a ``KIND_GPU`` instance (Triton's default then).
+
+    The python backend moves GPU tensors between the server and its stubs (the inputs a
+    ``KIND_GPU`` instance receives in GPU memory, see :mod:`sfdeploy.serving.python_backend`, and
+    the GPU clips a ``<name>_video`` instance sends on in its BLS requests) through that pool, which
+    is 64 MB per GPU by default: smaller than one 154 MB batch of R50 clips (see
+    :func:`python_shm_sizes`). The pool is shared by every instance on the GPU, so it holds what
+    each GPU instance may have in flight at once (Triton's ``count`` is per GPU): a clip model's
+    largest request (:func:`request_limit`), a video model's largest BLS request (``max_batch``
+    clips; its encoded videos are BYTES, which never cross in GPU memory); plus
+    :data:`PYTHON_SHM_MARGIN_BYTES` (64 MB: never less than Triton's default)."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    def in_flight(config: Any) -> int:
+        if MAX_VIDEO_BYTES in config.parameters:  # <name>_video: the clips of one BLS request
+            spec = ClipSpec.from_json(config.parameters[SPEC_KEY].string_value)
+            return max(1, config.max_batch_size) * math.prod(spec.input_shape)
+        return request_limit(config)
+
+    held = sum(max(1, group.count) * in_flight(config) for config in configs if config.backend == "python"
+               for group in config.instance_group if group.kind == pb.ModelInstanceGroup.KIND_GPU)
+    return held + PYTHON_SHM_MARGIN_BYTES if held else 0

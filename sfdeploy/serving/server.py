@@ -49,7 +49,7 @@ from typing import Any
 from sfdeploy import shmkey
 from sfdeploy.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LOOPBACK
 from sfdeploy.errors import InputError, ServingError
-from sfdeploy.serving.config import TARGET_MODEL, parse_config, python_shm_sizes, request_limit
+from sfdeploy.serving.config import TARGET_MODEL, cuda_pool_bytes, parse_config, python_shm_sizes, request_limit
 from sfdeploy.serving.guard import SHM_KEY_ENV, GuardConfig, remove_shm
 from sfdeploy.serving.guard.budget import CLIP_COST, DEFAULT_BUDGET_MB, VIDEO_COST
 from sfdeploy.serving.install import find_tritonserver, make_backend_dir
@@ -91,6 +91,14 @@ def _numpy_version() -> str:
     import numpy
 
     return numpy.__version__
+
+
+def visible_gpus() -> int:
+    """The CUDA GPUs tritonserver will see (``CUDA_VISIBLE_DEVICES`` honoured), counted by torch as
+    tritonserver's CUDA runtime numbers them; 0 without a GPU, its driver or a CUDA build of torch."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def stub_passes_bytes() -> bool:
@@ -201,7 +209,6 @@ class TritonServer:
         models = self._choose_models()
         configs = self._configs  # parsed once, by _choose_models
         self.limits = {name: request_limit(configs[name]) for name in models}
-        shm_default, shm_growth = python_shm_sizes([configs[m] for m in models])
         for label, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
                             ("--metrics-port", self.metrics_port)):
             if not port_free(self.host, port):
@@ -233,8 +240,7 @@ class TritonServer:
             "--grpc-infer-allocation-pool-size=0",
             *self._restricted_apis(), *control,
             "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=5",
-            f"--backend-config=python,shm-default-byte-size={shm_default}",
-            f"--backend-config=python,shm-growth-byte-size={shm_growth}",
+            *self._memory_options(models),
         ]
         env = install.env(dict(os.environ))
         # The python-backend stub takes its interpreter (and so its packages) from PATH.
@@ -253,6 +259,20 @@ class TritonServer:
             raise
         self.loaded = models
         return self
+
+    def _memory_options(self, models: list[str]) -> list[str]:
+        """Memory sized for the largest request of ``models``: the python backend's shared memory
+        (:func:`python_shm_sizes`) and, on a machine with CUDA GPUs, Triton's CUDA memory pool on each
+        (:func:`cuda_pool_bytes`: how GPU inputs reach a ``KIND_GPU`` instance); nothing of a pool
+        where no GPU is seen or no model has a GPU instance."""
+        configs = [self._configs[m] for m in models]
+        shm_default, shm_growth = python_shm_sizes(configs)
+        options = [f"--backend-config=python,shm-default-byte-size={shm_default}",
+                   f"--backend-config=python,shm-growth-byte-size={shm_growth}"]
+        pool = cuda_pool_bytes(configs)
+        if pool:  # only then is torch asked for the GPUs
+            options += [f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in range(visible_gpus())]
+        return options
 
     def _restricted_apis(self) -> list[str]:
         """tritonserver's own walls behind the guard's: the logging and trace settings (and the

@@ -7,11 +7,15 @@ wrong, with nothing in the log: ``Tensor.as_numpy()`` returns the right shape an
 with the first element, and ``pb_utils.Tensor(name, ndarray)`` sends zero bytes.
 
 Fixed-size tensors therefore cross by DLPack, which does not go through that code: the stub hands
-over (pointer, shape, dtype) and torch wraps that memory (:func:`to_array`), or torch hands the
-memory of a numpy array to the stub (:func:`from_array`). Exact under numpy 1 and 2 alike, and
-without a copy on our side. torch, not numpy, is the DLPack peer: the stub marks a capsule it
-consumed with a name of its own ("used_dlpack"), and numpy's capsule destructor then prints a
-traceback (an unraisable ValueError) for every tensor; torch's ignores any capsule it no longer owns.
+over (pointer, shape, dtype, device) and torch wraps that memory where it is, host or GPU
+(:func:`to_tensor`), or torch hands the memory of a tensor, host or GPU, to the stub
+(:func:`from_tensor`). Exact under numpy 1 and 2 alike, and without a copy on our side: a GPU
+input (the python backend gives them where ``FORCE_CPU_ONLY_INPUT_TENSORS`` is ``no``) stays on
+its GPU. torch, not numpy, is the DLPack peer: the stub marks a capsule it consumed with a name of
+its own ("used_dlpack"), and numpy's capsule destructor then prints a traceback (an unraisable
+ValueError) for every tensor; torch's ignores any capsule it no longer owns; and numpy cannot hold
+GPU memory at all. :func:`to_array` and :func:`from_array` are the same crossings for code that
+works in numpy on the host (a GPU tensor is copied to the host there).
 
 BYTES (``TYPE_STRING``) tensors have no DLPack form; the stub builds and reads them through the
 broken bridge, before and after any Python code of ours runs, so under such a stub they cannot be
@@ -22,11 +26,14 @@ the reason and the fix, instead of serving wrong answers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sfdeploy.errors import EnvironmentProblem
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _pb_utils() -> Any:
@@ -35,24 +42,39 @@ def _pb_utils() -> Any:
     return pb_utils
 
 
-def to_array(tensor: Any) -> np.ndarray:
-    """A numpy array of a stub tensor (a request input, a BLS response output), by DLPack: a view of
-    the tensor's host memory that keeps the tensor alive as long as it lives (a copy if the tensor
-    is in GPU memory, which the python backend avoids for inputs unless ``FORCE_CPU_ONLY_INPUT_TENSORS``
-    is ``no``)."""
+def to_tensor(tensor: Any) -> torch.Tensor:
+    """A torch tensor of a stub tensor (a request input, a BLS response output), by DLPack: a view
+    of the tensor's memory where the stub has it, host or GPU (never copied), which keeps the
+    stub's memory alive as long as it lives."""
     import torch
 
-    return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def from_tensor(name: str, value: torch.Tensor | np.ndarray) -> Any:
+    """A stub tensor (a response output, a BLS request input) named ``name``, holding ``value``'s
+    memory by DLPack: a torch tensor on any device (made contiguous: the stub takes C-order tensors
+    only), or a numpy array (wrapped by torch; copied only when not contiguous or not
+    writable, which torch does not wrap)."""
+    import torch
+
+    if isinstance(value, np.ndarray):
+        value = np.ascontiguousarray(value)
+        if not value.flags.writeable:  # torch wraps writable memory only
+            value = value.copy()
+        value = torch.from_numpy(value)
+    return _pb_utils().Tensor.from_dlpack(name, value.contiguous())
+
+
+def to_array(tensor: Any) -> np.ndarray:
+    """A numpy array of a stub tensor, for code that works in numpy on the host: :func:`to_tensor`'s
+    view of host memory (a host copy if the tensor is in GPU memory)."""
+    return to_tensor(tensor).cpu().numpy()
 
 
 def from_array(name: str, array: np.ndarray) -> Any:
-    """A stub tensor (a response output, a BLS request input) holding ``array``'s memory, by DLPack."""
-    import torch
-
-    array = np.ascontiguousarray(array)
-    if not array.flags.writeable:  # torch wraps writable memory only
-        array = array.copy()
-    return _pb_utils().Tensor.from_dlpack(name, torch.from_numpy(array))
+    """A stub tensor holding ``array``'s memory, by DLPack (:func:`from_tensor`)."""
+    return from_tensor(name, array)
 
 
 def bytes_items(tensor: Any) -> list[bytes]:

@@ -13,7 +13,9 @@ size: a frame other than the header's size fails the stream, and one over the po
 CPU decoder's ``frame_too_large`` :class:`~sfdeploy.decode.DecodeError`. pynvvideocodec is given
 the header's size as its largest (``max_width``/``max_height``) and fails on a larger frame.
 
-* pynvvideocodec (NVIDIA, ``PyNvVideoCodec.SimpleDecoder``): reads a file (a seekable container),
+* pynvvideocodec (NVIDIA, ``PyNvVideoCodec.SimpleDecoder``): reads a file (a seekable container;
+  a video in memory, as ``<name>_video`` receives it, is written to a private file in
+  memory-backed storage for the call, :func:`spooled`, and removed after it),
   ``get_batch_frames_by_index`` decodes the frames at sorted, unique indices; with
   ``OutputColorType.RGB`` each frame is interleaved RGB in device memory, exported by DLPack
   (ordered after the decoder's own stream by its event). ``max_width``/``max_height`` are the
@@ -33,8 +35,11 @@ computing in fixed point).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from sfdeploy.clipspec import ClipSpec
@@ -89,6 +94,25 @@ def _checked(frames: Any, indices: Sequence[int], info: StreamInfo, name: str) -
     return frames
 
 
+#: where a video in memory is written for a decoder that reads files: memory-backed where there is
+#: such storage (the bytes are in memory already; a disk would add its latency), else the temp dir
+SPOOL_DIRS = ("/dev/shm",)
+
+
+@contextlib.contextmanager
+def spooled(source: str | bytes | memoryview) -> Iterator[str]:
+    """A path holding ``source``: the path itself, or the bytes of a video in memory written to a
+    private file (mode 0600, :data:`SPOOL_DIRS` first) that is removed when the block ends."""
+    if isinstance(source, str):
+        yield source
+        return
+    folder = next((d for d in SPOOL_DIRS if os.access(d, os.W_OK)), None)
+    with tempfile.NamedTemporaryFile(prefix="sfdeploy-nvdec-", suffix=".video", dir=folder) as handle:
+        handle.write(source)
+        handle.flush()
+        yield handle.name
+
+
 class PyNvVideoCodecReader:
     """NVDEC through pynvvideocodec's ``SimpleDecoder`` (a file per call)."""
 
@@ -105,21 +129,20 @@ class PyNvVideoCodecReader:
         import PyNvVideoCodec as nvc
         import torch
 
-        if not isinstance(source, str):
-            raise GpuDecodeFailed("pynvvideocodec reads files, not a video in memory")
         try:
-            decoder = nvc.SimpleDecoder(source, gpu_id=self.device.index or 0, use_device_memory=True,
-                                        max_width=info.width, max_height=info.height,
-                                        output_color_type=nvc.OutputColorType.RGB)
-            count = len(decoder)
-            if count != info.frames:
-                raise GpuDecodeFailed(f"pynvvideocodec counts {count} frames, the CPU decoder's index "
-                                      f"{info.frames}: the sampled frames would differ")
-            decoded = decoder.get_batch_frames_by_index(list(indices))
-            if len(decoded) != len(indices):
-                raise GpuDecodeFailed(f"pynvvideocodec returned {len(decoded)} of {len(indices)} frames")
-            # A copy (stack): the decoder reuses its output surfaces for the next call.
-            frames = torch.stack([torch.from_dlpack(frame) for frame in decoded])
+            with spooled(source) as path:  # the file is read while decoding: it lives until the frames are copied
+                decoder = nvc.SimpleDecoder(path, gpu_id=self.device.index or 0, use_device_memory=True,
+                                            max_width=info.width, max_height=info.height,
+                                            output_color_type=nvc.OutputColorType.RGB)
+                count = len(decoder)
+                if count != info.frames:
+                    raise GpuDecodeFailed(f"pynvvideocodec counts {count} frames, the CPU decoder's index "
+                                          f"{info.frames}: the sampled frames would differ")
+                decoded = decoder.get_batch_frames_by_index(list(indices))
+                if len(decoded) != len(indices):
+                    raise GpuDecodeFailed(f"pynvvideocodec returned {len(decoded)} of {len(indices)} frames")
+                # A copy (stack): the decoder reuses its output surfaces for the next call.
+                frames = torch.stack([torch.from_dlpack(frame) for frame in decoded])
         except GpuDecodeFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - its errors are its own classes, RuntimeError or plain

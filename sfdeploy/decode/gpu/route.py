@@ -46,11 +46,10 @@ class ToGpu:
     indices: tuple[int, ...]
 
 
-def route_stream(video: Video, source: str | bytes, spec: ClipSpec, plan: DecodePlan, max_pixels: int
-          ) -> tuple[ToGpu | None, str]:
+def route_stream(video: Video, spec: ClipSpec, plan: DecodePlan, max_pixels: int) -> tuple[ToGpu | None, str]:
     """In a worker, for a video it opened: ``(ToGpu, why)`` when ``plan`` gives the stream to the
     GPU decoder, ``(None, why not)`` when the CPU decoder reads it."""
-    info = StreamInfo.of(video, in_memory=not isinstance(source, str))
+    info = StreamInfo.of(video)
     on_gpu, reason = plan.route(info, max_pixels)
     if not on_gpu:
         return None, reason

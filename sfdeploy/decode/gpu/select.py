@@ -15,8 +15,9 @@ The rules, in order (:func:`plan_decoding` once per run, :meth:`DecodePlan.route
    shared libraries. None: ``--decode gpu`` is an error with the fix (:data:`INSTALL_FIX`),
    ``auto`` decodes on the CPU and says why once.
 4. Per stream, NVDEC must have the codec, the pixel format and the frame size
-   (:data:`NVDEC_LIMITS`), and the backend must read the source (pynvvideocodec reads files, not
-   bytes in memory); else the CPU decoder, with the reason.
+   (:data:`NVDEC_LIMITS`); else the CPU decoder, with the reason. (A video in memory, as a server
+   receives it, goes to pynvvideocodec through a private file in memory-backed storage:
+   :mod:`sfdeploy.decode.gpu.backends`.)
 5. The fidelity gate (:mod:`sfdeploy.decode.gpu.gate`): a codec whose GPU-decoded clips did not
    give the model's top-1 of the CPU-decoded ones on >= 99.5% of the sweep goes to the CPU decoder.
    ``auto`` uses the GPU only with a fidelity record for the export; ``--decode gpu`` without one
@@ -43,6 +44,8 @@ from sfdeploy.errors import EnvironmentProblem, InputError
 GPU_BACKENDS = ("pynvvideocodec", "torchcodec")
 #: ``infer --decode``: auto, cpu, gpu (the first GPU decoder that is here), or one by name
 DECODE_MODES = ("auto", "cpu", "gpu", *GPU_BACKENDS)
+#: ``repo --decode`` (where ``<name>_video`` decodes) and a served request's ``decode`` parameter
+SERVER_DECODE_MODES = ("auto", "cpu", "gpu")
 #: the module each distribution installs
 IMPORT_NAMES = {"pynvvideocodec": "PyNvVideoCodec", "torchcodec": "torchcodec"}
 INSTALL_FIX = ("pip install 'sfdeploy[nvdec]' (pynvvideocodec and torchcodec; or either alone), on a machine with an "
@@ -95,14 +98,12 @@ class StreamInfo:
     height: int
     pix_fmt: str
     frames: int
-    in_memory: bool = False  # the source is the bytes of a file (server-side decoding), not a path
 
     @classmethod
-    def of(cls, video: object, in_memory: bool = False) -> StreamInfo:
+    def of(cls, video: object) -> StreamInfo:
         """The header of an opened :class:`~sfdeploy.decode.video.Video`: plain values, which travel
         from a decode worker to the GPU decoder in the parent."""
-        return cls(video.codec, video.width, video.height, video.pix_fmt, video.num_frames,  # type: ignore[attr-defined]
-                   in_memory)
+        return cls(video.codec, video.width, video.height, video.pix_fmt, video.num_frames)  # type: ignore[attr-defined]
 
 
 def _cuda_problem() -> str | None:
@@ -156,8 +157,6 @@ def nvdec_refusal(info: StreamInfo, backend: str, max_pixels: int) -> str | None
     if info.pix_fmt not in limits.pix_fmts:
         return (f"pixel format {info.pix_fmt or 'unknown'}: the GPU path takes {info.codec} in "
                 f"{', '.join(limits.pix_fmts)}")
-    if info.in_memory and backend == "pynvvideocodec":
-        return "pynvvideocodec reads files, not a video in memory"
     return None
 
 
