@@ -14,8 +14,8 @@ input (the python backend gives them where ``FORCE_CPU_ONLY_INPUT_TENSORS`` is `
 its GPU. torch, not numpy, is the DLPack peer: the stub marks a capsule it consumed with a name of
 its own ("used_dlpack"), and numpy's capsule destructor then prints a traceback (an unraisable
 ValueError) for every tensor; torch's ignores any capsule it no longer owns; and numpy cannot hold
-GPU memory at all. :func:`to_array` and :func:`from_array` are the same crossings for code that
-works in numpy on the host (a GPU tensor is copied to the host there).
+GPU memory at all. :func:`to_array` is the same crossing for code that works in numpy on the host
+(a GPU tensor is copied to the host there).
 
 BYTES (``TYPE_STRING``) tensors have no DLPack form; the stub builds and reads them through the
 broken bridge, before and after any Python code of ours runs, so under such a stub they cannot be
@@ -70,11 +70,6 @@ def to_array(tensor: Any) -> np.ndarray:
     """A numpy array of a stub tensor, for code that works in numpy on the host: :func:`to_tensor`'s
     view of host memory (a host copy if the tensor is in GPU memory)."""
     return to_tensor(tensor).cpu().numpy()
-
-
-def from_array(name: str, array: np.ndarray) -> Any:
-    """A stub tensor holding ``array``'s memory, by DLPack (:func:`from_tensor`)."""
-    return from_tensor(name, array)
 
 
 def bytes_items(tensor: Any) -> list[bytes]:
