@@ -91,7 +91,7 @@ serve_gpu() {  # the demo's export for GPU instances, <name>_video on NVDEC wher
   local decode=cpu
   "$PY" -c 'import sys; from sfdeploy.decode.gpu.select import probe_backends
 sys.exit(0 if any(s.available for s in probe_backends()) else 1)' && decode=gpu
-  "$PY" -m sfdeploy repo "$STATE/demo/export" --repo "$STATE/repo-gpu" --device cuda --decode "$decode" \
+  "$PY" -m sfdeploy repo "$STATE/demo/export" --repo "$STATE/repo-gpu" --device "${DEVICE:-cuda}" --decode "$decode" \
     --decode-instances 2 || return 1
   cp "$STATE/repo-gpu/slowfast/config.pbtxt" "$OUT/repo-gpu-slowfast.pbtxt"
   cp "$STATE/repo-gpu/slowfast_video/config.pbtxt" "$OUT/repo-gpu-slowfast_video.pbtxt"
@@ -108,7 +108,7 @@ sys.exit(1)'
 }
 
 export -f install_part env_report serve_gpu
-export KIT PY
+export KIT PY STATE OUT
 case "$PHASE" in
   1)
     step install-part1 120 install_part 1
@@ -181,8 +181,9 @@ for s in probe_backends(): print(s)'
     save_record
     for n in 1 2 4; do
       step "bench-instances-$n" 90 "$PY" -m sfdeploy bench "${PROFILE_FLAG[@]}" --device "${DEVICE:-cuda}" \
-        --precision fp16 --backends triton-grpc,triton-shm --stage triton --concurrency 8 --triton-batch 32 \
-        --instances "$n" --iters 10 --warmup 3 --export "$STATE/record.work/export" --out "$OUT/instances-$n.json"
+        --precision "${SWEEP_PRECISION:-${PRECISIONS:-fp16}}" --backends torchscript,triton-grpc,triton-shm --stage triton --concurrency 8 --triton-batch 32 \
+        --instances "$n" --iters 10 --warmup 3 --export "$STATE/record.work/export" --out "$STATE/instances-$n.json" --resume
+      cp "$STATE/instances-$n.json" "$STATE/instances-$n.md" "$OUT/" 2>/dev/null  # not its .work: the repository
     done
     ;;
   *) echo "usage: benchmarks/gpu_check.sh 1|2|3|4|5" >&2; exit 2 ;;

@@ -45,6 +45,9 @@ LABEL_OUTPUT = "label"  # BYTES [N, 1]: the top-1 class name ("" for an item tha
 ERROR_OUTPUT = "error"  # BYTES [N, 1]: why an item failed ("" for an item that was classified)
 DECODER_OUTPUT = "decoder"  # BYTES [N, 1]: which decoder read the item (pyav, nvdec:<backend>; "" if none)
 DECODER_REASON_OUTPUT = "decoder_reason"  # BYTES [N, 1]: why that decoder (sfdeploy.decode.gpu.select)
+#: how <name>_video's refusal of a request that asks for a decoder it does not have begins: the
+#: request's option, not its videos, is at fault (the client says so, whatever the batch)
+DECODE_REFUSED = "decoder refused:"
 
 
 def video_model_name(name: str) -> str:

@@ -34,9 +34,13 @@ ENGINES = ("local", "ray")  # this machine's processes; a Ray cluster (README "S
 def check_local(target: ModelTarget, options: InferOptions) -> None:
     """Refuse what the local engine cannot do with ``target``, naming the option (the Ray engine's
     own refusals are :class:`~sfdeploy.scale.engine.RayOptions`')."""
-    if options.decode not in ("auto", "cpu") and target.server_decode:
-        raise OptionError(f"--decode {options.decode} decodes here, into the GPU of a local model; --server-decode "
-                          "decodes on the server", option="--decode", fix="drop --server-decode, or use --decode auto")
+    from sfdeploy.decode.gpu.select import SERVER_DECODE_MODES
+
+    if options.decode not in SERVER_DECODE_MODES and target.server_decode:
+        raise OptionError(f"--decode {options.decode} names a decoder of this machine; with --server-decode the "
+                          "server chooses among its own", option="--decode",
+                          fix=f"use --decode {' or '.join(SERVER_DECODE_MODES)} (asked of the server), or drop "
+                              "--server-decode")
     if len(target.urls) > 1:
         raise OptionError("one server per run with --engine local", option="--url",
                           fix="--engine ray spreads over several")

@@ -179,3 +179,19 @@ def test_the_served_gpu_decoding_targets_of_a_record() -> None:
         "Served, NVDEC on the server >= 5x decoding on its CPU"] == "missing"
     record["device_info"]["device"] = "cpu"
     assert not any(t["target"].startswith("Served, NVDEC") for t in targets(record))
+
+
+def test_infer_server_decode_takes_the_servers_decode_modes_only() -> None:
+    """`infer --server-decode --decode auto|cpu|gpu` is asked of the server; a decoder of this
+    machine by name is refused before anything runs, naming the option."""
+    from sfdeploy.engines import check_local
+    from sfdeploy.errors import OptionError
+    from sfdeploy.infer_options import InferOptions
+    from sfdeploy.target import ModelTarget
+
+    target = ModelTarget(server_decode=True)
+    for mode in ("auto", "cpu", "gpu"):
+        check_local(target, InferOptions(decode=mode))
+    with pytest.raises(OptionError, match="--decode pynvvideocodec names a decoder of this machine") as info:
+        check_local(target, InferOptions(decode="pynvvideocodec"))
+    assert "--decode auto or cpu or gpu" in info.value.fix

@@ -28,7 +28,7 @@ from sfdeploy.cli import cli
 from sfdeploy.client import Classifier, infer
 from sfdeploy.clipspec import spec_of
 from sfdeploy.decode.clips import load_video
-from sfdeploy.errors import InputError
+from sfdeploy.errors import InputError, ServingError
 from sfdeploy.runtime.triton import TritonPredictor
 from sfdeploy.runtime.triton_video import TritonVideoPredictor
 from sfdeploy.serving.config import parse_config
@@ -410,7 +410,11 @@ def test_each_answer_says_which_decoder_read_the_video_and_a_request_may_ask_for
         client.close()
     with Classifier.from_triton(triton.grpc_url, protocol="grpc", server_decode=True) as served:
         rows = list(served.classify([real_world["hevc_640x360.mkv"]], decode="cpu"))
-    assert [(r.decoder, r.decoder_reason) for r in rows] == [("pyav", ASKED_CPU)]
+        assert [(r.decoder, r.decoder_reason) for r in rows] == [("pyav", ASKED_CPU)]
+        with pytest.raises(ServingError, match="refused the request: decoder refused: the request asked for GPU") \
+                as info:  # the option is at fault, not the video: the run stops, saying so
+            list(served.classify([real_world["hevc_640x360.mkv"]], decode="gpu"))
+    assert "--decode auto or cpu" in info.value.fix
 
 
 def test_classifier_from_triton_server_decode(triton, real_world: dict[str, Path]) -> None:

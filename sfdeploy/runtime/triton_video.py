@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from sfdeploy.artifacts import (
+    DECODE_REFUSED,
     DECODER_OUTPUT,
     DECODER_REASON_OUTPUT,
     ERROR_OUTPUT,
@@ -77,6 +78,9 @@ class TritonVideoPredictor(TritonPredictor):
         try:
             result = self._client().infer(self.model, [request], outputs=outputs, parameters=self.parameters or None)
         except InferenceServerException as exc:
+            if DECODE_REFUSED in (exc.message() or ""):  # the request's --decode, not its videos: the run stops
+                raise ServingError(f"the server at {self.url} refused the request: {exc.message()}",
+                                   fix="ask for a decoder it has (--decode auto or cpu with --server-decode)") from exc
             if len(videos) == 1 and str(exc.status()) in self.wire.invalid_input:  # this video's own error
                 return [exc.message() or str(exc)]
             if any(reason in exc.message() for reason in BUSY):  # its queue policy (`sfdeploy repo --decode-*`)

@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.artifacts import (
+    DECODE_REFUSED,
     DECODER_OUTPUT,
     DECODER_REASON_OUTPUT,
     ERROR_OUTPUT,
@@ -148,12 +149,13 @@ def request_decode(parameters: str | None, plan: DecodePlan) -> str | None:
     for ``gpu`` where the plan has no GPU decoder, or an unknown value."""
     asked = json.loads(parameters or "{}").get(VIDEO_DECODE, "auto")
     if asked not in SERVER_DECODE_MODES:
-        raise RequestRefused(f"unknown decode parameter {asked!r}: send one of {', '.join(SERVER_DECODE_MODES)}")
+        raise RequestRefused(f"{DECODE_REFUSED} unknown decode parameter {asked!r}: send one of "
+                             f"{', '.join(SERVER_DECODE_MODES)}")
     if asked == "cpu":
         return ASKED_CPU
     if asked == "gpu" and plan.backend is None:
-        raise RequestRefused(f"the request asked for GPU decoding, but this server decodes on the CPU ({plan.why}); "
-                             "send it without decode=gpu (`infer --server-decode --decode auto`)")
+        raise RequestRefused(f"{DECODE_REFUSED} the request asked for GPU decoding, but this server decodes on the "
+                             f"CPU ({plan.why}); send it without decode=gpu (`infer --server-decode --decode auto`)")
     return None
 
 
