@@ -48,6 +48,7 @@ DECODER_REASON_OUTPUT = "decoder_reason"  # BYTES [N, 1]: why that decoder (sfde
 #: how <name>_video's refusal of a request that asks for a decoder it does not have begins: the
 #: request's option, not its videos, is at fault (the client says so, whatever the batch)
 DECODE_REFUSED = "decoder refused:"
+DECODE_PARAMETER = "decode"  # <name>_video's request parameter: where to decode it (auto | cpu | gpu)
 
 
 def video_model_name(name: str) -> str:

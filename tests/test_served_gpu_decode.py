@@ -19,12 +19,11 @@ from sfdeploy.decode.gpu.gate import GATE_FILE, read_gates
 from sfdeploy.decode.gpu.select import INSTALL_FIX
 from sfdeploy.decode.pool import DecodePool
 from sfdeploy.errors import EnvironmentProblem, InputError
-from sfdeploy.serving.config import parse_config
+from sfdeploy.serving.config import instance_device, parse_config
 from sfdeploy.serving.repo import GPU_DECODE_INSTANCES, RepoOptions, write_repository
 from sfdeploy.serving.video_backend import (
     ASKED_CPU,
     RequestRefused,
-    instance_device,
     request_decode,
     server_plan,
 )

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from sfdeploy.artifacts import (
+    DECODE_PARAMETER,
     DECODE_REFUSED,
     DECODER_OUTPUT,
     DECODER_REASON_OUTPUT,
@@ -56,7 +57,7 @@ class TritonVideoPredictor(TritonPredictor):
         if decode not in SERVER_DECODE_MODES:
             raise InputError(f"--decode {decode} with --server-decode: the server chooses among its own decoders",
                              fix=f"use --decode {' or '.join(SERVER_DECODE_MODES)}")
-        self.parameters = {} if decode == "auto" else {"decode": decode}
+        self.parameters = {} if decode == "auto" else {DECODE_PARAMETER: decode}
 
     def predict(self, videos: Sequence[bytes]) -> list[ServerDecoded | str]:  # type: ignore[override]
         """For each encoded video: its probabilities ``[num_classes]`` and the server's decoder, or why

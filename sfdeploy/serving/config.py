@@ -11,6 +11,7 @@ default to the deployed model's (uint8 clips in, probabilities out); ``<name>_vi
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,6 @@ MAX_VIDEO_BYTES = "max_video_bytes"  # larger payloads are refused before decodi
 MAX_VIDEO_PIXELS_KEY = "max_video_pixels"  # videos with larger frames are refused before decoding
 DECODE_TIMEOUT_S = "decode_timeout_s"  # a decode that takes longer fails (its worker is replaced)
 VIDEO_DECODE = "decode"  # where it decodes: auto | cpu | gpu (sfdeploy.decode.gpu.select.SERVER_DECODE_MODES)
-# ... and, as a request parameter of the same name, where one request asks to be decoded (auto | cpu | gpu)
 
 #: Triton's python-backend parameter: "no" lets a KIND_GPU instance receive its inputs in GPU memory
 #: (a BLS request's GPU clips, a client's CUDA shared memory) instead of copied to the host first
@@ -149,6 +149,17 @@ def parse_config(text: str) -> Any:
     from tritonclient.grpc import model_config_pb2 as pb
 
     return text_format.Parse(text, pb.ModelConfig())
+
+
+def instance_device(args: Mapping[str, str]) -> str:
+    """Where a python-backend model instance runs, from the arguments Triton gives ``initialize``:
+    ``cuda:N`` for a ``KIND_GPU`` instance, else ``cpu``."""
+    return f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
+
+
+def string_parameters(config: Mapping[str, Any]) -> dict[str, str]:
+    """A model config's ``parameters`` (the JSON form Triton gives ``initialize``) as plain strings."""
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
 
 #: Bytes per element of the fixed-size types; a request of any other type is held to VARIABLE_LIMIT.

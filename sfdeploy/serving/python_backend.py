@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 from sfdeploy.artifacts import backend_format, verify_sha256
 from sfdeploy.clipspec import spec_of
 from sfdeploy.runtime import open_artifact
-from sfdeploy.serving.config import ARTIFACT, ARTIFACT_SHA256, FORCE_CPU_ONLY_INPUTS, RUNTIME
+from sfdeploy.serving.config import (
+    ARTIFACT,
+    ARTIFACT_SHA256,
+    FORCE_CPU_ONLY_INPUTS,
+    RUNTIME,
+    instance_device,
+    string_parameters,
+)
 from sfdeploy.serving.tensors import from_tensor, to_tensor
 
 if TYPE_CHECKING:
@@ -50,12 +57,9 @@ class TritonPythonModel:
         config's, and refuse to load (a ``ValueError`` in the server log) when its clip spec is not
         the config's: a model that would answer for other clips must not serve."""
         config = json.loads(args["model_config"])
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        params = string_parameters(config)
         artifact = Path(args["model_repository"]) / args["model_version"] / params[ARTIFACT]
-        if args["model_instance_kind"] == "GPU":
-            device = f"cuda:{args['model_instance_device_id']}"
-        else:
-            device = "cpu"
+        device = instance_device(args)
         if params.get(ARTIFACT_SHA256):  # the file `sfdeploy repo` placed, not a changed one
             verify_sha256(artifact, params[ARTIFACT_SHA256], fix="regenerate the repository with `sfdeploy repo`")
         self.predictor = open_artifact(artifact, backend_format(params[RUNTIME]), device=device)

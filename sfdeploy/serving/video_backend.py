@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from sfdeploy.artifacts import (
+    DECODE_PARAMETER,
     DECODE_REFUSED,
     DECODER_OUTPUT,
     DECODER_REASON_OUTPUT,
@@ -91,6 +92,8 @@ from sfdeploy.serving.config import (
     MAX_VIDEO_PIXELS_KEY,
     TARGET_MODEL,
     VIDEO_DECODE,
+    instance_device,
+    string_parameters,
 )
 from sfdeploy.serving.tensors import bytes_items, bytes_tensor, from_tensor, require_numpy_bridge, to_array
 
@@ -113,12 +116,6 @@ def too_large(size: int, limit: int) -> str:
     return (f"the video is {size / 2**20:.1f} MB, over this model's limit of {limit / 2**20:g} MB, and was not "
             "decoded; send a smaller file (re-encode it, e.g. `ffmpeg -i IN -vf scale=-2:360 OUT.mp4`), or "
             "write the repository with a larger `sfdeploy repo --max-video-mb`")
-
-
-def instance_device(args: Mapping[str, str]) -> str:
-    """Where a Triton model instance runs, from the arguments ``initialize`` gets: ``cuda:N`` for a
-    ``KIND_GPU`` instance, else ``cpu``."""
-    return f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
 
 
 def server_plan(mode: str, device: str, gates: Mapping[str, Gate]) -> DecodePlan:
@@ -147,7 +144,7 @@ def request_decode(parameters: str | None, plan: DecodePlan) -> str | None:
     asks of an instance decoding by ``plan``: ``None`` (the plan: ``auto``, or ``gpu`` where the
     plan decodes on the GPU), or the reason to decode it on the CPU. Raises :class:`RequestRefused`
     for ``gpu`` where the plan has no GPU decoder, or an unknown value."""
-    asked = json.loads(parameters or "{}").get(VIDEO_DECODE, "auto")
+    asked = json.loads(parameters or "{}").get(DECODE_PARAMETER, "auto")
     if asked not in SERVER_DECODE_MODES:
         raise RequestRefused(f"{DECODE_REFUSED} unknown decode parameter {asked!r}: send one of "
                              f"{', '.join(SERVER_DECODE_MODES)}")
@@ -166,7 +163,7 @@ class TritonPythonModel:
         """Read the config, refuse to load where BYTES tensors would be wrong, and start the decoder
         (the instance's plan: the GPU's NVDEC, or the CPU)."""
         config = json.loads(args["model_config"])
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        params = string_parameters(config)
         self.spec = ClipSpec.from_json(params[SPEC_KEY])
         self.target = params[TARGET_MODEL]
         require_numpy_bridge(  # before any work: a model that cannot answer right does not load
