@@ -144,6 +144,7 @@ class TritonPredictor:
                                fix="serve a repository written by `sfdeploy repo`") from None
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
+        self.served_outputs = frozenset(output["name"] for output in config["output"])  # what it can answer
         self.max_batch = max(1, int(config.get("max_batch_size", 1)))
 
     def _client(self) -> Any:

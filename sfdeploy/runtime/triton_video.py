@@ -41,11 +41,9 @@ class TritonVideoPredictor(TritonPredictor):
         if self.input_name != VIDEO_INPUT:
             raise ServingError(f"model '{self.model}' does not take encoded videos (its input is '{self.input_name}')",
                                fix="serve a repository written by `sfdeploy repo` (it writes <name>_video)")
-        config = self.wire.config(self._client().get_model_config(self.model))
-        served = {output["name"] for output in config["output"]}
         # a repository written before the decoder outputs: no decoder in the rows
         self.outputs = [name for name in (OUTPUT_NAME, ERROR_OUTPUT, DECODER_OUTPUT, DECODER_REASON_OUTPUT)
-                        if name in served or name in (OUTPUT_NAME, ERROR_OUTPUT)]
+                        if name in self.served_outputs or name in (OUTPUT_NAME, ERROR_OUTPUT)]
         self.parameters: dict[str, str] = {}
 
     def ask_decode(self, decode: str) -> None:
