@@ -30,10 +30,15 @@
 # still brings back everything done before the cut. The kit is made here with benchmarks/gpukit.sh
 # --out .gpukit; state that must outlive a call (the record, the bench export, the demo) is in
 # $SFDEPLOY_GPU_STATE (default /tmp/sfdeploy-gpu), which a warm machine keeps between calls.
+#   benchmarks/gpu_check.sh 6   # training speed (issue 31): the record's train stage (R50 4x16 at batch 8 on
+#                               # synthetic 320 px videos, fp32 and --amp, fixed steps: videos/s, data-wait
+#                               # share, peak GPU memory; raw frames vs videos), then on 52 such videos
+#                               # `finetune --batch-size auto` (the CUDA probe's trials) and one epoch with
+#                               # --checkpointing beside a plain one (peak GPU memory), each summary into $OUT
 # A plain GPU machine with internet can run the same: pip install -e ".[gpu,dev]" and KIT=none.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE="${1:?usage: benchmarks/gpu_check.sh 1|2|3|4|5}"
+PHASE="${1:?usage: benchmarks/gpu_check.sh 1|2|3|4|5|6}"
 OUT="${OUT:-/tmp/sfdeploy-gpu-out}"
 STATE="${SFDEPLOY_GPU_STATE:-/tmp/sfdeploy-gpu}"
 KIT="${KIT:-.gpukit}"
@@ -107,6 +112,28 @@ for _ in range(90):
 sys.exit(1)' 
 }
 
+train_run() {  # train_run NAME FINETUNE-OPTIONS...: one epoch of $TRAIN_PRESET on $STATE/train-data, summary to $OUT
+  local name="$1"; shift
+  rm -rf "$STATE/train-$name"
+  "$PY" -m sfdeploy finetune "$STATE/train-data" --work-dir "$STATE/train-$name" --preset "$TRAIN_PRESET" \
+    --pretrained none --epochs 1 "$@" || return 1
+  cp "$STATE/train-$name/finetune_summary.json" "$OUT/finetune-$name.json"
+  "$PY" -c 'import json, sys; s = json.load(open(sys.argv[1])); p = s["speed"]
+print(sys.argv[2], "batch", s["batch_size"], "videos/s", p["videos_per_s"], "data wait", p["data_wait_share"],
+      "peak MB", p.get("peak_gpu_mem_mb", p.get("peak_rss_mb")), "auto:", s.get("batch_size_auto"))' \
+    "$OUT/finetune-$name.json" "$name" | tee -a "$OUT/train-runs.txt"
+}
+
+train_data() {  # 52 + 12 synthetic videos at the train stage's size, prepared once
+  [ -f "$STATE/train-data/dataset.json" ] && return 0
+  "$PY" -m sfdeploy data synth "$STATE/train-videos" --size "$TRAIN_SIZE" --frames "$TRAIN_FRAMES" &&
+    "$PY" -m sfdeploy data prepare "$STATE/train-videos" --out "$STATE/train-data" --preset "$TRAIN_PRESET"
+}
+
+if [ "${PROFILE:-full}" = full ]; then TRAIN_PRESET=slowfast_r50_4x16 TRAIN_SIZE=320 TRAIN_FRAMES=64
+else TRAIN_PRESET=slowfast_tiny TRAIN_SIZE=96 TRAIN_FRAMES=48; fi
+export -f train_run train_data
+export TRAIN_PRESET TRAIN_SIZE TRAIN_FRAMES
 export -f install_part env_report serve_gpu
 export KIT PY STATE OUT
 case "$PHASE" in
@@ -186,6 +213,21 @@ for s in probe_backends(): print(s)'
       cp "$STATE/instances-$n.json" "$STATE/instances-$n.md" "$OUT/" 2>/dev/null  # not its .work: the repository
     done
     ;;
-  *) echo "usage: benchmarks/gpu_check.sh 1|2|3|4|5" >&2; exit 2 ;;
+  6)
+    for part in "$KIT"/part*; do  # a fresh machine has no kit, a warm one all of it
+      [ -d "$part" ] && step "install-$(basename "$part")" 60 install_part "${part##*part}"
+    done
+    [ "$KIT" = none ] || step install-sfdeploy 60 "$PY" -m pip install --quiet --no-index --no-deps \
+      --no-build-isolation -e .
+    # fixed steps a row: 2 epochs of TRAIN_STEPS (the first the warm-up); the record resumes if cut short
+    step bench-train 300 "$PY" -m sfdeploy bench "${PROFILE_FLAG[@]}" --device "${DEVICE:-cuda}" --stage train \
+      --precision "${PRECISIONS:-fp32,fp16}" --iters "${TRAIN_STEPS:-10}" --out "$STATE/train.json" --resume
+    cp "$STATE/train.json" "$STATE/train.md" "$OUT/" 2>/dev/null
+    step train-data 120 train_data
+    step train-plain 120 train_run plain --batch-size 8
+    step train-checkpointing 120 train_run checkpointing --batch-size 8 --checkpointing
+    step train-batch-auto 180 train_run batch-auto --batch-size auto
+    ;;
+  *) echo "usage: benchmarks/gpu_check.sh 1|2|3|4|5|6" >&2; exit 2 ;;
 esac
 echo "gpu_check: phase $PHASE done $(date +%T)"; cat "$OUT/summary.txt"

@@ -94,7 +94,7 @@ def test_artifacts_load_without_sfdeploy_and_match_eager(tiny_export: Path, val_
     assert isinstance(info["onnx_input"][2][0], str)  # dynamic batch axis
 
     from sfdeploy.export.deploy import SlowFastDeploy
-    from sfdeploy.export.source import load_trained
+    from sfdeploy.train.trained import load_trained
 
     trained = load_trained(tiny_run)
     spec = ClipSpec.from_json(info["onnx_spec"])
@@ -198,8 +198,8 @@ def test_parity_gate_fails_a_perturbed_artifact_and_bounds_by_measured_device_no
     same artifact fed frames 12 grey levels off (what a normalisation bug does) fails; on a device
     whose own MMAction2 noise is larger, the fp32 bound grows with it (twice), never below 1e-4."""
     from sfdeploy.export.parity import FP32_MAX_ABS_DIFF, fp32_bound, judge, run_gate, val_videos
-    from sfdeploy.export.source import load_trained
     from sfdeploy.runtime import open_artifact
+    from sfdeploy.train.trained import load_trained
 
     trained = load_trained(tiny_run)
     exact = open_artifact(tiny_export / "model.pt", "torchscript", tf32=False)

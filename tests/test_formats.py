@@ -112,8 +112,8 @@ def test_the_gate_fails_a_perturbed_new_artifact(fmt: str, tiny_run: Path, reque
     """The artifact passes; the same artifact fed frames 12 grey levels off fails (the
     fp32 bound of 1e-4, on the real model and val clips)."""
     from sfdeploy.export.parity import FP32_MAX_ABS_DIFF, run_gate, val_videos
-    from sfdeploy.export.source import load_trained
     from sfdeploy.runtime import open_local
+    from sfdeploy.train.trained import load_trained
 
     export = request.getfixturevalue("aoti_export" if fmt == "aoti" else "tiny_export")
     trained = load_trained(tiny_run)

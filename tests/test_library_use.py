@@ -89,7 +89,7 @@ def test_mmaction2_apis_work_on_work_after_import_sfdeploy(tiny_run: Path, synth
     MMAction2's, computed here with MMAction2's own decoders (DecordDecode, PyAVDecode)."""
     from sfdeploy.clipspec import ClipSpec
     from sfdeploy.export.parity import mmaction_reference
-    from sfdeploy.export.source import find_checkpoint, load_trained
+    from sfdeploy.train.trained import find_checkpoint, load_trained
 
     videos = [str(v) for cls in ("move_left", "move_right", "move_up")
               for v in sorted((synth_root / cls).glob("*.mp4"))[:2]]

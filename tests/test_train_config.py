@@ -30,7 +30,8 @@ def _build(data: PreparedData, tmp_path: Path, preset: str = "slowfast_tiny", **
 
 
 def test_presets_are_installed() -> None:
-    assert available_presets() == ["slowfast_r50_4x16", "slowfast_r50_8x8", "slowfast_tiny"]
+    assert available_presets() == ["slowfast_r18_4x16", "slowfast_r50_4x16", "slowfast_r50_8x8", "slowfast_tiny",
+                                   "slowfast_tiny_student"]
 
 
 def test_data_dependent_settings(data: PreparedData, tmp_path: Path) -> None:

@@ -11,5 +11,5 @@ BACKENDS = ("mmaction2", "eager", "torchscript", "onnxruntime", "torch_export", 
 DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b not in ("aoti", "triton-cuda-shm"))
 #: The stages, in the order a run measures them; ``compile`` (torch.compile / CUDA graphs: minutes of
 #: compilation per shape) only when asked for.
-STAGES = ("model", "triton", "e2e", "compile")
+STAGES = ("model", "triton", "e2e", "compile", "train", "distill")
 DEFAULT_STAGES = ("model", "triton", "e2e")

@@ -53,7 +53,7 @@ def build_bench_model(profile: str = "small", work_dir: Path | None = None) -> B
     from sfdeploy.train.presets import preset_path
 
     if work_dir is not None:
-        from sfdeploy.export.source import load_trained
+        from sfdeploy.train.trained import load_trained
 
         trained = load_trained(Path(work_dir))
         spec = ClipSpec.from_config(trained.cfg, trained.class_names, views=1)

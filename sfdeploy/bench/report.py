@@ -57,7 +57,8 @@ def markdown(record: dict[str, Any]) -> str:
     rows = sorted(record["rows"], key=sort_key)
     clips = [r for r in rows if r["kind"] == "clips"]
     lines = [*_header(record, rows), *_clips_section(clips, baseline_clips_per_s(record)), *_served_section(rows),
-             *_videos_section(rows), *_targets_sections(record), *_ops_sections(rows)]
+             *_videos_section(rows), *_train_section(rows),
+             *_distill_section(rows), *_targets_sections(record), *_ops_sections(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -132,6 +133,41 @@ def _videos_section(rows: list[dict[str, Any]]) -> list[str]:
                      r["note"]] for r in videos])]
 
 
+def _train_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Training speed (``--stage train``): the measured finetune rows beside the guide's reference
+    rows (other hardware, not measured here), then raw frames against videos."""
+    train = [r for r in rows if r["kind"] == "train"]
+    if not train:
+        return []
+
+    def cells(r: dict[str, Any]) -> list[Any]:
+        ok = r.get("status", OK) == OK
+        share = r.get("data_wait_share")
+        return [r["backend"] + (" (reference)" if r.get("reference") else ""), r.get("media", "-"), r["precision"],
+                r["batch"], r.get("workers", "-"), "yes" if r.get("persistent_workers") else "no" if ok and
+                not r.get("reference") else "-", f"{r['videos_per_s']:.1f}" if ok else r["status"],
+                "-" if share is None else f"{share:.0%}", f"{r['peak_mem_mb']:.0f}" if ok and r.get("peak_mem_mb")
+                else "-", f"{r['disk_bytes'] / 1e6:.1f}" if r.get("disk_bytes") else "-", r.get("device", "-"),
+                "-" if r.get("reference") else others_cell(r), r.get("note", "")]
+    lines = ["", "## Training speed (finetune on synthetic videos; the guide's figures beside, not measured here)", "",
+             "videos/s: videos of all processes over the timed epoch's wall time; `data wait`: the share of step "
+             "time spent waiting for the next batch; `peak MB`: torch.cuda.max_memory_allocated on CUDA, the "
+             "training process's peak RSS on CPU, the guide's GPU memory for reference rows; `disk MB`: the "
+             "training media (videos, or their JPEG frames).", "",
+             _table(["row", "media", "precision", "batch", "workers", "persistent", "videos/s", "data wait",
+                     "peak MB", "disk MB", "device", "others", "note"], [cells(r) for r in train])]
+    ok = {r.get("media"): r for r in train if r.get("status", OK) == OK and not r.get("reference")
+          and r["precision"] == "fp32" and " workers=" not in r["backend"]}
+    if "videos" in ok and "rawframes" in ok:
+        v, f = ok["videos"], ok["rawframes"]
+        lines += ["", f"Raw frames vs videos: {f['videos_per_s']:.1f} vs {v['videos_per_s']:.1f} videos/s "
+                      f"({f['videos_per_s'] / v['videos_per_s']:.2f}x), data wait {f['data_wait_share']:.0%} vs "
+                      f"{v['data_wait_share']:.0%}, on disk {f['disk_bytes'] / 1e6:.1f} vs "
+                      f"{v['disk_bytes'] / 1e6:.1f} MB "
+                      f"({f['disk_bytes'] / v['disk_bytes']:.1f}x)."]
+    return lines
+
+
 def _targets_sections(record: dict[str, Any]) -> list[str]:
     """The targets met or not, then the best of the variants sfdeploy does not serve."""
     lines: list[str] = []
@@ -143,6 +179,29 @@ def _targets_sections(record: dict[str, Any]) -> list[str]:
                       _table(["target", "measured", "status"], [[t["target"], t["measured"], t["status"]]
                                                                 for t in chosen])]
     return lines
+
+
+def _distill_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Teacher vs distillation student (``--stage distill``): speed, GFLOP and parameters, and the
+    student's clips/s over the teacher's at the same backend and batch."""
+    distill = sorted((r for r in rows if r["stage"] == "distill" and r.get("status", OK) == OK),
+                     key=lambda r: (r["backend"].split(":", 1)[1], r["batch"], r.get("role") != "teacher"))
+    if not distill:
+        return []
+    teacher = {(r["backend"].split(":", 1)[1], r["batch"]): r["clips_per_s"] for r in distill
+               if r.get("role") == "teacher"}
+
+    def ratio(r: dict[str, Any]) -> str:
+        base = teacher.get((r["backend"].split(":", 1)[1], r["batch"]))
+        return f"{r['clips_per_s'] / base:.2f}" if r.get("role") == "student" and base else "-"
+    return ["", "## Distillation: teacher vs student (random weights, fp32, deployed module)", "",
+            "GFLOP per clip of one view (fvcore's counting in mmengine.analysis: a multiply-add is one FLOP); "
+            "`x teacher`: the student's clips/s over the teacher's at the same backend and batch.", "",
+            _table(["role", "preset", "backend", "batch", "clips/s", "p50 ms", "GFLOP/clip", "params M", "x teacher",
+                    "others"],
+                   [[r["role"], r["preset"], r["backend"].split(":", 1)[1], r["batch"], f"{r['clips_per_s']:.1f}",
+                     f"{r['p50_ms']:.1f}", r["gflop_per_clip"], r["params_m"], ratio(r), others_cell(r)]
+                    for r in distill])]
 
 
 def _ops_sections(rows: list[dict[str, Any]]) -> list[str]:
@@ -172,6 +231,11 @@ def others_cell(row: dict[str, Any]) -> str:
     return f"{row['others_cores']:.2f}" + (" **busy**" if row.get("busy") else "")
 
 
+def plotted_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows the plot draws: measured clips/s (training rows are videos/s, in the table only)."""
+    return [r for r in record["rows"] if r["kind"] == "clips" and r.get("status", OK) == OK and r["clips_per_s"] > 0]
+
+
 def plot(record: dict[str, Any], path: Path) -> None:
     """Left: clips/s against batch size, a line per backend and precision. Right (when the triton
     stage has rows): served model and in-process reference against requests in flight."""
@@ -180,7 +244,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in record["rows"] if r["kind"] == "clips" and r.get("status", OK) == OK and r["clips_per_s"] > 0]
+    ok = plotted_rows(record)
     served = [r for r in ok if r["stage"] == "triton"]
     fig, axes = plt.subplots(1, 2 if served else 1, figsize=(13 if served else 8, 5), squeeze=False)
     _lines(axes[0][0], [r for r in ok if r["stage"] != "triton"], "batch", "batch size (clips per call)")
@@ -212,12 +276,17 @@ def _lines(ax: Any, rows: list[dict[str, Any]], x: str, label: str) -> None:
 
 
 def write_report(record_path: Path) -> list[Path]:
-    """Regenerate ``.md`` and ``.png`` beside the record from its rows; returns the three paths."""
+    """Regenerate ``.md`` and ``.png`` beside the record from its rows; returns their paths (the
+    record's, the table's, and the plot's when there is something to plot: a record of training
+    rows only, or of no rows yet, has no plot, and a stale one is removed)."""
     from sfdeploy.fsutil import atomic_write_text, replace_atomically
 
     record_path = Path(record_path)
     record = json.loads(record_path.read_text())
     md, png = record_path.with_suffix(".md"), record_path.with_suffix(".png")
     atomic_write_text(md, markdown(record))
+    if not plotted_rows(record):
+        png.unlink(missing_ok=True)
+        return [record_path, md]
     replace_atomically(png, lambda tmp: plot(record, tmp))
     return [record_path, md, png]

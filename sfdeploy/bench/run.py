@@ -92,8 +92,8 @@ def _measure_stages(ctx: Any, record: Any, opts: BenchOptions, out: Path) -> lis
     """Measure, stage by stage, the rows the record lacks, each added (and the report remade) the
     moment it is measured; returns the report's files."""
     from sfdeploy.bench.load import LoadMeter
+    from sfdeploy.bench.plan import PLANNERS
     from sfdeploy.bench.report import write_report
-    from sfdeploy.bench.stages import PLANNERS
     from sfdeploy.progress import bar
 
     files = write_report(out)

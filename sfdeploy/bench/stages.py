@@ -1,14 +1,15 @@
 """Which rows each stage of ``sfdeploy bench`` measures, and the resources they share.
 
-A stage is a planner: ``plan(ctx) -> list[Task]``, registered in :data:`PLANNERS`. Planning is
-cheap (no model is exported, no server started): a :class:`Task` only names its row (the record's
+A stage is a planner: ``plan(ctx) -> list[Task]``, registered in :data:`sfdeploy.bench.plan.PLANNERS`.
+Planning is cheap (no model is exported, no server started): a :class:`Task` only names its row (the record's
 key) and how to measure it. The runner measures the tasks the record lacks, one at a time, and
 the measurement asks the :class:`sfdeploy.bench.context.Context` for what it needs (the bench
 export, a predictor, the server, the videos, the served choice), each made on first use.
 
 To add a row kind: a measuring function in :mod:`sfdeploy.bench.suites` that returns the row dict,
-and a Task for it in a planner. To add a stage: a planner here, its name in
-:data:`sfdeploy.bench.STAGES`, and (if it needs one) a lazily made resource on the Context.
+and a Task for it in a planner. To add a stage: a planner (here, or in its own module, as training
+speed has), its name in :data:`sfdeploy.bench.STAGES` and in :data:`sfdeploy.bench.plan.PLANNERS`, and (if it
+needs one) a lazily made resource on the Context.
 """
 
 from __future__ import annotations
@@ -315,5 +316,6 @@ def plan_compile(c: Context) -> list[Task]:
     return [_eager("compile", v, p, b, warmup) for p in opts.precisions for v, b in variants]
 
 
+#: the inference stages' planners; :mod:`sfdeploy.bench.plan` adds those of the training and distillation stages
 PLANNERS: dict[str, Callable[[Context], list[Task]]] = {
     "model": plan_model, "triton": plan_triton, "e2e": plan_e2e, "compile": plan_compile}

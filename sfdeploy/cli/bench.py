@@ -36,7 +36,11 @@ def _words(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help=f"Comma-separated, of {', '.join(STAGES)}: model (MMAction2 baseline, eager, TorchScript, ONNX "
                    "Runtime), triton (served model vs in-process at the same batch and concurrency), e2e (videos "
                    "-> predictions), compile (torch.compile / CUDA-graph variants: minutes per shape; only when "
-                   "named).")
+                   "named), train (finetune of the profile's preset on synthetic videos, --iters steps an epoch: "
+                   "videos/s, data-wait share, peak memory; raw frames vs videos with their disk bytes; the loader "
+                   "workers 0/1/2 with persistent workers on/off, small profile without --workers; beside the "
+                   "finetuning guide's reference figures; only when named), distill (a distilled student beside its "
+                   "teacher: GFLOP, clips/s; only when named).")
 @click.option("--resume", is_flag=True,
               help="Continue the record at --out: keep its rows, measure only the missing ones (same settings).")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),

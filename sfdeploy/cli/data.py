@@ -55,26 +55,37 @@ def synth(out: Path, classes: int, per_class: int, frames: int, size: int, seed:
 @click.option("--min-frames", type=click.IntRange(min=1), default=None,
               help="Reject videos with fewer frames than this [default: keep every decodable video].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Parallel probe processes [default: one per CPU core].")
+              help="Parallel probe (and --rawframes extraction) processes [default: one per CPU core].")
+@click.option("--rawframes", is_flag=True,
+              help="Also extract every usable video's frames as JPEGs into OUT/rawframes/<class>/<video>/img_00001.jpg "
+                   "(MMAction2's RawframeDataset layout) and write rawframes lists of the same split: finetune then "
+                   "reads images instead of decoding videos (eval still needs a video DATA).")
+@click.option("--frame-short-side", type=click.IntRange(min=8), default=None, metavar="N",
+              help="With --rawframes: resize frames to this short side on extraction [default: native size].")
 @max_video_pixels_option("The probe")
 def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: str | None,
-            min_frames: int | None, workers: int | None, max_pixels: int) -> None:
+            min_frames: int | None, workers: int | None, rawframes: bool, frame_short_side: int | None,
+            max_pixels: int) -> None:
     """Probe and split VIDEO_ROOT/<class>/*.mp4 (or VIDEO_ROOT/{train,val}/<class>/) into
     MMAction2 annotation lists.
 
     Every video is decoded in parallel (PyAV, as decord indexes and decodes, as in training and
     serving); corrupt, empty and unreadable files are listed with the reason and the
     fix in OUT/prepare_report.json, and the rest is used. Videos shorter than the preset's clip are
-    used too, and listed as short.
+    used too, and listed as short. With --rawframes the frames are extracted in parallel too
+    (resumable: a finished video's frames are reused by the next run).
     """
     from sfdeploy.data.prepare import prepare as run_prepare
     from sfdeploy.train.presets import DEFAULT_PRESET
     from sfdeploy.train.presets import clip_frames as preset_clip_frames
 
+    if frame_short_side is not None and not rawframes:
+        raise click.UsageError("--frame-short-side resizes the extracted frames: pass --rawframes too")
     preset = preset or DEFAULT_PRESET
     clip_frames = preset_clip_frames(preset)
     result = run_prepare(video_root, out, val_ratio=val_ratio, seed=seed, min_frames=min_frames or 1,
-                         clip_frames=clip_frames, preset=preset, workers=workers, max_pixels=max_pixels)
+                         clip_frames=clip_frames, preset=preset, workers=workers, max_pixels=max_pixels,
+                         rawframes=rawframes, frame_short_side=frame_short_side)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     for item in result.rejected:
@@ -86,6 +97,12 @@ def prepare(video_root: Path, out: Path, val_ratio: float, seed: int, preset: st
     click.echo(f"{len(result.classes)} classes, {result.train} train / {result.val} val videos "
                f"({len(result.short)} short: fewer than the {clip_frames} frames of one clip, frames loop), "
                f"{len(result.rejected)} rejected, {len(result.ignored)} other files ignored -> {out}")
+    if rawframes:
+        import json
+
+        frames = json.loads(result.report_path.read_text())["rawframes"]
+        click.echo(f"rawframes: {frames['videos']} videos, {frames['frames']} frames, "
+                   f"{frames['bytes'] / 1e6:.1f} MB ({frames['reused']} reused) -> {frames['root']}")
     click.echo(f"report: {result.report_path}")
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from sfdeploy.cli.options import BatchSize, GreedyOption, parse_cfg_options
-from sfdeploy.train.options import FinetuneOptions
+from sfdeploy.train.options import STUDENT_PRESETS, FinetuneOptions
+from sfdeploy.train.presets import available_presets
 
 #: the library's defaults, shown by --help (one source for both)
 DEFAULTS = FinetuneOptions(work_dir=Path("."))
@@ -18,8 +19,9 @@ DEFAULTS = FinetuneOptions(work_dir=Path("."))
 @click.argument("data", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where the config, checkpoints, logs and summary go.")
-@click.option("--preset", default=DEFAULTS.preset, show_default=True,
-              help="slowfast_r50_4x16, slowfast_r50_8x8, slowfast_tiny, or a path to your own config .py.")
+@click.option("--preset", help=f"{', '.join(available_presets())}, or a path to your own config .py "
+                               f"[default: {DEFAULTS.preset}; with --distill-from, the teacher preset's student: "
+                               f"{', '.join(f'{t} -> {s}' for t, s in STUDENT_PRESETS.items())}].")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [default: the preset's].")
 @click.option("--batch-size", type=BatchSize(),
               help="Videos per batch per process, or 'auto': on CUDA the largest that fits (trial steps) and "
@@ -81,6 +83,18 @@ DEFAULTS = FinetuneOptions(work_dir=Path("."))
 @click.option("--master-addr", help="Address of the node-0 machine (multi-node).")
 @click.option("--master-port", default=DEFAULTS.master_port, show_default=True, type=click.IntRange(1, 65535),
               help="Free TCP port on the node-0 machine (multi-node).")
+@click.option("--distill-from", type=click.Path(file_okay=False, path_type=Path), metavar="TEACHER_WORK",
+              help="Knowledge distillation: train the (smaller) --preset to imitate the model finetuned in "
+                   "TEACHER_WORK (its config.py and best checkpoint; frozen, eval mode, same classes and clip spec, "
+                   "checked before training). loss = (1-W)*CE(labels) + W*T^2*KL(teacher||student at temperature "
+                   "T), logged as loss_cls and loss_distill. The checkpoint is the student's alone (`export` makes "
+                   "the student); the summary compares both models' val top-1 and measured speed.")
+@click.option("--distill-temperature", default=DEFAULTS.distill_temperature, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), metavar="T",
+              help="Softmax temperature of the distillation term (higher: softer teacher targets).")
+@click.option("--distill-weight", default=DEFAULTS.distill_weight, show_default=True,
+              type=click.FloatRange(min=0, max=1, min_open=True), metavar="W",
+              help="Weight W of the distillation term against the label cross-entropy (1-W).")
 @click.option("--cfg-options", cls=GreedyOption, multiple=True, metavar="KEY=VALUE ...",
               help="Override config entries, e.g. --cfg-options model.cls_head.dropout_ratio=0.3")
 def finetune(data: tuple[Path, ...], work_dir: Path, train_list: tuple[Path, ...], val_list: tuple[Path, ...],
@@ -98,6 +112,7 @@ def finetune(data: tuple[Path, ...], work_dir: Path, train_list: tuple[Path, ...
     from sfdeploy.train.run import finetune as run_finetune
 
     sets = None if options["resume"] else _datasets(data, train_list, val_list, class_index, media_root)
+    options["preset"] = options["preset"] or _default_preset(options["distill_from"])
     opts = FinetuneOptions(work_dir=work_dir, cfg_options=parse_cfg_options(cfg_options), **options)
     summary = run_finetune(sets, opts)
     if opts.node_rank != 0:  # its summary says where node 0 writes WORK
@@ -107,10 +122,24 @@ def finetune(data: tuple[Path, ...], work_dir: Path, train_list: tuple[Path, ...
     click.echo(json.dumps({k: summary[k] for k in ("best_top1", "best_checkpoint", "epochs_run", "wall_time_s")}))
     click.echo(f"best val top-1 {top1:.3f} -> {summary['best_checkpoint']}" if top1 is not None else
                "no validation result", err=True)
+    if summary.get("distillation"):
+        d = summary["distillation"]
+        click.echo(f"distilled from {d['teacher_work']}: student val top-1 {d['student_best_top1']} vs teacher "
+                   f"{d['teacher_best_top1']} (difference {d['top1_difference_points']} points), "
+                   f"{d['speed_ratio']}x the teacher's clips/s here", err=True)
     if summary.get("overfit"):
         reached = summary["overfit"]["reached_100"]
         click.echo(f"overfit check on {summary['overfit']['videos']} videos: "
                    + ("reached 100%" if reached else "did NOT reach 100%: check labels, pipeline and LR"), err=True)
+
+
+def _default_preset(teacher: Path | None) -> str:
+    """--preset when not given: the teacher preset's student when distilling, else the default."""
+    if teacher is None:
+        return DEFAULTS.preset
+    from sfdeploy.train.distill import student_preset
+
+    return student_preset(teacher) or DEFAULTS.preset
 
 
 def _datasets(data: tuple[Path, ...], train_list: tuple[Path, ...], val_list: tuple[Path, ...],

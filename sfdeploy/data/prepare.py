@@ -144,6 +144,8 @@ def prepare(
     workers: int | None = None,
     show_progress: bool = True,
     max_pixels: int = MAX_VIDEO_PIXELS,
+    rawframes: bool = False,
+    frame_short_side: int | None = None,
 ) -> PrepareResult:
     """Scan, probe, split and write ``out`` (see :mod:`sfdeploy.data.layout`).
 
@@ -151,6 +153,9 @@ def prepare(
     clip spans, :attr:`ClipSpec.min_frames`) only marks the shorter ones as ``short`` in the report;
     ``preset`` (whose clip that is) is recorded, so that what reads DATA later knows it;
     videos with frames of more than ``max_pixels`` are rejected (``frame_too_large``) undecoded.
+    ``rawframes``: extract every usable video's frames as JPEGs into ``out/rawframes`` (resized to
+    ``frame_short_side``, if given; :mod:`sfdeploy.data.rawframes`) and write rawframes lists of the same
+    split; a video whose frames cannot be extracted is rejected (``rejected``, with the reason).
     """
     video_root = Path(video_root).resolve()
     out = Path(out).resolve()
@@ -162,6 +167,10 @@ def prepare(
     probe_of = {cand.path: probe for cand, probe in usable}
     classes, skipped = _classes(by_split, candidates, empty, presplit, probe_of, rejected, warnings)
     entries = _entries(by_split, classes)
+    frames = None
+    if rawframes and len(classes) >= 2 and entries["val"]:  # else _check_trainable refuses it below
+        entries, frames = _extract(entries, video_root, out, frame_short_side, workers, show_progress, max_pixels,
+                                   rejected)
     short = [{"path": str(p), "split": split, "frames": probe_of[p].frames}
              for split in ("train", "val") for p, _ in entries[split]
              if clip_frames is not None and probe_of[p].frames < clip_frames]
@@ -169,13 +178,44 @@ def prepare(
                 "preset": preset, "clip_frames": clip_frames}
     report = _report(video_root, presplit, settings, classes, entries, probe_of, len(candidates), rejected, short,
                      ignored, skipped, warnings)
+    if frames is not None:
+        report["rawframes"] = frames
     (out / layout.REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     result = PrepareResult(out=out, classes=classes, train=len(entries["train"]), val=len(entries["val"]),
                            rejected=report["rejected"], short=short, ignored=ignored,
                            skipped_classes=skipped, warnings=warnings)
     _check_trainable(classes, entries, out, video_root)
-    _write_data(out, video_root, classes, entries, settings, len(short))
+    _write_data(out, video_root, classes, entries, settings, len(short), frames)
     return result
+
+
+def _extract(entries: dict[str, list[tuple[Path, int]]], video_root: Path, out: Path, short_side: int | None,
+             workers: int | None, show_progress: bool, max_pixels: int, rejected: list[dict]
+             ) -> tuple[dict[str, list[tuple[Path, int]]], dict]:
+    """The frames of every listed video (:mod:`sfdeploy.data.rawframes`); the videos whose frames could
+    not be extracted (or whose frame folder another video of the same name takes) join ``rejected``
+    and leave the lists. Returns the lists and the report's ``rawframes`` (with each frame folder)."""
+    from sfdeploy.data import rawframes
+
+    videos, taken = [], {}
+    for path, _ in entries["train"] + entries["val"]:
+        name = rawframes.frame_dir_name(path, video_root)
+        if name in taken:
+            rejected.append({"path": str(path), "reason": "duplicate_frame_dir",
+                             "detail": f"{taken[name]} has the same name without its extension",
+                             "fix": "rename one of the two videos"})
+            continue
+        taken[name] = path
+        videos.append(path)
+    root = out / rawframes.FRAMES_DIR
+    rows = rawframes.extract_rawframes(videos, video_root, root, short_side=short_side, workers=workers,
+                                       show_progress=show_progress, max_pixels=max_pixels)
+    rejected += [{"path": r["path"], "reason": r["reason"], "detail": f"rawframes: {r['detail']}", "fix": r["fix"]}
+                 for r in rows.values() if r.get("reason")]
+    kept = {p for p, r in rows.items() if not r.get("reason")}
+    entries = {split: [(p, lab) for p, lab in pairs if p in kept] for split, pairs in entries.items()}
+    return entries, {**rawframes.summary(rows, root, short_side),
+                     "frame_dirs": {str(p): [rows[p]["frame_dir"], rows[p]["frames"]] for p in sorted(kept)}}
 
 
 def _find(video_root: Path, out: Path, val_ratio: float) -> tuple[list[Candidate], list[dict], list[dict], bool]:
@@ -310,16 +350,24 @@ def _report(video_root: Path, presplit: bool, settings: dict, classes: list[str]
 
 
 def _write_data(out: Path, video_root: Path, classes: list[str], entries: dict[str, list[tuple[Path, int]]],
-                settings: dict, short: int) -> None:
-    """The annotation lists, the class index and the dataset's json (what DATA is)."""
+                settings: dict, short: int, frames: dict | None = None) -> None:
+    """The annotation lists, the class index and the dataset's json (what DATA is). With ``frames``
+    (``--rawframes``): rawframes lists (``<frame_dir> <total_frames> <label>``) under ``DATA/rawframes``,
+    which becomes the media root; the videos' root is kept as ``source_videos``."""
     (out / "annotations").mkdir(exist_ok=True)
     for split, name in (("train", layout.TRAIN_LIST), ("val", layout.VAL_LIST)):
-        lines = [f"{p.relative_to(video_root).as_posix()} {lab}\n" for p, lab in entries[split]]
+        if frames is None:
+            lines = [f"{p.relative_to(video_root).as_posix()} {lab}\n" for p, lab in entries[split]]
+        else:
+            lines = [f"{' '.join(map(str, frames['frame_dirs'][str(p)]))} {lab}\n" for p, lab in entries[split]]
         (out / name).write_text("".join(lines))
     layout.write_class_index(out / layout.CLASS_INDEX, classes)
+    raw = {} if frames is None else {"source_videos": str(video_root), "filename_tmpl": frames["filename_tmpl"],
+                                     "frame_short_side": frames["frame_short_side"]}
     (out / layout.DATASET_JSON).write_text(json.dumps({
-        "video_root": str(video_root),
-        "format": "video",
+        "video_root": str(video_root) if frames is None else frames["root"],
+        "format": "video" if frames is None else "rawframes",
+        **raw,
         "direction_sensitive": _direction_sensitive(video_root),
         "min_frames": settings["min_frames"],
         "clip_frames": settings["clip_frames"],

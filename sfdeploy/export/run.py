@@ -90,7 +90,7 @@ def export_work(work_dir: Path, opts: ExportOptions) -> Manifest:
     """Export the model trained in ``work_dir``: every artifact of ``opts``, checked, gated against
     MMAction2, timed, committed with its manifest (see the module docstring)."""
     from sfdeploy.export.parity import val_videos
-    from sfdeploy.export.source import load_trained
+    from sfdeploy.train.trained import load_trained
 
     formats = parse_formats(opts.formats)
     out = Path(opts.out)

@@ -90,7 +90,10 @@ def _loader_workers(opts: FinetuneOptions, preset_workers: int) -> int:
         return opts.workers
     cpus = os.cpu_count() or 1
     # Leave the compute threads most of a small machine; decoding 16-64 frames is cheap. The
-    # processes sharing this machine's cores are the ones on this node (--gpus).
+    # processes sharing this machine's cores are the ones on this node (--gpus). Measured (bench --stage
+    # train, benchmarks/results/cpu-2c-train-2026-12-07.md, slowfast_tiny on 2 cores): 0 workers 3 videos/s
+    # (decoding and 2 torch threads fight for the cores), 1 or 2 persistent workers 26-32 (2 no better than
+    # 1 there), and persistent workers beat re-spawned ones by ~30% (_set_loaders keeps them on).
     return max(1, min(preset_workers, cpus // (2 * max(1, opts.gpus))))
 
 
@@ -135,6 +138,10 @@ def build_config(cfg: Any, data: PreparedData, opts: FinetuneOptions) -> Any:
     apply_strategies(cfg, data, opts)
     if opts.cfg_options:
         cfg.merge_from_dict(opts.cfg_options)
+    if opts.distill_from is not None:  # the student trains beside its frozen teacher (checked first)
+        from sfdeploy.train.distill import apply_distillation
+
+        apply_distillation(cfg, list(data.classes), opts)
     return cfg
 
 

@@ -6,7 +6,8 @@
 * :class:`SummaryHook` records val accuracy per epoch (in ``WORK/val_history.json``: the epoch
   checkpoint is written before that epoch's validation, so the message hub would miss it) and
   the elapsed time (in the message hub, so it survives ``--resume``), and writes
-  ``WORK/finetune_summary.json`` when the run ends.
+  ``WORK/finetune_summary.json`` when the run ends (with the training speed per epoch and overall that
+  :class:`sfdeploy.train.speed.SpeedHook` keeps on the message hub).
 * :class:`GroupLRHook` logs the learning rate of each top-level module (``train/lr_backbone``,
   ``train/lr_cls_head``) to the log and TensorBoard; mmengine logs the first parameter group's only,
   which hides ``--backbone-lr-mult``.
@@ -25,6 +26,8 @@ from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 
 from sfdeploy.train.files import SUMMARY_FILE
+from sfdeploy.train.speed import HUB_KEY as SPEED_KEY
+from sfdeploy.train.speed import overall as overall_speed
 
 _BUFFER_TAG = "__sfdeploy_history_buffer__"
 HISTORY_FILE = "val_history.json"
@@ -210,7 +213,8 @@ class SummaryHook(Hook):
 
     def after_run(self, runner: Any) -> None:
         """Write ``WORK/finetune_summary.json`` (rank 0): the run's facts, its best and last val
-        top-1, the best checkpoint, epochs run, wall time and the val history."""
+        top-1, the best checkpoint, epochs run, wall time, training speed (per epoch and overall) and the
+        val history."""
         if runner.rank != 0:
             return
         hub = runner.message_hub
@@ -219,6 +223,7 @@ class SummaryHook(Hook):
         best_score = hub.get_info("best_score")
         top1 = [h.get("acc/top1") for h in history if "acc/top1" in h]
         max_epochs = runner.max_epochs
+        speed = list(hub.get_info(SPEED_KEY, None) or [])
         summary = {
             **self.run_info,
             "best_top1": float(best_score) if best_score is not None else (max(top1) if top1 else None),
@@ -230,6 +235,7 @@ class SummaryHook(Hook):
             "resumed": self._resumed,
             "world_size": runner.world_size,
             "wall_time_s": round(self._elapsed(), 2),
+            "speed": {**overall_speed(speed), "epochs": speed},
             "val_history": history,
             **self._overfit_result(top1),
             "work_dir": str(Path(runner.work_dir).resolve()),

@@ -70,6 +70,7 @@ def run_training(work_dir: Path, *, console_log: bool = True) -> None:
 
     from sfdeploy.compat import ensure_mmaction, load_config
     from sfdeploy.train.hooks import GroupLRHook, PlainCheckpointHook, SummaryHook
+    from sfdeploy.train.speed import SpeedHook
 
     work_dir = Path(work_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -89,6 +90,7 @@ def run_training(work_dir: Path, *, console_log: bool = True) -> None:
         runner.register_hook(PlainCheckpointHook())
         runner.register_hook(SummaryHook(run_info))
         runner.register_hook(GroupLRHook())
+        runner.register_hook(SpeedHook())  # videos/s, data-wait share, peak memory per epoch (into the summary)
         runner.train()
     finally:
         if distributed and dist.is_initialized():

@@ -11,6 +11,11 @@ from typing import Any
 from sfdeploy.data.layout import PreparedData
 from sfdeploy.train.presets import DEFAULT_PRESET
 
+#: each shipped preset's distillation student (``--distill-from`` without ``--preset``): the same clips,
+#: a slimmer network (:mod:`sfdeploy.train.distill`)
+STUDENT_PRESETS = {"slowfast_tiny": "slowfast_tiny_student", "slowfast_r50_4x16": "slowfast_r18_4x16",
+                   "slowfast_r50_8x8": "slowfast_r18_4x16"}
+
 
 @dataclass
 class FinetuneOptions:
@@ -45,6 +50,11 @@ class FinetuneOptions:
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int = 29500
+    # Knowledge distillation (sfdeploy.train.distill): the teacher's WORK, the softmax temperature,
+    # and the weight of the distillation term (loss = (1 - W) * CE + W * T^2 * KL)
+    distill_from: Path | None = None
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.5
 
     @property
     def world_size(self) -> int:

@@ -23,17 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from sfdeploy import sheet
 from sfdeploy.data.layout import PreparedData, leaf_datasets, spread_by_class
 from sfdeploy.errors import InputError
+from sfdeploy.sheet import BACKGROUND, GAP, HEADER, PAD, TEXT_COLOUR
 
 log = logging.getLogger("sfdeploy")
 
 SPLITS = ("train", "val")
-PAD, GAP, HEADER, MARK = 6, 2, 16, 4
-SLOW_COLOUR = (255, 140, 0)  # frames the slow pathway sees (the fast pathway sees them too)
-FAST_COLOUR = (30, 144, 255)  # frames only the fast pathway sees
-BACKGROUND = (24, 24, 24)
-TEXT_COLOUR = (235, 235, 235)
 
 
 @dataclass
@@ -166,58 +163,25 @@ def preview_clips(data: PreparedData, *, split: str = "train", n: int = 8, seed:
     return clips
 
 
-def _font() -> Any:
-    from PIL import ImageFont
-
-    return ImageFont.load_default()
+def _sheet_clip(clip: PreviewClip) -> sheet.SheetClip:
+    views = clip.frames.shape[0]
+    caption = f"{clip.class_name}  ({clip.label})   {clip.video.name}" + (f"   {views} views" if views > 1 else "")
+    return sheet.SheetClip(frames=clip.frames, caption=caption, slow=clip.slow, fast=clip.fast)
 
 
 def sheet_layout(clips: list[PreviewClip]) -> tuple[tuple[int, int], list[dict[str, Any]]]:
     """Canvas size (height, width) and, per clip, the box ``[y, x, h, w]`` of each frame by view and
-    time: the one definition of where the sheet draws what."""
-    y = PAD + HEADER  # legend line
-    width = 0
-    rows = []
-    for clip in clips:
-        views, frames, height, w = clip.frames.shape[:4]
-        y += HEADER
-        boxes = []
-        for _ in range(views):
-            boxes.append([[y, PAD + t * (w + GAP), height, w] for t in range(frames)])
-            y += height + MARK + GAP
-        width = max(width, PAD * 2 + frames * (w + GAP))
-        rows.append({"video": str(clip.video), "class": clip.class_name, "label": clip.label, "boxes": boxes,
-                     "slow": clip.slow, "fast": clip.fast})
-        y += GAP
-    return (y + PAD, max(width, 480)), rows
+    time (:func:`sfdeploy.sheet.layout`), with the clip's video, class and pathway frames."""
+    size, boxes = sheet.layout([_sheet_clip(clip) for clip in clips])
+    rows = [{"video": str(clip.video), "class": clip.class_name, "label": clip.label, "boxes": clip_boxes,
+             "slow": clip.slow, "fast": clip.fast} for clip, clip_boxes in zip(clips, boxes, strict=True)]
+    return size, rows
 
 
 def contact_sheet(clips: list[PreviewClip], title: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The sheet as an RGB uint8 image, and its layout (see :func:`sheet_layout`)."""
-    from PIL import Image, ImageDraw
-
-    (height, width), rows = sheet_layout(clips)
-    canvas = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
-    for clip, row in zip(clips, rows, strict=True):
-        for view, boxes in enumerate(row["boxes"]):
-            for t, (y, x, h, w) in enumerate(boxes):
-                canvas[y:y + h, x:x + w] = clip.frames[view, t]
-                colour = SLOW_COLOUR if t in clip.slow else FAST_COLOUR if t in clip.fast else None
-                if colour:
-                    canvas[y + h + 1:y + h + MARK, x:x + w] = colour
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    font = _font()
-    legend = title
-    if any(clip.slow for clip in clips):
-        legend += "   | orange bar: slow + fast pathway   blue bar: fast pathway only"
-    draw.text((PAD, PAD), legend, fill=TEXT_COLOUR, font=font)
-    for clip, row in zip(clips, rows, strict=True):
-        views = len(row["boxes"])
-        first_y = row["boxes"][0][0][0]
-        text = f"{clip.class_name}  ({clip.label})   {clip.video.name}" + (f"   {views} views" if views > 1 else "")
-        draw.text((PAD, first_y - HEADER + 2), text, fill=TEXT_COLOUR, font=font)
-    return np.asarray(image), rows
+    image, _ = sheet.draw([_sheet_clip(clip) for clip in clips], title)
+    return image, sheet_layout(clips)[1]
 
 
 def animation(clips: list[PreviewClip], columns: int = 4) -> list[np.ndarray]:
@@ -228,7 +192,7 @@ def animation(clips: list[PreviewClip], columns: int = 4) -> list[np.ndarray]:
     columns = min(columns, len(clips))
     rows = -(-len(clips) // columns)
     cell_h, cell_w = height + HEADER + GAP, width + GAP
-    font = _font()
+    font = sheet.font()
     images = []
     for t in range(frames):
         canvas = np.full((PAD * 2 + rows * cell_h, PAD * 2 + columns * cell_w, 3), BACKGROUND, dtype=np.uint8)

@@ -118,13 +118,14 @@ def _prepare_new_run(data: PreparedData, opts: FinetuneOptions, work: Path) -> N
         "pretrained": pretrained_info,
         **summary_facts(cfg, data, opts),
         "batch_size_auto": batch_choice.to_dict() if batch_choice else None,
+        **_distillation_facts(cfg, opts),
     }
     replace_atomically(work / RUN_INFO, lambda tmp: tmp.write_text(json.dumps(run_info, indent=2) + "\n"))
 
 
 #: Options that WORK/config.py fixes for the whole run: a resumed run keeps its own.
 _RUN_SETTINGS = ("freeze_backbone", "unfreeze_after", "backbone_lr_mult", "accumulate", "class_weights",
-                 "overfit", "batch_size", "checkpointing")
+                 "overfit", "batch_size", "checkpointing", "distill_temperature", "distill_weight")
 
 
 def _check_resumable(opts: FinetuneOptions, work: Path) -> None:
@@ -139,10 +140,48 @@ def _check_resumable(opts: FinetuneOptions, work: Path) -> None:
     defaults = FinetuneOptions(work_dir=work)
     changed = [f"--{name.replace('_', '-')}" for name in _RUN_SETTINGS
                if getattr(opts, name) != getattr(defaults, name)]
+    if opts.distill_from is not None:
+        _check_resumed_teacher(opts, work)
     if changed:
         raise InputError(f"--resume continues the run with the settings in WORK/config.py; "
                          f"{', '.join(changed)} would not apply", path=work,
                          fix="drop them when resuming, or start a new run in another --work-dir")
+
+
+def _distillation_facts(cfg: Any, opts: FinetuneOptions) -> dict[str, Any]:
+    """A distilled run's ``distillation`` entry of sfdeploy_run.json: the teacher's facts (the summary
+    adds the student's, :func:`_summarise_distillation`); nothing for other runs."""
+    if opts.distill_from is None:
+        return {}
+    from sfdeploy.train.distill import run_facts
+
+    return {"distillation": run_facts(cfg)}
+
+
+def _check_resumed_teacher(opts: FinetuneOptions, work: Path) -> None:
+    """``--resume --distill-from T``: the run in WORK must have been distilled from T (its teacher is in
+    WORK/config.py; without --distill-from a distilled run resumes distilled all the same)."""
+    info = work / RUN_INFO
+    facts = (json.loads(info.read_text()) if info.is_file() else {}).get("distillation")
+    if not facts:
+        raise InputError("--distill-from with --resume, but the run in WORK was not distilled", path=work,
+                         fix="drop --distill-from to resume it as it was, or start a distilled run in another "
+                             "--work-dir")
+    if Path(facts["teacher_work"]).resolve() != Path(opts.distill_from).resolve():
+        raise InputError(f"the run in WORK was distilled from {facts['teacher_work']}, not {opts.distill_from}",
+                         path=work, fix="drop --distill-from when resuming (the run keeps its teacher)")
+
+
+def _summarise_distillation(work: Path, summary_path: Path) -> dict[str, Any]:
+    """The summary, with a distilled run's ``distillation`` section completed (student vs teacher top-1,
+    their measured speed ratio) and written back."""
+    summary = json.loads(summary_path.read_text())
+    if summary.get("distillation"):
+        from sfdeploy.train.distill import summarise
+
+        summary = summarise(work, summary)
+        replace_atomically(summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    return summary
 
 
 def _prepare_resume(opts: FinetuneOptions, work: Path) -> None:
@@ -192,6 +231,11 @@ def finetune(data: PreparedData | Sequence[PreparedData] | None, opts: FinetuneO
         raise InputError(f"--gpus must be >= 1, got {opts.gpus}", fix="use --gpus 1 (or the number of GPUs)")
     # What can be refused without MMAction2 (seconds to import) is refused first.
     check_options(opts)
+    if any(getattr(opts, name) != getattr(FinetuneOptions(work_dir=opts.work_dir), name)
+           for name in ("distill_from", "distill_temperature", "distill_weight")):
+        from sfdeploy.train.distill import check_distill_options
+
+        check_distill_options(opts)
     if not opts.resume:
         preset_path(opts.preset)
     check_machine(opts, use_cuda())
@@ -222,4 +266,4 @@ def finetune(data: PreparedData | Sequence[PreparedData] | None, opts: FinetuneO
     if not summary_path.is_file():
         raise TrainingError("training ended without writing its summary", path=work,
                             fix="read the training log in WORK/<timestamp>/")
-    return json.loads(summary_path.read_text())
+    return _summarise_distillation(work, summary_path)

@@ -1,4 +1,5 @@
-"""The trained model an export starts from: ``WORK/config.py`` + a checkpoint + class names.
+"""The trained model of a work dir: ``WORK/config.py`` + a checkpoint + class names; what export,
+eval and bench start from, and what teaches a distilled student (:mod:`sfdeploy.train.distill`).
 
 The checkpoint must fit the config exactly. MMAction2's ``init_recognizer`` loads with
 ``strict=False`` and only logs what did not fit, which would export a half-random model; here
@@ -20,6 +21,21 @@ from sfdeploy.train.pretrained import extract_state_dict
 
 _IGNORED_PREFIXES = ("data_preprocessor.",)  # MMAction2's publish script strips these
 
+#: the entry of a distilled run's model config that names its teacher (:mod:`sfdeploy.train.distill`)
+DISTILL_KEY = "distill"
+
+
+def plain_model_cfg(model_cfg: Any) -> Any:
+    """The model a work dir deploys: a distilled run's config builds the training wrapper (student +
+    frozen teacher, ``type=DistillRecognizer3D``); this is its student alone, as the recognizer type it
+    wraps. Its checkpoint holds the student's tensors only, so export, eval and bench load it as any run's.
+    Any other model config is returned as it is."""
+    if DISTILL_KEY not in model_cfg:
+        return model_cfg
+    plain = {k: v for k, v in model_cfg.items() if k != DISTILL_KEY}
+    plain["type"] = model_cfg[DISTILL_KEY]["student_type"]
+    return type(model_cfg)(plain)
+
 
 @dataclass
 class TrainedModel:
@@ -40,11 +56,11 @@ def find_checkpoint(work_dir: Path) -> Path:
     summary = work_dir / SUMMARY_FILE
     if summary.is_file():
         best = json.loads(summary.read_text()).get("best_checkpoint")
+        local = work_dir / Path(best or "").name
+        if best and local.is_file():  # this work dir's own file, also where it was moved (or copied) from
+            return local
         if best and Path(best).is_file():
             return Path(best)
-        local = work_dir / Path(best or "").name
-        if best and local.is_file():  # the work dir was moved
-            return local
     candidates = sorted(work_dir.glob("best_*.pth"), key=lambda p: p.stat().st_mtime)
     if candidates:
         return candidates[-1]
@@ -94,7 +110,7 @@ def load_trained(work_dir: Path, checkpoint: Path | None = None) -> TrainedModel
         raise InputError(f"{CLASS_INDEX} lists {len(class_names)} classes but the config's head has "
                          f"{cfg.model.cls_head.num_classes}", path=work_dir / CLASS_INDEX,
                          fix="restore the class_index.txt written by finetune")
-    recognizer = MODELS.build(cfg.model)
+    recognizer = MODELS.build(plain_model_cfg(cfg.model))
     state = extract_state_dict(load_checkpoint_file(checkpoint), str(checkpoint))
     check_state_dict(recognizer.state_dict(), state, config_path, checkpoint)
     recognizer.load_state_dict({k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)},
