@@ -34,7 +34,8 @@
 #                               # synthetic 320 px videos, fp32 and --amp, fixed steps: videos/s, data-wait
 #                               # share, peak GPU memory; raw frames vs videos), then on 52 such videos
 #                               # `finetune --batch-size auto` (the CUDA probe's trials) and one epoch with
-#                               # --checkpointing beside a plain one (peak GPU memory), each summary into $OUT
+#                               # --checkpointing beside a plain one (peak GPU memory), each summary into $OUT;
+#                               # then bench --stage distill (R50 vs its R18 student) and eval --report-dir
 # A plain GPU machine with internet can run the same: pip install -e ".[gpu,dev]" and KIT=none.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -227,6 +228,14 @@ for s in probe_backends(): print(s)'
     step train-plain 120 train_run plain --batch-size 8
     step train-checkpointing 120 train_run checkpointing --batch-size 8 --checkpointing
     step train-batch-auto 180 train_run batch-auto --batch-size auto
+    # the distilled student beside its teacher on the GPU (R50 vs R18 student: GFLOP, clips/s), and
+    # eval's model analysis (mean class accuracy, confusion, misclassified sheet) with --device cuda
+    step bench-distill 150 "$PY" -m sfdeploy bench "${PROFILE_FLAG[@]}" --device "${DEVICE:-cuda}" --stage distill \
+      --precision fp32 --batch-sizes "${BATCHES:-1,32}" --out "$STATE/distill.json" --resume
+    cp "$STATE/distill.json" "$STATE/distill.md" "$OUT/" 2>/dev/null
+    [ -f "$STATE/demo/export/manifest.json" ] || step demo 200 "$PY" -m sfdeploy demo --workdir "$STATE/demo"
+    step eval-analysis 120 "$PY" -m sfdeploy eval "$STATE/demo/export" --data "$STATE/demo/data" \
+      --device "${DEVICE:-cuda}" --report-dir "$OUT/eval-analysis" --out "$OUT/eval-analysis/report.json"
     ;;
   *) echo "usage: benchmarks/gpu_check.sh 1|2|3|4|5|6" >&2; exit 2 ;;
 esac

@@ -89,8 +89,10 @@ def val_split(data_dir: Path, class_names: tuple[str, ...]) -> tuple[list[Path],
     """The val videos of DATA and their labels in the *model's* class order."""
     data = PreparedData.from_dir(data_dir)
     if data.format != "video":
+        videos = data.extra.get("source_videos", "VIDEO_ROOT")  # `data prepare --rawframes` keeps where they were
         raise InputError("eval decodes videos; this DATA lists rawframes", path=data.val.path,
-                         fix="prepare a video val split with `sfdeploy data prepare`")
+                         fix=f"prepare the videos without --rawframes (the same split): `sfdeploy data prepare "
+                             f"{videos} --out DATA_VIDEOS`, and evaluate on that")
     unknown = sorted(set(data.classes) - set(class_names))
     if unknown:
         raise InputError(f"val classes unknown to the model: {', '.join(unknown)} (the model knows "

@@ -293,8 +293,10 @@ def test_workers_orphaned_during_a_row_stay_the_benchmarks_own(tmp_path: Path) -
     started, go = tmp_path / "started", tmp_path / "go"
     # the middle process starts the burner, then exits when told: the burner is orphaned mid-row
     middle = subprocess.Popen([sys.executable, "-c",
-                               "import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]]); "
-                               "open(sys.argv[2], 'w').close()\nwhile not os.path.exists(sys.argv[3]): time.sleep(0.01)",
+                               "import os, subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', sys.argv[1]]); "
+                               "open(sys.argv[2], 'w').close()\n"
+                               "while not os.path.exists(sys.argv[3]): time.sleep(0.01)",
                                _BURN.format(s=1.0), str(started), str(go)])
     deadline = time.monotonic() + 30
     while not started.exists() and time.monotonic() < deadline:

@@ -45,10 +45,15 @@ def test_presets_and_help_list_the_students() -> None:
 
 
 def test_the_default_student_is_the_teacher_presets(tiny_run: Path) -> None:
-    from sfdeploy.cli.finetune import DEFAULTS, _default_preset
+    from sfdeploy.train.options import FinetuneOptions, default_preset
+    from sfdeploy.train.presets import DEFAULT_PRESET
 
-    assert _default_preset(tiny_run) == STUDENT
-    assert _default_preset(None) == DEFAULTS.preset
+    assert default_preset(tiny_run) == STUDENT
+    assert default_preset(None) == DEFAULT_PRESET
+    # a Python caller gets the same default as the CLI; a preset given is kept
+    assert FinetuneOptions(work_dir=Path("w"), distill_from=tiny_run).preset == STUDENT
+    assert FinetuneOptions(work_dir=Path("w")).preset == DEFAULT_PRESET
+    assert FinetuneOptions(work_dir=Path("w"), distill_from=tiny_run, preset="slowfast_tiny").preset == "slowfast_tiny"
 
 
 def test_student_presets_keep_the_teachers_clips() -> None:

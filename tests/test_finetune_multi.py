@@ -107,7 +107,8 @@ def test_the_union_refuses_what_it_cannot_merge(two_sets: tuple[Path, Path], tmp
     (lists / "classes.txt").write_text("Move-Down\njump\n")
     (lists / "train.txt").write_text("x/1.mp4 0\nx/2.mp4 1\n")
     (lists / "val.txt").write_text("")  # a set may add training videos only
-    spelt = PreparedData.from_annotations(lists / "train.txt", lists / "val.txt", lists / "classes.txt", None, part=True)
+    spelt = PreparedData.from_annotations(lists / "train.txt", lists / "val.txt", lists / "classes.txt", None,
+                                          part=True)
     with pytest.raises(InputError, match="'Move-Down' .* and class 'move_down' .* two indices \\(0 and 5\\)"):
         merge_datasets([a, b, spelt], out)
     # Sets with nothing to validate on: an empty union of val splits.

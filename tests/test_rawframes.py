@@ -130,6 +130,7 @@ def test_cli_options_and_evals_refusal_read_well(sets: tuple[Path, Path]) -> Non
     with pytest.raises(InputError, match="eval decodes videos; this DATA lists rawframes") as caught:
         val_split(frames, ("move_down", "move_left", "move_right", "move_up"))
     assert "sfdeploy data prepare" in caught.value.fix
+    assert json.loads((frames / "dataset.json").read_text())["source_videos"] in caught.value.fix  # where they are
 
 
 def test_training_on_rawframes_reaches_the_videos_accuracy(sets: tuple[Path, Path], tiny_summary: dict,

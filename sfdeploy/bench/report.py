@@ -83,7 +83,7 @@ def _header(record: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         f"Stages recorded: {', '.join(stages) or 'none yet'} ({status['ok']} rows measured, {status['failed']} "
         f"failed, {status['skipped']} skipped; `sfdeploy bench --resume` measures what is missing).",
     ]
-    load = describe_load(rows, info["cpu_cores"])
+    load = describe_load([r for r in rows if not r.get("reference")], info["cpu_cores"])  # measured here
     lines += ["", f"Load: {load} (`others`: cores' worth of CPU that other processes took during the row)"
                   + ("; measure again on a quiet machine." if "BUSY" in load else ".")]
     if record.get("note"):

@@ -112,7 +112,6 @@ def finetune(data: tuple[Path, ...], work_dir: Path, train_list: tuple[Path, ...
     from sfdeploy.train.run import finetune as run_finetune
 
     sets = None if options["resume"] else _datasets(data, train_list, val_list, class_index, media_root)
-    options["preset"] = options["preset"] or _default_preset(options["distill_from"])
     opts = FinetuneOptions(work_dir=work_dir, cfg_options=parse_cfg_options(cfg_options), **options)
     summary = run_finetune(sets, opts)
     if opts.node_rank != 0:  # its summary says where node 0 writes WORK
@@ -131,15 +130,6 @@ def finetune(data: tuple[Path, ...], work_dir: Path, train_list: tuple[Path, ...
         reached = summary["overfit"]["reached_100"]
         click.echo(f"overfit check on {summary['overfit']['videos']} videos: "
                    + ("reached 100%" if reached else "did NOT reach 100%: check labels, pipeline and LR"), err=True)
-
-
-def _default_preset(teacher: Path | None) -> str:
-    """--preset when not given: the teacher preset's student when distilling, else the default."""
-    if teacher is None:
-        return DEFAULTS.preset
-    from sfdeploy.train.distill import student_preset
-
-    return student_preset(teacher) or DEFAULTS.preset
 
 
 def _datasets(data: tuple[Path, ...], train_list: tuple[Path, ...], val_list: tuple[Path, ...],

@@ -51,7 +51,6 @@ WRAPPER = "DistillRecognizer3D"
 MODULE = "sfdeploy.train.distill"
 #: the clip spec fields teacher and student must share: the teacher sees the student's batches
 SHARED_SPEC = ("clip_len", "frame_interval", "crop_size", "mean", "std", "channel_order")
-RUN_INFO = "sfdeploy_run.json"
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -109,14 +108,6 @@ class DistillRecognizer3D(Recognizer3D):
 
 
 # -- before training: the teacher, checked ---------------------------------------------------------
-
-def student_preset(teacher_work: Path) -> str | None:
-    """The student preset of the teacher's preset (:data:`STUDENT_PRESETS`), None if it has none
-    (a teacher trained from the user's own config)."""
-    info = Path(teacher_work) / RUN_INFO
-    preset = json.loads(info.read_text()).get("preset") if info.is_file() else None
-    return STUDENT_PRESETS.get(preset) if preset else None
-
 
 def check_distill_options(opts: FinetuneOptions) -> None:
     """Refuse distillation options that cannot apply: a temperature or weight without a teacher, or

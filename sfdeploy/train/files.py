@@ -7,5 +7,8 @@ from __future__ import annotations
 CONFIG_FILE = "config.py"
 #: best top-1, best checkpoint, epochs run, strategies: written when training ends
 SUMMARY_FILE = "finetune_summary.json"
+#: what the Runner does not know (preset, classes, pretrained report, a teacher): written before
+#: training, read by the summary hook
+RUN_INFO = "sfdeploy_run.json"
 #: WORK/annotations: the union's rewritten lists when several datasets are trained on
 ANNOTATIONS_DIR = "annotations"

@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-RUN_INFO = "sfdeploy_run.json"
+from sfdeploy.train.files import RUN_INFO
+
 #: mmengine warnings about mmengine itself, on every run: kept in the log file, off a quiet console
 HARMLESS_WARNINGS = ('"HardDiskBackend" is the alias of "LocalBackend"',)
 

@@ -4,11 +4,13 @@ so that neither imports the other for them)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sfdeploy.data.layout import PreparedData
+from sfdeploy.train.files import RUN_INFO
 from sfdeploy.train.presets import DEFAULT_PRESET
 
 #: each shipped preset's distillation student (``--distill-from`` without ``--preset``): the same clips,
@@ -17,12 +19,21 @@ STUDENT_PRESETS = {"slowfast_tiny": "slowfast_tiny_student", "slowfast_r50_4x16"
                    "slowfast_r50_8x8": "slowfast_r18_4x16"}
 
 
+def default_preset(distill_from: Path | None = None) -> str:
+    """The preset of a run that names none: with a teacher (``--distill-from``), its preset's student
+    (:data:`STUDENT_PRESETS`, the teacher's preset read from its ``sfdeploy_run.json``); else (or for a
+    teacher trained from a user's own config) :data:`DEFAULT_PRESET`."""
+    info = Path(distill_from) / RUN_INFO if distill_from is not None else None
+    preset = json.loads(info.read_text()).get("preset") if info is not None and info.is_file() else None
+    return STUDENT_PRESETS.get(preset, DEFAULT_PRESET) if preset else DEFAULT_PRESET
+
+
 @dataclass
 class FinetuneOptions:
     """What ``sfdeploy finetune`` was asked for; None means "the preset's value"."""
 
     work_dir: Path
-    preset: str = DEFAULT_PRESET
+    preset: str | None = None  # None: default_preset(distill_from), resolved on construction
     epochs: int | None = None
     batch_size: int | str | None = None  # an int, "auto" (resolved by sfdeploy.train.autobatch), None
     lr: float | None = None
@@ -55,6 +66,10 @@ class FinetuneOptions:
     distill_from: Path | None = None
     distill_temperature: float = 4.0
     distill_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.preset is None:  # one rule for the CLI and for Python callers
+            self.preset = default_preset(self.distill_from)
 
     @property
     def world_size(self) -> int:

@@ -40,8 +40,8 @@ from sfdeploy.data.layout import CLASS_INDEX, PreparedData, merge_datasets, writ
 from sfdeploy.errors import InputError, TrainingError
 from sfdeploy.fsutil import ensure_writable_dir, replace_atomically
 from sfdeploy.train.config import build_config, check_machine, use_cuda
-from sfdeploy.train.files import ANNOTATIONS_DIR, CONFIG_FILE, SUMMARY_FILE
-from sfdeploy.train.launch import RUN_INFO, cpu_threads, run_training
+from sfdeploy.train.files import ANNOTATIONS_DIR, CONFIG_FILE, RUN_INFO, SUMMARY_FILE
+from sfdeploy.train.launch import cpu_threads, run_training
 from sfdeploy.train.options import FinetuneOptions
 from sfdeploy.train.presets import preset_path
 from sfdeploy.train.pretrained import prepare_pretrained, pretrained_source

@@ -16,7 +16,7 @@ from typing import Any
 from sfdeploy.compat import ensure_mmaction, load_checkpoint_file, load_config
 from sfdeploy.data.layout import CLASS_INDEX, read_class_index
 from sfdeploy.errors import ExportError, InputError
-from sfdeploy.train.files import CONFIG_FILE, SUMMARY_FILE
+from sfdeploy.train.files import CONFIG_FILE, RUN_INFO, SUMMARY_FILE
 from sfdeploy.train.pretrained import extract_state_dict
 
 _IGNORED_PREFIXES = ("data_preprocessor.",)  # MMAction2's publish script strips these
@@ -118,7 +118,7 @@ def load_trained(work_dir: Path, checkpoint: Path | None = None) -> TrainedModel
     recognizer.cfg = cfg  # what mmaction.apis expects of a recognizer
     recognizer.eval()
     preset = None
-    run_info = work_dir / "sfdeploy_run.json"
+    run_info = work_dir / RUN_INFO
     if run_info.is_file():
         preset = json.loads(run_info.read_text()).get("preset")
     return TrainedModel(work_dir=work_dir, config_path=config_path, checkpoint=checkpoint, cfg=cfg,
