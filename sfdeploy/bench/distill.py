@@ -1,13 +1,13 @@
 """``bench --stage distill``: the profile's preset (the teacher) beside its distillation student.
 
 Both with :func:`sfdeploy.bench.model.randomise`'d weights (speed does not depend on what the
-weights learnt), as the deployed module (uint8 clips in, one view), fp32, at each of ``--batch-sizes``:
-eager, and TorchScript (traced and frozen, as ``sfdeploy export`` writes it for the ``pytorch``
-backend). Each row carries the model's GFLOP per clip (``mmengine.analysis``: fvcore's counting,
-one multiply-add = one FLOP) and parameters, and a student row its speed over the teacher's row of
-the same backend and batch (``x_teacher``); each teacher row is measured right before its
-student row. Small profile: ``slowfast_tiny`` vs ``slowfast_tiny_student``; full: ``slowfast_r50_4x16``
-vs ``slowfast_r18_4x16``.
+weights learnt), as the deployed module (uint8 clips in, one view), fp32, at each of
+``--batch-sizes``: eager, and TorchScript (traced as ``sfdeploy export`` writes it, run as its
+runtime runs it). Each row carries the model's GFLOP per clip (``mmengine.analysis``: fvcore's
+counting, one multiply-add = one FLOP) and parameters, and a student row its speed over the
+teacher's row of the same backend and batch (``x_teacher``); each teacher row is measured right
+before its student row. Small profile: ``slowfast_tiny`` vs ``slowfast_tiny_student``; full:
+``slowfast_r50_4x16`` vs ``slowfast_r18_4x16``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import torch
 
 from sfdeploy.bench import suites
 from sfdeploy.bench.context import Context
-from sfdeploy.bench.model import PROFILES, BenchModel, randomise
+from sfdeploy.bench.model import PROFILES, preset_model
 from sfdeploy.bench.rows import OK, SKIPPED
 from sfdeploy.bench.stages import Task
-from sfdeploy.clipspec import ClipSpec
 from sfdeploy.train.options import STUDENT_PRESETS
 
 STAGE = "distill"
@@ -37,31 +36,12 @@ def presets(profile: str) -> dict[str, str]:
     return {"teacher": teacher, "student": STUDENT_PRESETS[teacher]}
 
 
-def _model(preset: str, classes: int) -> BenchModel:
-    """``preset`` with ``classes`` outputs and randomised weights, in eval mode on the CPU."""
-    from sfdeploy.compat import ensure_mmaction, load_config
-    from sfdeploy.train.presets import preset_path
-
-    ensure_mmaction()
-    from mmaction.registry import MODELS
-
-    cfg = load_config(preset_path(preset))
-    cfg.model.cls_head.num_classes = classes
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        recognizer = MODELS.build(cfg.model)
-    randomise(recognizer)
-    recognizer.cfg = cfg
-    names = tuple(f"class_{i}" for i in range(classes))
-    return BenchModel(f"{preset} (random weights)", recognizer.eval(), ClipSpec.from_config(cfg, names, views=1), cfg)
-
-
 @functools.lru_cache(maxsize=4)
 def model_facts(preset: str, classes: int) -> dict[str, float]:
     """GFLOP per clip (one view, the deployed module) and parameters in millions, counted once per preset."""
     from mmengine.analysis import FlopAnalyzer
 
-    model = _model(preset, classes)
+    model = preset_model(preset, classes)
     module = suites.deploy_module(model, PRECISION, "cpu", suites.PLAIN)
     clip = torch.from_numpy(suites.random_clips(model.spec, 1))
     flops = FlopAnalyzer(module, (clip,))
@@ -72,13 +52,19 @@ def model_facts(preset: str, classes: int) -> dict[str, float]:
 
 
 def _module(c: Context, preset: str, variant: str, batch: int) -> Any:
-    """The deployed module of ``preset`` on the bench device: eager, or traced and frozen (TorchScript)."""
-    model = _model(preset, PROFILES[c.opts.profile][1])
+    """The deployed module of ``preset`` on the bench device: eager, or TorchScript as ``export`` traces
+    it (its convolution flags baked) and the TorchScript runtime runs it (frozen and optimised on the CPU)."""
+    from sfdeploy.export.torchscript import baked_conv_flags
+    from sfdeploy.runtime.torchscript import optimize_for_cpu
+
+    model = preset_model(preset, PROFILES[c.opts.profile][1])
     module = suites.deploy_module(model, PRECISION, c.device, suites.PLAIN)
     if variant == "torchscript":
         example = torch.from_numpy(suites.random_clips(model.spec, batch)).to(c.device)
-        with torch.inference_mode():
-            module = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+        with torch.no_grad(), baked_conv_flags(PRECISION):
+            module = torch.jit.trace(module, example, check_trace=False).eval()
+        if not c.device.is_cuda:
+            module = optimize_for_cpu(module)[0]
     return model.spec, module
 
 

@@ -49,27 +49,33 @@ class BenchModel:
 
 def build_bench_model(profile: str = "small", work_dir: Path | None = None) -> BenchModel:
     """The recognizer to benchmark and its one-view clip spec."""
-    from sfdeploy.compat import ensure_mmaction, load_config
-    from sfdeploy.train.presets import preset_path
-
     if work_dir is not None:
         from sfdeploy.train.trained import load_trained
 
         trained = load_trained(Path(work_dir))
         spec = ClipSpec.from_config(trained.cfg, trained.class_names, views=1)
         return BenchModel(f"{trained.preset or 'model'} ({work_dir})", trained.recognizer, spec, trained.cfg)
-    preset, classes = PROFILES[profile]
+    return preset_model(*PROFILES[profile])
+
+
+def preset_model(preset: str, classes: int, seed: int = 0) -> BenchModel:
+    """``preset`` with a ``classes``-way head and :func:`randomise`'d weights (the same for the same
+    ``seed``), in eval mode on the CPU: a profile's model, or a distillation student beside it."""
+    from sfdeploy.compat import ensure_mmaction, load_config
+    from sfdeploy.train.presets import preset_path
+
     ensure_mmaction()
     from mmaction.registry import MODELS
 
     cfg = load_config(preset_path(preset))
     cfg.model.cls_head.num_classes = classes
-    recognizer = MODELS.build(cfg.model)
-    randomise(recognizer)
+    with torch.random.fork_rng():  # the caller's RNG untouched
+        torch.manual_seed(seed)
+        recognizer = MODELS.build(cfg.model)
+    randomise(recognizer, seed)
     recognizer.cfg = cfg
-    recognizer.eval()
     names = tuple(f"class_{i}" for i in range(classes))
-    return BenchModel(f"{preset} (random weights)", recognizer, ClipSpec.from_config(cfg, names, views=1), cfg)
+    return BenchModel(f"{preset} (random weights)", recognizer.eval(), ClipSpec.from_config(cfg, names, views=1), cfg)
 
 
 def write_random_work(preset: str, data_dir: Path, work_dir: Path, seed: int = 0) -> Path:

@@ -40,7 +40,7 @@ from mmaction.registry import MODELS  # noqa: E402
 
 from sfdeploy.clipspec import ClipSpec  # noqa: E402
 from sfdeploy.data.layout import CLASS_INDEX, read_class_index  # noqa: E402
-from sfdeploy.errors import InputError, OptionError  # noqa: E402
+from sfdeploy.errors import InputError  # noqa: E402
 from sfdeploy.train.files import CONFIG_FILE, SUMMARY_FILE  # noqa: E402
 from sfdeploy.train.options import STUDENT_PRESETS, FinetuneOptions, add_custom_imports  # noqa: E402
 from sfdeploy.train.trained import DISTILL_KEY, find_checkpoint, load_trained  # noqa: E402
@@ -109,25 +109,6 @@ class DistillRecognizer3D(Recognizer3D):
 
 # -- before training: the teacher, checked ---------------------------------------------------------
 
-def check_distill_options(opts: FinetuneOptions) -> None:
-    """Refuse distillation options that cannot apply: a temperature or weight without a teacher, or
-    out of range."""
-    defaults = FinetuneOptions(work_dir=Path("."))
-    if opts.distill_from is None:
-        given = [f"--{n.replace('_', '-')}" for n in ("distill_temperature", "distill_weight")
-                 if getattr(opts, n) != getattr(defaults, n)]
-        if given:
-            raise OptionError(f"{', '.join(given)} without --distill-from", option=given[0],
-                              fix="add --distill-from TEACHER_WORK, or drop them")
-        return
-    if not opts.distill_temperature > 0:
-        raise OptionError(f"--distill-temperature must be > 0, got {opts.distill_temperature}",
-                          option="--distill-temperature", fix="use e.g. --distill-temperature 4")
-    if not 0 < opts.distill_weight <= 1:
-        raise OptionError(f"--distill-weight must be in (0, 1], got {opts.distill_weight}",
-                          option="--distill-weight", fix="use e.g. --distill-weight 0.5")
-
-
 def _teacher_checkpoint(teacher: Path) -> Path:
     if not teacher.is_dir() or not (teacher / CONFIG_FILE).is_file():
         raise InputError(f"--distill-from is not a finetune work dir (no {CONFIG_FILE})", path=teacher,
@@ -187,7 +168,6 @@ def check_teacher(teacher: Path, classes: list[str], student_cfg: Any, preset: s
 def apply_distillation(cfg: Any, classes: list[str], opts: FinetuneOptions) -> None:
     """Make ``cfg`` (the student's full config) train with the teacher of ``opts.distill_from``:
     ``model.type`` becomes :class:`DistillRecognizer3D`, the teacher and options go to ``model.distill``."""
-    check_distill_options(opts)
     entry = check_teacher(Path(opts.distill_from), classes, cfg, opts.preset)
     entry.update(temperature=float(opts.distill_temperature), weight=float(opts.distill_weight),
                  student_type=cfg.model.type)

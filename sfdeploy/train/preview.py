@@ -169,19 +169,22 @@ def _sheet_clip(clip: PreviewClip) -> sheet.SheetClip:
     return sheet.SheetClip(frames=clip.frames, caption=caption, slow=clip.slow, fast=clip.fast)
 
 
+def _rows(clips: list[PreviewClip], boxes: list) -> list[dict[str, Any]]:
+    return [{"video": str(clip.video), "class": clip.class_name, "label": clip.label, "boxes": clip_boxes,
+             "slow": clip.slow, "fast": clip.fast} for clip, clip_boxes in zip(clips, boxes, strict=True)]
+
+
 def sheet_layout(clips: list[PreviewClip]) -> tuple[tuple[int, int], list[dict[str, Any]]]:
     """Canvas size (height, width) and, per clip, the box ``[y, x, h, w]`` of each frame by view and
     time (:func:`sfdeploy.sheet.layout`), with the clip's video, class and pathway frames."""
     size, boxes = sheet.layout([_sheet_clip(clip) for clip in clips])
-    rows = [{"video": str(clip.video), "class": clip.class_name, "label": clip.label, "boxes": clip_boxes,
-             "slow": clip.slow, "fast": clip.fast} for clip, clip_boxes in zip(clips, boxes, strict=True)]
-    return size, rows
+    return size, _rows(clips, boxes)
 
 
 def contact_sheet(clips: list[PreviewClip], title: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The sheet as an RGB uint8 image, and its layout (see :func:`sheet_layout`)."""
-    image, _ = sheet.draw([_sheet_clip(clip) for clip in clips], title)
-    return image, sheet_layout(clips)[1]
+    image, boxes = sheet.draw([_sheet_clip(clip) for clip in clips], title)
+    return image, _rows(clips, boxes)
 
 
 def animation(clips: list[PreviewClip], columns: int = 4) -> list[np.ndarray]:

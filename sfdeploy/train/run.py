@@ -231,11 +231,6 @@ def finetune(data: PreparedData | Sequence[PreparedData] | None, opts: FinetuneO
         raise InputError(f"--gpus must be >= 1, got {opts.gpus}", fix="use --gpus 1 (or the number of GPUs)")
     # What can be refused without MMAction2 (seconds to import) is refused first.
     check_options(opts)
-    if any(getattr(opts, name) != getattr(FinetuneOptions(work_dir=opts.work_dir), name)
-           for name in ("distill_from", "distill_temperature", "distill_weight")):
-        from sfdeploy.train.distill import check_distill_options
-
-        check_distill_options(opts)
     if not opts.resume:
         preset_path(opts.preset)
     check_machine(opts, use_cuda())

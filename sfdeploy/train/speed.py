@@ -98,9 +98,7 @@ class SpeedHook(Hook):
 
     def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
         """The wait for this batch ends here."""
-        now = time.monotonic()
-        self._data_s += now - self._mark
-        self._iter_start = now
+        self._data_s += time.monotonic() - self._mark
 
     def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
         """One step done: count its videos (this rank's batch, as many on every rank)."""

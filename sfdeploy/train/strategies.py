@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sfdeploy.data.layout import PreparedData, spread_by_class
-from sfdeploy.errors import InputError
+from sfdeploy.errors import InputError, OptionError
 from sfdeploy.train.options import FinetuneOptions, add_custom_imports
 
 FREEZE_MODULE = "sfdeploy.train.freeze"
@@ -76,6 +76,26 @@ def check_options(opts: FinetuneOptions) -> None:
                          "hides the backbone's parameters from that search (DDP fails: 'mark a variable ready "
                          "only once')", fix="drop one of them, or train on one process")
     _check_nodes(opts)
+    _check_distill(opts)
+
+
+def _check_distill(opts: FinetuneOptions) -> None:
+    """Distillation options that cannot apply: a temperature or weight without a teacher, or out of
+    range (the teacher itself is checked with MMAction2, :func:`sfdeploy.train.distill.check_teacher`)."""
+    if opts.distill_from is None:
+        defaults = FinetuneOptions(work_dir=Path("."))
+        given = [f"--{n.replace('_', '-')}" for n in ("distill_temperature", "distill_weight")
+                 if getattr(opts, n) != getattr(defaults, n)]
+        if given:
+            raise OptionError(f"{', '.join(given)} without --distill-from", option=given[0],
+                              fix="add --distill-from TEACHER_WORK, or drop them")
+        return
+    if not opts.distill_temperature > 0:
+        raise OptionError(f"--distill-temperature must be > 0, got {opts.distill_temperature}",
+                          option="--distill-temperature", fix="use e.g. --distill-temperature 4")
+    if not 0 < opts.distill_weight <= 1:
+        raise OptionError(f"--distill-weight must be in (0, 1], got {opts.distill_weight}",
+                          option="--distill-weight", fix="use e.g. --distill-weight 0.5")
 
 
 def _check_nodes(opts: FinetuneOptions) -> None:
